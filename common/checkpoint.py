@@ -1,0 +1,92 @@
+"""Model checkpoints with the metadata a device needs: task, classes, input features, version.
+Loading validates everything and raises CheckpointError with one clear message."""
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common import __version__
+from common.io import atomic_write_bytes
+from common.mask import Mask, MaskError
+from common.models import OutputRestricted, build_model, prunable_layers
+
+FORMAT = "fineprune-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def fingerprint(model_or_state) -> str:
+    """Stable hash of a model's parameters and buffers: names, shapes and exact values."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
+
+
+def save_checkpoint(path, model: nn.Module, meta: dict, mask: Mask | None = None,
+                    restricted: list[int] | None = None) -> None:
+    """`model` is the plain (unwrapped) model; `meta` holds arch, arch_kwargs, task, classes, features."""
+    for key in ("arch", "arch_kwargs", "task", "classes", "features"):
+        if key not in meta:
+            raise CheckpointError(f"checkpoint metadata lacks '{key}'")
+    blob = dict(meta)
+    blob.update(format=FORMAT, version=FORMAT_VERSION, fineprune_version=__version__,
+                state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                mask=None if mask is None else torch.frombuffer(bytearray(mask.to_bytes()), dtype=torch.uint8),
+                restricted_classes=restricted)
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path, device: str = "cpu"):
+    """Return (model, meta, mask). The model is wrapped in OutputRestricted when the checkpoint
+    restricts its outputs; the mask (if any) is already applied."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        kind = "truncated or corrupt" if isinstance(exc, (EOFError, RuntimeError)) else "not a valid"
+        raise CheckpointError(f"{kind} checkpoint file {path} ({type(exc).__name__})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a fineprune checkpoint")
+    if blob.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {blob.get('version')}, "
+                              f"this fineprune reads version {FORMAT_VERSION}")
+    try:
+        model = build_model(blob["arch"], **blob["arch_kwargs"])
+        model.load_state_dict(blob["state_dict"])
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit architecture '{blob.get('arch')}': "
+                              f"{str(exc).splitlines()[0][:200]}") from None
+    mask = None
+    if blob.get("mask") is not None:
+        try:
+            mask = Mask.from_bytes(blob["mask"].numpy().tobytes())
+            mask.apply(model)
+        except MaskError as exc:
+            raise CheckpointError(f"checkpoint {path}: {exc}") from None
+    meta = {k: v for k, v in blob.items() if k not in ("state_dict", "mask")}
+    model = model.to(device).eval()
+    if blob.get("restricted_classes"):
+        cls = list(blob["restricted_classes"])
+        n_out = list(prunable_layers(model).values())[-1].weight.shape[0]
+        inner_index = cls if n_out == len(meta["classes"]) else list(range(len(cls)))
+        model = OutputRestricted(model, cls, len(meta["classes"]), inner_index).to(device).eval()
+    return model, meta, mask

@@ -1,0 +1,152 @@
+"""Mask: which connections of each prunable layer are kept. A first-class object that can be
+applied, saved/loaded bit-exactly, compared, counted and compacted into a smaller model."""
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from common.io import atomic_write_bytes
+from common.models import following_batchnorm, prunable_layers
+
+MAGIC = b"FPMASK1\n"
+
+
+class MaskError(ValueError):
+    pass
+
+
+class Mask:
+    def __init__(self, layers: dict[str, torch.Tensor]):
+        self.layers = {k: v.to(torch.bool).cpu() for k, v in layers.items()}
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def dense(cls, model: nn.Module) -> "Mask":
+        return cls({n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in prunable_layers(model).items()})
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "Mask":
+        """Read the mask off a model's zero weights (a pruned checkpoint)."""
+        return cls({n: m.weight.detach() != 0 for n, m in prunable_layers(model).items()})
+
+    def copy(self) -> "Mask":
+        return Mask({k: v.clone() for k, v in self.layers.items()})
+
+    # ------------------------------------------------------------ counting
+    def kept(self) -> int:
+        return int(sum(v.sum() for v in self.layers.values()))
+
+    def total(self) -> int:
+        return int(sum(v.numel() for v in self.layers.values()))
+
+    def sparsity(self) -> float:
+        return 1.0 - self.kept() / max(self.total(), 1)
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {k: 1.0 - v.float().mean().item() for k, v in self.layers.items()}
+
+    def dead_units(self) -> dict[str, torch.Tensor]:
+        """Output units/channels whose incoming connections are all pruned."""
+        return {k: ~v.reshape(v.shape[0], -1).any(1) for k, v in self.layers.items()}
+
+    # ------------------------------------------------------------ comparison
+    def _check_compatible(self, other: "Mask"):
+        if self.layers.keys() != other.layers.keys() or any(
+                self.layers[k].shape != other.layers[k].shape for k in self.layers):
+            raise MaskError("masks belong to different model shapes")
+
+    def _flat_pruned(self) -> torch.Tensor:
+        return torch.cat([~v.flatten() for v in self.layers.values()])
+
+    def jaccard(self, other: "Mask") -> float:
+        """Jaccard similarity of the sets of pruned connections (1.0 when both prune nothing)."""
+        self._check_compatible(other)
+        a, b = self._flat_pruned(), other._flat_pruned()
+        union = (a | b).sum().item()
+        return 1.0 if union == 0 else (a & b).sum().item() / union
+
+    def hamming(self, other: "Mask", normalized: bool = True) -> float:
+        self._check_compatible(other)
+        d = (self._flat_pruned() ^ other._flat_pruned()).sum().item()
+        return d / self.total() if normalized else d
+
+    def diff(self, other: "Mask") -> dict[str, dict[str, int]]:
+        """Per layer: connections pruned only in self, only in other."""
+        self._check_compatible(other)
+        return {k: {"only_self": int((~v & other.layers[k]).sum()), "only_other": int((v & ~other.layers[k]).sum())}
+                for k, v in self.layers.items()}
+
+    def __eq__(self, other):
+        return isinstance(other, Mask) and self.layers.keys() == other.layers.keys() and all(
+            torch.equal(v, other.layers[k]) for k, v in self.layers.items())
+
+    # ------------------------------------------------------------ applying
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Zero pruned weights in place. A unit with no incoming connection left is silenced
+        completely (bias and its BatchNorm's affine set to 0) so that compaction is exact."""
+        layers = prunable_layers(model)
+        if set(layers) != set(self.layers):
+            raise MaskError("mask does not match the model's prunable layers")
+        mods = dict(model.named_modules())
+        bn_after = following_batchnorm(model)
+        for name, m in layers.items():
+            keep = self.layers[name].to(m.weight.device)
+            if keep.shape != m.weight.shape:
+                raise MaskError(f"mask shape {tuple(keep.shape)} != weight shape {tuple(m.weight.shape)} in {name}")
+            m.weight.mul_(keep)
+            dead = ~keep.reshape(keep.shape[0], -1).any(1)
+            if dead.any():
+                if m.bias is not None:
+                    m.bias[dead] = 0
+                if name in bn_after:
+                    bn = mods[bn_after[name]]
+                    bn.weight[dead] = 0
+                    bn.bias[dead] = 0
+        return model
+
+    # ------------------------------------------------------------ serialization
+    def to_bytes(self) -> bytes:
+        """1 bit per connection, zlib-compressed, with a JSON header of names and shapes."""
+        header = json.dumps({"layers": [[k, list(v.shape)] for k, v in self.layers.items()]}).encode()
+        bits = np.packbits(torch.cat([v.flatten() for v in self.layers.values()]).numpy())
+        body = zlib.compress(bits.tobytes(), 9)
+        return MAGIC + len(header).to_bytes(4, "little") + header + body
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Mask":
+        try:
+            if not data.startswith(MAGIC):
+                raise MaskError("not a fineprune mask (bad magic)")
+            n = int.from_bytes(data[len(MAGIC):len(MAGIC) + 4], "little")
+            header = json.loads(data[len(MAGIC) + 4:len(MAGIC) + 4 + n])
+            bits = np.frombuffer(zlib.decompress(data[len(MAGIC) + 4 + n:]), dtype=np.uint8)
+            sizes = [int(np.prod(s)) for _, s in header["layers"]]
+            flat = np.unpackbits(bits)
+            if len(flat) < sum(sizes) or len(bits) != (sum(sizes) + 7) // 8:
+                raise MaskError("mask payload length does not match its header")
+        except MaskError:
+            raise
+        except Exception as exc:  # truncated/corrupt data of any kind
+            raise MaskError(f"corrupt mask data: {exc}") from None
+        out, off = {}, 0
+        for (name, shape), size in zip(header["layers"], sizes):
+            out[name] = torch.from_numpy(flat[off:off + size].astype(bool).reshape(shape))
+            off += size
+        return cls(out)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_bytes(path, self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Mask":
+        path = Path(path)
+        if not path.is_file():
+            raise MaskError(f"mask file not found: {path}")
+        return cls.from_bytes(path.read_bytes())

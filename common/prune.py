@@ -1,0 +1,352 @@
+"""Label-free fine-pruning: forward passes over a user's unlabeled data, usage scores, an
+iterative sparsity schedule and a stop rule judged only by the model's own behaviour."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.mask import Mask
+from common.models import OutputRestricted, prunable_layers
+from common.scoring import STRUCTURED, get_scorer
+from common.stats import StatsCollector, UsageStats
+
+SCOPES = ("global", "layer", "row")
+STOP_RULES = ("agreement", "confidence", "entropy", "drift", "none")
+
+
+@dataclass
+class PruneConfig:
+    scoring: str = "usage"
+    scope: str = "global"           # "global": one ranking; "layer": same sparsity per layer; "row": per unit
+    step: float = 0.1               # fraction of the remaining connections pruned per schedule step
+    target_sparsity: float | None = None  # fixed target: prune exactly to it, no stop rule
+    max_sparsity: float = 0.95
+    stop_rule: str = "agreement"
+    tolerance: float = 0.05
+    search: str = "bisect"          # "bisect" over the nested schedule, or "linear" step by step
+    rescore: bool = False           # linear only: re-collect stats and re-score after every step
+    probe_size: int = 128           # samples used to judge the stop rule
+    recalibrate_bn: bool = False
+    restrict_outputs: bool = False
+    restrict_min_frac: float = 0.01  # a class must be predicted for this share of samples to stay
+    batch_size: int = 256
+    seed: int = 0
+
+    def validate(self):
+        get_scorer(self.scoring)
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown scope '{self.scope}' (choose from: {', '.join(SCOPES)})")
+        if self.stop_rule not in STOP_RULES:
+            raise ValueError(f"unknown stop rule '{self.stop_rule}' (choose from: {', '.join(STOP_RULES)})")
+        if self.search not in ("bisect", "linear"):
+            raise ValueError(f"unknown search '{self.search}' (choose from: bisect, linear)")
+        if not 0 < self.step < 1:
+            raise ValueError(f"step must be in (0, 1), got {self.step}")
+        if self.target_sparsity is not None and not 0 <= self.target_sparsity < 1:
+            raise ValueError(f"target sparsity must be in [0, 1), got {self.target_sparsity}")
+        if not 0 < self.max_sparsity < 1:
+            raise ValueError(f"max sparsity must be in (0, 1), got {self.max_sparsity}")
+        return self
+
+
+@dataclass
+class PruneResult:
+    mask: Mask
+    sparsity: float
+    stop_reason: str
+    restricted_classes: list | None
+    seconds: float
+    forward_samples: int            # samples pushed through the model, all passes together
+    history: list = field(default_factory=list)  # (sparsity, rule value, passed)
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d.pop("mask")
+        return d
+
+
+def _batches(x: torch.Tensor, batch_size: int):
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size]
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: str = "cpu"):
+    model.eval()
+    return torch.cat([model(b.to(device)).float().cpu() for b in _batches(x, batch_size)])
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, x: torch.Tensor, batch_size: int, device: str):
+    """One forward pass with usage hooks; also returns the logits (free)."""
+    model.eval()
+    with StatsCollector(model) as col:
+        logits = torch.cat([model(b.to(device)).float().cpu() for b in _batches(x, batch_size)])
+    col.stats.samples = len(x)
+    return col.stats, logits
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: str) -> int:
+    """Re-estimate BatchNorm running statistics on the user's data (forward only)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+        m.train()
+    for b in _batches(x, batch_size):
+        model(b.to(device))
+    for m, (mom, tr) in zip(bns, saved):
+        m.momentum = mom
+        m.train(tr)
+    model.eval()
+    return len(x)
+
+
+def compute_scores(model: nn.Module, stats: UsageStats, scoring: str, seed: int) -> dict:
+    scorer = get_scorer(scoring)
+    gen = torch.Generator().manual_seed(seed)
+    layers = prunable_layers(model)
+    last = list(layers)[-1]
+    scores = {}
+    for name, m in layers.items():
+        s = scorer(m.weight.detach(), stats.layers[name], gen).float()
+        if scoring in STRUCTURED and name == last:
+            s = torch.full_like(s, math.inf)  # class outputs are not units to drop (see restrict_outputs)
+        scores[name] = s
+    return scores
+
+
+def mask_at(scores: dict, base: Mask, sparsity: float, scope: str) -> Mask:
+    """Keep the highest-scoring connections so that `sparsity` of all weights are pruned.
+    Already-pruned connections (base mask) stay pruned."""
+    out = {}
+    if scope == "global":
+        flat = torch.cat([torch.where(base.layers[k].to(s.device), s, -math.inf).flatten() for k, s in scores.items()])
+        n_prune = int(round(sparsity * flat.numel()))
+        if n_prune == 0:
+            return base.copy()
+        order = torch.argsort(flat, stable=True)
+        keep = torch.ones(flat.numel(), dtype=torch.bool)
+        keep[order[:n_prune]] = False
+        off = 0
+        for k, s in scores.items():
+            out[k] = keep[off:off + s.numel()].view(s.shape) & base.layers[k]
+            off += s.numel()
+        return Mask(out)
+    for k, s in scores.items():
+        # "row": every output unit keeps the same share of its inputs (Wanda's comparison group)
+        rows = s.reshape(s.shape[0], -1) if scope == "row" else s.reshape(1, -1)
+        ranked = torch.where(base.layers[k].reshape(rows.shape).to(s.device), rows, -math.inf).cpu()
+        n_prune = int(round(sparsity * ranked.shape[1]))
+        keep = torch.ones(ranked.shape, dtype=torch.bool)
+        keep.scatter_(1, torch.argsort(ranked, dim=1, stable=True)[:, :n_prune], False)
+        out[k] = keep.view(s.shape) & base.layers[k]
+    return Mask(out)
+
+
+def schedule(step: float, max_sparsity: float, target: float | None = None) -> list[float]:
+    """Sparsity after each step when `step` of the remaining weights go each time."""
+    top = target if target is not None else max_sparsity
+    levels, k = [], 1
+    while True:
+        s = 1 - (1 - step) ** k
+        if s >= top - 1e-9:
+            levels.append(top)
+            return levels
+        levels.append(s)
+        k += 1
+
+
+class StopRule:
+    """Judges a pruned model against the reference (unpruned) model on probe data, no labels."""
+
+    def __init__(self, name: str, tolerance: float, ref_logits: torch.Tensor, ref_stats: UsageStats | None):
+        self.name, self.tol = name, tolerance
+        self.ref_pred = ref_logits.argmax(1)
+        p = F.softmax(ref_logits, 1)
+        self.ref_conf = p.max(1).values.mean().item()
+        self.ref_ent = _entropy(p)
+        self.ref_stats = ref_stats
+
+    def value(self, logits: torch.Tensor, stats: UsageStats | None) -> float:
+        p = F.softmax(logits, 1)
+        if self.name == "agreement":
+            return (logits.argmax(1) == self.ref_pred).float().mean().item()
+        if self.name == "confidence":
+            return p.max(1).values.mean().item()
+        if self.name == "entropy":
+            return _entropy(p)
+        if self.name == "drift":
+            return activation_drift(self.ref_stats, stats)
+        return 0.0
+
+    def passes(self, v: float) -> bool:
+        if self.name == "agreement":
+            return v >= 1 - self.tol
+        if self.name == "confidence":
+            return v >= self.ref_conf - self.tol
+        if self.name == "entropy":
+            return v <= self.ref_ent + self.tol
+        if self.name == "drift":
+            return v <= self.tol
+        return True
+
+
+def _entropy(p: torch.Tensor) -> float:
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(1).mean().item()
+
+
+def activation_drift(ref: UsageStats, cur: UsageStats) -> float:
+    """Mean over layers of the relative change of per-unit mean activation."""
+    vals = []
+    for k, r in ref.layers.items():
+        a, b = r.mean_activation(), cur.layers[k].mean_activation()
+        vals.append(((a - b).norm() / (a.norm() + 1e-12)).item())
+    return sum(vals) / max(len(vals), 1)
+
+
+def restricted_classes(logits: torch.Tensor, min_frac: float) -> list[int]:
+    counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
+    keep = torch.nonzero(counts >= max(1, math.ceil(min_frac * len(logits)))).flatten().tolist()
+    return keep or [int(counts.argmax())]
+
+
+def apply_restriction(model: nn.Module, mask: Mask, classes: list[int]) -> Mask:
+    """Prune the output rows of classes this user never gets; returns the new mask."""
+    last = list(prunable_layers(model))[-1]
+    mask = mask.copy()
+    drop = torch.ones(mask.layers[last].shape[0], dtype=torch.bool)
+    drop[classes] = False
+    mask.layers[last][drop] = False
+    return mask
+
+
+def fine_prune(model: nn.Module, x: torch.Tensor, cfg: PruneConfig, device: str = "cpu",
+               progress=None) -> PruneResult:
+    """Personalize `model` in place on unlabeled inputs `x`. Returns the mask and a report.
+    `progress(done, total, text)` is called as work advances."""
+    cfg.validate()
+    if len(x) == 0:
+        raise ValueError("no personalization data: the user's data set is empty")
+    t0 = time.perf_counter()
+    tick = progress or (lambda *a: None)
+    model.to(device).eval()
+    fwd = 0
+    stats, logits = collect_stats(model, x, cfg.batch_size, device)
+    fwd += len(x)
+    tick(1, 3, "statistics collected")
+    dense = Mask.dense(model)
+    restricted = restricted_classes(logits, cfg.restrict_min_frac) if cfg.restrict_outputs else None
+    scores = compute_scores(model, stats, cfg.scoring, cfg.seed)
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.probe_size]
+    probe = x[pick]
+    need_stats = cfg.stop_rule == "drift"
+
+    def evaluate(mask: Mask):
+        nonlocal fwd
+        model.load_state_dict(original)
+        mask.apply(model)
+        fwd += len(probe)
+        if need_stats:
+            st, lg = collect_stats(model, probe, cfg.batch_size, device)
+            return lg, st
+        return predict_logits(model, probe, cfg.batch_size, device), None
+
+    if cfg.target_sparsity is not None or cfg.stop_rule == "none":
+        levels = schedule(cfg.step, cfg.max_sparsity, cfg.target_sparsity)
+        mask = mask_at(scores, dense, levels[-1], cfg.scope) if cfg.target_sparsity != 0 else dense
+        reason = (f"reached target sparsity {cfg.target_sparsity:.3f}" if cfg.target_sparsity is not None
+                  else f"reached max sparsity {cfg.max_sparsity:.3f} (stop rule 'none')")
+        history = []
+    else:
+        # The reference is the unpruned model's own output on the probe, taken from the statistics
+        # pass (no extra forward pass); with output restriction, the restricted outputs.
+        ref_logits = logits[pick].clone()
+        if restricted is not None:
+            drop = torch.ones(ref_logits.shape[1], dtype=torch.bool)
+            drop[restricted] = False
+            ref_logits[:, drop] = -math.inf
+        rule = StopRule(cfg.stop_rule, cfg.tolerance, ref_logits, stats if need_stats else None)
+        levels = schedule(cfg.step, cfg.max_sparsity)
+        mask, reason, history = _search(levels, scores, dense, cfg, rule, evaluate, model, x, device,
+                                        restricted, tick)
+        fwd += sum(h.get("stat_samples", 0) for h in history)
+    if restricted is not None:
+        mask = apply_restriction(model, mask, restricted)
+    model.load_state_dict(original)
+    mask.apply(model)
+    if cfg.recalibrate_bn:  # BatchNorm statistics of the pruned network on this user's data
+        fwd += recalibrate_bn(model, x, cfg.batch_size, device)
+    tick(3, 3, reason)
+    return PruneResult(mask, mask.sparsity(), reason, restricted, time.perf_counter() - t0, fwd, history)
+
+
+def personalized_model(model: nn.Module, result: PruneResult) -> nn.Module:
+    """The model as a device uses it: wrapped so excluded classes can never be predicted."""
+    if result.restricted_classes is None:
+        return model
+    n = list(prunable_layers(model).values())[-1].weight.shape[0]
+    return OutputRestricted(model, result.restricted_classes, n, result.restricted_classes)
+
+
+def _search(levels, scores, dense, cfg, rule, evaluate, model, x, device, restricted, tick):
+    history = []
+
+    def check(mask):
+        m = apply_restriction(model, mask, restricted) if restricted is not None else mask
+        logits, st = evaluate(m)
+        if restricted is not None:  # as OutputRestricted does: excluded classes are impossible
+            allowed = torch.zeros(logits.shape[1], dtype=torch.bool)
+            allowed[restricted] = True
+            logits[:, ~allowed] = -math.inf
+        v = rule.value(logits, st)
+        ok = rule.passes(v)
+        history.append({"sparsity": round(mask.sparsity(), 4), "value": round(v, 4), "passed": ok})
+        tick(2, 3, f"sparsity {mask.sparsity():.2f}: {rule.name}={v:.3f} {'ok' if ok else 'fail'}")
+        return ok, v
+
+    def failed(v, level):
+        return (f"stop rule '{rule.name}' ({v:.3f}) past tolerance {cfg.tolerance} at sparsity "
+                f"{level:.3f}; kept the previous step")
+
+    if cfg.search == "bisect":
+        masks = {}
+        lo, hi, fail_v = -1, len(levels), None  # levels[lo] passes, levels[hi] fails
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            masks[mid] = mask_at(scores, dense, levels[mid], cfg.scope)
+            ok, v = check(masks[mid])
+            if ok:
+                lo = mid
+            else:
+                hi, fail_v = mid, v
+        if lo < 0:
+            return dense, failed(fail_v, levels[0]) + " (nothing pruned)", history
+        if hi == len(levels):
+            return masks[lo], f"reached max sparsity {cfg.max_sparsity:.3f} within tolerance", history
+        return masks[lo], failed(fail_v, levels[hi]), history
+
+    mask = dense
+    for level in levels:
+        cand = mask_at(scores, mask, level, cfg.scope)
+        ok, v = check(cand)
+        if not ok:
+            return mask, failed(v, level), history
+        mask = cand
+        if cfg.rescore:  # usage of the surviving connections, measured in the pruned network
+            probe_x = x[:cfg.probe_size]
+            st, _ = collect_stats(model, probe_x, cfg.batch_size, device)
+            history[-1]["stat_samples"] = len(probe_x)
+            scores = compute_scores(model, st, cfg.scoring, cfg.seed)
+    return mask, f"reached max sparsity {cfg.max_sparsity:.3f} within tolerance", history

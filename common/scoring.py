@@ -1,0 +1,59 @@
+"""Importance criteria. A scorer maps (weight, layer stats, generator) to a score per connection;
+low scores are pruned first. Add one with @register("name")."""
+from __future__ import annotations
+
+import torch
+
+from common.stats import LayerStats
+
+SCORERS = {}
+STRUCTURED = set()  # scorers that give one score per output unit (whole rows pruned together)
+
+
+def register(name: str, structured: bool = False):
+    def deco(fn):
+        SCORERS[name] = fn
+        if structured:
+            STRUCTURED.add(name)
+        return fn
+    return deco
+
+
+def _broadcast_inputs(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per-input-feature vector -> shape of w (out, in, *kernel)."""
+    return v.view(1, -1, *([1] * (w.dim() - 2))).to(w.dtype)
+
+
+def _broadcast_outputs(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (w.dim() - 1))).to(w.dtype).expand_as(w)
+
+
+@register("usage")
+def usage_score(w: torch.Tensor, st: LayerStats, gen=None) -> torch.Tensor:
+    """|w_ij| * ||x_j||: the signal a synapse actually carries on this user's data."""
+    return w.abs() * _broadcast_inputs(st.input_norm(), w)
+
+
+@register("firing", structured=True)
+def firing_score(w: torch.Tensor, st: LayerStats, gen=None) -> torch.Tensor:
+    """Whole units ranked by how often they fire for this user (mean activation breaks ties)."""
+    rate, act = st.firing_rate(), st.mean_activation()
+    return _broadcast_outputs(rate + 1e-3 * act / (act.max() + 1e-12), w)
+
+
+@register("magnitude")
+def magnitude_score(w: torch.Tensor, st: LayerStats = None, gen=None) -> torch.Tensor:
+    """|w|: data-blind control."""
+    return w.abs()
+
+
+@register("random")
+def random_score(w: torch.Tensor, st: LayerStats = None, gen=None) -> torch.Tensor:
+    """Uniform random: control."""
+    return torch.rand(w.shape, generator=gen, device="cpu").to(w.device)
+
+
+def get_scorer(name: str):
+    if name not in SCORERS:
+        raise ValueError(f"unknown scoring '{name}' (choose from: {', '.join(SCORERS)})")
+    return SCORERS[name]

@@ -1,0 +1,87 @@
+"""Usage statistics from forward passes only. Hooks keep running sums per prunable layer, so
+memory does not grow with the number of samples."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from common.models import following_batchnorm, prunable_layers
+
+
+@dataclass
+class LayerStats:
+    in_sq: torch.Tensor          # sum over samples/positions of x_j^2, per input feature/channel
+    in_count: int = 0            # how many (sample, position) pairs went into in_sq
+    out_sum: torch.Tensor = None  # sum of post-ReLU output per unit/channel
+    out_fire: torch.Tensor = None  # count of post-ReLU output > 0
+    out_count: int = 0
+
+    def input_norm(self) -> torch.Tensor:
+        """RMS of each input feature over the user's data (||x_j|| up to a constant)."""
+        return (self.in_sq / max(self.in_count, 1)).sqrt()
+
+    def mean_activation(self) -> torch.Tensor:
+        return self.out_sum / max(self.out_count, 1)
+
+    def firing_rate(self) -> torch.Tensor:
+        return self.out_fire / max(self.out_count, 1)
+
+
+@dataclass
+class UsageStats:
+    layers: dict = field(default_factory=dict)
+    samples: int = 0
+
+
+def _channels_first(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, ...) or (N, C) -> (C, N*positions)."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+class StatsCollector:
+    """Context manager: attach hooks, run forward passes, read `.stats`."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers = prunable_layers(model)
+        bn_after = following_batchnorm(model)
+        mods = dict(model.named_modules())
+        self.stats = UsageStats()
+        self.handles = []
+        for name, layer in self.layers.items():
+            w = layer.weight
+            st = LayerStats(in_sq=torch.zeros(w.shape[1], dtype=torch.float64, device=w.device),
+                            out_sum=torch.zeros(w.shape[0], dtype=torch.float64, device=w.device),
+                            out_fire=torch.zeros(w.shape[0], dtype=torch.float64, device=w.device))
+            self.stats.layers[name] = st
+            self.handles.append(layer.register_forward_pre_hook(self._in_hook(st)))
+            # Firing is judged after the layer's BatchNorm when it has one (conv -> bn -> relu).
+            out_mod = mods[bn_after[name]] if name in bn_after else layer
+            self.handles.append(out_mod.register_forward_hook(self._out_hook(st)))
+
+    @staticmethod
+    def _in_hook(st: LayerStats):
+        def hook(_mod, args):
+            x = _channels_first(args[0].detach())
+            st.in_sq += x.double().pow(2).sum(1)
+            st.in_count += x.shape[1]
+        return hook
+
+    @staticmethod
+    def _out_hook(st: LayerStats):
+        def hook(_mod, _args, out):
+            y = torch.relu(_channels_first(out.detach()))
+            st.out_sum += y.double().sum(1)
+            st.out_fire += (y > 0).double().sum(1)
+            st.out_count += y.shape[1]
+        return hook
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()

@@ -1,0 +1,135 @@
+"""`fineprune` console script: pretrain (vendor side) and personalize (the edge device)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from common.checkpoint import CheckpointError
+from common.data import DataError
+from common.mask import MaskError
+from common.prune import SCOPES, STOP_RULES, PruneConfig
+from common.scoring import SCORERS
+from common.tasks import TASKS
+
+USER_ERRORS = (CheckpointError, DataError, MaskError, ValueError, FileNotFoundError, PermissionError)
+
+
+def _bar(desc: str):
+    """A tqdm progress callback: progress(done, total, text)."""
+    from tqdm import tqdm
+
+    state = {}
+
+    def update(done, total, text=""):
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+        bar = state["bar"]
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(text[:60])
+        bar.refresh()
+        if done >= total:
+            bar.close()
+    return update
+
+
+def cmd_pretrain(args) -> dict:
+    from simulations.pretrain import pretrain
+
+    return pretrain(args.task, args.out, data=args.data, epochs=args.epochs, seed=args.seed,
+                    device=_device(args.device), exclude_speaker=args.exclude_speaker,
+                    vendor_frac=args.vendor_frac, progress=_bar("pretrain"))
+
+
+def cmd_personalize(args) -> dict:
+    from common.checkpoint import load_checkpoint
+    from common.personalize import load_inputs, personalize
+
+    device = _device(args.device)
+    cfg = PruneConfig(scoring=args.scoring, scope=args.scope, step=args.step,
+                      target_sparsity=args.target_sparsity, max_sparsity=args.max_sparsity,
+                      stop_rule=args.stop_rule, tolerance=args.tolerance, search=args.search,
+                      rescore=args.rescore, probe_size=args.probe_size, recalibrate_bn=args.recalibrate_bn,
+                      restrict_outputs=args.restrict_outputs, batch_size=args.batch_size, seed=args.seed).validate()
+    _, meta, _ = load_checkpoint(args.model)
+    x = load_inputs(args.data, meta["features"])
+    report = personalize(args.model, x, cfg, args.out, device, args.compact, _bar("fine-prune"))
+    if args.report:
+        from common.io import atomic_write_text
+        atomic_write_text(args.report, json.dumps(report, indent=2))
+    return report
+
+
+def _device(name):
+    from common.personalize import resolve_device
+    return resolve_device(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fineprune", description="Label-free personalization by pruning.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pt = sub.add_parser("pretrain", help="train a base model with labels (vendor side) and save a checkpoint")
+    pt.add_argument("--task", default="digits", help=f"one of: {', '.join(TASKS)} (default digits)")
+    pt.add_argument("--data", help="dataset directory (fsdd, speechcommands, imagefolder)")
+    pt.add_argument("--out", required=True, help="checkpoint file to write")
+    pt.add_argument("--epochs", type=int, help="training epochs (task default if omitted)")
+    pt.add_argument("--exclude-speaker", help="fsdd/speechcommands: leave this speaker out of training")
+    pt.add_argument("--vendor-frac", type=float, default=0.5,
+                    help="digits: share of the images the vendor trains on; the rest are users' (default 0.5)")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    pt.set_defaults(func=cmd_pretrain)
+
+    pz = sub.add_parser("personalize", help="fine-prune a base model on a user's unlabeled data (edge device)")
+    pz.add_argument("--model", required=True, help="base checkpoint from `fineprune pretrain`")
+    pz.add_argument("--data", required=True,
+                    help="directory of the user's WAV or image files, or a .npy/.pt array of inputs")
+    pz.add_argument("--out", required=True, help="personalized checkpoint to write")
+    pz.add_argument("--scoring", default="usage", help=f"one of: {', '.join(SCORERS)} (default usage)")
+    pz.add_argument("--scope", default="global", help=f"one of: {', '.join(SCOPES)} (default global)")
+    pz.add_argument("--stop-rule", default="agreement", help=f"one of: {', '.join(STOP_RULES)} (default agreement)")
+    pz.add_argument("--tolerance", type=float, default=0.1, help="how far the stop rule may degrade (default 0.1)")
+    pz.add_argument("--target-sparsity", type=float, help="prune exactly to this sparsity, no stop rule")
+    pz.add_argument("--max-sparsity", type=float, default=0.95)
+    pz.add_argument("--step", type=float, default=0.1, help="share of remaining weights pruned per step")
+    pz.add_argument("--search", default="bisect", help="bisect or linear over the schedule")
+    pz.add_argument("--rescore", action="store_true", help="linear search: re-score after each step")
+    pz.add_argument("--probe-size", type=int, default=128, help="samples that judge the stop rule")
+    pz.add_argument("--recalibrate-bn", action="store_true", help="re-estimate BatchNorm statistics on the user's data")
+    pz.add_argument("--restrict-outputs", action="store_true",
+                    help="drop output classes the model never predicts for this user")
+    pz.add_argument("--compact", action="store_true", help="physically remove pruned units (smaller, faster)")
+    pz.add_argument("--batch-size", type=int, default=256)
+    pz.add_argument("--seed", type=int, default=0)
+    pz.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    pz.add_argument("--report", help="also write the report as JSON here")
+    pz.set_defaults(func=cmd_personalize)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except USER_ERRORS as exc:
+        print(f"fineprune: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
+        if os.environ.get("FINEPRUNE_DEBUG"):
+            raise
+        print(f"fineprune: internal error: {type(exc).__name__}: {exc} (set FINEPRUNE_DEBUG=1 for details)",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fineprune: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(json.dumps({k: v for k, v in result.items() if k not in ("history", "layer_sparsity")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Vendor-side pretraining of a base model (labels allowed here), saved with its metadata."""
+from __future__ import annotations
+
+import numpy as np
+
+from common import data as D
+from common.checkpoint import fingerprint, save_checkpoint
+from common.models import build_model
+from common.tasks import get_task, load_task_data, shift_augment
+from common.train import accuracy, train_supervised
+
+
+def vendor_indices(task_name: str, ds: D.Dataset, seed: int, vendor_frac: float, exclude_speaker=None):
+    """(train, test) indices of the vendor's data. digits: a seeded share of the images (the rest
+    is the users' pool). Speech: official training takes of all speakers but the excluded one."""
+    if task_name == "digits":
+        vend, _ = D.vendor_user_split(len(ds), vendor_frac, seed)
+        rng = np.random.default_rng(seed)
+        vend = rng.permutation(vend)
+        k = int(len(vend) * 0.9)
+        return np.sort(vend[:k]), np.sort(vend[k:])
+    idx = np.arange(len(ds))
+    if exclude_speaker is not None and ds.groups is not None:
+        if exclude_speaker not in set(ds.groups.tolist()):
+            raise D.DataError(f"speaker '{exclude_speaker}' not in the data")
+        idx = idx[ds.groups != exclude_speaker]
+    if ds.takes is not None:
+        return idx[ds.takes[idx] >= 5], idx[ds.takes[idx] < 5]
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(idx)
+    k = int(len(idx) * 0.9)
+    return np.sort(idx[:k]), np.sort(idx[k:])
+
+
+def pretrain(task_name: str, out, data=None, epochs=None, seed: int = 0, device: str = "cpu",
+             exclude_speaker=None, vendor_frac: float = 0.5, progress=None, ds: D.Dataset | None = None) -> dict:
+    import torch
+
+    if not 0 < vendor_frac < 1:
+        raise ValueError(f"--vendor-frac must be in (0, 1), got {vendor_frac}")
+    task = get_task(task_name)
+    ds = ds if ds is not None else load_task_data(task, data)
+    tr, te = vendor_indices(task.name, ds, seed, vendor_frac, exclude_speaker)
+    torch.manual_seed(seed)
+    kwargs = dict(task.arch_kwargs)
+    if task.arch in ("smallcnn", "kws", "resnet18", "resnet50"):
+        kwargs["num_classes"] = len(ds.classes)
+    model = build_model(task.arch, **kwargs)
+    epochs = epochs or task.pretrain_epochs
+    cost = train_supervised(model, ds.x[tr], ds.y[tr], epochs, lr=task.lr, seed=seed, device=device,
+                            progress=progress, augment=shift_augment if task.features["kind"] == "audio" else None)
+    model = model.cpu()
+    acc = accuracy(model, ds.x[te], ds.y[te])
+    meta = {"arch": task.arch, "arch_kwargs": kwargs, "task": task.name, "classes": ds.classes,
+            "features": task.features,
+            "training": {"epochs": epochs, "seed": seed, "samples": int(len(tr)), "vendor_frac": vendor_frac,
+                         "exclude_speaker": exclude_speaker, "test_accuracy": acc, "seconds": cost["seconds"]}}
+    save_checkpoint(out, model, meta)
+    return {"out": str(out), "task": task.name, "train_samples": int(len(tr)), "test_accuracy": acc,
+            "train_seconds": cost["seconds"], "fingerprint": fingerprint(model)}

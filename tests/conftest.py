@@ -1,0 +1,44 @@
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import data as D
+from common.models import build_model
+from common.train import train_supervised
+
+FSDD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd"
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return D.load_digits()
+
+
+@pytest.fixture(scope="session")
+def digits_split(digits):
+    vend, pool = D.vendor_user_split(len(digits), 0.5, 0)
+    return vend, pool
+
+
+@pytest.fixture(scope="session")
+def _digits_base(digits, digits_split):
+    torch.manual_seed(0)
+    m = build_model("smallcnn", num_classes=10)
+    vend, _ = digits_split
+    train_supervised(m, digits.x[vend], digits.y[vend], epochs=15, lr=3e-3)
+    return m
+
+
+@pytest.fixture
+def digits_base(_digits_base):
+    """A trained digits model; each test gets its own copy to prune."""
+    return copy.deepcopy(_digits_base)
+
+
+@pytest.fixture(scope="session")
+def fsdd_dir():
+    if not (FSDD / "recordings").is_dir():
+        pytest.skip(f"FSDD not found at {FSDD} (expected ../shared/data/fsdd beside the repository)")
+    return FSDD

@@ -1,0 +1,98 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from common import data as D
+from common.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
+from common.io import atomic_write_bytes
+from common.mask import Mask
+from common.models import build_model
+
+META = {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10}, "task": "digits",
+        "classes": [str(i) for i in range(10)], "features": {"kind": "image", "image_size": 8, "channels": 1}}
+
+
+def test_checkpoint_round_trip_with_mask_and_metadata(tmp_path):
+    model = build_model("smallcnn")
+    mask = Mask.dense(model)
+    mask.layers["fc1"][:, ::2] = False
+    mask.apply(model)
+    save_checkpoint(tmp_path / "c.pt", model, META, mask=mask, restricted=[1, 4])
+    back, meta, m2 = load_checkpoint(tmp_path / "c.pt")
+    assert m2 == mask and meta["task"] == "digits" and meta["version"] == 1
+    assert fingerprint(back.inner) == fingerprint(model)
+    assert back(torch.rand(3, 1, 8, 8)).argmax(1).tolist() <= [4, 4, 4]
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    model = build_model("smallcnn")
+    save_checkpoint(tmp_path / "good.pt", model, META)
+    raw = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"hello": 1}, tmp_path / "foreign.pt")
+    save_checkpoint(tmp_path / "arch.pt", model, dict(META, arch="nope"))
+    save_checkpoint(tmp_path / "shape.pt", model, dict(META, arch_kwargs={"num_classes": 3}))
+    cases = {"missing.pt": "not found", "trunc.pt": "checkpoint", "junk.pt": "checkpoint",
+             "foreign.pt": "not a fineprune checkpoint", "arch.pt": "unknown model 'nope'",
+             "shape.pt": "does not fit"}
+    for name, msg in cases.items():
+        with pytest.raises((CheckpointError, ValueError), match=msg):
+            load_checkpoint(tmp_path / name)
+
+
+def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
+    target = tmp_path / "out.bin"
+    atomic_write_bytes(target, b"old")
+
+    def boom(*a):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_bytes(target, b"new contents")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["out.bin"]  # no temp file left behind
+
+
+def test_partitioners_make_realistic_disjoint_users(digits):
+    y = digits.y.numpy()
+    groups = D.partition_class_subsets(y, 10, (2, 3), seed=1)
+    flat = [i for g in groups for i in g]
+    assert len(flat) == len(set(flat))
+    assert all(2 <= len(set(y[g])) <= 3 for g in groups)
+    dir_groups = D.partition_dirichlet(y, 5, alpha=0.3, seed=0)
+    assert sum(len(g) for g in dir_groups) == len(y) and min(len(g) for g in dir_groups) >= 10
+    users = D.make_users(digits, groups, 0.3, seed=0)
+    for u, g in zip(users, groups):
+        assert len(u.unlabeled) + len(u.heldout_y) == len(g)
+        # held-out samples are not in the personalization data
+        a = {r.numpy().tobytes() for r in u.unlabeled.reshape(len(u.unlabeled), -1)}
+        assert not any(r.numpy().tobytes() in a for r in u.heldout_x.reshape(len(u.heldout_x), -1))
+    vend, pool = D.vendor_user_split(len(y), 0.5, 0)
+    assert not set(vend) & set(pool)
+
+
+def test_fsdd_loads_real_recordings_and_partitions_by_speaker(fsdd_dir):
+    ds = D.load_fsdd(fsdd_dir, speakers=["jackson", "theo"])
+    assert ds.x.shape == (1000, 8000) and set(ds.y.tolist()) == set(range(10))
+    assert (ds.takes < 5).sum() == 100  # official test takes 0-4
+    names, groups = D.partition_by_group(ds.groups)
+    assert names == ["jackson", "theo"] and [len(g) for g in groups] == [500, 500]
+    assert ds.x.abs().max() <= 1.0 and ds.x.abs().mean() > 0.001
+
+
+def test_bad_audio_and_directories(tmp_path):
+    import soundfile as sf
+
+    with pytest.raises(D.DataError, match="not found"):
+        D.load_fsdd(tmp_path / "nope")
+    with pytest.raises(D.DataError, match="no FSDD recordings"):
+        D.load_fsdd(tmp_path)
+    sf.write(tmp_path / "1_bob_0.wav", np.zeros(16000, dtype="float32"), 16000)
+    with pytest.raises(D.DataError, match="sample rate 16000"):
+        D.load_fsdd(tmp_path)
+    (tmp_path / "1_bob_0.wav").write_bytes(b"RIFF garbage")
+    with pytest.raises(D.DataError, match="unreadable WAV"):
+        D.load_fsdd(tmp_path)

@@ -1,0 +1,121 @@
+"""The console script: end to end on digits images, and one clear line for every kind of bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint, save_checkpoint
+from simulations.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base")
+    assert main(["pretrain", "--task", "digits", "--out", str(d / "base.pt"), "--epochs", "8"]) == 0
+    return d / "base.pt"
+
+
+@pytest.fixture(scope="module")
+def user_dir(tmp_path_factory, digits):
+    """A user's own photos: 8x8 grey PNG files of two digit classes, no labels anywhere."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("user") / "photos"
+    d.mkdir()
+    idx = np.flatnonzero(np.isin(digits.y.numpy(), [4, 9]))[:120]
+    for i in idx:
+        Image.fromarray((digits.x[i, 0].numpy() * 255).astype("uint8")).save(d / f"img{i}.png")
+    return d
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "simulations.cli", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_pretrain_then_personalize_on_a_photo_directory(tmp_path, base_ckpt, user_dir, digits):
+    base, meta, _ = load_checkpoint(base_ckpt)
+    assert meta["task"] == "digits" and meta["features"]["image_size"] == 8 and meta["training"]["epochs"] == 8
+    out = tmp_path / "personal.pt"
+    rc = main(["personalize", "--model", str(base_ckpt), "--data", str(user_dir), "--out", str(out),
+               "--restrict-outputs", "--recalibrate-bn", "--compact", "--report", str(tmp_path / "r.json")])
+    assert rc == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["sparsity"] > 0.3 and report["stop_reason"]
+    assert {4, 9} <= set(report["restricted_classes"])
+    model, meta2, mask = load_checkpoint(out)
+    assert meta2["compacted"] and meta2["base_fingerprint"] == report["base_fingerprint"]
+    assert out.stat().st_size < base_ckpt.stat().st_size
+    sel = np.isin(digits.y.numpy(), [4, 9])
+    x, y = digits.x[sel], digits.y[sel]
+    acc = (model(x).argmax(1) == y).float().mean().item()
+    base_acc = (base(x).argmax(1) == y).float().mean().item()
+    assert acc >= base_acc - 0.03
+
+
+def test_help_lists_the_commands():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "pretrain" in r.stdout and "personalize" in r.stdout
+    r = run_cli("personalize", "--help")
+    assert r.returncode == 0 and "--device" in r.stdout and "--scoring" in r.stdout
+
+
+def test_bad_inputs_give_one_clear_line_and_write_nothing(tmp_path, base_ckpt, user_dir):
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    (tmp_path / "empty").mkdir()
+    np.save(tmp_path / "wrong.npy", np.zeros((5, 3, 32, 32), dtype="float32"))
+    np.save(tmp_path / "nan.npy", np.full((5, 1, 8, 8), np.nan, dtype="float32"))
+    _, meta, _ = load_checkpoint(base_ckpt)
+    m, _, _ = load_checkpoint(base_ckpt)
+    save_checkpoint(tmp_path / "badarch.pt", m, {**meta, "arch": "transformer9000"})
+    out = tmp_path / "out.pt"
+    cases = [
+        (["--model", tmp_path / "missing.pt", "--data", user_dir], "checkpoint not found"),
+        (["--model", tmp_path / "junk.pt", "--data", user_dir], "checkpoint file"),
+        (["--model", tmp_path / "badarch.pt", "--data", user_dir], "unknown model 'transformer9000'"),
+        (["--model", base_ckpt, "--data", tmp_path / "empty"], "no image files"),
+        (["--model", base_ckpt, "--data", tmp_path / "nowhere"], "not found"),
+        (["--model", base_ckpt, "--data", tmp_path / "wrong.npy"], "the model expects (1, 8, 8)"),
+        (["--model", base_ckpt, "--data", tmp_path / "nan.npy"], "NaN"),
+        (["--model", base_ckpt, "--data", user_dir, "--scoring", "vibes"], "unknown scoring 'vibes'"),
+        (["--model", base_ckpt, "--data", user_dir, "--stop-rule", "x"], "unknown stop rule"),
+        (["--model", base_ckpt, "--data", user_dir, "--device", "tpu"], "unknown device"),
+    ]
+    for args, msg in cases:
+        r = run_cli("personalize", *args, "--out", out)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("fineprune: error:") and msg in lines[0], r.stderr
+        assert not out.exists()
+    r = run_cli("pretrain", "--task", "imagenet", "--out", out)
+    assert r.returncode == 2 and "unknown task 'imagenet'" in r.stderr and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files
+
+
+def test_speech_personalization_on_a_wav_directory(tmp_path, fsdd_dir):
+    """Edge path for speech: a base trained briefly on FSDD, one user's WAV folder (unlabeled)."""
+    import shutil
+
+    from common import data as D
+    from simulations.pretrain import pretrain
+
+    ds = D.load_fsdd(fsdd_dir, speakers=["jackson", "lucas", "theo"])
+    r = pretrain("fsdd", tmp_path / "kws.pt", epochs=2, exclude_speaker="theo", ds=ds)
+    assert r["train_samples"] == 900
+    wavs = tmp_path / "theo"
+    wavs.mkdir()
+    for p in sorted((fsdd_dir / "recordings").glob("*_theo_*.wav"))[:60]:
+        shutil.copy(p, wavs / p.name)
+    out = tmp_path / "p.pt"
+    assert main(["personalize", "--model", str(tmp_path / "kws.pt"), "--data", str(wavs), "--out", str(out),
+                 "--target-sparsity", "0.6", "--compact"]) == 0
+    model, meta, mask = load_checkpoint(out)
+    assert mask.sparsity() > 0.5 and meta["features"]["sample_rate"] == 8000
+    assert model(torch.zeros(2, 8000)).shape == (2, 10)

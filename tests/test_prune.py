@@ -1,0 +1,134 @@
+import copy
+
+import pytest
+import torch
+
+from common import data as D
+from common.mask import Mask
+from common.models import build_model
+from common.prune import (PruneConfig, fine_prune, mask_at, personalized_model, predict_logits,
+                          schedule)
+from common.train import accuracy
+
+
+def _user(digits, pool, classes=(0, 3, 8)):
+    idx = [i for i in pool if int(digits.y[i]) in classes]
+    users = D.make_users(digits, [idx], 0.3, seed=0)
+    return users[0]
+
+
+def test_schedule_is_geometric_and_ends_at_target():
+    lv = schedule(0.1, 0.95)
+    assert lv[0] == pytest.approx(0.1) and lv[1] == pytest.approx(0.19) and lv[-1] == 0.95
+    assert all(a < b for a, b in zip(lv, lv[1:]))
+    assert schedule(0.5, 0.95, target=0.7) == [0.5, 0.7]
+
+
+@pytest.mark.parametrize("scope", ["global", "layer", "row"])
+def test_mask_at_hits_sparsity_and_keeps_pruned_pruned(scope):
+    model = build_model("smallcnn")
+    scores = {n: torch.rand(m.weight.shape) for n, m in model.named_modules() if hasattr(m, "weight")
+              and n in ("conv1", "conv2", "fc1", "fc2")}
+    m1 = mask_at(scores, Mask.dense(model), 0.3, scope)
+    m2 = mask_at(scores, m1, 0.6, scope)
+    assert m1.sparsity() == pytest.approx(0.3, abs=0.01)
+    assert m2.sparsity() == pytest.approx(0.6, abs=0.01)
+    assert all((~m1.layers[k] & m2.layers[k]).sum() == 0 for k in m1.layers)  # nested
+    if scope != "global":
+        assert all(abs(v - 0.6) < 0.05 for v in m2.layer_sparsity().values())
+
+
+def test_target_sparsity_forward_only_and_usage_beats_random(digits, digits_split, digits_base):
+    user = _user(digits, digits_split[1])
+    base_acc = accuracy(digits_base, user.heldout_x, user.heldout_y)
+    accs = {}
+    for scoring in ("usage", "random"):
+        model = copy.deepcopy(digits_base)
+        res = fine_prune(model, user.unlabeled, PruneConfig(scoring=scoring, target_sparsity=0.7))
+        assert res.sparsity == pytest.approx(0.7, abs=0.005)
+        assert res.stop_reason.startswith("reached target sparsity")
+        assert all(p.grad is None for p in model.parameters())  # no backprop anywhere
+        assert res.forward_samples == len(user.unlabeled)  # one statistics pass, nothing else
+        accs[scoring] = accuracy(model, user.heldout_x, user.heldout_y)
+    assert accs["usage"] >= base_acc - 0.05
+    assert accs["usage"] > accs["random"] + 0.2
+
+
+@pytest.mark.parametrize("rule", ["agreement", "confidence", "entropy", "drift"])
+def test_stop_rule_protects_behaviour_and_says_why(digits, digits_split, digits_base, rule):
+    user = _user(digits, digits_split[1])
+    ref = predict_logits(digits_base, user.unlabeled)
+    model = copy.deepcopy(digits_base)
+    cfg = PruneConfig(stop_rule=rule, tolerance=0.05, probe_size=10_000)
+    res = fine_prune(model, user.unlabeled, cfg)
+    assert 0 < res.sparsity < 0.95 or "max sparsity" in res.stop_reason
+    assert rule in res.stop_reason or "max sparsity" in res.stop_reason
+    assert res.history and res.history[-1]["sparsity"] > 0
+    passed = [h for h in res.history if h["passed"]]
+    assert max(h["sparsity"] for h in passed) == pytest.approx(res.sparsity, abs=1e-3)
+    if rule == "agreement":  # the kept model agrees with the base on >= 95% of the user's data
+        agree = (predict_logits(model, user.unlabeled).argmax(1) == ref.argmax(1)).float().mean()
+        assert agree >= 0.95
+
+
+def test_tighter_tolerance_prunes_less(digits, digits_split, digits_base):
+    user = _user(digits, digits_split[1])
+    sp = [fine_prune(copy.deepcopy(digits_base), user.unlabeled,
+                     PruneConfig(tolerance=t, search="linear")).sparsity for t in (0.0, 0.2)]
+    assert sp[0] < sp[1]
+
+
+def test_linear_search_with_rescoring_runs_and_counts_its_passes(digits, digits_split, digits_base):
+    user = _user(digits, digits_split[1])
+    res = fine_prune(digits_base, user.unlabeled, PruneConfig(search="linear", rescore=True, tolerance=0.1))
+    assert res.sparsity > 0.3
+    assert res.forward_samples > len(user.unlabeled) * (1 + len(res.history))  # stats re-collected per step
+
+
+def test_bn_recalibration_matches_user_statistics(digits, digits_split, digits_base):
+    user = _user(digits, digits_split[1], classes=(1,))
+    off = copy.deepcopy(digits_base)
+    fine_prune(off, user.unlabeled, PruneConfig(target_sparsity=0.0))
+    on = copy.deepcopy(digits_base)
+    fine_prune(on, user.unlabeled, PruneConfig(target_sparsity=0.0, recalibrate_bn=True))
+    assert torch.equal(off.bn1.running_mean, digits_base.bn1.running_mean)
+    with torch.no_grad():
+        h = on.conv1(user.unlabeled)
+    assert torch.allclose(on.bn1.running_mean, h.mean((0, 2, 3)), atol=1e-4)
+    assert not torch.allclose(on.bn1.running_mean, digits_base.bn1.running_mean, atol=1e-3)
+
+
+def test_output_restriction_only_predicts_the_users_classes(digits, digits_split, digits_base):
+    user = _user(digits, digits_split[1], classes=(2, 5))
+    res = fine_prune(digits_base, user.unlabeled,
+                     PruneConfig(target_sparsity=0.5, restrict_outputs=True, restrict_min_frac=0.05))
+    assert set(res.restricted_classes) <= {0, 1, 2, 3, 4, 5, 6, 7, 8, 9} and {2, 5} <= set(res.restricted_classes)
+    assert len(res.restricted_classes) <= 4
+    model = personalized_model(digits_base, res)
+    pred = predict_logits(model, torch.rand(200, 1, 8, 8)).argmax(1)  # even on noise
+    assert set(pred.tolist()) <= set(res.restricted_classes)
+    dropped = [c for c in range(10) if c not in res.restricted_classes]
+    assert res.mask.layers["fc2"][dropped].sum() == 0
+
+
+def test_bad_config_and_empty_data_are_clear_errors(digits_base):
+    for kw, msg in [({"scoring": "nope"}, "unknown scoring"), ({"scope": "x"}, "unknown scope"),
+                    ({"stop_rule": "x"}, "unknown stop rule"), ({"step": 1.5}, "step"),
+                    ({"target_sparsity": 1.0}, "target sparsity")]:
+        with pytest.raises(ValueError, match=msg):
+            fine_prune(digits_base, torch.rand(4, 1, 8, 8), PruneConfig(**kw))
+    with pytest.raises(ValueError, match="empty"):
+        fine_prune(digits_base, torch.rand(0, 1, 8, 8), PruneConfig())
+
+
+def test_resnet_from_local_weights_file_prunes(tmp_path):
+    ref = build_model("resnet18", num_classes=5)
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    model = build_model("resnet18", num_classes=5, weights_path=str(tmp_path / "r18.pth"))
+    assert torch.equal(model.conv1.weight, ref.conv1.weight)
+    res = fine_prune(model, torch.rand(6, 3, 32, 32), PruneConfig(target_sparsity=0.5, batch_size=3))
+    assert res.sparsity == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(FileNotFoundError):
+        build_model("resnet50", weights_path=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg")

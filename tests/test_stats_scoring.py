@@ -1,0 +1,64 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from common.models import build_model
+from common.prune import collect_stats
+from common.scoring import SCORERS, get_scorer, register
+from common.stats import StatsCollector
+
+
+def test_input_norm_and_firing_match_manual_computation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    x = torch.randn(70, 5)
+    stats, _ = collect_stats(model, x, batch_size=16, device="cpu")  # several batches: running sums
+    st0 = stats.layers["0"]
+    assert torch.allclose(st0.input_norm(), x.pow(2).mean(0).sqrt().double(), atol=1e-6)
+    h = model[0](x)
+    assert torch.allclose(st0.firing_rate(), (h > 0).double().mean(0), atol=1e-6)
+    assert torch.allclose(st0.mean_activation(), torch.relu(h).double().mean(0), atol=1e-5)
+    assert torch.allclose(stats.layers["2"].input_norm(), torch.relu(h).pow(2).mean(0).sqrt().double(), atol=1e-5)
+
+
+def test_conv_stats_count_positions_and_memory_is_constant():
+    model = build_model("smallcnn", num_classes=10)
+    with StatsCollector(model) as col:
+        model(torch.rand(8, 1, 8, 8))
+        sizes = [t.numel() for st in col.stats.layers.values() for t in (st.in_sq, st.out_sum, st.out_fire)]
+        model(torch.rand(64, 1, 8, 8))
+        assert sizes == [t.numel() for st in col.stats.layers.values() for t in (st.in_sq, st.out_sum, st.out_fire)]
+    assert col.stats.layers["conv1"].in_count == 72 * 64  # samples x 8x8 positions
+    assert not col.handles  # hooks removed on exit
+    assert not model.conv1._forward_pre_hooks
+
+
+def test_firing_is_measured_after_batchnorm():
+    model = build_model("smallcnn", num_classes=10).eval()
+    with torch.no_grad():
+        model.bn1.bias.fill_(-100.0)  # every conv1 channel is off after BN+ReLU
+        model.bn1.bias[3] = 100.0     # except channel 3
+    stats, _ = collect_stats(model, torch.rand(20, 1, 8, 8), 8, "cpu")
+    rate = stats.layers["conv1"].firing_rate()
+    assert rate[3] == 1.0 and rate.sum() == 1.0
+
+
+def test_usage_score_is_weight_times_input_norm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 2))
+    x = torch.randn(40, 6) * torch.arange(1, 7)
+    stats, _ = collect_stats(model, x, 40, "cpu")
+    s = get_scorer("usage")(model[0].weight, stats.layers["0"])
+    assert torch.allclose(s, model[0].weight.abs() * x.pow(2).mean(0).sqrt(), atol=1e-5)
+
+
+def test_scorer_registry_plugin_and_unknown_name():
+    @register("half_magnitude")
+    def half(w, st=None, gen=None):
+        return w.abs() / 2
+    try:
+        assert get_scorer("half_magnitude") is half
+    finally:
+        SCORERS.pop("half_magnitude")
+    with pytest.raises(ValueError, match="unknown scoring 'nope'"):
+        get_scorer("nope")
