@@ -36,7 +36,7 @@ def _bar(desc: str):
 
 
 def cmd_pretrain(args) -> dict:
-    from simulations.pretrain import pretrain
+    from common.pretrain import pretrain
 
     return pretrain(args.task, args.out, data=args.data, epochs=args.epochs, seed=args.seed,
                     device=_device(args.device), exclude_speaker=args.exclude_speaker,
@@ -60,6 +60,26 @@ def cmd_personalize(args) -> dict:
         from common.io import atomic_write_text
         atomic_write_text(args.report, json.dumps(report, indent=2))
     return report
+
+
+def cmd_simulate(args) -> dict:
+    from simulations.simulate import simulate
+
+    overrides = {"task": args.task, "num-clients": args.clients, "out-dir": args.out}
+    for item in args.set or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got '{item}'")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v.strip()
+    if args.data:
+        overrides["data-path"] = args.data
+    report = simulate(overrides, verbose=args.verbose)
+    a = report["analysis"] or {}
+    return {"report": report["files"]["json"], "clients": len(report["clients"]),
+            "failed": len(report["failed"]), "rejected": len(report["rejected"]),
+            "mean_sparsity": sum(c["sparsity"] for c in report["clients"]) / max(len(report["clients"]), 1),
+            "mean_pairwise_similarity": a.get("mean_pairwise_similarity"), "clusters": a.get("clusters"),
+            "wall_seconds": report["wall_seconds"]}
 
 
 def _device(name):
@@ -107,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     pz.add_argument("--device", default="auto", help="auto, cpu or cuda")
     pz.add_argument("--report", help="also write the report as JSON here")
     pz.set_defaults(func=cmd_personalize)
+    sm = sub.add_parser("simulate", help="federated personalization on Flower's simulation engine")
+    sm.add_argument("--task", default="digits", help=f"one of: {', '.join(TASKS)} (default digits)")
+    sm.add_argument("--clients", type=int, default=10, help="number of simulated devices (default 10)")
+    sm.add_argument("--out", required=True, help="directory for report.json, report.md, plots, device storage")
+    sm.add_argument("--data", help="dataset directory (fsdd, speechcommands, imagefolder)")
+    sm.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="any run-config key of pyproject.toml, e.g. --set summary-level=bitmap")
+    sm.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sm.set_defaults(func=cmd_simulate)
     return p
 
 

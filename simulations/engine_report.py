@@ -22,7 +22,7 @@ from common.io import atomic_write_text
 from common.prune import PruneConfig, fine_prune, personalized_model
 from common.tasks import get_task
 from common.train import accuracy, time_inference, train_supervised
-from simulations.pretrain import pretrain
+from common.pretrain import pretrain
 
 METHODS = {  # name -> PruneConfig kwargs; controls get the headline method's sparsity
     "usage": dict(scoring="usage"),

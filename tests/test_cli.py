@@ -104,7 +104,7 @@ def test_speech_personalization_on_a_wav_directory(tmp_path, fsdd_dir):
     import shutil
 
     from common import data as D
-    from simulations.pretrain import pretrain
+    from common.pretrain import pretrain
 
     ds = D.load_fsdd(fsdd_dir, speakers=["jackson", "lucas", "theo"])
     r = pretrain("fsdd", tmp_path / "kws.pt", epochs=2, exclude_speaker="theo", ds=ds)

@@ -33,14 +33,17 @@ def vendor_indices(task_name: str, ds: D.Dataset, seed: int, vendor_frac: float,
 
 
 def pretrain(task_name: str, out, data=None, epochs=None, seed: int = 0, device: str = "cpu",
-             exclude_speaker=None, vendor_frac: float = 0.5, progress=None, ds: D.Dataset | None = None) -> dict:
+             exclude_speaker=None, vendor_frac: float = 0.5, progress=None, ds: D.Dataset | None = None,
+             indices=None) -> dict:
+    """Train the task's base model on the vendor's labeled data and save it with its metadata.
+    `indices` = (train, test) overrides the default vendor split."""
     import torch
 
     if not 0 < vendor_frac < 1:
         raise ValueError(f"--vendor-frac must be in (0, 1), got {vendor_frac}")
     task = get_task(task_name)
     ds = ds if ds is not None else load_task_data(task, data)
-    tr, te = vendor_indices(task.name, ds, seed, vendor_frac, exclude_speaker)
+    tr, te = indices if indices is not None else vendor_indices(task.name, ds, seed, vendor_frac, exclude_speaker)
     torch.manual_seed(seed)
     kwargs = dict(task.arch_kwargs)
     if task.arch in ("smallcnn", "kws", "resnet18", "resnet50"):

@@ -1,0 +1,61 @@
+"""Flower ClientApp: one edge device. Gets the base model once, fine-prunes it on the device's own
+unlabeled data, keeps the personalized model locally and replies with a mask summary only."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.device import Device, device_inputs, research_accuracy, summary_bytes
+from common.federation import merged_config, model_bytes, records_to_base, simulated_user
+
+app = ClientApp()
+
+
+def _device_root(context: Context, cfg_run: dict) -> tuple[Path, int | None]:
+    """A real device names its storage in node config (device-dir); a simulated one gets a
+    folder per partition under the run's output directory."""
+    nc = context.node_config
+    if "device-dir" in nc:
+        return Path(str(nc["device-dir"])), None
+    pid = int(nc["partition-id"])
+    return Path(cfg_run["out-dir"]) / "devices" / f"node-{pid:03d}", pid
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    c = msg.content["config"]
+    cfg = merged_config({k: c[k] for k in c.keys() if k not in ("base-fingerprint", "out-dir", "round")})
+    cfg["out-dir"] = str(c["out-dir"])
+    base_fp = str(c["base-fingerprint"])
+    root, pid = _device_root(context, cfg)
+    if pid is not None and str(pid) in [s.strip() for s in cfg["crash-clients"].split(",") if s.strip()]:
+        raise RuntimeError(f"injected crash on partition {pid} (crash-clients)")
+    device = Device(root)
+    if "base" in msg.content.array_records:
+        model, meta = records_to_base(msg.content["base"], msg.content["base-meta"])
+        got = device.store_base(model, meta)
+        if got != base_fp:
+            raise RuntimeError(f"received base {got[:12]} does not match announced {base_fp[:12]}")
+    base, meta = device.load_base(base_fp)
+
+    if pid is not None:
+        user = simulated_user(cfg, pid, int(context.node_config["num-partitions"]))
+        x, user_id = user.unlabeled, user.user_id
+    else:
+        x = device_inputs(str(context.node_config["data-dir"]), meta["features"])
+        user_id = str(context.node_config.get("device-name", root.name))
+    mask, info = device.personalize(base, meta, base_fp, x, cfg)
+    payload = summary_bytes(mask, info, cfg["summary-level"], base_fp, model_bytes(base), cfg["seed"])
+
+    metrics = {"sparsity": float(info["sparsity"]), "prune_seconds": float(info["prune_seconds"]),
+               "upload_bytes": len(payload), "num_samples": len(x), "resumed": int(info["resumed"])}
+    if pid is not None and cfg["research-accuracy"]:
+        metrics.update(research_accuracy(base, device, user.heldout_x, user.heldout_y))
+    reply = RecordDict({
+        "summary": ConfigRecord({"data": payload, "level": cfg["summary-level"]}),
+        "info": ConfigRecord({"client": user_id, "stop_reason": info["stop_reason"]}),
+        "metrics": MetricRecord(metrics),
+    })
+    return Message(content=reply, reply_to=msg)

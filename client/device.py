@@ -1,0 +1,124 @@
+"""What one edge device does in a round: keep the base model and its personalized model on local
+storage, fine-prune on its own unlabeled data, and build the mask summary it may upload."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
+from common.mask import Mask
+from common.personalize import check_inputs, load_inputs, resolve_device
+from common.prune import PruneConfig, collect_stats, fine_prune, personalized_model
+from common.scoring import get_scorer
+from common.summary import build_summary, encode, usage_histograms
+from common.train import accuracy
+
+
+def prune_config(cfg: dict) -> PruneConfig:
+    target = cfg["target-sparsity"]
+    return PruneConfig(scoring=cfg["scoring"], scope=cfg["scope"], stop_rule=cfg["stop-rule"],
+                       tolerance=cfg["tolerance"], target_sparsity=None if target < 0 else target,
+                       recalibrate_bn=cfg["recalibrate-bn"], restrict_outputs=cfg["restrict-outputs"],
+                       seed=cfg["seed"]).validate()
+
+
+def config_key(cfg: dict, base_fp: str) -> str:
+    """Identifies a personalization: same base and same pruning settings -> resume, not redo."""
+    keys = ("scoring", "scope", "stop-rule", "tolerance", "target-sparsity", "recalibrate-bn",
+            "restrict-outputs", "seed")
+    return hashlib.sha256(json.dumps([base_fp] + [cfg[k] for k in keys]).encode()).hexdigest()[:16]
+
+
+class Device:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.base_path = self.root / "base.pt"
+        self.personal_path = self.root / "personal.pt"
+
+    # ------------------------------------------------------------ base model cache
+    def store_base(self, model: torch.nn.Module, meta: dict) -> str:
+        save_checkpoint(self.base_path, model, meta)
+        return fingerprint(model)
+
+    def load_base(self, expected_fp: str):
+        try:
+            model, meta, _ = load_checkpoint(self.base_path)
+        except CheckpointError as exc:
+            raise RuntimeError(f"no usable base model on this device ({exc}); server must send it") from None
+        fp = fingerprint(model)
+        if fp != expected_fp:
+            raise RuntimeError(f"stored base model {fp[:12]} is not the run's base {expected_fp[:12]}")
+        return model, meta
+
+    def has_base(self, expected_fp: str) -> bool:
+        try:
+            self.load_base(expected_fp)
+            return True
+        except RuntimeError:
+            return False
+
+    # ------------------------------------------------------------ personalization
+    def personalize(self, base: torch.nn.Module, meta: dict, base_fp: str, x: torch.Tensor, cfg: dict):
+        """Returns (mask, info). Resumes from the stored personalized model when it was made
+        from this base with these settings (a later round, or a restart)."""
+        key = config_key(cfg, base_fp)
+        stored = self._resume(key)
+        if stored is not None:
+            return stored
+        check_inputs(x, meta["features"], "this device's data")
+        device = resolve_device(cfg["device"])
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        stats, _ = collect_stats(model, x, 256, device)  # usage histograms for the summary
+        usage = {n: get_scorer("usage")(m.weight.detach(), stats.layers[n])
+                 for n, m in _layers(model).items()}
+        hist = usage_histograms(usage)
+        res = fine_prune(model, x, prune_config(cfg), device)
+        info = {"sparsity": res.sparsity, "stop_reason": res.stop_reason, "prune_seconds": time.perf_counter() - t0,
+                "forward_samples": res.forward_samples + len(x), "restricted_classes": res.restricted_classes,
+                "hist": hist, "config_key": key, "base_fingerprint": base_fp, "resumed": False}
+        new_meta = {k: meta[k] for k in ("arch", "arch_kwargs", "task", "classes", "features")}
+        new_meta["personalization"] = info
+        save_checkpoint(self.personal_path, model.cpu(), new_meta, mask=res.mask, restricted=res.restricted_classes)
+        return res.mask, info
+
+    def _resume(self, key: str):
+        if not self.personal_path.exists():
+            return None
+        try:
+            _, meta, mask = load_checkpoint(self.personal_path)
+        except CheckpointError:
+            return None  # unreadable: personalize again (the atomic write keeps the old one otherwise)
+        info = dict(meta.get("personalization", {}))
+        if info.get("config_key") != key or mask is None:
+            return None
+        info["resumed"] = True
+        return mask, info
+
+    def personalized_model(self):
+        model, meta, _ = load_checkpoint(self.personal_path)
+        return model
+
+
+def _layers(model):
+    from common.models import prunable_layers
+    return prunable_layers(model)
+
+
+def summary_bytes(mask: Mask, info: dict, level: str, base_fp: str, model_size: int, seed: int) -> bytes:
+    return encode(build_summary(mask, info["hist"], level, base_fp, model_size, seed))
+
+
+def research_accuracy(base, device: Device, heldout_x, heldout_y) -> dict:
+    """Simulation only: labeled held-out accuracy before/after, never used by the pruning."""
+    return {"accuracy_base": accuracy(base, heldout_x, heldout_y),
+            "accuracy_personalized": accuracy(device.personalized_model(), heldout_x, heldout_y)}
+
+
+def device_inputs(data_dir: str, features: dict) -> torch.Tensor:
+    return load_inputs(data_dir, features)

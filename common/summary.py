@@ -1,0 +1,235 @@
+"""Mask summaries: what a device uploads instead of weights or data.
+
+Levels:
+  stats   per-layer pruned counts and usage histograms
+  sketch  stats + per-layer b-bit one-permutation MinHash signatures of the pruned set, from
+          which the server estimates pairwise Jaccard similarity of masks
+  bitmap  stats + the exact mask, 1 bit per prunable weight, zlib-compressed
+
+Layer names and shapes are not sent: they follow from the base model, named by its fingerprint.
+Wire format: MAGIC | u32 header length | JSON header | u32 sketch length | sketch | bitmap.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.mask import Mask
+
+MAGIC = b"FPSUM\x01"
+FORMAT_VERSION = 1
+LEVELS = ("stats", "sketch", "bitmap")
+HIST_EDGES = np.linspace(-6.0, 2.0, 9)   # log10(usage) bins; under/overflow go to the end bins
+SKETCH_BITS = 2                           # b-bit MinHash: 2 bits per bin
+MAX_SUMMARY_BYTES = 64 << 20
+
+
+class SummaryError(ValueError):
+    """A summary the server must reject; the message is the logged reason."""
+
+
+@dataclass
+class Summary:
+    level: str
+    fingerprint: str
+    pruned: list[int]                 # pruned connections per layer, base-model layer order
+    hist: list[list[int]]             # usage histogram per layer (all connections)
+    bins: list[int] | None = None     # sketch bins per layer
+    sketch: list[np.ndarray] | None = None  # per layer: uint8 b-bit values, 255 = empty set
+    bitmap: Mask | None = None        # exact mask (pruned = False)
+    version: int = FORMAT_VERSION
+
+
+# ---------------------------------------------------------------- hashing
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer: a fast, well-mixed 64-bit hash (wraps modulo 2**64)."""
+    with np.errstate(over="ignore"):
+        x = x.astype(np.uint64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def sketch_layer(pruned_idx: np.ndarray, bins: int, layer: int, seed: int = 0) -> np.ndarray:
+    """One-permutation MinHash with rotation densification (Shrivastava & Li 2014), keeping the
+    lowest SKETCH_BITS bits of each bin's minimum. O(n) in the pruned set size."""
+    if len(pruned_idx) == 0:
+        return np.full(bins, 255, dtype=np.uint8)
+    key = np.uint64((seed * 1_000_003 + layer + 1) * 0x9E3779B97F4A7C15 % (1 << 64))
+    h = _mix64(pruned_idx.astype(np.uint64) ^ key)
+    b = (h % np.uint64(bins)).astype(np.int64)
+    v = h // np.uint64(bins)
+    mins = np.full(bins, np.iinfo(np.uint64).max, dtype=np.uint64)
+    np.minimum.at(mins, b, v)
+    empty = mins == np.iinfo(np.uint64).max
+    if empty.any():  # borrow from the next non-empty bin to the right (circular), with an offset
+        filled = np.flatnonzero(~empty)
+        pos = np.searchsorted(filled, np.arange(bins)) % len(filled)
+        src = filled[pos]
+        dist = (src - np.arange(bins)) % bins
+        mins = np.where(empty, _mix64(mins[src] + dist.astype(np.uint64) * np.uint64(0x632BE59BD9B4E019)), mins)
+    return (mins & np.uint64((1 << SKETCH_BITS) - 1)).astype(np.uint8)
+
+
+def sketch_budget(layer_sizes: list[int], model_bytes: int, frac: float = 0.003, min_bins: int = 8) -> list[int]:
+    """Bins per layer: `frac` of the dense model size, shared in proportion to layer size."""
+    total_bins = int(frac * model_bytes * 8 / SKETCH_BITS)
+    n = sum(layer_sizes)
+    return [max(min_bins, int(total_bins * s / n)) for s in layer_sizes]
+
+
+# ---------------------------------------------------------------- building
+def usage_histograms(usage: dict[str, torch.Tensor]) -> list[list[int]]:
+    out = []
+    for s in usage.values():
+        v = np.log10(s.detach().double().cpu().numpy().ravel() + 1e-12)
+        idx = np.clip(np.searchsorted(HIST_EDGES, v, side="right") - 1, 0, len(HIST_EDGES) - 2)
+        out.append(np.bincount(idx, minlength=len(HIST_EDGES) - 1).astype(int).tolist())
+    return out
+
+
+def build_summary(mask: Mask, hist: list[list[int]], level: str, fingerprint: str, model_bytes: int,
+                  seed: int = 0, sketch_frac: float = 0.003) -> Summary:
+    if level not in LEVELS:
+        raise ValueError(f"unknown summary level '{level}' (choose from: {', '.join(LEVELS)})")
+    layers = list(mask.layers.values())
+    s = Summary(level, fingerprint, [int((~m).sum()) for m in layers], hist)
+    if level == "sketch":
+        s.bins = sketch_budget([m.numel() for m in layers], model_bytes, sketch_frac)
+        s.sketch = [sketch_layer(np.flatnonzero(~m.flatten().numpy()), k, i, seed)
+                    for i, (m, k) in enumerate(zip(layers, s.bins))]
+    if level == "bitmap":
+        s.bitmap = mask
+    return s
+
+
+# ---------------------------------------------------------------- wire format
+def encode(s: Summary) -> bytes:
+    header = json.dumps({"v": s.version, "level": s.level, "fp": s.fingerprint, "pruned": s.pruned,
+                         "hist": s.hist, "bins": s.bins, "bits": SKETCH_BITS}, separators=(",", ":")).encode()
+    sketch = b""
+    if s.sketch is not None:
+        sketch = np.packbits(np.unpackbits(np.concatenate(s.sketch)[:, None], axis=1)[:, -SKETCH_BITS:]).tobytes()
+    bitmap = b""
+    if s.bitmap is not None:
+        flat = torch.cat([m.flatten() for m in s.bitmap.layers.values()]).numpy()
+        bitmap = zlib.compress(np.packbits(flat).tobytes(), 9)
+    return MAGIC + struct.pack("<I", len(header)) + header + struct.pack("<I", len(sketch)) + sketch + bitmap
+
+
+def decode(data: bytes, fingerprint: str, shapes: dict[str, tuple], max_bytes: int = MAX_SUMMARY_BYTES) -> Summary:
+    """Parse and validate a summary against the base model it claims to describe.
+    Raises SummaryError naming the first problem found."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise SummaryError(f"summary is {type(data).__name__}, expected bytes")
+    if len(data) > max_bytes:
+        raise SummaryError(f"summary of {len(data)} bytes exceeds the limit of {max_bytes}")
+    if not data.startswith(MAGIC):
+        raise SummaryError("not a fineprune summary (bad magic)")
+    try:
+        off = len(MAGIC)
+        (n,) = struct.unpack_from("<I", data, off)
+        h = json.loads(data[off + 4:off + 4 + n])
+        off += 4 + n
+        (m,) = struct.unpack_from("<I", data, off)
+        sketch_raw = data[off + 4:off + 4 + m]
+        if len(sketch_raw) != m:
+            raise SummaryError("summary truncated inside the sketch")
+        bitmap_raw = data[off + 4 + m:]
+    except SummaryError:
+        raise
+    except Exception as exc:
+        raise SummaryError(f"corrupt summary header: {type(exc).__name__}") from None
+    if not isinstance(h, dict):
+        raise SummaryError("corrupt summary header")
+    if h.get("v") != FORMAT_VERSION:
+        raise SummaryError(f"summary format version {h.get('v')!r}, server reads {FORMAT_VERSION}")
+    if h.get("fp") != fingerprint:
+        raise SummaryError(f"summary is for base model {str(h.get('fp'))[:12]}, not {fingerprint[:12]}")
+    level = h.get("level")
+    if level not in LEVELS:
+        raise SummaryError(f"unknown summary level {level!r}")
+    sizes = [int(np.prod(s)) for s in shapes.values()]
+    pruned, hist = h.get("pruned"), h.get("hist")
+    if not (isinstance(pruned, list) and len(pruned) == len(sizes)):
+        raise SummaryError(f"summary has {len(pruned) if isinstance(pruned, list) else 'no'} layers, "
+                           f"base model has {len(sizes)}")
+    for p, size in zip(pruned, sizes):
+        if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p <= size:
+            raise SummaryError(f"pruned count {p!r} out of range [0, {size}]")
+    if not (isinstance(hist, list) and len(hist) == len(sizes)):
+        raise SummaryError("usage histograms missing or of the wrong length")
+    for row, size in zip(hist, sizes):
+        if not (isinstance(row, list) and len(row) == len(HIST_EDGES) - 1
+                and all(isinstance(c, int) and c >= 0 for c in row) and sum(row) == size):
+            raise SummaryError("usage histogram malformed (wrong bins, negative or wrong total)")
+    s = Summary(level, h["fp"], pruned, hist, version=h["v"])
+    if level == "sketch":
+        bins = h.get("bins")
+        if h.get("bits") != SKETCH_BITS or not (isinstance(bins, list) and len(bins) == len(sizes)
+                                                 and all(isinstance(b, int) and 0 < b <= size for b, size in zip(bins, sizes))):
+            raise SummaryError("sketch bins malformed")
+        total = sum(bins)
+        if len(sketch_raw) != math.ceil(total * SKETCH_BITS / 8):
+            raise SummaryError(f"sketch has {len(sketch_raw)} bytes, header says {total} bins")
+        bits = np.unpackbits(np.frombuffer(sketch_raw, dtype=np.uint8))[:total * SKETCH_BITS].reshape(total, SKETCH_BITS)
+        vals = (bits * (1 << np.arange(SKETCH_BITS - 1, -1, -1))).sum(1).astype(np.uint8)
+        s.bins, s.sketch, o = bins, [], 0
+        for b, p in zip(bins, pruned):
+            s.sketch.append(vals[o:o + b] if p else np.full(b, 255, dtype=np.uint8))
+            o += b
+    elif sketch_raw:
+        raise SummaryError(f"level '{level}' carries an unexpected sketch")
+    if level == "bitmap":
+        try:
+            raw = zlib.decompressobj().decompress(bitmap_raw, (sum(sizes) + 7) // 8 + 1)
+        except zlib.error:
+            raise SummaryError("bitmap is not valid zlib data") from None
+        if len(raw) != (sum(sizes) + 7) // 8:
+            raise SummaryError(f"bitmap has {len(raw) * 8} bits, base model has {sum(sizes)} weights")
+        flat = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:sum(sizes)].astype(bool)
+        layers, o = {}, 0
+        for (name, shape), size, p in zip(shapes.items(), sizes, pruned):
+            layers[name] = torch.from_numpy(flat[o:o + size].reshape(shape).copy())
+            if int((~layers[name]).sum()) != p:
+                raise SummaryError(f"bitmap of layer {name} disagrees with its pruned count")
+            o += size
+        s.bitmap = Mask(layers)
+    elif bitmap_raw:
+        raise SummaryError(f"level '{level}' carries an unexpected bitmap")
+    return s
+
+
+# ---------------------------------------------------------------- similarity
+def sketch_jaccard(a: Summary, b: Summary) -> float:
+    """Estimate the Jaccard similarity of two clients' pruned sets from their sketches, by layer
+    and then combined into a whole-model value weighted by set sizes."""
+    inter = union = 0.0
+    collide = 2.0 ** -SKETCH_BITS
+    for sa, sb, pa, pb in zip(a.sketch, b.sketch, a.pruned, b.pruned):
+        if pa == 0 or pb == 0:
+            j = 1.0 if pa == pb else 0.0
+        else:
+            match = float(np.mean(sa == sb))
+            j = min(1.0, max(0.0, (match - collide) / (1 - collide)))
+        i = j * (pa + pb) / (1 + j)
+        inter += i
+        union += pa + pb - i
+    return 1.0 if union == 0 else inter / union
+
+
+def layer_sketch_jaccard(a: Summary, b: Summary) -> list[float]:
+    collide = 2.0 ** -SKETCH_BITS
+    out = []
+    for sa, sb, pa, pb in zip(a.sketch, b.sketch, a.pruned, b.pruned):
+        if pa == 0 or pb == 0:
+            out.append(1.0 if pa == pb else 0.0)
+        else:
+            out.append(min(1.0, max(0.0, (float(np.mean(sa == sb)) - collide) / (1 - collide))))
+    return out

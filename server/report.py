@@ -1,0 +1,115 @@
+"""Run report: report.json (per-client rows and the analysis), report.md and PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from common.io import atomic_write_bytes, atomic_write_text
+
+
+def write_report(out: Path, report: dict) -> dict:
+    """Writes report.json, report.md, layer_sparsity.png and similarity.png under out; returns paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "markdown": out / "report.md"}
+    last = report["rounds"][-1] if report["rounds"] else None
+    if last and last["clients"]:
+        paths["layer_sparsity_png"] = out / "layer_sparsity.png"
+        plot_layer_sparsity(last["analysis"], paths["layer_sparsity_png"])
+        if last["analysis"]["similarity"] is not None:
+            paths["similarity_png"] = out / "similarity.png"
+            plot_similarity(last["analysis"], paths["similarity_png"])
+    report["files"] = {k: str(v) for k, v in paths.items()}
+    atomic_write_text(paths["json"], json.dumps(report, indent=2, default=_jsonable))
+    atomic_write_text(paths["markdown"], to_markdown(report))
+    return paths
+
+
+def _jsonable(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def _png(fig, path: Path):
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_layer_sparsity(analysis: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = analysis["layer_names"]
+    rows = analysis["layer_sparsity"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(layers) + 3, 4))
+    data = np.array(list(rows.values()))
+    ax.boxplot(data, tick_labels=layers, showfliers=False)
+    for i in range(len(layers)):
+        ax.scatter(np.full(len(data), i + 1) + np.linspace(-0.15, 0.15, len(data)), data[:, i], s=12, alpha=0.7)
+    if analysis.get("consensus_layer_sparsity"):
+        ax.plot(range(1, len(layers) + 1), [analysis["consensus_layer_sparsity"][n] for n in layers], "k_",
+                markersize=20, label=f"consensus (q={analysis['consensus_quorum']})")
+        ax.legend()
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("sparsity (share of weights pruned)")
+    ax.set_title(f"Per-layer sparsity across {len(rows)} clients")
+    _png(fig, path)
+    plt.close(fig)
+
+
+def plot_similarity(analysis: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids, sim = analysis["similarity_ids"], np.array(analysis["similarity"])
+    fig, ax = plt.subplots(figsize=(0.45 * len(ids) + 3, 0.45 * len(ids) + 2.5))
+    im = ax.imshow(sim, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(ids)), ids, rotation=90)
+    ax.set_yticks(range(len(ids)), ids)
+    fig.colorbar(im, ax=ax, label="Jaccard similarity of pruned sets")
+    ax.set_title(f"Mask similarity, {analysis['similarity_method']}")
+    _png(fig, path)
+    plt.close(fig)
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"# fineprune run report", "", f"- task: {report['config']['task']}, clients asked: "
+             f"{report['config']['num-clients']}, summary level: {report['config']['summary-level']}, "
+             f"scoring: {report['config']['scoring']}", f"- wall time: {report.get('wall_seconds', 0):.1f} s", ""]
+    for rnd in report["rounds"]:
+        a = rnd["analysis"]
+        lines += [f"## Round {rnd['round']} (base {rnd['base_fingerprint'][:12]}, {rnd['base_bytes']} bytes)", "",
+                  "| client | sparsity | upload bytes | upload / model | prune s | acc base | acc personal | stop |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in rnd["clients"]:
+            lines.append(f"| {c['id']} | {c['sparsity']:.3f} | {c['upload_bytes']} | {c['upload_fraction']:.4%} | "
+                         f"{c['prune_seconds']:.2f} | {_fmt(c.get('accuracy_base'))} | "
+                         f"{_fmt(c.get('accuracy_personalized'))} | {c['stop_reason'][:60]} |")
+        lines += ["", f"- accepted {len(rnd['clients'])}, rejected {len(rnd['rejected'])}, failed {len(rnd['failed'])}"]
+        for r in rnd["rejected"] + rnd["failed"]:
+            lines.append(f"  - node {r['node']}: {r['reason']}")
+        lines += [f"- similarity: {a['similarity_method']}; mean pairwise Jaccard {_fmt(a['mean_pairwise_similarity'])}",
+                  f"- clusters: {a['clusters']}",
+                  f"- consensus (q={a['consensus_quorum']}) sparsity: {_fmt(a['consensus_sparsity'])}; "
+                  f"pruned by all, upper bound: {_fmt(a['consensus_all_upper_bound'])}"]
+        if "layer_agreement" in a:
+            lines.append(f"- layers users agree on most / least: {a['layer_agreed_most']} / {a['layer_agreed_least']}")
+        if "slim_base" in rnd:
+            lines.append(f"- slim shared base: {rnd['slim_base']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt(v):
+    return "-" if v is None else f"{v:.3f}"

@@ -1,0 +1,84 @@
+"""Flower ServerApp: distribute the base model, collect mask summaries, analyze, report."""
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from common import __version__
+from common.checkpoint import load_checkpoint
+from common.federation import _dataset, merged_config, vendor_and_pool
+from common.models import OutputRestricted
+from common.pretrain import pretrain
+from server.report import write_report
+from server.strategy import FinePruneStrategy
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_server(grid, dict(context.run_config))
+
+
+def base_model(cfg: dict, out: Path):
+    """The run's base model: a checkpoint the run names, or one pretrained now on vendor data."""
+    path = cfg["base-checkpoint"]
+    if not path:
+        path = out / "base.pt"
+        if not path.exists():  # a restarted server reuses it
+            ds = _dataset(cfg["task"], cfg["data-path"])
+            vendor, _ = vendor_and_pool(cfg["task"], ds, cfg["seed"])
+            rng = np.random.default_rng(cfg["seed"])
+            vendor = rng.permutation(vendor)
+            k = int(len(vendor) * 0.9)
+            r = pretrain(cfg["task"], path, epochs=cfg["pretrain-epochs"] or None, seed=cfg["seed"], ds=ds,
+                         indices=(np.sort(vendor[:k]), np.sort(vendor[k:])))
+            log(INFO, "pretrained base model on %d vendor samples: test accuracy %.3f", r["train_samples"],
+                r["test_accuracy"])
+    model, meta, _ = load_checkpoint(path)
+    if isinstance(model, OutputRestricted):
+        raise ValueError(f"{path} is a personalized model; the run needs a base model")
+    return model, meta
+
+
+def run_server(grid: Grid, run_config: dict, overrides: dict | None = None) -> dict:
+    t0 = time.time()
+    cfg = merged_config(run_config, overrides)
+    out = Path(cfg["out-dir"] or Path.home() / "fineprune-runs" / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = out.expanduser().resolve()
+    cfg["out-dir"] = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base, meta = base_model(cfg, out)
+    strategy = FinePruneStrategy(base, meta, cfg)
+    report = {"fineprune_version": __version__, "config": cfg, "rounds": strategy.rounds}
+
+    def save(_round_record):  # after every round: a crash later loses nothing already reported
+        report["wall_seconds"] = time.time() - t0
+        report.update(_flatten(strategy.rounds))
+        write_report(out, report)
+
+    strategy.on_round = save
+    strategy.start(grid, initial_arrays=ArrayRecord(), num_rounds=cfg["num-rounds"],
+                   timeout=cfg["round-timeout"])
+    report["wall_seconds"] = time.time() - t0
+    report.update(_flatten(strategy.rounds))
+    paths = write_report(out, report)
+    log(INFO, "fineprune report: %s (and report.md, PNG plots) in %s", paths["json"], out)
+    print(f"fineprune report: {paths['json']}", flush=True)
+    return report
+
+
+def _flatten(rounds: list[dict]) -> dict:
+    """Top-level view of the last round: per-client rows and the analysis."""
+    if not rounds:
+        return {"clients": [], "analysis": None}
+    last = rounds[-1]
+    return {"clients": last["clients"], "analysis": last["analysis"], "rejected": last["rejected"],
+            "failed": last["failed"]}

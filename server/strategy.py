@@ -1,0 +1,188 @@
+"""The server's Flower strategy: send the base model once, collect and validate mask summaries,
+analyze shared sparsity and (optionally) derive a slimmer shared base for the next round."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from logging import INFO, WARNING
+from typing import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common.checkpoint import fingerprint
+from common.compact import compact
+from common.federation import CLIENT_KEYS, base_to_records, model_bytes
+from common.models import prunable_layers
+from common.summary import SummaryError, decode
+from server.analysis import analyze, consensus
+
+
+class FinePruneStrategy(Strategy):
+    def __init__(self, base, meta: dict, cfg: dict):
+        self.cfg = cfg
+        self.rounds: list[dict] = []
+        self.on_round = None  # called with each round's record (the server writes its report)
+        self.nodes_with_base: dict[int, str] = {}
+        self._set_base(base, meta)
+
+    def _set_base(self, base, meta):
+        self.base, self.meta = base, meta
+        self.fp = fingerprint(base)
+        self.shapes = {n: tuple(m.weight.shape) for n, m in prunable_layers(base).items()}
+        self.model_bytes = model_bytes(base)
+
+    def summary(self) -> None:
+        log(INFO, "\t├── FinePruneStrategy: %s clients (min %s), summary level %s, scoring %s",
+            self.cfg["num-clients"], self.cfg["min-clients"], self.cfg["summary-level"], self.cfg["scoring"])
+        log(INFO, "\t└── base model %s (%s, %d bytes fp32)", self.fp[:12], self.meta["arch"], self.model_bytes)
+
+    # ------------------------------------------------------------ round: send
+    def _wait_for_nodes(self, grid: Grid, gather_seconds: float = 10.0) -> list[int]:
+        """All num-clients nodes, or after a short wait at least min-clients of them."""
+        start = time.time()
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            waited = time.time() - start
+            if len(nodes) >= self.cfg["num-clients"]:
+                return nodes[: self.cfg["num-clients"]]
+            if len(nodes) >= self.cfg["min-clients"] and waited > gather_seconds:
+                return nodes
+            if waited > self.cfg["round-timeout"]:
+                raise RuntimeError(f"only {len(nodes)} nodes connected, min-clients is {self.cfg['min-clients']}")
+            time.sleep(0.5)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        nodes = self._wait_for_nodes(grid)
+        conf = {k: self.cfg[k] for k in CLIENT_KEYS}
+        conf.update({"base-fingerprint": self.fp, "out-dir": self.cfg["out-dir"], "round": server_round})
+        base_arrays, base_meta = base_to_records(self.base, self.meta)
+        msgs = []
+        for nid in nodes:
+            content = RecordDict({"config": ConfigRecord(conf)})
+            if self.nodes_with_base.get(nid) != self.fp:  # the model travels once per node and base
+                content["base"] = base_arrays
+                content["base-meta"] = base_meta
+            msgs.append(Message(content=content, dst_node_id=nid, message_type=MessageType.TRAIN,
+                                group_id=str(server_round)))
+        self._sent = {m.metadata.dst_node_id: ("base" in m.content.array_records) for m in msgs}
+        log(INFO, "round %d: sending to %d nodes (%d get the base model)", server_round, len(msgs),
+            sum(self._sent.values()))
+        return msgs
+
+    # ------------------------------------------------------------ round: collect
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        rows, summaries, rejected, failed = [], {}, [], []
+        answered = set()
+        for msg in replies:
+            nid = msg.metadata.src_node_id
+            answered.add(nid)
+            if msg.has_error():
+                reason = f"client error: {_short_reason(msg.error.reason)}"
+                failed.append({"node": nid, "reason": reason})
+                log(WARNING, "round %d: node %s failed: %s", server_round, nid, reason)
+                continue
+            try:
+                row, summ = self._read_reply(msg)
+            except SummaryError as exc:
+                rejected.append({"node": nid, "reason": str(exc)})
+                log(WARNING, "round %d: rejected summary from node %s: %s", server_round, nid, exc)
+                continue
+            if self._sent.get(nid):
+                self.nodes_with_base[nid] = self.fp
+            if row["id"] in summaries:
+                rejected.append({"node": nid, "reason": f"duplicate client id {row['id']}"})
+                continue
+            rows.append(row)
+            summaries[row["id"]] = summ
+        for nid in set(self._sent) - answered:
+            failed.append({"node": nid, "reason": "no reply before the round timeout (dropped out)"})
+        analysis = analyze(summaries, self.shapes, self.cfg["consensus-quorum"], self.cfg["cluster-threshold"])
+        record = {"round": server_round, "base_fingerprint": self.fp, "base_bytes": self.model_bytes,
+                  "clients": sorted(rows, key=lambda r: r["id"]), "rejected": rejected, "failed": failed,
+                  "analysis": analysis}
+        self.rounds.append(record)
+        log(INFO, "round %d: %d summaries accepted, %d rejected, %d failed; mean sparsity %.3f",
+            server_round, len(rows), len(rejected), len(failed),
+            sum(r["sparsity"] for r in rows) / max(len(rows), 1))
+        new_arrays = None
+        if self.cfg["slim-base"] and server_round < self.cfg["num-rounds"]:
+            new_arrays = self._slim_base(summaries, record)
+        if self.on_round is not None:
+            self.on_round(record)
+        metrics = MetricRecord({"accepted": len(rows), "rejected": len(rejected), "failed": len(failed)})
+        return new_arrays, metrics
+
+    def _read_reply(self, msg: Message):
+        content = msg.content
+        try:
+            data = content["summary"]["data"]
+            info, metrics = content["info"], content["metrics"]
+            cid = str(info["client"])
+        except (KeyError, TypeError) as exc:
+            raise SummaryError(f"reply lacks {exc}") from None
+        extra = set(content.keys()) - {"summary", "info", "metrics"}
+        if extra or content.array_records:
+            raise SummaryError(f"reply carries more than a summary: {sorted(extra) or 'arrays'}")
+        summ = decode(data, self.fp, self.shapes)
+        sparsity = sum(summ.pruned) / sum(math.prod(v) for v in self.shapes.values())
+        m = dict(metrics)
+        if abs(float(m.get("sparsity", -1)) - sparsity) > 1e-6:
+            raise SummaryError(f"reported sparsity {m.get('sparsity')} disagrees with the summary ({sparsity:.6f})")
+        for k in ("prune_seconds", "upload_bytes"):
+            v = float(m.get(k, -1))
+            if not (v >= 0 and v < 1e12):
+                raise SummaryError(f"metric {k}={m.get(k)!r} out of range")
+        row = {"id": cid, "node": msg.metadata.src_node_id, "sparsity": sparsity,
+               "upload_bytes": len(data), "upload_fraction": len(data) / self.model_bytes,
+               "summary_level": summ.level, "prune_seconds": float(m["prune_seconds"]),
+               "stop_reason": str(info["stop_reason"]), "resumed": bool(m.get("resumed", 0)),
+               "num_samples": int(m.get("num_samples", 0))}
+        for k in ("accuracy_base", "accuracy_personalized"):
+            if k in m:
+                v = float(m[k])
+                if not 0 <= v <= 1:
+                    raise SummaryError(f"metric {k}={v} out of range")
+                row[k] = v
+        return row, summ
+
+    def _slim_base(self, summaries, record) -> ArrayRecord | None:
+        bitmaps = {k: s.bitmap for k, s in summaries.items() if s.bitmap is not None}
+        if not bitmaps or len(bitmaps) != len(summaries):
+            record["slim_base"] = {"skipped": "needs summary-level bitmap from every client"}
+            return None
+        cons = consensus(bitmaps, self.cfg["slim-quorum"])
+        model = copy.deepcopy(self.base)
+        meta = dict(self.meta)
+        if hasattr(model, "prunable_chain"):
+            model, _, meta["arch_kwargs"] = compact(model, cons, meta["arch"], dict(meta["arch_kwargs"]))
+        else:
+            cons.apply(model)
+        before, after = self.model_bytes, model_bytes(model)
+        record["slim_base"] = {"quorum": self.cfg["slim-quorum"], "consensus_sparsity": cons.sparsity(),
+                               "bytes_before": before, "bytes_after": after,
+                               "size_reduction": 1 - after / before, "arch_kwargs": meta["arch_kwargs"]}
+        log(INFO, "slim shared base: %d -> %d bytes (%.1f%% smaller)", before, after, 100 * (1 - after / before))
+        self._set_base(model, meta)
+        return ArrayRecord.from_torch_state_dict(model.state_dict())
+
+    # ------------------------------------------------------------ no federated evaluation round
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return []
+
+    def aggregate_evaluate(self, server_round, replies):
+        return None
+
+
+def _short_reason(text: str) -> str:
+    """The useful line of a remote traceback: the exception's own message."""
+    text = str(text or "unknown error")
+    if "Message:" in text:
+        return text.rsplit("Message:", 1)[1].strip().splitlines()[0][:300]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "unknown error"

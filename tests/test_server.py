@@ -1,0 +1,136 @@
+"""Server side without Ray: analysis on known masks, and the strategy's handling of good,
+malformed and failed replies in one round."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.checkpoint import fingerprint
+from common.federation import DEFAULTS, model_bytes
+from common.mask import Mask
+from common.models import build_model, prunable_layers
+from common.summary import build_summary, decode, encode, usage_histograms
+from server.analysis import analyze, clusters, consensus
+from server.strategy import FinePruneStrategy
+
+
+def _mask(bits):
+    return Mask({"l": torch.tensor([bits], dtype=torch.bool)})
+
+
+def test_consensus_counts_votes():
+    a, b, c = _mask([0, 0, 1, 1]), _mask([0, 1, 1, 1]), _mask([0, 0, 0, 1])  # False = pruned
+    assert consensus({"a": a, "b": b, "c": c}, 1.0).layers["l"].tolist() == [[False, True, True, True]]
+    assert consensus({"a": a, "b": b, "c": c}, 0.5).layers["l"].tolist() == [[False, False, True, True]]
+
+
+def test_clusters_separate_two_groups():
+    sim = np.array([[1, .9, .1, .1], [.9, 1, .1, .1], [.1, .1, 1, .8], [.1, .1, .8, 1]])
+    assert clusters(list("abcd"), sim, 0.5) == [["a", "b"], ["c", "d"]]
+
+
+META = {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10}, "task": "digits",
+        "classes": [str(i) for i in range(10)], "features": {"kind": "image", "image_size": 8, "channels": 1}}
+
+
+@pytest.fixture
+def identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+
+
+class FakeGrid:
+    def __init__(self, n):
+        self.n = n
+
+    def get_node_ids(self):
+        return list(range(1, self.n + 1))
+
+
+def _reply(instr, payload, cid, sparsity, extra=None):
+    content = RecordDict({"summary": ConfigRecord({"data": payload, "level": "bitmap"}),
+                          "info": ConfigRecord({"client": cid, "stop_reason": "test"}),
+                          "metrics": MetricRecord({"sparsity": sparsity, "prune_seconds": 0.1,
+                                                   "upload_bytes": len(payload), "accuracy_base": 0.9,
+                                                   "accuracy_personalized": 0.95})})
+    for k, v in (extra or {}).items():
+        content[k] = v
+    return Message(content=content, reply_to=instr)
+
+
+def test_round_survives_failed_and_malformed_clients_and_slims_the_base(identity, tmp_path):
+    torch.manual_seed(0)
+    base = build_model("smallcnn")
+    cfg = dict(DEFAULTS, **{"num-clients": 6, "min-clients": 2, "summary-level": "bitmap", "slim-base": True,
+                            "num-rounds": 2, "out-dir": str(tmp_path)})
+    strat = FinePruneStrategy(base, META, cfg)
+    msgs = list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(6)))
+    assert len(msgs) == 6 and all("base" in m.content.array_records for m in msgs)
+    fp, size = fingerprint(base), model_bytes(base)
+    hist = usage_histograms({n: m.weight.abs() for n, m in prunable_layers(base).items()})
+    g = torch.Generator().manual_seed(1)
+    common_prune = {n: torch.rand(m.weight.shape, generator=g) < 0.5 for n, m in prunable_layers(base).items()}
+    replies = []
+    for i, instr in enumerate(msgs[:3]):  # three good clients that share half their pruning
+        mask = Mask({n: ~(cp | (torch.rand(cp.shape, generator=g) < 0.3)) for n, cp in common_prune.items()})
+        replies.append(_reply(instr, encode(build_summary(mask, hist, "bitmap", fp, size)), f"u{i}", mask.sparsity()))
+    replies.append(Message(Error(code=1, reason="ClientApp crashed: out of memory"), reply_to=msgs[3]))
+    bad = encode(build_summary(Mask.dense(base), hist, "bitmap", "f" * 32, size))
+    replies.append(_reply(msgs[4], bad, "u4", 0.0))  # wrong base fingerprint
+    # msgs[5] never answers: dropped out
+    arrays, metrics = strat.aggregate_train(1, replies)
+    rnd = strat.rounds[0]
+    assert [c["id"] for c in rnd["clients"]] == ["u0", "u1", "u2"]
+    assert len(rnd["failed"]) == 2 and any("out of memory" in f["reason"] for f in rnd["failed"])
+    assert any("dropped out" in f["reason"] for f in rnd["failed"])
+    assert len(rnd["rejected"]) == 1 and "base model" in rnd["rejected"][0]["reason"]
+    a = rnd["analysis"]
+    assert a["similarity_method"] == "exact (bitmap)" and 0.2 < a["mean_pairwise_similarity"] < 0.9
+    assert a["consensus_sparsity"] >= 0.5
+    # slim base: what all three pruned, physically removed where whole units went
+    slim = rnd["slim_base"]
+    assert arrays is not None and slim["consensus_sparsity"] >= 0.5
+    assert strat.fp != fp  # next round distributes the new base to everyone
+    msgs2 = list(strat.configure_train(2, arrays, ConfigRecord(), FakeGrid(6)))
+    assert all("base" in m.content.array_records for m in msgs2)
+
+
+def test_reply_with_weights_or_bad_metrics_is_rejected(identity, tmp_path):
+    base = build_model("smallcnn")
+    cfg = dict(DEFAULTS, **{"num-clients": 2, "summary-level": "bitmap", "out-dir": str(tmp_path)})
+    strat = FinePruneStrategy(base, META, cfg)
+    msgs = list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(2)))
+    hist = usage_histograms({n: m.weight.abs() for n, m in prunable_layers(base).items()})
+    payload = encode(build_summary(Mask.dense(base), hist, "bitmap", fingerprint(base), model_bytes(base)))
+    leak = _reply(msgs[0], payload, "u0", 0.0, {"weights": ArrayRecord.from_torch_state_dict(base.state_dict())})
+    lie = _reply(msgs[1], payload, "u1", 0.5)  # reported sparsity disagrees with the mask
+    strat.aggregate_train(1, [leak, lie])
+    reasons = [r["reason"] for r in strat.rounds[0]["rejected"]]
+    assert any("more than a summary" in r for r in reasons) and any("disagrees" in r for r in reasons)
+    # the second round does not resend the base to nodes that already hold it... none accepted here
+    assert strat.nodes_with_base == {}
+
+
+def test_base_is_sent_once_per_node(identity, tmp_path):
+    base = build_model("smallcnn")
+    cfg = dict(DEFAULTS, **{"num-clients": 2, "summary-level": "stats", "num-rounds": 2, "out-dir": str(tmp_path)})
+    strat = FinePruneStrategy(base, META, cfg)
+    msgs = list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(2)))
+    hist = usage_histograms({n: m.weight.abs() for n, m in prunable_layers(base).items()})
+    payload = encode(build_summary(Mask.dense(base), hist, "stats", fingerprint(base), model_bytes(base)))
+    strat.aggregate_train(1, [_reply(m, payload, f"u{i}", 0.0) for i, m in enumerate(msgs)])
+    msgs2 = list(strat.configure_train(2, ArrayRecord(), ConfigRecord(), FakeGrid(2)))
+    assert not any("base" in m.content.array_records for m in msgs2)
+    assert strat.rounds[0]["analysis"]["similarity_method"].startswith("unavailable")
+
+
+def test_pyproject_run_config_matches_defaults():
+    import tomllib
+    from pathlib import Path
+
+    cfg = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert cfg["tool"]["flwr"]["app"]["config"] == DEFAULTS

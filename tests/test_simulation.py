@@ -1,0 +1,69 @@
+"""End to end on Flower's simulation engine (Ray): the default digits federation with a crashing
+client, the report it writes, resuming on restart, and a slimmer shared base in round 2."""
+import json
+from pathlib import Path
+
+import pytest
+
+from simulations.simulate import simulate
+
+
+@pytest.fixture(scope="module")
+def crash_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    report = simulate({"task": "digits", "num-clients": 4, "min-clients": 2, "out-dir": str(out),
+                       "summary-level": "bitmap", "crash-clients": "2", "num-rounds": 2, "slim-base": True})
+    return out, report
+
+
+def test_round_completes_without_the_crashed_client(crash_run):
+    out, report = crash_run
+    r1 = report["rounds"][0]
+    assert len(r1["clients"]) == 3
+    assert len(r1["failed"]) == 1 and "injected crash on partition 2" in r1["failed"][0]["reason"]
+    assert report["rounds"][1]["clients"]  # the run went on to round 2
+
+
+def test_report_holds_per_client_rows_analysis_and_plots(crash_run):
+    out, report = crash_run
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["rounds"][0]["clients"] == report["rounds"][0]["clients"]
+    for c in report["rounds"][0]["clients"]:
+        for key in ("id", "sparsity", "upload_bytes", "prune_seconds", "stop_reason", "accuracy_base",
+                    "accuracy_personalized"):
+            assert key in c
+        assert 0.3 < c["sparsity"] < 0.96
+        assert c["upload_bytes"] <= r_model_bytes(report) / 32
+    a = report["rounds"][0]["analysis"]
+    assert a["similarity_method"] == "exact (bitmap)"
+    assert a["consensus_sparsity"] is not None and a["mean_pairwise_similarity"] is not None
+    assert sum(len(c) for c in a["clusters"]) == 3
+    for name in ("report.md", "layer_sparsity.png", "similarity.png"):
+        assert (out / name).stat().st_size > 500
+    assert (out / "layer_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+    # each device kept its personalized model; only summaries left it
+    assert len(list((out / "devices").glob("node-*/personal.pt"))) == 3
+
+
+def test_slim_shared_base_is_smaller_and_used_in_round_two(crash_run):
+    _, report = crash_run
+    slim = report["rounds"][0]["slim_base"]
+    assert slim["bytes_after"] < slim["bytes_before"]
+    r2 = report["rounds"][1]
+    assert r2["base_fingerprint"] != report["rounds"][0]["base_fingerprint"]
+    assert r2["base_bytes"] == slim["bytes_after"]
+    assert all(c["accuracy_personalized"] >= 0 for c in r2["clients"])
+
+
+def r_model_bytes(report):
+    return report["rounds"][0]["base_bytes"]
+
+
+def test_restart_resumes_stored_personalizations(tmp_path):
+    overrides = {"num-clients": 2, "out-dir": str(tmp_path), "summary-level": "sketch"}
+    first = simulate(overrides)
+    second = simulate(overrides)  # a restarted run: same base on disk, same device storage
+    assert not any(c["resumed"] for c in first["clients"])
+    assert all(c["resumed"] for c in second["clients"])
+    assert [c["sparsity"] for c in first["clients"]] == [c["sparsity"] for c in second["clients"]]
+    assert first["analysis"]["similarity_method"] == "estimated (sketch)"

@@ -1,0 +1,107 @@
+"""Mask summaries: sizes against the issue's targets, sketch accuracy against exact Jaccard,
+bit-exact bitmaps, and rejection of every kind of malformed summary."""
+import copy
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from common import data as D
+from common.checkpoint import fingerprint
+from common.federation import model_bytes
+from common.mask import Mask
+from common.models import build_model, prunable_layers
+from common.prune import PruneConfig, fine_prune
+from common.summary import (MAGIC, SummaryError, build_summary, decode, encode, sketch_jaccard,
+                            usage_histograms)
+
+
+def _hist(model):
+    return usage_histograms({n: m.weight.abs() for n, m in prunable_layers(model).items()})
+
+
+def _shapes(model):
+    return {n: tuple(m.weight.shape) for n, m in prunable_layers(model).items()}
+
+
+@pytest.fixture(scope="module")
+def user_masks(_digits_base, digits, digits_split):
+    """Real fine-pruned masks of 8 digits users (2-3 classes each)."""
+    pool = digits_split[1]
+    sub = digits.subset(pool)
+    users = D.make_users(sub, D.partition_class_subsets(sub.y.numpy(), 8, (2, 3), 3), 0.3, 3)
+    masks = []
+    for u in users:
+        res = fine_prune(copy.deepcopy(_digits_base), u.unlabeled, PruneConfig(restrict_outputs=True))
+        masks.append(res.mask)
+    return masks
+
+
+@pytest.mark.parametrize("arch", ["smallcnn", "kws"])
+def test_upload_sizes_meet_targets(arch):
+    model = build_model(arch)
+    g = torch.Generator().manual_seed(0)
+    mask = Mask({n: torch.rand(s, generator=g) > 0.7 for n, s in _shapes(model).items()})
+    size = model_bytes(model)
+    fp = fingerprint(model)
+    sizes = {lvl: len(encode(build_summary(mask, _hist(model), lvl, fp, size))) for lvl in ("stats", "sketch", "bitmap")}
+    assert sizes["bitmap"] <= size / 32
+    assert sizes["sketch"] <= 0.005 * size
+    assert sizes["stats"] < sizes["sketch"]
+
+
+def test_sketch_estimates_jaccard_within_005_of_exact(user_masks, _digits_base):
+    fp, size, shapes = fingerprint(_digits_base), model_bytes(_digits_base), _shapes(_digits_base)
+    hist = _hist(_digits_base)
+    summ = [decode(encode(build_summary(m, hist, "sketch", fp, size)), fp, shapes) for m in user_masks]
+    errs = [abs(sketch_jaccard(summ[i], summ[j]) - user_masks[i].jaccard(user_masks[j]))
+            for i in range(len(summ)) for j in range(i + 1, len(summ))]
+    assert max(errs) <= 0.05
+    exact = [user_masks[i].jaccard(user_masks[j]) for i in range(8) for j in range(i + 1, 8)]
+    assert max(exact) - min(exact) > 0.05  # the users really differ: the test can fail
+
+
+def test_bitmap_round_trip_is_bit_exact(user_masks, _digits_base):
+    fp, shapes = fingerprint(_digits_base), _shapes(_digits_base)
+    for m in user_masks[:3]:
+        back = decode(encode(build_summary(m, _hist(_digits_base), "bitmap", fp, model_bytes(_digits_base))), fp, shapes)
+        assert back.bitmap == m
+        assert back.pruned == [int((~v).sum()) for v in m.layers.values()]
+
+
+def test_malformed_summaries_are_rejected_with_a_reason(_digits_base, user_masks):
+    fp, shapes, size = fingerprint(_digits_base), _shapes(_digits_base), model_bytes(_digits_base)
+    hist = _hist(_digits_base)
+    good = build_summary(user_masks[0], hist, "bitmap", fp, size)
+    raw = encode(good)
+
+    def variant(**changes):
+        s = copy.copy(good)
+        for k, v in changes.items():
+            setattr(s, k, v)
+        return encode(s)
+
+    n = struct.unpack_from("<I", raw, len(MAGIC))[0]
+    cases = {
+        "bad magic": (b"XXXXXX" + raw[6:], "bad magic"),
+        "truncated": (raw[:len(MAGIC) + 10], "corrupt summary header"),
+        "wrong version": (variant(version=99), "format version 99"),
+        "wrong fingerprint": (variant(fingerprint="0" * 32), "not " + fp[:12]),
+        "wrong layer count": (variant(pruned=good.pruned[:-1]), "layers"),
+        "count out of range": (variant(pruned=[10 ** 9] + good.pruned[1:]), "out of range"),
+        "negative count": (variant(pruned=[-1] + good.pruned[1:]), "out of range"),
+        "bad histogram": (variant(hist=[[1] * 8] * len(hist)), "histogram"),
+        "bitmap disagrees": (variant(pruned=[good.pruned[0] - 1] + good.pruned[1:]), "disagrees"),
+        "bitmap cut": (raw[:-20], "bitmap"),
+        "not bytes": ("a string", "expected bytes"),
+        "garbage zlib": (raw[:len(MAGIC) + 4 + n + 4] + b"\x00\x01garbage", "zlib"),
+    }
+    for name, (data, reason) in cases.items():
+        with pytest.raises(SummaryError, match=reason):
+            decode(data, fp, shapes)
+    with pytest.raises(SummaryError, match="exceeds the limit"):
+        decode(raw, fp, shapes, max_bytes=100)
+    sk = encode(build_summary(user_masks[0], hist, "sketch", fp, size))
+    with pytest.raises(SummaryError, match="sketch"):
+        decode(sk[:-3], fp, shapes)
