@@ -36,7 +36,7 @@ DEFAULTS = {
     "slim-base": False,               # derive a slimmer shared base from the consensus, send it next round
     "slim-quorum": 1.0,               # ... pruning what at least this share of clients pruned
     "consensus-quorum": 0.5,
-    "cluster-threshold": 0.5,         # users closer than this (1 - Jaccard) fall in one cluster
+    "cluster-threshold": 0.1,         # users closer than this (1 - Jaccard) fall in one cluster
     "base-checkpoint": "",            # empty: pretrain the task's base model at the start
     "pretrain-epochs": 0,             # 0: the task's default
     "out-dir": "",                    # empty: ~/fineprune-runs/<time>

@@ -71,9 +71,22 @@ def evaluate_user(task, base, user: D.UserData, labels_unlabeled: torch.Tensor, 
     return rows
 
 
-def compaction_row(task, base, user: D.UserData, arch, arch_kwargs, cfg: dict) -> dict:
+COMPACTION_METHODS = {  # unstructured usage pruning frees few whole units; structured firing frees many
+    HEADLINE: METHODS[HEADLINE],
+    "firing@0.3-per-layer+bn+restrict": dict(scoring="firing", scope="layer", recalibrate_bn=True,
+                                             restrict_outputs=True, target_sparsity=0.3),
+}
+
+
+def compaction_rows(task, base, user, arch, arch_kwargs, cfg) -> list[dict]:
+    return [compaction_row(task, base, user, arch, arch_kwargs, dict(cfg, **kw), name)
+            for name, kw in COMPACTION_METHODS.items()]
+
+
+def compaction_row(task, base, user: D.UserData, arch, arch_kwargs, cfg: dict, method: str) -> dict:
+    """Latency (1 sample, 1 thread), batch time and size of the compacted model vs the base."""
     model = copy.deepcopy(base)
-    res = fine_prune(model, user.unlabeled, PruneConfig(**dict(cfg, **METHODS[HEADLINE])))
+    res = fine_prune(model, user.unlabeled, PruneConfig(**cfg))
     small, _, kw = compact(model, res.mask, arch, arch_kwargs)
     one = user.unlabeled[:1]
     torch.set_num_threads(1)  # an edge CPU core; single-sample latency
@@ -81,7 +94,8 @@ def compaction_row(task, base, user: D.UserData, arch, arch_kwargs, cfg: dict) -
     torch.set_num_threads(2)
     batch = {n: time_inference(m, user.unlabeled, repeats=5) for n, m in (("base", base), ("compact", small))}
     same = torch.equal(model(user.unlabeled[:64]).argmax(1), small(user.unlabeled[:64]).argmax(1))
-    return {"task": task, "user": user.user_id, "sparsity": res.sparsity, "widths_base": arch_kwargs.get("widths"),
+    acc = accuracy(personalized_model(model, res), user.heldout_x, user.heldout_y)
+    return {"task": task, "user": user.user_id, "method": method, "sparsity": res.sparsity, "accuracy": acc, "widths_base": arch_kwargs.get("widths"),
             "widths_compact": kw["widths"], "latency_ms_base": lat["base"] * 1e3,
             "latency_ms_compact": lat["compact"] * 1e3, "batch_s_base": batch["base"],
             "batch_s_compact": batch["compact"], "bytes_base": _size(base), "bytes_compact": _size(small),
@@ -111,7 +125,7 @@ def run_digits(out: Path, cfg: dict, seed: int = 0):
     for u, g in zip(users, groups):
         labels = _labels_of(sub, g, u)
         rows += evaluate_user("digits", base, u, labels, cfg)
-    comp = compaction_row("digits", base, users[0], meta["arch"], {**meta["arch_kwargs"], "widths": (16, 32, 64)}, cfg)
+    comp = compaction_rows("digits", base, users[0], meta["arch"], {**meta["arch_kwargs"], "widths": (16, 32, 64)}, cfg)
     return rows, comp
 
 
@@ -139,8 +153,8 @@ def run_fsdd(out: Path, fsdd: str, cfg: dict, seed: int = 0):
         user = D.UserData(speaker, ds.x[pers], ds.x[ev], ds.y[ev])
         rows += evaluate_user("fsdd-loso", base, user, ds.y[pers], cfg)
         if comp is None:
-            comp = compaction_row("fsdd-loso", base, user, meta["arch"],
-                                  {**meta["arch_kwargs"], "widths": (16, 32, 64, 64)}, cfg)
+            comp = compaction_rows("fsdd-loso", base, user, meta["arch"],
+                                   {**meta["arch_kwargs"], "widths": (16, 32, 64, 64)}, cfg)
     return rows, comp
 
 
@@ -166,10 +180,11 @@ def to_markdown(summary: list[dict], comps: list[dict]) -> str:
     for s in summary:
         lines.append(f"| {s['task']} | {s['method']} | {s['users']} | {s['accuracy_base']:.3f} | {s['accuracy']:.3f} "
                      f"| {s['sparsity']:.3f} | {s['seconds']:.3f} | {s['x_inference']:.2f} |")
-    lines += ["", "| task | widths base -> compact | latency ms (1 sample, 1 thread) | batch s | bytes | same predictions |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| task | method | sparsity | acc | widths base -> compact | latency ms (1 sample, 1 thread) | "
+              "batch s | bytes | same predictions |", "|---|---|---|---|---|---|---|---|---|"]
     for c in comps:
-        lines.append(f"| {c['task']} | {c['widths_base']} -> {c['widths_compact']} | {c['latency_ms_base']:.3f} -> "
+        lines.append(f"| {c['task']} | {c['method']} | {c['sparsity']:.3f} | {c['accuracy']:.3f} | "
+                     f"{c['widths_base']} -> {c['widths_compact']} | {c['latency_ms_base']:.3f} -> "
                      f"{c['latency_ms_compact']:.3f} | {c['batch_s_base']:.4f} -> {c['batch_s_compact']:.4f} | "
                      f"{c['bytes_base']} -> {c['bytes_compact']} | {c['same_predictions']} |")
     return "\n".join(lines) + "\n"
@@ -186,11 +201,10 @@ def main(argv=None):
     torch.set_num_threads(2)
     cfg = {"tolerance": a.tolerance}
     rows, comps = run_digits(out, cfg)
-    comps = [comps]
     if a.fsdd:
         r, c = run_fsdd(out, a.fsdd, cfg)
         rows += r
-        comps.append(c)
+        comps += c
     summary = summarize(rows)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))

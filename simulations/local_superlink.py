@@ -45,7 +45,9 @@ def start(supernodes: int) -> None:
                "--disable-runtime-dependency-installation", "--control-api-address", LOCAL_CONTROL_API_ADDRESS,
                "--host", "127.0.0.1", "--port", str(LOCAL_SUPERLINK_HTTP_API_PORT),
                "--database", str(PID_FILE.parent / "state.db"), "--log-file", str(log)]
-        env = dict(os.environ, FLWR_DISABLE_UPDATE_CHECK="1")
+        # Flower starts its helpers (flower-superexec, flwr-serverapp) by name: this venv comes first
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        env = dict(os.environ, FLWR_DISABLE_UPDATE_CHECK="1", PATH=path)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
         PID_FILE.write_text(str(proc.pid))
