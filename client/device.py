@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -13,7 +12,8 @@ import torch
 from common.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
 from common.mask import Mask
 from common.personalize import check_inputs, load_inputs, resolve_device
-from common.prune import PruneConfig, collect_stats, fine_prune, personalized_model
+from common.models import prunable_layers
+from common.prune import PruneConfig, fine_prune
 from common.scoring import get_scorer
 from common.summary import build_summary, encode, usage_histograms
 from common.train import accuracy
@@ -73,14 +73,12 @@ class Device:
         check_inputs(x, meta["features"], "this device's data")
         device = resolve_device(cfg["device"])
         model = copy.deepcopy(base)
-        t0 = time.perf_counter()
-        stats, _ = collect_stats(model, x, 256, device)  # usage histograms for the summary
-        usage = {n: get_scorer("usage")(m.weight.detach(), stats.layers[n])
-                 for n, m in _layers(model).items()}
-        hist = usage_histograms(usage)
         res = fine_prune(model, x, prune_config(cfg), device)
-        info = {"sparsity": res.sparsity, "stop_reason": res.stop_reason, "prune_seconds": time.perf_counter() - t0,
-                "forward_samples": res.forward_samples + len(x), "restricted_classes": res.restricted_classes,
+        # how much signal each base connection carries for this user, for the summary's histograms
+        hist = usage_histograms({n: get_scorer("usage")(m.weight.detach().cpu(), res.stats.layers[n])
+                                 for n, m in prunable_layers(base).items()})
+        info = {"sparsity": res.sparsity, "stop_reason": res.stop_reason, "prune_seconds": res.seconds,
+                "forward_samples": res.forward_samples, "restricted_classes": res.restricted_classes,
                 "hist": hist, "config_key": key, "base_fingerprint": base_fp, "resumed": False}
         new_meta = {k: meta[k] for k in ("arch", "arch_kwargs", "task", "classes", "features")}
         new_meta["personalization"] = info
@@ -103,11 +101,6 @@ class Device:
     def personalized_model(self):
         model, meta, _ = load_checkpoint(self.personal_path)
         return model
-
-
-def _layers(model):
-    from common.models import prunable_layers
-    return prunable_layers(model)
 
 
 def summary_bytes(mask: Mask, info: dict, level: str, base_fp: str, model_size: int, seed: int) -> bytes:

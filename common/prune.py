@@ -32,6 +32,7 @@ class PruneConfig:
     rescore: bool = False           # linear only: re-collect stats and re-score after every step
     probe_size: int = 128           # samples used to judge the stop rule
     recalibrate_bn: bool = False
+    recalibrate_samples: int = 0    # BatchNorm statistics from this many samples (0: all); fewer is faster
     restrict_outputs: bool = False
     restrict_min_frac: float = 0.01  # a class must be predicted for this share of samples to stay
     batch_size: int = 256
@@ -63,10 +64,12 @@ class PruneResult:
     seconds: float
     forward_samples: int            # samples pushed through the model, all passes together
     history: list = field(default_factory=list)  # (sparsity, rule value, passed)
+    stats: UsageStats | None = None  # usage statistics of the unpruned model on the user's data
 
     def summary(self) -> dict:
         d = asdict(self)
         d.pop("mask")
+        d.pop("stats")
         return d
 
 
@@ -82,10 +85,10 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256, dev
 
 
 @torch.no_grad()
-def collect_stats(model: nn.Module, x: torch.Tensor, batch_size: int, device: str):
+def collect_stats(model: nn.Module, x: torch.Tensor, batch_size: int, device: str, outputs: bool = True):
     """One forward pass with usage hooks; also returns the logits (free)."""
     model.eval()
-    with StatsCollector(model) as col:
+    with StatsCollector(model, outputs) as col:
         logits = torch.cat([model(b.to(device)).float().cpu() for b in _batches(x, batch_size)])
     col.stats.samples = len(x)
     return col.stats, logits
@@ -125,12 +128,15 @@ def compute_scores(model: nn.Module, stats: UsageStats, scoring: str, seed: int)
     return scores
 
 
-def mask_at(scores: dict, base: Mask, sparsity: float, scope: str) -> Mask:
+def mask_at(scores: dict, base: Mask, sparsity: float, scope: str, structured: bool = False) -> Mask:
     """Keep the highest-scoring connections so that `sparsity` of all weights are pruned.
-    Already-pruned connections (base mask) stay pruned."""
+    Already-pruned connections (base mask) stay pruned. `structured`: scores are per output unit
+    and whole units go (never a part of one)."""
+    if structured:
+        return _units_at(scores, base, sparsity, scope)
     out = {}
     if scope == "global":
-        flat = torch.cat([torch.where(base.layers[k].to(s.device), s, -math.inf).flatten() for k, s in scores.items()])
+        flat = torch.cat([torch.where(base.layers[k], s.cpu(), -math.inf).flatten() for k, s in scores.items()])
         n_prune = int(round(sparsity * flat.numel()))
         if n_prune == 0:
             return base.copy()
@@ -145,11 +151,32 @@ def mask_at(scores: dict, base: Mask, sparsity: float, scope: str) -> Mask:
     for k, s in scores.items():
         # "row": every output unit keeps the same share of its inputs (Wanda's comparison group)
         rows = s.reshape(s.shape[0], -1) if scope == "row" else s.reshape(1, -1)
-        ranked = torch.where(base.layers[k].reshape(rows.shape).to(s.device), rows, -math.inf).cpu()
+        ranked = torch.where(base.layers[k].reshape(rows.shape), rows.cpu(), -math.inf)
         n_prune = int(round(sparsity * ranked.shape[1]))
         keep = torch.ones(ranked.shape, dtype=torch.bool)
         keep.scatter_(1, torch.argsort(ranked, dim=1, stable=True)[:, :n_prune], False)
         out[k] = keep.view(s.shape) & base.layers[k]
+    return Mask(out)
+
+
+def _units_at(scores: dict, base: Mask, sparsity: float, scope: str) -> Mask:
+    """Structured pruning: rank output units by their score and drop the lowest whole units
+    (units already dead in `base` count first) until `sparsity` of the weights are gone."""
+    unit = {k: torch.where(base.layers[k].reshape(s.shape[0], -1).any(1), s.reshape(s.shape[0], -1)[:, 0].cpu(),
+                           -math.inf) for k, s in scores.items()}
+    size = {k: s[0].numel() for k, s in scores.items()}
+    groups = [list(scores)] if scope == "global" else [[k] for k in scores]
+    out = {k: base.layers[k].clone() for k in scores}
+    for names in groups:
+        budget = sparsity * sum(scores[k].numel() for k in names)
+        cand = sorted(((float(unit[k][i]), k, i) for k in names for i in range(len(unit[k]))),
+                      key=lambda t: t[0])
+        pruned = 0
+        for score, k, i in cand:
+            if pruned + size[k] / 2 > budget or score == math.inf:
+                break
+            out[k][i] = False
+            pruned += size[k]
     return Mask(out)
 
 
@@ -241,7 +268,8 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg: PruneConfig, device: str 
     tick = progress or (lambda *a: None)
     model.to(device).eval()
     fwd = 0
-    stats, logits = collect_stats(model, x, cfg.batch_size, device)
+    need_outputs = cfg.scoring in STRUCTURED or cfg.stop_rule == "drift"
+    stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs)
     fwd += len(x)
     tick(1, 3, "statistics collected")
     dense = Mask.dense(model)
@@ -265,7 +293,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg: PruneConfig, device: str 
 
     if cfg.target_sparsity is not None or cfg.stop_rule == "none":
         levels = schedule(cfg.step, cfg.max_sparsity, cfg.target_sparsity)
-        mask = mask_at(scores, dense, levels[-1], cfg.scope) if cfg.target_sparsity != 0 else dense
+        mask = mask_at(scores, dense, levels[-1], cfg.scope, cfg.scoring in STRUCTURED) if cfg.target_sparsity != 0 else dense
         reason = (f"reached target sparsity {cfg.target_sparsity:.3f}" if cfg.target_sparsity is not None
                   else f"reached max sparsity {cfg.max_sparsity:.3f} (stop rule 'none')")
         history = []
@@ -287,9 +315,9 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg: PruneConfig, device: str 
     model.load_state_dict(original)
     mask.apply(model)
     if cfg.recalibrate_bn:  # BatchNorm statistics of the pruned network on this user's data
-        fwd += recalibrate_bn(model, x, cfg.batch_size, device)
+        fwd += recalibrate_bn(model, x[:cfg.recalibrate_samples or len(x)], cfg.batch_size, device)
     tick(3, 3, reason)
-    return PruneResult(mask, mask.sparsity(), reason, restricted, time.perf_counter() - t0, fwd, history)
+    return PruneResult(mask, mask.sparsity(), reason, restricted, time.perf_counter() - t0, fwd, history, stats)
 
 
 def personalized_model(model: nn.Module, result: PruneResult) -> nn.Module:
@@ -325,7 +353,7 @@ def _search(levels, scores, dense, cfg, rule, evaluate, model, x, device, restri
         lo, hi, fail_v = -1, len(levels), None  # levels[lo] passes, levels[hi] fails
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            masks[mid] = mask_at(scores, dense, levels[mid], cfg.scope)
+            masks[mid] = mask_at(scores, dense, levels[mid], cfg.scope, cfg.scoring in STRUCTURED)
             ok, v = check(masks[mid])
             if ok:
                 lo = mid
@@ -339,7 +367,7 @@ def _search(levels, scores, dense, cfg, rule, evaluate, model, x, device, restri
 
     mask = dense
     for level in levels:
-        cand = mask_at(scores, mask, level, cfg.scope)
+        cand = mask_at(scores, mask, level, cfg.scope, cfg.scoring in STRUCTURED)
         ok, v = check(cand)
         if not ok:
             return mask, failed(v, level), history

@@ -21,11 +21,11 @@ def register(name: str, structured: bool = False):
 
 def _broadcast_inputs(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Per-input-feature vector -> shape of w (out, in, *kernel)."""
-    return v.view(1, -1, *([1] * (w.dim() - 2))).to(w.dtype)
+    return v.view(1, -1, *([1] * (w.dim() - 2))).to(w)
 
 
 def _broadcast_outputs(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (w.dim() - 1))).to(w.dtype).expand_as(w)
+    return v.view(-1, *([1] * (w.dim() - 1))).to(w).expand_as(w)
 
 
 @register("usage")

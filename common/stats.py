@@ -35,15 +35,17 @@ class UsageStats:
     samples: int = 0
 
 
-def _channels_first(t: torch.Tensor) -> torch.Tensor:
-    """(N, C, ...) or (N, C) -> (C, N*positions)."""
-    return t.transpose(0, 1).reshape(t.shape[1], -1)
+def _per_channel_dims(t: torch.Tensor) -> list[int]:
+    """Dimensions to reduce for per-channel sums of an (N, C, ...) or (N, C) tensor."""
+    return [0] + list(range(2, t.dim()))
 
 
 class StatsCollector:
     """Context manager: attach hooks, run forward passes, read `.stats`."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, outputs: bool = True):
+        """outputs=False skips mean activation and firing rate (only the firing scorer and the
+        drift rule need them), which makes the pass noticeably cheaper."""
         self.model = model
         self.layers = prunable_layers(model)
         bn_after = following_batchnorm(model)
@@ -58,24 +60,26 @@ class StatsCollector:
             self.stats.layers[name] = st
             self.handles.append(layer.register_forward_pre_hook(self._in_hook(st)))
             # Firing is judged after the layer's BatchNorm when it has one (conv -> bn -> relu).
-            out_mod = mods[bn_after[name]] if name in bn_after else layer
-            self.handles.append(out_mod.register_forward_hook(self._out_hook(st)))
+            if outputs:
+                out_mod = mods[bn_after[name]] if name in bn_after else layer
+                self.handles.append(out_mod.register_forward_hook(self._out_hook(st)))
 
     @staticmethod
     def _in_hook(st: LayerStats):
         def hook(_mod, args):
-            x = _channels_first(args[0].detach())
-            st.in_sq += x.double().pow(2).sum(1)
-            st.in_count += x.shape[1]
+            x = args[0].detach()
+            st.in_sq += x.pow(2).sum(_per_channel_dims(x)).double()
+            st.in_count += x.numel() // x.shape[1]
         return hook
 
     @staticmethod
     def _out_hook(st: LayerStats):
         def hook(_mod, _args, out):
-            y = torch.relu(_channels_first(out.detach()))
-            st.out_sum += y.double().sum(1)
-            st.out_fire += (y > 0).double().sum(1)
-            st.out_count += y.shape[1]
+            y = out.detach()
+            dims = _per_channel_dims(y)
+            st.out_sum += y.clamp_min(0).sum(dims).double()
+            st.out_fire += (y > 0).sum(dims).double()
+            st.out_count += y.numel() // y.shape[1]
         return hook
 
     def __enter__(self):

@@ -27,6 +27,7 @@ class FinePruneStrategy(Strategy):
         self.rounds: list[dict] = []
         self.on_round = None  # called with each round's record (the server writes its report)
         self.nodes_with_base: dict[int, str] = {}
+        self._sent: dict[int, bool] = {}  # node -> whether this round's message carried the base
         self._set_base(base, meta)
 
     def _set_base(self, base, meta):

@@ -52,6 +52,7 @@ def cmd_personalize(args) -> dict:
                       target_sparsity=args.target_sparsity, max_sparsity=args.max_sparsity,
                       stop_rule=args.stop_rule, tolerance=args.tolerance, search=args.search,
                       rescore=args.rescore, probe_size=args.probe_size, recalibrate_bn=args.recalibrate_bn,
+                      recalibrate_samples=args.recalibrate_samples,
                       restrict_outputs=args.restrict_outputs, batch_size=args.batch_size, seed=args.seed).validate()
     _, meta, _ = load_checkpoint(args.model)
     x = load_inputs(args.data, meta["features"])
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     pz.add_argument("--rescore", action="store_true", help="linear search: re-score after each step")
     pz.add_argument("--probe-size", type=int, default=128, help="samples that judge the stop rule")
     pz.add_argument("--recalibrate-bn", action="store_true", help="re-estimate BatchNorm statistics on the user's data")
+    pz.add_argument("--recalibrate-samples", type=int, default=0,
+                    help="BatchNorm recalibration on this many samples (default 0: all); fewer is faster")
     pz.add_argument("--restrict-outputs", action="store_true",
                     help="drop output classes the model never predicts for this user")
     pz.add_argument("--compact", action="store_true", help="physically remove pruned units (smaller, faster)")

@@ -132,3 +132,27 @@ def test_resnet_from_local_weights_file_prunes(tmp_path):
         build_model("resnet50", weights_path=str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="unknown model"):
         build_model("vgg")
+
+
+def test_recalibration_sample_budget_and_pass_accounting(digits, digits_split, digits_base):
+    user = _user(digits, digits_split[1])
+    n = len(user.unlabeled)
+    full = fine_prune(copy.deepcopy(digits_base), user.unlabeled,
+                      PruneConfig(target_sparsity=0.5, recalibrate_bn=True))
+    part = fine_prune(copy.deepcopy(digits_base), user.unlabeled,
+                      PruneConfig(target_sparsity=0.5, recalibrate_bn=True, recalibrate_samples=10))
+    assert full.forward_samples == 2 * n and part.forward_samples == n + 10
+
+
+def test_output_statistics_only_when_a_scorer_or_rule_needs_them(digits, digits_split, digits_base):
+    from common.prune import collect_stats
+
+    user = _user(digits, digits_split[1])
+    lean, _ = collect_stats(digits_base, user.unlabeled, 64, "cpu", outputs=False)
+    assert lean.layers["conv1"].out_count == 0 and lean.layers["conv1"].in_count > 0
+    res = fine_prune(copy.deepcopy(digits_base), user.unlabeled, PruneConfig(scoring="firing", scope="layer",
+                                                                              target_sparsity=0.3))
+    assert res.stats.layers["conv1"].out_count > 0
+    # firing prunes whole units: every row is either fully kept or fully pruned
+    rows = res.mask.layers["conv2"].reshape(32, -1)
+    assert bool(((rows.all(1)) | (~rows.any(1))).all())
