@@ -2,6 +2,7 @@
 unlabeled data, keeps the personalized model locally and replies with a mask summary only."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -11,6 +12,7 @@ from client.device import Device, device_inputs, research_accuracy, summary_byte
 from common.federation import merged_config, model_bytes, records_to_base, simulated_user
 
 app = ClientApp()
+STALL_SECONDS = 900.0
 
 
 def _device_root(context: Context, cfg_run: dict) -> tuple[Path, int | None]:
@@ -23,6 +25,12 @@ def _device_root(context: Context, cfg_run: dict) -> tuple[Path, int | None]:
     return Path(cfg_run["out-dir"]) / "devices" / f"node-{pid:03d}", pid
 
 
+def _injected(cfg: dict, key: str, name: str) -> bool:
+    """Fault injection for resilience tests: run config crash-clients / stall-clients name
+    partition ids in simulation, device names on real SuperNodes."""
+    return name in [s.strip() for s in cfg[key].split(",") if s.strip()]
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     c = msg.content["config"]
@@ -30,8 +38,9 @@ def train(msg: Message, context: Context) -> Message:
     cfg["out-dir"] = str(c["out-dir"])
     base_fp = str(c["base-fingerprint"])
     root, pid = _device_root(context, cfg)
-    if pid is not None and str(pid) in [s.strip() for s in cfg["crash-clients"].split(",") if s.strip()]:
-        raise RuntimeError(f"injected crash on partition {pid} (crash-clients)")
+    name = str(pid) if pid is not None else str(context.node_config.get("device-name", root.name))
+    if _injected(cfg, "crash-clients", name):
+        raise RuntimeError(f"injected crash on {'partition' if pid is not None else 'device'} {name} (crash-clients)")
     device = Device(root)
     if "base" in msg.content.array_records:
         model, meta = records_to_base(msg.content["base"], msg.content["base-meta"])
@@ -39,18 +48,23 @@ def train(msg: Message, context: Context) -> Message:
         if got != base_fp:
             raise RuntimeError(f"received base {got[:12]} does not match announced {base_fp[:12]}")
     base, meta = device.load_base(base_fp)
+    if _injected(cfg, "stall-clients", name):
+        time.sleep(STALL_SECONDS)  # a device stuck after it got the model: the server must go on
 
     if pid is not None:
         user = simulated_user(cfg, pid, int(context.node_config["num-partitions"]))
         x, user_id = user.unlabeled, user.user_id
     else:
         x = device_inputs(str(context.node_config["data-dir"]), meta["features"])
-        user_id = str(context.node_config.get("device-name", root.name))
+        user_id = name
     mask, info = device.personalize(base, meta, base_fp, x, cfg)
-    payload = summary_bytes(mask, info, cfg["summary-level"], base_fp, model_bytes(base), cfg["seed"])
+    epsilon = cfg["privacy-epsilon"] or None
+    payload = summary_bytes(mask, info, cfg["summary-level"], base_fp, model_bytes(base), cfg["seed"], epsilon)
 
-    metrics = {"sparsity": float(info["sparsity"]), "prune_seconds": float(info["prune_seconds"]),
-               "upload_bytes": len(payload), "num_samples": len(x), "resumed": int(info["resumed"])}
+    metrics = {"prune_seconds": float(info["prune_seconds"]), "upload_bytes": len(payload), "num_samples": len(x),
+               "resumed": int(info["resumed"])}
+    if epsilon is None:  # in private mode the exact sparsity stays on the device too
+        metrics["sparsity"] = float(info["sparsity"])
     if pid is not None and cfg["research-accuracy"]:
         metrics.update(research_accuracy(base, device, user.heldout_x, user.heldout_y))
     reply = RecordDict({

@@ -12,10 +12,8 @@ import torch
 from common.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
 from common.mask import Mask
 from common.personalize import check_inputs, load_inputs, resolve_device
-from common.models import prunable_layers
 from common.prune import PruneConfig, fine_prune
-from common.scoring import get_scorer
-from common.summary import build_summary, encode, usage_histograms
+from common.summary import build_summary, encode, model_usage_histograms
 from common.train import accuracy
 
 
@@ -75,8 +73,7 @@ class Device:
         model = copy.deepcopy(base)
         res = fine_prune(model, x, prune_config(cfg), device)
         # how much signal each base connection carries for this user, for the summary's histograms
-        hist = usage_histograms({n: get_scorer("usage")(m.weight.detach().cpu(), res.stats.layers[n])
-                                 for n, m in prunable_layers(base).items()})
+        hist = model_usage_histograms(base, res.stats)
         info = {"sparsity": res.sparsity, "stop_reason": res.stop_reason, "prune_seconds": res.seconds,
                 "forward_samples": res.forward_samples, "restricted_classes": res.restricted_classes,
                 "hist": hist, "config_key": key, "base_fingerprint": base_fp, "resumed": False}
@@ -103,8 +100,10 @@ class Device:
         return model
 
 
-def summary_bytes(mask: Mask, info: dict, level: str, base_fp: str, model_size: int, seed: int) -> bytes:
-    return encode(build_summary(mask, info["hist"], level, base_fp, model_size, seed))
+def summary_bytes(mask: Mask, info: dict, level: str, base_fp: str, model_size: int, seed: int,
+                  epsilon: float | None = None) -> bytes:
+    """What the device uploads. With `epsilon`, the mask bits are randomized on the device first."""
+    return encode(build_summary(mask, info["hist"], level, base_fp, model_size, seed, epsilon=epsilon))
 
 
 def research_accuracy(base, device: Device, heldout_x, heldout_y) -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from common import data as D
+from common.privacy import check_epsilon
 from common.tasks import get_task, load_task_data
 
 # Every key of [tool.flwr.app.config]; the ServerApp fills in what a run leaves out.
@@ -31,6 +32,7 @@ DEFAULTS = {
     "recalibrate-bn": True,
     "restrict-outputs": True,
     "summary-level": "sketch",        # stats | sketch | bitmap
+    "privacy-epsilon": 0.0,           # > 0: local DP, randomized response on mask bits (bitmap level)
     "device": "auto",
     "research-accuracy": True,        # simulation only: held-out labeled accuracy, for research
     "slim-base": False,               # derive a slimmer shared base from the consensus, send it next round
@@ -42,13 +44,14 @@ DEFAULTS = {
     "out-dir": "",                    # empty: ~/fineprune-runs/<time>
     "seed": 0,
     "round-timeout": 600.0,
-    "crash-clients": "",              # fault injection for resilience tests: partition ids that crash
+    "crash-clients": "",              # fault injection for resilience tests: partition ids / device names that crash
+    "stall-clients": "",              # ... that hang before personalizing, as a stuck device does
 }
 
 CLIENT_KEYS = ("task", "data-path", "partitioning", "classes-min", "classes-max", "dirichlet-alpha",
                "heldout-frac", "scoring", "scope", "stop-rule", "tolerance", "target-sparsity",
-               "recalibrate-bn", "restrict-outputs", "summary-level", "device", "research-accuracy", "seed",
-               "crash-clients")
+               "recalibrate-bn", "restrict-outputs", "summary-level", "privacy-epsilon", "device",
+               "research-accuracy", "seed", "crash-clients", "stall-clients")
 PARTITIONINGS = ("classes", "speaker", "dirichlet")
 FSDD_VENDOR_TAKE = 25  # fsdd federation: takes >= 25 train the base, 5-24 are users' unlabeled data
 
@@ -63,6 +66,10 @@ def merged_config(run_config: dict, overrides: dict | None = None) -> dict:
     if cfg["partitioning"] not in PARTITIONINGS:
         raise ValueError(f"unknown partitioning '{cfg['partitioning']}' (choose from: {', '.join(PARTITIONINGS)})")
     get_task(cfg["task"])
+    if cfg["privacy-epsilon"] != 0:
+        check_epsilon(cfg["privacy-epsilon"])
+        if cfg["summary-level"] != "bitmap":
+            raise ValueError(f"privacy-epsilon needs summary-level 'bitmap', not '{cfg['summary-level']}'")
     return cfg
 
 

@@ -30,9 +30,8 @@ class PruneConfig:
     tolerance: float = 0.05
     search: str = "bisect"          # "bisect" over the nested schedule, or "linear" step by step
     rescore: bool = False           # linear only: re-collect stats and re-score after every step
-    probe_size: int = 128           # samples used to judge the stop rule
+    probe_size: int = 0             # samples that judge the stop rule and recalibrate BatchNorm (0: auto)
     recalibrate_bn: bool = False
-    recalibrate_samples: int = 0    # BatchNorm statistics from this many samples (0: all); fewer is faster
     restrict_outputs: bool = False
     restrict_min_frac: float = 0.01  # a class must be predicted for this share of samples to stay
     batch_size: int = 256
@@ -52,7 +51,14 @@ class PruneConfig:
             raise ValueError(f"target sparsity must be in [0, 1), got {self.target_sparsity}")
         if not 0 < self.max_sparsity < 1:
             raise ValueError(f"max sparsity must be in (0, 1), got {self.max_sparsity}")
+        if self.probe_size < 0:
+            raise ValueError(f"probe size must be >= 0 (0: auto), got {self.probe_size}")
         return self
+
+    def probe_samples(self, n: int) -> int:
+        """The probe: a quarter of the user's data, at least 32 and at most 128 samples (a probe
+        pass then costs at most a quarter of a full pass on all but the smallest data sets)."""
+        return min(n, self.probe_size or max(32, min(128, n // 4)))
 
 
 @dataclass
@@ -95,23 +101,32 @@ def collect_stats(model: nn.Module, x: torch.Tensor, batch_size: int, device: st
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: str) -> int:
-    """Re-estimate BatchNorm running statistics on the user's data (forward only)."""
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: str, outputs: bool = False):
+    """Re-estimate BatchNorm running statistics on the user's data (forward only). The same pass
+    gives the logits (each batch normalized by its own statistics: with one batch, what the
+    recalibrated model outputs) and, with `outputs`, usage statistics; returns (logits, stats)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return 0
-    saved = [(m.momentum, m.training) for m in bns]
+    saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches
         m.train()
-    for b in _batches(x, batch_size):
-        model(b.to(device))
-    for m, (mom, tr) in zip(bns, saved):
-        m.momentum = mom
-        m.train(tr)
-    model.eval()
-    return len(x)
+    try:
+        if outputs:
+            with StatsCollector(model) as col:
+                logits = torch.cat([model(b.to(device)).float().cpu() for b in _batches(x, batch_size)])
+            col.stats.samples = len(x)
+            return logits, col.stats
+        return torch.cat([model(b.to(device)).float().cpu() for b in _batches(x, batch_size)]), None
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.eval()
+
+
+def _bn_buffers(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
 
 
 def compute_scores(model: nn.Module, stats: UsageStats, scoring: str, seed: int) -> dict:
@@ -157,6 +172,24 @@ def mask_at(scores: dict, base: Mask, sparsity: float, scope: str, structured: b
         keep.scatter_(1, torch.argsort(ranked, dim=1, stable=True)[:, :n_prune], False)
         out[k] = keep.view(s.shape) & base.layers[k]
     return Mask(out)
+
+
+def masker(scores: dict, dense: Mask, scope: str, structured: bool):
+    """sparsity -> Mask from fixed scores. The global unstructured ranking is sorted once: the
+    stop-rule search asks for masks at several sparsities of the same scores."""
+    if structured or scope != "global":
+        return lambda sparsity: mask_at(scores, dense, sparsity, scope, structured)
+    names = list(scores)
+    shapes = [scores[k].shape for k in names]
+    flat = torch.cat([scores[k].cpu().flatten() for k in names])
+    order = torch.argsort(flat, stable=True)
+
+    def at(sparsity: float) -> Mask:
+        keep = torch.ones(flat.numel(), dtype=torch.bool)
+        keep[order[:int(round(sparsity * flat.numel()))]] = False
+        parts = torch.split(keep, [math.prod(sh) for sh in shapes])
+        return Mask({k: v.view(sh) for k, v, sh in zip(names, parts, shapes)})
+    return at
 
 
 def _units_at(scores: dict, base: Mask, sparsity: float, scope: str) -> Mask:
@@ -277,15 +310,22 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg: PruneConfig, device: str 
     scores = compute_scores(model, stats, cfg.scoring, cfg.seed)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.probe_size]
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.probe_samples(len(x))]
     probe = x[pick]
     need_stats = cfg.stop_rule == "drift"
+    recalibrated = {}  # sparsity -> BatchNorm statistics recalibrated in that probe pass
 
     def evaluate(mask: Mask):
+        """One pass over the probe with `mask` applied. With recalibrate_bn the same pass
+        re-estimates BatchNorm statistics, so the rule judges the model as it will be kept."""
         nonlocal fwd
         model.load_state_dict(original)
         mask.apply(model)
         fwd += len(probe)
+        if cfg.recalibrate_bn:
+            lg, st = recalibrate_bn(model, probe, cfg.batch_size, device, outputs=need_stats)
+            recalibrated[round(mask.sparsity(), 9)] = _bn_buffers(model)
+            return lg, st
         if need_stats:
             st, lg = collect_stats(model, probe, cfg.batch_size, device)
             return lg, st
@@ -293,7 +333,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg: PruneConfig, device: str 
 
     if cfg.target_sparsity is not None or cfg.stop_rule == "none":
         levels = schedule(cfg.step, cfg.max_sparsity, cfg.target_sparsity)
-        mask = mask_at(scores, dense, levels[-1], cfg.scope, cfg.scoring in STRUCTURED) if cfg.target_sparsity != 0 else dense
+        mask = masker(scores, dense, cfg.scope, cfg.scoring in STRUCTURED)(levels[-1]) if cfg.target_sparsity != 0 else dense
         reason = (f"reached target sparsity {cfg.target_sparsity:.3f}" if cfg.target_sparsity is not None
                   else f"reached max sparsity {cfg.max_sparsity:.3f} (stop rule 'none')")
         history = []
@@ -315,7 +355,12 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg: PruneConfig, device: str 
     model.load_state_dict(original)
     mask.apply(model)
     if cfg.recalibrate_bn:  # BatchNorm statistics of the pruned network on this user's data
-        fwd += recalibrate_bn(model, x[:cfg.recalibrate_samples or len(x)], cfg.batch_size, device)
+        bn = recalibrated.get(round(mask.sparsity(), 9))
+        if bn is None:  # not probed (fixed target): one pass over the probe
+            recalibrate_bn(model, probe, cfg.batch_size, device)
+            fwd += len(probe)
+        else:
+            model.load_state_dict(bn, strict=False)
     tick(3, 3, reason)
     return PruneResult(mask, mask.sparsity(), reason, restricted, time.perf_counter() - t0, fwd, history, stats)
 
@@ -330,6 +375,7 @@ def personalized_model(model: nn.Module, result: PruneResult) -> nn.Module:
 
 def _search(levels, scores, dense, cfg, rule, evaluate, model, x, device, restricted, tick):
     history = []
+    at = masker(scores, dense, cfg.scope, cfg.scoring in STRUCTURED)
 
     def check(mask):
         m = apply_restriction(model, mask, restricted) if restricted is not None else mask
@@ -353,7 +399,7 @@ def _search(levels, scores, dense, cfg, rule, evaluate, model, x, device, restri
         lo, hi, fail_v = -1, len(levels), None  # levels[lo] passes, levels[hi] fails
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            masks[mid] = mask_at(scores, dense, levels[mid], cfg.scope, cfg.scoring in STRUCTURED)
+            masks[mid] = at(levels[mid])
             ok, v = check(masks[mid])
             if ok:
                 lo = mid
@@ -367,13 +413,14 @@ def _search(levels, scores, dense, cfg, rule, evaluate, model, x, device, restri
 
     mask = dense
     for level in levels:
-        cand = mask_at(scores, mask, level, cfg.scope, cfg.scoring in STRUCTURED)
+        # fixed scores give nested masks; re-scored ones rank what is left of the current mask
+        cand = mask_at(scores, mask, level, cfg.scope, cfg.scoring in STRUCTURED) if cfg.rescore else at(level)
         ok, v = check(cand)
         if not ok:
             return mask, failed(v, level), history
         mask = cand
         if cfg.rescore:  # usage of the surviving connections, measured in the pruned network
-            probe_x = x[:cfg.probe_size]
+            probe_x = x[:cfg.probe_samples(len(x))]
             st, _ = collect_stats(model, probe_x, cfg.batch_size, device)
             history[-1]["stat_samples"] = len(probe_x)
             scores = compute_scores(model, st, cfg.scoring, cfg.seed)

@@ -6,6 +6,10 @@ Levels:
           which the server estimates pairwise Jaccard similarity of masks
   bitmap  stats + the exact mask, 1 bit per prunable weight, zlib-compressed
 
+Private mode (bitmap only, `epsilon` set): the bitmap is randomized response of the mask
+(common/privacy.py), per-layer counts are those of the noisy bitmap, and no usage histograms are
+sent; the header names the mechanism and epsilon so the server can debias.
+
 Layer names and shapes are not sent: they follow from the base model, named by its fingerprint.
 Wire format: MAGIC | u32 header length | JSON header | u32 sketch length | sketch | bitmap.
 """
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from common.mask import Mask
+from common.privacy import check_epsilon, randomize
 
 MAGIC = b"FPSUM\x01"
 FORMAT_VERSION = 1
@@ -28,10 +33,16 @@ LEVELS = ("stats", "sketch", "bitmap")
 HIST_EDGES = np.linspace(-6.0, 2.0, 9)   # log10(usage) bins; under/overflow go to the end bins
 SKETCH_BITS = 2                           # b-bit MinHash: 2 bits per bin
 MAX_SUMMARY_BYTES = 64 << 20
+PRIVACY_MECHANISM = "randomized-response"
 
 
 class SummaryError(ValueError):
-    """A summary the server must reject; the message is the logged reason."""
+    """A summary the server must reject; the message is the logged reason, `kind` its category
+    (counted in the run report)."""
+
+    def __init__(self, message: str, kind: str = "malformed"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -39,11 +50,12 @@ class Summary:
     level: str
     fingerprint: str
     pruned: list[int]                 # pruned connections per layer, base-model layer order
-    hist: list[list[int]]             # usage histogram per layer (all connections)
+    hist: list[list[int]] | None      # usage histogram per layer (all connections); None if private
     bins: list[int] | None = None     # sketch bins per layer
     sketch: list[np.ndarray] | None = None  # per layer: uint8 b-bit values, 255 = empty set
-    bitmap: Mask | None = None        # exact mask (pruned = False)
+    bitmap: Mask | None = None        # exact mask (pruned = False), or its randomized response
     version: int = FORMAT_VERSION
+    epsilon: float | None = None      # private mode: randomized response at this epsilon
 
 
 # ---------------------------------------------------------------- hashing
@@ -94,12 +106,30 @@ def usage_histograms(usage: dict[str, torch.Tensor]) -> list[list[int]]:
     return out
 
 
+def model_usage_histograms(model, stats) -> list[list[int]]:
+    """Histograms of how much signal each connection of `model` carries (|w| x input norm),
+    from the statistics of a fine-pruning pass."""
+    from common.models import prunable_layers
+    from common.scoring import get_scorer
+
+    usage = get_scorer("usage")
+    return usage_histograms({n: usage(m.weight.detach().cpu(), stats.layers[n])
+                             for n, m in prunable_layers(model).items()})
+
+
 def build_summary(mask: Mask, hist: list[list[int]], level: str, fingerprint: str, model_bytes: int,
-                  seed: int = 0, sketch_frac: float = 0.003) -> Summary:
+                  seed: int = 0, sketch_frac: float = 0.003, epsilon: float | None = None,
+                  privacy_seed: int | None = None) -> Summary:
+    """`epsilon`: private mode (bitmap level only); `privacy_seed` makes its noise repeatable
+    (tests); without it the noise comes from the OS."""
     if level not in LEVELS:
         raise ValueError(f"unknown summary level '{level}' (choose from: {', '.join(LEVELS)})")
+    if epsilon is not None:
+        if level != "bitmap":
+            raise ValueError(f"private summaries (privacy epsilon) need summary level 'bitmap', not '{level}'")
+        mask, hist = randomize(mask, epsilon, privacy_seed), None
     layers = list(mask.layers.values())
-    s = Summary(level, fingerprint, [int((~m).sum()) for m in layers], hist)
+    s = Summary(level, fingerprint, [int((~m).sum()) for m in layers], hist, epsilon=epsilon)
     if level == "sketch":
         s.bins = sketch_budget([m.numel() for m in layers], model_bytes, sketch_frac)
         s.sketch = [sketch_layer(np.flatnonzero(~m.flatten().numpy()), k, i, seed)
@@ -111,8 +141,11 @@ def build_summary(mask: Mask, hist: list[list[int]], level: str, fingerprint: st
 
 # ---------------------------------------------------------------- wire format
 def encode(s: Summary) -> bytes:
-    header = json.dumps({"v": s.version, "level": s.level, "fp": s.fingerprint, "pruned": s.pruned,
-                         "hist": s.hist, "bins": s.bins, "bits": SKETCH_BITS}, separators=(",", ":")).encode()
+    head = {"v": s.version, "level": s.level, "fp": s.fingerprint, "pruned": s.pruned, "hist": s.hist,
+            "bins": s.bins, "bits": SKETCH_BITS}
+    if s.epsilon is not None:
+        head["privacy"] = {"mechanism": PRIVACY_MECHANISM, "epsilon": s.epsilon}
+    header = json.dumps(head, separators=(",", ":")).encode()
     sketch = b""
     if s.sketch is not None:
         sketch = np.packbits(np.unpackbits(np.concatenate(s.sketch)[:, None], axis=1)[:, -SKETCH_BITS:]).tobytes()
@@ -123,15 +156,17 @@ def encode(s: Summary) -> bytes:
     return MAGIC + struct.pack("<I", len(header)) + header + struct.pack("<I", len(sketch)) + sketch + bitmap
 
 
-def decode(data: bytes, fingerprint: str, shapes: dict[str, tuple], max_bytes: int = MAX_SUMMARY_BYTES) -> Summary:
-    """Parse and validate a summary against the base model it claims to describe.
+def decode(data: bytes, fingerprint: str, shapes: dict[str, tuple], max_bytes: int = MAX_SUMMARY_BYTES,
+           epsilon: float | None = None) -> Summary:
+    """Parse and validate a summary against the base model it claims to describe and the run's
+    privacy setting (`epsilon`: private summaries at exactly this epsilon; None: no private ones).
     Raises SummaryError naming the first problem found."""
     if not isinstance(data, (bytes, bytearray)):
-        raise SummaryError(f"summary is {type(data).__name__}, expected bytes")
+        raise SummaryError(f"summary is {type(data).__name__}, expected bytes", "format")
     if len(data) > max_bytes:
-        raise SummaryError(f"summary of {len(data)} bytes exceeds the limit of {max_bytes}")
+        raise SummaryError(f"summary of {len(data)} bytes exceeds the limit of {max_bytes}", "size")
     if not data.startswith(MAGIC):
-        raise SummaryError("not a fineprune summary (bad magic)")
+        raise SummaryError("not a fineprune summary (bad magic)", "format")
     try:
         off = len(MAGIC)
         (n,) = struct.unpack_from("<I", data, off)
@@ -140,44 +175,51 @@ def decode(data: bytes, fingerprint: str, shapes: dict[str, tuple], max_bytes: i
         (m,) = struct.unpack_from("<I", data, off)
         sketch_raw = data[off + 4:off + 4 + m]
         if len(sketch_raw) != m:
-            raise SummaryError("summary truncated inside the sketch")
+            raise SummaryError("summary truncated inside the sketch", "format")
         bitmap_raw = data[off + 4 + m:]
     except SummaryError:
         raise
     except Exception as exc:
-        raise SummaryError(f"corrupt summary header: {type(exc).__name__}") from None
+        raise SummaryError(f"corrupt summary header: {type(exc).__name__}", "format") from None
     if not isinstance(h, dict):
-        raise SummaryError("corrupt summary header")
+        raise SummaryError("corrupt summary header", "format")
     if h.get("v") != FORMAT_VERSION:
-        raise SummaryError(f"summary format version {h.get('v')!r}, server reads {FORMAT_VERSION}")
+        raise SummaryError(f"summary format version {h.get('v')!r}, server reads {FORMAT_VERSION}", "version")
     if h.get("fp") != fingerprint:
-        raise SummaryError(f"summary is for base model {str(h.get('fp'))[:12]}, not {fingerprint[:12]}")
+        raise SummaryError(f"summary is for base model {str(h.get('fp'))[:12]}, not {fingerprint[:12]}",
+                           "fingerprint")
     level = h.get("level")
     if level not in LEVELS:
-        raise SummaryError(f"unknown summary level {level!r}")
+        raise SummaryError(f"unknown summary level {level!r}", "format")
+    eps = _privacy_of(h, level, epsilon)
     sizes = [int(np.prod(s)) for s in shapes.values()]
     pruned, hist = h.get("pruned"), h.get("hist")
     if not (isinstance(pruned, list) and len(pruned) == len(sizes)):
         raise SummaryError(f"summary has {len(pruned) if isinstance(pruned, list) else 'no'} layers, "
-                           f"base model has {len(sizes)}")
+                           f"base model has {len(sizes)}", "shape")
     for p, size in zip(pruned, sizes):
         if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p <= size:
-            raise SummaryError(f"pruned count {p!r} out of range [0, {size}]")
-    if not (isinstance(hist, list) and len(hist) == len(sizes)):
-        raise SummaryError("usage histograms missing or of the wrong length")
-    for row, size in zip(hist, sizes):
-        if not (isinstance(row, list) and len(row) == len(HIST_EDGES) - 1
-                and all(isinstance(c, int) and c >= 0 for c in row) and sum(row) == size):
-            raise SummaryError("usage histogram malformed (wrong bins, negative or wrong total)")
-    s = Summary(level, h["fp"], pruned, hist, version=h["v"])
+            raise SummaryError(f"pruned count {p!r} out of range [0, {size}]", "range")
+    if eps is not None:
+        if hist is not None:
+            raise SummaryError("a private summary must not carry usage histograms", "privacy")
+    elif not (isinstance(hist, list) and len(hist) == len(sizes)):
+        raise SummaryError("usage histograms missing or of the wrong length", "shape")
+    else:
+        for row, size in zip(hist, sizes):
+            if not (isinstance(row, list) and len(row) == len(HIST_EDGES) - 1
+                    and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in row)
+                    and sum(row) == size):
+                raise SummaryError("usage histogram malformed (wrong bins, negative or wrong total)", "range")
+    s = Summary(level, h["fp"], pruned, hist, version=h["v"], epsilon=eps)
     if level == "sketch":
         bins = h.get("bins")
         if h.get("bits") != SKETCH_BITS or not (isinstance(bins, list) and len(bins) == len(sizes)
                                                  and all(isinstance(b, int) and 0 < b <= size for b, size in zip(bins, sizes))):
-            raise SummaryError("sketch bins malformed")
+            raise SummaryError("sketch bins malformed", "shape")
         total = sum(bins)
         if len(sketch_raw) != math.ceil(total * SKETCH_BITS / 8):
-            raise SummaryError(f"sketch has {len(sketch_raw)} bytes, header says {total} bins")
+            raise SummaryError(f"sketch has {len(sketch_raw)} bytes, header says {total} bins", "shape")
         bits = np.unpackbits(np.frombuffer(sketch_raw, dtype=np.uint8))[:total * SKETCH_BITS].reshape(total, SKETCH_BITS)
         vals = (bits * (1 << np.arange(SKETCH_BITS - 1, -1, -1))).sum(1).astype(np.uint8)
         s.bins, s.sketch, o = bins, [], 0
@@ -185,25 +227,46 @@ def decode(data: bytes, fingerprint: str, shapes: dict[str, tuple], max_bytes: i
             s.sketch.append(vals[o:o + b] if p else np.full(b, 255, dtype=np.uint8))
             o += b
     elif sketch_raw:
-        raise SummaryError(f"level '{level}' carries an unexpected sketch")
+        raise SummaryError(f"level '{level}' carries an unexpected sketch", "format")
     if level == "bitmap":
         try:
             raw = zlib.decompressobj().decompress(bitmap_raw, (sum(sizes) + 7) // 8 + 1)
         except zlib.error:
-            raise SummaryError("bitmap is not valid zlib data") from None
+            raise SummaryError("bitmap is not valid zlib data", "format") from None
         if len(raw) != (sum(sizes) + 7) // 8:
-            raise SummaryError(f"bitmap has {len(raw) * 8} bits, base model has {sum(sizes)} weights")
+            raise SummaryError(f"bitmap has {len(raw) * 8} bits, base model has {sum(sizes)} weights", "shape")
         flat = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:sum(sizes)].astype(bool)
         layers, o = {}, 0
         for (name, shape), size, p in zip(shapes.items(), sizes, pruned):
             layers[name] = torch.from_numpy(flat[o:o + size].reshape(shape).copy())
             if int((~layers[name]).sum()) != p:
-                raise SummaryError(f"bitmap of layer {name} disagrees with its pruned count")
+                raise SummaryError(f"bitmap of layer {name} disagrees with its pruned count", "range")
             o += size
         s.bitmap = Mask(layers)
     elif bitmap_raw:
-        raise SummaryError(f"level '{level}' carries an unexpected bitmap")
+        raise SummaryError(f"level '{level}' carries an unexpected bitmap", "format")
     return s
+
+
+def _privacy_of(h: dict, level: str, expected: float | None) -> float | None:
+    """The summary's epsilon, checked against the run's privacy setting."""
+    priv = h.get("privacy")
+    if priv is None:
+        if expected is not None:
+            raise SummaryError(f"the run requires private summaries (epsilon {expected}); this one is not",
+                               "privacy")
+        return None
+    if not (isinstance(priv, dict) and priv.get("mechanism") == PRIVACY_MECHANISM):
+        raise SummaryError(f"unknown privacy mechanism in {priv!r}", "privacy")
+    try:
+        eps = check_epsilon(priv.get("epsilon"))
+    except ValueError as exc:
+        raise SummaryError(str(exc), "privacy") from None
+    if level != "bitmap":
+        raise SummaryError(f"private summaries must be bitmaps, not '{level}'", "privacy")
+    if expected is None or eps != expected:
+        raise SummaryError(f"summary privacy epsilon {eps} is not the run's ({expected})", "privacy")
+    return eps
 
 
 # ---------------------------------------------------------------- similarity

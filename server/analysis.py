@@ -1,63 +1,81 @@
 """Shared-sparsity analysis over validated client summaries: per-layer sparsity, consensus mask,
-pairwise similarity (exact from bitmaps, estimated from sketches), clusters, layer agreement."""
+pairwise similarity (exact from bitmaps, estimated from sketches or from private bitmaps), clusters,
+layer agreement. Private (randomized-response) bitmaps are debiased into unbiased estimates."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 from common.mask import Mask
+from common.privacy import debias, estimate_jaccard, estimate_pruned_count
 from common.summary import Summary, layer_sketch_jaccard, sketch_jaccard
 
 
+def pruned_per_layer(s: Summary, sizes: list[int]) -> list[float]:
+    """Pruned connections per layer: exact, or debiased from a private summary."""
+    if s.epsilon is None:
+        return [float(p) for p in s.pruned]
+    return [min(float(n), max(0.0, estimate_pruned_count(p, n, s.epsilon))) for p, n in zip(s.pruned, sizes)]
+
+
 def layer_sparsity_table(summaries: dict[str, Summary], sizes: dict[str, int]) -> dict[str, list[float]]:
-    names = list(sizes)
-    return {cid: [s.pruned[i] / sizes[n] for i, n in enumerate(names)] for cid, s in summaries.items()}
+    n = list(sizes.values())
+    return {cid: [p / k for p, k in zip(pruned_per_layer(s, n), n)] for cid, s in summaries.items()}
 
 
-def consensus(bitmaps: dict[str, Mask], quorum: float) -> Mask | None:
-    """Connections pruned by at least `quorum` of the clients are pruned in the consensus mask."""
+def consensus(bitmaps: dict[str, Mask], quorum: float, epsilon: float | None = None) -> Mask | None:
+    """Connections pruned by at least `quorum` of the clients are pruned in the consensus mask.
+    With private bitmaps (`epsilon`), the prune votes are debiased estimates."""
     if not bitmaps:
         return None
     masks = list(bitmaps.values())
     need = max(1, int(np.ceil(quorum * len(masks) - 1e-9)))
     out = {}
     for k in masks[0].layers:
-        pruned_votes = torch.stack([~m.layers[k] for m in masks]).sum(0)
-        out[k] = pruned_votes < need
+        pruned = torch.stack([~m.layers[k] for m in masks])
+        if epsilon is None:
+            out[k] = pruned.sum(0) < need
+        else:  # estimated votes, rounded to the nearest whole client
+            out[k] = torch.from_numpy(debias(pruned.numpy(), epsilon).sum(0) < need - 0.5)
     return Mask(out)
 
 
 def similarity(summaries: dict[str, Summary]) -> tuple[list[str], np.ndarray, str, np.ndarray | None]:
     """(client ids, Jaccard matrix of pruned sets, method, per-layer mean agreement).
-    Exact when every summary carries a bitmap, estimated when they carry sketches."""
+    Exact from bitmaps, estimated from sketches or from private (randomized-response) bitmaps."""
     ids = sorted(summaries)
     n = len(ids)
     sim = np.eye(n)
     if n == 0:
         return ids, sim, "none", None
-    if all(summaries[i].bitmap is not None for i in ids):
-        method = "exact (bitmap)"
-        pair = lambda a, b: a.bitmap.jaccard(b.bitmap)
-        layer = lambda a, b: [_layer_jaccard(x, y) for x, y in zip(a.bitmap.layers.values(), b.bitmap.layers.values())]
-    elif all(summaries[i].sketch is not None for i in ids):
+    ss = [summaries[i] for i in ids]
+    if all(s.bitmap is not None for s in ss):
+        eps = ss[0].epsilon
+        jac = _bits_jaccard if eps is None else (lambda a, b: estimate_jaccard(a, b, eps))
+        method = "exact (bitmap)" if eps is None else f"estimated (private bitmap, epsilon {eps:g})"
+        items = [[(~m).flatten().numpy() for m in s.bitmap.layers.values()] for s in ss]
+        flat = [np.concatenate(layers) for layers in items]
+        pair = lambda i, j: jac(flat[i], flat[j])
+        layer = lambda i, j: [jac(a, b) for a, b in zip(items[i], items[j])]
+    elif all(s.sketch is not None for s in ss):
         method = "estimated (sketch)"
-        pair, layer = sketch_jaccard, layer_sketch_jaccard
+        pair = lambda i, j: sketch_jaccard(ss[i], ss[j])
+        layer = lambda i, j: layer_sketch_jaccard(ss[i], ss[j])
     else:
         return ids, np.full((n, n), np.nan), "unavailable (stats level)", None
     per_layer = []
     for i in range(n):
         for j in range(i + 1, n):
-            a, b = summaries[ids[i]], summaries[ids[j]]
-            sim[i, j] = sim[j, i] = pair(a, b)
-            per_layer.append(layer(a, b))
+            sim[i, j] = sim[j, i] = pair(i, j)
+            per_layer.append(layer(i, j))
     agreement = np.mean(per_layer, axis=0) if per_layer else None
     return ids, sim, method, agreement
 
 
-def _layer_jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
-    pa, pb = ~a, ~b
-    union = int((pa | pb).sum())
-    return 1.0 if union == 0 else int((pa & pb).sum()) / union
+def _bits_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard similarity of two pruned sets given as boolean arrays (True = pruned)."""
+    union = int(np.count_nonzero(a | b))
+    return 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union
 
 
 def clusters(ids: list[str], sim: np.ndarray, threshold: float) -> list[list[str]]:
@@ -82,12 +100,15 @@ def analyze(summaries: dict[str, Summary], shapes: dict[str, tuple], quorum: flo
     table = layer_sparsity_table(summaries, sizes)
     ids, sim, method, agreement = similarity(summaries)
     bitmaps = {k: s.bitmap for k, s in summaries.items() if s.bitmap is not None}
-    cons = consensus(bitmaps, quorum) if len(bitmaps) == len(summaries) else None
-    upper = sum(min(s.pruned[i] for s in summaries.values()) for i in range(len(sizes))) if summaries else 0
+    eps = next(iter(summaries.values())).epsilon if summaries else None
+    cons = consensus(bitmaps, quorum, eps) if len(bitmaps) == len(summaries) else None
+    counts = [pruned_per_layer(s, list(sizes.values())) for s in summaries.values()]
+    upper = sum(min(c[i] for c in counts) for i in range(len(sizes))) if summaries else 0
     off = ~np.eye(len(ids), dtype=bool)
     layers = list(sizes)
     out = {
         "clients": len(summaries),
+        "privacy_epsilon": eps,
         "layer_names": layers,
         "layer_sizes": sizes,
         "layer_sparsity": {k: [round(v, 4) for v in row] for k, row in table.items()},

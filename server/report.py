@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.io import atomic_write_bytes, atomic_write_text
+from common.io import atomic_write_png, atomic_write_text
 
 
 def write_report(out: Path, report: dict) -> dict:
@@ -36,14 +36,6 @@ def _jsonable(o):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-def _png(fig, path: Path):
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def plot_layer_sparsity(analysis: dict, path: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -63,8 +55,7 @@ def plot_layer_sparsity(analysis: dict, path: Path):
     ax.set_ylim(0, 1)
     ax.set_ylabel("sparsity (share of weights pruned)")
     ax.set_title(f"Per-layer sparsity across {len(rows)} clients")
-    _png(fig, path)
-    plt.close(fig)
+    atomic_write_png(path, fig)
 
 
 def plot_similarity(analysis: dict, path: Path):
@@ -79,14 +70,20 @@ def plot_similarity(analysis: dict, path: Path):
     ax.set_yticks(range(len(ids)), ids)
     fig.colorbar(im, ax=ax, label="Jaccard similarity of pruned sets")
     ax.set_title(f"Mask similarity, {analysis['similarity_method']}")
-    _png(fig, path)
-    plt.close(fig)
+    atomic_write_png(path, fig)
 
 
 def to_markdown(report: dict) -> str:
     lines = [f"# fineprune run report", "", f"- task: {report['config']['task']}, clients asked: "
              f"{report['config']['num-clients']}, summary level: {report['config']['summary-level']}, "
-             f"scoring: {report['config']['scoring']}", f"- wall time: {report.get('wall_seconds', 0):.1f} s", ""]
+             f"scoring: {report['config']['scoring']}", f"- wall time: {report.get('wall_seconds', 0):.1f} s"]
+    eps = report["config"].get("privacy-epsilon", 0)
+    if eps:
+        lines.append(f"- private summaries: randomized response on mask bits, epsilon {eps:g} per connection; "
+                     "sparsity, similarity and consensus below are debiased estimates")
+    if report.get("previous_runs"):
+        lines.append(f"- earlier runs in this directory, kept in report.json: {len(report['previous_runs'])}")
+    lines.append("")
     for rnd in report["rounds"]:
         a = rnd["analysis"]
         lines += [f"## Round {rnd['round']} (base {rnd['base_fingerprint'][:12]}, {rnd['base_bytes']} bytes)", "",
@@ -96,7 +93,8 @@ def to_markdown(report: dict) -> str:
             lines.append(f"| {c['id']} | {c['sparsity']:.3f} | {c['upload_bytes']} | {c['upload_fraction']:.4%} | "
                          f"{c['prune_seconds']:.2f} | {_fmt(c.get('accuracy_base'))} | "
                          f"{_fmt(c.get('accuracy_personalized'))} | {c['stop_reason'][:60]} |")
-        lines += ["", f"- accepted {len(rnd['clients'])}, rejected {len(rnd['rejected'])}, failed {len(rnd['failed'])}"]
+        lines += ["", f"- accepted {len(rnd['clients'])}, rejected {len(rnd['rejected'])} {rnd['incidents']['rejected']}, "
+                      f"failed {len(rnd['failed'])} {rnd['incidents']['failed']}"]
         for r in rnd["rejected"] + rnd["failed"]:
             lines.append(f"  - node {r['node']}: {r['reason']}")
         lines += [f"- similarity: {a['similarity_method']}; mean pairwise Jaccard {_fmt(a['mean_pairwise_similarity'])}",

@@ -1,9 +1,11 @@
 """Flower ServerApp: distribute the base model, collect mask summaries, analyze, report."""
 from __future__ import annotations
 
+import json
+import os
 import time
 from datetime import datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +59,8 @@ def run_server(grid: Grid, run_config: dict, overrides: dict | None = None) -> d
     out.mkdir(parents=True, exist_ok=True)
     base, meta = base_model(cfg, out)
     strategy = FinePruneStrategy(base, meta, cfg)
-    report = {"fineprune_version": __version__, "config": cfg, "rounds": strategy.rounds}
+    report = {"fineprune_version": __version__, "config": cfg, "rounds": strategy.rounds,
+              "previous_runs": earlier_reports(out)}
 
     def save(_round_record):  # after every round: a crash later loses nothing already reported
         report["wall_seconds"] = time.time() - t0
@@ -73,6 +76,26 @@ def run_server(grid: Grid, run_config: dict, overrides: dict | None = None) -> d
     log(INFO, "fineprune report: %s (and report.md, PNG plots) in %s", paths["json"], out)
     print(f"fineprune report: {paths['json']}", flush=True)
     return report
+
+
+def earlier_reports(out: Path) -> list[dict]:
+    """What a run in this directory reported before (a restarted server): kept, never overwritten.
+    An unreadable report.json is moved aside under a new name, not deleted."""
+    path = out / "report.json"
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as exc:
+        aside = out / f"report.unreadable-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+        os.replace(path, aside)
+        log(WARNING, "earlier report.json unreadable (%s); kept as %s", exc, aside.name)
+        return []
+    previous = old.pop("previous_runs", None) or []
+    old.pop("files", None)
+    return previous + [old]
 
 
 def _flatten(rounds: list[dict]) -> dict:

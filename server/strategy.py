@@ -18,7 +18,7 @@ from common.compact import compact
 from common.federation import CLIENT_KEYS, base_to_records, model_bytes
 from common.models import prunable_layers
 from common.summary import SummaryError, decode
-from server.analysis import analyze, consensus
+from server.analysis import analyze, consensus, pruned_per_layer
 
 
 class FinePruneStrategy(Strategy):
@@ -28,6 +28,8 @@ class FinePruneStrategy(Strategy):
         self.on_round = None  # called with each round's record (the server writes its report)
         self.nodes_with_base: dict[int, str] = {}
         self._sent: dict[int, bool] = {}  # node -> whether this round's message carried the base
+        self._out: list[Message] = []     # this round's messages (Flower sets their ids when it sends them)
+        self.epsilon = cfg["privacy-epsilon"] if cfg["privacy-epsilon"] > 0 else None
         self._set_base(base, meta)
 
     def _set_base(self, base, meta):
@@ -35,6 +37,8 @@ class FinePruneStrategy(Strategy):
         self.fp = fingerprint(base)
         self.shapes = {n: tuple(m.weight.shape) for n, m in prunable_layers(base).items()}
         self.model_bytes = model_bytes(base)
+        # the largest honest summary is a bitmap: 1 bit per weight (+ headers); more is an attack
+        self.max_summary_bytes = sum(math.prod(v) for v in self.shapes.values()) // 8 + (256 << 10)
 
     def summary(self) -> None:
         log(INFO, "\t├── FinePruneStrategy: %s clients (min %s), summary level %s, scoring %s",
@@ -71,6 +75,7 @@ class FinePruneStrategy(Strategy):
             msgs.append(Message(content=content, dst_node_id=nid, message_type=MessageType.TRAIN,
                                 group_id=str(server_round)))
         self._sent = {m.metadata.dst_node_id: ("base" in m.content.array_records) for m in msgs}
+        self._out = msgs
         log(INFO, "round %d: sending to %d nodes (%d get the base model)", server_round, len(msgs),
             sum(self._sent.values()))
         return msgs
@@ -80,32 +85,41 @@ class FinePruneStrategy(Strategy):
         replies = list(replies)
         rows, summaries, rejected, failed = [], {}, [], []
         answered = set()
+        # an error reply made by the SuperLink (e.g. "node unavailable") comes from the SuperLink's
+        # own node id: the message it answers tells which node it stands for
+        dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in self._out}
         for msg in replies:
             nid = msg.metadata.src_node_id
+            if nid not in self._sent:
+                nid = dst_of.get(msg.metadata.reply_to_message_id, nid)
             answered.add(nid)
             if msg.has_error():
                 reason = f"client error: {_short_reason(msg.error.reason)}"
-                failed.append({"node": nid, "reason": reason})
+                failed.append({"node": nid, "reason": reason, "kind": _failure_kind(msg.error.reason)})
                 log(WARNING, "round %d: node %s failed: %s", server_round, nid, reason)
                 continue
             try:
                 row, summ = self._read_reply(msg)
             except SummaryError as exc:
-                rejected.append({"node": nid, "reason": str(exc)})
+                rejected.append({"node": nid, "reason": str(exc), "kind": exc.kind})
                 log(WARNING, "round %d: rejected summary from node %s: %s", server_round, nid, exc)
                 continue
             if self._sent.get(nid):
                 self.nodes_with_base[nid] = self.fp
             if row["id"] in summaries:
-                rejected.append({"node": nid, "reason": f"duplicate client id {row['id']}"})
+                rejected.append({"node": nid, "reason": f"duplicate client id {row['id']}", "kind": "duplicate"})
                 continue
             rows.append(row)
             summaries[row["id"]] = summ
         for nid in set(self._sent) - answered:
-            failed.append({"node": nid, "reason": "no reply before the round timeout (dropped out)"})
+            failed.append({"node": nid, "reason": "no reply before the round timeout (dropped out)",
+                           "kind": "no-reply"})
+        for f in failed:  # its stored base may be what broke: send the base again next round
+            self.nodes_with_base.pop(f["node"], None)
         analysis = analyze(summaries, self.shapes, self.cfg["consensus-quorum"], self.cfg["cluster-threshold"])
         record = {"round": server_round, "base_fingerprint": self.fp, "base_bytes": self.model_bytes,
                   "clients": sorted(rows, key=lambda r: r["id"]), "rejected": rejected, "failed": failed,
+                  "incidents": {"rejected": _count_kinds(rejected), "failed": _count_kinds(failed)},
                   "analysis": analysis}
         self.rounds.append(record)
         log(INFO, "round %d: %d summaries accepted, %d rejected, %d failed; mean sparsity %.3f",
@@ -126,29 +140,35 @@ class FinePruneStrategy(Strategy):
             info, metrics = content["info"], content["metrics"]
             cid = str(info["client"])
         except (KeyError, TypeError) as exc:
-            raise SummaryError(f"reply lacks {exc}") from None
+            raise SummaryError(f"reply lacks {exc}", "format") from None
         extra = set(content.keys()) - {"summary", "info", "metrics"}
         if extra or content.array_records:
-            raise SummaryError(f"reply carries more than a summary: {sorted(extra) or 'arrays'}")
-        summ = decode(data, self.fp, self.shapes)
-        sparsity = sum(summ.pruned) / sum(math.prod(v) for v in self.shapes.values())
+            raise SummaryError(f"reply carries more than a summary: {sorted(extra) or 'arrays'}", "extra-content")
+        summ = decode(data, self.fp, self.shapes, self.max_summary_bytes, self.epsilon)
+        sizes = [math.prod(v) for v in self.shapes.values()]
+        sparsity = sum(pruned_per_layer(summ, sizes)) / sum(sizes)
         m = dict(metrics)
-        if abs(float(m.get("sparsity", -1)) - sparsity) > 1e-6:
-            raise SummaryError(f"reported sparsity {m.get('sparsity')} disagrees with the summary ({sparsity:.6f})")
+        if summ.epsilon is None:  # a private summary's exact sparsity is not sent: it is estimated
+            reported = _finite(m, "sparsity")
+            if abs(reported - sparsity) > 1e-6:
+                raise SummaryError(f"reported sparsity {reported} disagrees with the summary ({sparsity:.6f})",
+                                   "metrics")
         for k in ("prune_seconds", "upload_bytes"):
-            v = float(m.get(k, -1))
-            if not (v >= 0 and v < 1e12):
-                raise SummaryError(f"metric {k}={m.get(k)!r} out of range")
+            v = _finite(m, k)
+            if not 0 <= v < 1e12:
+                raise SummaryError(f"metric {k}={v!r} out of range", "metrics")
         row = {"id": cid, "node": msg.metadata.src_node_id, "sparsity": sparsity,
                "upload_bytes": len(data), "upload_fraction": len(data) / self.model_bytes,
                "summary_level": summ.level, "prune_seconds": float(m["prune_seconds"]),
                "stop_reason": str(info["stop_reason"]), "resumed": bool(m.get("resumed", 0)),
                "num_samples": int(m.get("num_samples", 0))}
+        if summ.epsilon is not None:
+            row["sparsity_estimated"] = True
         for k in ("accuracy_base", "accuracy_personalized"):
             if k in m:
-                v = float(m[k])
+                v = _finite(m, k)
                 if not 0 <= v <= 1:
-                    raise SummaryError(f"metric {k}={v} out of range")
+                    raise SummaryError(f"metric {k}={v} out of range", "metrics")
                 row[k] = v
         return row, summ
 
@@ -157,7 +177,7 @@ class FinePruneStrategy(Strategy):
         if not bitmaps or len(bitmaps) != len(summaries):
             record["slim_base"] = {"skipped": "needs summary-level bitmap from every client"}
             return None
-        cons = consensus(bitmaps, self.cfg["slim-quorum"])
+        cons = consensus(bitmaps, self.cfg["slim-quorum"], self.epsilon)
         model = copy.deepcopy(self.base)
         meta = dict(self.meta)
         if hasattr(model, "prunable_chain"):
@@ -178,6 +198,28 @@ class FinePruneStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round, replies):
         return None
+
+
+def _finite(metrics: dict, key: str) -> float:
+    """A metric the reply must carry as a finite number."""
+    v = metrics.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise SummaryError(f"metric {key}={v!r} missing, not a number, NaN or infinite", "metrics")
+    return float(v)
+
+
+def _failure_kind(reason: str) -> str:
+    text = str(reason or "").lower()
+    if "node" in text and ("unavailable" in text or "heartbeat" in text):
+        return "node-unavailable"
+    return "client-error"
+
+
+def _count_kinds(items: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for it in items:
+        out[it["kind"]] = out.get(it["kind"], 0) + 1
+    return out
 
 
 def _short_reason(text: str) -> str:

@@ -1,4 +1,5 @@
-"""`fineprune` console script: pretrain (vendor side) and personalize (the edge device)."""
+"""`fineprune` console script: pretrain (vendor side), personalize (the edge device), simulate a
+federation, and the benchmarks."""
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,6 @@ def cmd_personalize(args) -> dict:
                       target_sparsity=args.target_sparsity, max_sparsity=args.max_sparsity,
                       stop_rule=args.stop_rule, tolerance=args.tolerance, search=args.search,
                       rescore=args.rescore, probe_size=args.probe_size, recalibrate_bn=args.recalibrate_bn,
-                      recalibrate_samples=args.recalibrate_samples,
                       restrict_outputs=args.restrict_outputs, batch_size=args.batch_size, seed=args.seed).validate()
     _, meta, _ = load_checkpoint(args.model)
     x = load_inputs(args.data, meta["features"])
@@ -118,10 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     pz.add_argument("--step", type=float, default=0.1, help="share of remaining weights pruned per step")
     pz.add_argument("--search", default="bisect", help="bisect or linear over the schedule")
     pz.add_argument("--rescore", action="store_true", help="linear search: re-score after each step")
-    pz.add_argument("--probe-size", type=int, default=128, help="samples that judge the stop rule")
+    pz.add_argument("--probe-size", type=int, default=0,
+                    help="samples that judge the stop rule and recalibrate BatchNorm (default 0: a quarter of "
+                         "the data, 32 to 128)")
     pz.add_argument("--recalibrate-bn", action="store_true", help="re-estimate BatchNorm statistics on the user's data")
-    pz.add_argument("--recalibrate-samples", type=int, default=0,
-                    help="BatchNorm recalibration on this many samples (default 0: all); fewer is faster")
     pz.add_argument("--restrict-outputs", action="store_true",
                     help="drop output classes the model never predicts for this user")
     pz.add_argument("--compact", action="store_true", help="physically remove pruned units (smaller, faster)")
@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="any run-config key of pyproject.toml, e.g. --set summary-level=bitmap")
     sm.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sm.set_defaults(func=cmd_simulate)
+
+    from simulations import bench, bench_gpu
+    bn = sub.add_parser("bench", help="the benchmark: every method on the same users, results.csv/.md and plots")
+    bench.build_parser(bn).set_defaults(func=bench.main)
+    bg = sub.add_parser("bench-gpu", help="engine throughput on a large model (ResNet50, 224x224) on GPU or CPU")
+    bench_gpu.build_parser(bg).set_defaults(func=bench_gpu.main)
     return p
 
 

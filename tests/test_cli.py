@@ -44,7 +44,8 @@ def test_pretrain_then_personalize_on_a_photo_directory(tmp_path, base_ckpt, use
     assert meta["task"] == "digits" and meta["features"]["image_size"] == 8 and meta["training"]["epochs"] == 8
     out = tmp_path / "personal.pt"
     rc = main(["personalize", "--model", str(base_ckpt), "--data", str(user_dir), "--out", str(out),
-               "--restrict-outputs", "--recalibrate-bn", "--compact", "--report", str(tmp_path / "r.json")])
+               "--restrict-outputs", "--recalibrate-bn", "--compact", "--tolerance", "0.03",
+               "--report", str(tmp_path / "r.json")])
     assert rc == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["sparsity"] > 0.3 and report["stop_reason"]
@@ -56,7 +57,7 @@ def test_pretrain_then_personalize_on_a_photo_directory(tmp_path, base_ckpt, use
     x, y = digits.x[sel], digits.y[sel]
     acc = (model(x).argmax(1) == y).float().mean().item()
     base_acc = (base(x).argmax(1) == y).float().mean().item()
-    assert acc >= base_acc - 0.03
+    assert acc >= base_acc - 0.03  # the stop rule kept >= 97% agreement with the base on the user data
 
 
 def test_help_lists_the_commands():

@@ -1,38 +1,65 @@
-"""A real deployment on loopback: SuperLink + 2 SuperNodes as separate processes over TLS, each
-with its own data directory and device storage, one round end to end, then everything stopped."""
+"""A real deployment on loopback: a SuperLink and SuperNodes as separate processes over TLS with
+SuperNode authentication. Three registered devices join; an unregistered one is refused; one
+registered device is killed mid-round (after it got the model) and the round completes without
+it. Then everything is stopped."""
 import json
+import time
 
 import pytest
 
 from simulations.deploy.run_local import Deployment, export_digits_users
 
+pytestmark = pytest.mark.fault
+
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy")
-    dep = Deployment(out, export_digits_users(out, 2))
+    dep = Deployment(out, export_digits_users(out, 3), auth=True, intruders=1)
+    killed_at = None
     try:
         dep.start()
-        report = dep.run("num-clients=2 min-clients=2 research-accuracy=false summary-level='bitmap'", timeout=400)
+        run = dep.launch("num-clients=3 min-clients=2 research-accuracy=false summary-level='bitmap' "
+                         "stall-clients='supernode-2' round-timeout=400.0")
+        got_model = out / "supernode-2" / "device" / "base.pt"
+        deadline = time.time() + 240
+        while not got_model.exists() and time.time() < deadline and run.poll() is None:
+            time.sleep(0.5)
+        assert got_model.exists(), "supernode-2 never received the base model"
+        dep.kill("supernode-2")  # mid-round: it holds the model and is working on its reply
+        killed_at = time.time()
+        report = dep.wait(run, timeout=500)
     finally:
         dep.stop()
-    return out, dep, report
+    return out, dep, report, time.time() - killed_at
 
 
-def test_round_runs_end_to_end_over_tls(deployment):
-    out, dep, report = deployment
-    assert len(report["clients"]) == 2 and not report["failed"] and not report["rejected"]
-    assert {c["id"] for c in report["clients"]} == {"node-0", "node-1"}
+def test_round_completes_over_tls_without_the_device_that_disconnected(deployment):
+    out, dep, report, _ = deployment
+    assert {c["id"] for c in report["clients"]} == {"supernode-0", "supernode-1"}
     assert all(c["sparsity"] > 0.3 and c["upload_bytes"] > 0 for c in report["clients"])
     assert "accuracy_base" not in report["clients"][0]  # a real device has no labels
-    assert f"https://127.0.0.1:{dep.port}" in (out / "superlink.log").read_text()
+    assert len(report["failed"]) == 1 and not report["rejected"]
+    assert report["failed"][0]["kind"] in ("node-unavailable", "no-reply")
+    assert report["rounds"][0]["incidents"]["failed"] == {report["failed"][0]["kind"]: 1}
+    assert f"https://127.0.0.1:{dep.port}" in dep.log("superlink")
     assert "root-certificates" in (out / "flwr-home" / "config.toml").read_text()
 
 
+def test_unregistered_supernode_is_refused(deployment):
+    _, dep, report, _ = deployment
+    intruder = dep.procs["intruder-0"]
+    assert intruder.returncode not in (None, 0)  # it gave up: the SuperLink would not let it in
+    assert "Failed to initialize the connection" in dep.log("intruder-0")
+    assert "intruder-0" not in {c["id"] for c in report["clients"]}
+
+
 def test_devices_keep_their_models_and_processes_are_stopped(deployment):
-    out, dep, _ = deployment
+    out, dep, _, _ = deployment
     for i in range(2):
-        assert (out / f"node-{i}" / "device" / "personal.pt").stat().st_size > 1000
-        assert (out / f"node-{i}" / "device" / "base.pt").exists()
-    assert all(p.poll() is not None for p in dep.procs)
+        assert (out / f"supernode-{i}" / "device" / "personal.pt").stat().st_size > 1000
+        assert (out / f"supernode-{i}" / "device" / "base.pt").exists()
+    assert not (out / "supernode-2" / "device" / "personal.pt").exists()  # killed before it finished
+    assert not list(out.rglob(".*.tmp"))  # no half-written file anywhere
+    assert all(p.poll() is not None for p in dep.procs.values())
     assert json.loads((out / "server" / "report.json").read_text())["analysis"]["similarity_method"] == "exact (bitmap)"

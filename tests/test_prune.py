@@ -82,7 +82,11 @@ def test_linear_search_with_rescoring_runs_and_counts_its_passes(digits, digits_
     user = _user(digits, digits_split[1])
     res = fine_prune(digits_base, user.unlabeled, PruneConfig(search="linear", rescore=True, tolerance=0.1))
     assert res.sparsity > 0.3
-    assert res.forward_samples > len(user.unlabeled) * (1 + len(res.history))  # stats re-collected per step
+    n, steps = len(user.unlabeled), len(res.history)
+    p = PruneConfig().probe_samples(n)
+    # statistics pass + a probe pass per step + statistics re-collected on the probe after each passing step
+    assert all(h["stat_samples"] == p for h in res.history if h["passed"])
+    assert res.forward_samples == n + p * steps + p * sum(h["passed"] for h in res.history)
 
 
 def test_bn_recalibration_matches_user_statistics(digits, digits_split, digits_base):
@@ -90,7 +94,8 @@ def test_bn_recalibration_matches_user_statistics(digits, digits_split, digits_b
     off = copy.deepcopy(digits_base)
     fine_prune(off, user.unlabeled, PruneConfig(target_sparsity=0.0))
     on = copy.deepcopy(digits_base)
-    fine_prune(on, user.unlabeled, PruneConfig(target_sparsity=0.0, recalibrate_bn=True))
+    fine_prune(on, user.unlabeled, PruneConfig(target_sparsity=0.0, recalibrate_bn=True,
+                                               probe_size=len(user.unlabeled)))
     assert torch.equal(off.bn1.running_mean, digits_base.bn1.running_mean)
     with torch.no_grad():
         h = on.conv1(user.unlabeled)
@@ -134,14 +139,28 @@ def test_resnet_from_local_weights_file_prunes(tmp_path):
         build_model("vgg")
 
 
-def test_recalibration_sample_budget_and_pass_accounting(digits, digits_split, digits_base):
+def test_recalibration_rides_on_the_probe_and_pass_accounting(digits, digits_split, digits_base):
     user = _user(digits, digits_split[1])
     n = len(user.unlabeled)
-    full = fine_prune(copy.deepcopy(digits_base), user.unlabeled,
-                      PruneConfig(target_sparsity=0.5, recalibrate_bn=True))
-    part = fine_prune(copy.deepcopy(digits_base), user.unlabeled,
-                      PruneConfig(target_sparsity=0.5, recalibrate_bn=True, recalibrate_samples=10))
-    assert full.forward_samples == 2 * n and part.forward_samples == n + 10
+    cfg = PruneConfig(target_sparsity=0.5, recalibrate_bn=True)
+    p = cfg.probe_samples(n)
+    assert p == max(32, min(128, n // 4)) and PruneConfig(probe_size=10).probe_samples(n) == 10
+    fixed = fine_prune(copy.deepcopy(digits_base), user.unlabeled, cfg)
+    assert fixed.forward_samples == n + p  # statistics pass + one recalibration pass over the probe
+    plain = fine_prune(copy.deepcopy(digits_base), user.unlabeled, PruneConfig())
+    model = copy.deepcopy(digits_base)
+    recal = fine_prune(model, user.unlabeled, PruneConfig(recalibrate_bn=True))
+    # with the stop rule, recalibration happens inside the probe passes: no pass of its own
+    assert plain.forward_samples == n + p * len(plain.history)
+    assert recal.forward_samples == n + p * len(recal.history)
+    # the model kept carries the BatchNorm statistics of the probe pass that judged its mask
+    from common.prune import recalibrate_bn
+    again = copy.deepcopy(digits_base)
+    recal.mask.apply(again)
+    probe = user.unlabeled[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:p]]
+    recalibrate_bn(again, probe, 256, "cpu")
+    assert not torch.allclose(model.bn2.running_mean, digits_base.bn2.running_mean)
+    assert torch.allclose(model.bn2.running_mean, again.bn2.running_mean, atol=1e-5)
 
 
 def test_output_statistics_only_when_a_scorer_or_rule_needs_them(digits, digits_split, digits_base):

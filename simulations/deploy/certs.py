@@ -1,7 +1,9 @@
 """Self-signed certificate authority and a server certificate for a SuperLink, for TLS on the
-gRPC and control links. For production use certificates from your own CA.
+Fleet and Control links, and SuperNode authentication keys (EC P-384, OpenSSH format: the private
+key stays on the device, the public key is registered with `flwr supernode register`). For
+production use certificates from your own CA.
 
-    python -m simulations.deploy.certs DIR [--host 127.0.0.1]
+    python -m simulations.deploy.certs DIR [--host 127.0.0.1] [--node-key NAME ...]
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from common.io import atomic_write_bytes
@@ -59,10 +61,27 @@ def make_certs(out: str | Path, hosts=("127.0.0.1", "localhost"), days: int = 36
     return paths
 
 
+def make_node_key(out: str | Path, name: str) -> dict[str, Path]:
+    """A SuperNode's authentication key pair: NAME (private, OpenSSH, mode 600) and NAME.pub."""
+    out = Path(out)
+    key = ec.generate_private_key(ec.SECP384R1())
+    paths = {"private": out / name, "public": out / f"{name}.pub"}
+    atomic_write_bytes(paths["private"], key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                           serialization.NoEncryption()))
+    paths["private"].chmod(0o600)
+    atomic_write_bytes(paths["public"], key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                      serialization.PublicFormat.OpenSSH))
+    return paths
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
     p.add_argument("--host", action="append", help="host name or IP the SuperLink is reached at")
+    p.add_argument("--node-key", action="append", default=[], help="also make a SuperNode key pair of this name")
     a = p.parse_args()
     for k, v in make_certs(a.out, tuple(a.host or ("127.0.0.1", "localhost"))).items():
         print(f"{k}: {v}")
+    for name in a.node_key:
+        for k, v in make_node_key(a.out, name).items():
+            print(f"{name} {k}: {v}")

@@ -1,6 +1,8 @@
 """A real deployment on one machine: a SuperLink and N SuperNodes as separate processes talking
-over TLS on loopback (Flower 1.42's Fleet API is HTTPS; earlier releases used gRPC), each
-SuperNode with its own device storage and data directory, then `flwr run` against the SuperLink. Used by the deployment test and as a how-to.
+over TLS on loopback (Flower 1.42's Fleet API is HTTPS; earlier releases used gRPC), SuperNode
+authentication on (only registered public keys may join), each SuperNode with its own device
+storage and data directory, then `flwr run` against the SuperLink. Used by the deployment test
+and as a how-to.
 
     python -m simulations.deploy.run_local --out /tmp/deploy --supernodes 2
 """
@@ -16,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from simulations.deploy.certs import make_certs
+from simulations.deploy.certs import make_certs, make_node_key
 
 APP_DIR = Path(__file__).resolve().parents[2]
 
@@ -41,7 +43,7 @@ def export_digits_users(out: Path, n: int, seed: int = 0) -> list[Path]:
     dirs = []
     for pid in range(n):
         user = simulated_user(cfg, pid, n)
-        d = out / f"node-{pid}" / "data"
+        d = out / f"supernode-{pid}" / "data"
         d.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(user.unlabeled):
             Image.fromarray((img[0].numpy() * 255).round().astype("uint8")).save(d / f"img{i:04d}.png")
@@ -50,18 +52,27 @@ def export_digits_users(out: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 class Deployment:
-    def __init__(self, out: Path, data_dirs: list[Path]):
+    """SuperLink + SuperNodes as real processes. With `auth` (the default) the SuperLink admits only
+    SuperNodes whose public keys were registered with `flwr supernode register`; `intruders` more
+    SuperNodes try to join with keys nobody registered."""
+
+    def __init__(self, out: Path, data_dirs: list[Path], auth: bool = True, intruders: int = 0):
         self.out = out
         self.data_dirs = data_dirs
-        self.procs: list[subprocess.Popen] = []
+        self.auth = auth
+        self.intruders = intruders
+        self.procs: dict[str, subprocess.Popen] = {}
         # Flower starts its helpers (flower-superexec, flwr-serverapp) by name: this venv comes first
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self.env = dict(os.environ, FLWR_HOME=str(out / "flwr-home"), FLWR_DISABLE_UPDATE_CHECK="1", PATH=path)
 
     def _spawn(self, name: str, cmd: list[str]):
         log = open(self.out / f"{name}.log", "w")
-        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                           start_new_session=True))
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)
+
+    def log(self, name: str) -> str:
+        return (self.out / f"{name}.log").read_text(errors="replace")
 
     def start(self):
         certs = make_certs(self.out / "certs")
@@ -70,29 +81,69 @@ class Deployment:
         self._spawn("superlink", [
             _bin("flower-superlink"), "--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
             "--ssl-keyfile", str(certs["key"]), "--host", "127.0.0.1", "--port", str(self.port),
-            "--disable-runtime-dependency-installation", "--database", str(self.out / "state.db")])
-        for i, data in enumerate(self.data_dirs):
-            device = self.out / f"node-{i}" / "device"
-            self._spawn(f"supernode-{i}", [
-                _bin("flower-supernode"), "--root-certificates", str(certs["ca"]),
-                "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(free_port()),
-                "--node-config", f"device-dir='{device}' data-dir='{data}' device-name='node-{i}'"])
+            "--disable-runtime-dependency-installation", "--database", str(self.out / "state.db"),
+            *(["--enable-supernode-auth"] if self.auth else [])])
         home = self.out / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{self.port}"\n'
             f'root-certificates = "{certs["ca"]}"\n')
+        self._wait_for_superlink()
+        nodes = [(f"supernode-{i}", data, True) for i, data in enumerate(self.data_dirs)]
+        nodes += [(f"intruder-{i}", self.data_dirs[0], False) for i in range(self.intruders)]
+        for name, data, registered in nodes:
+            auth_args = []
+            if self.auth:
+                keys = make_node_key(self.out / "node-keys", name)
+                if registered:
+                    self.register(keys["public"])
+                auth_args = ["--auth-supernode-private-key", str(keys["private"])]
+            device = self.out / name / "device"
+            self._spawn(name, [
+                _bin("flower-supernode"), "--root-certificates", str(certs["ca"]),
+                "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(free_port()),
+                *auth_args, "--node-config", f"device-dir='{device}' data-dir='{data}' device-name='{name}'"])
         time.sleep(3)
-        for p in self.procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"a Flower process exited early (code {p.returncode}); logs in {self.out}")
+        for name in (n for n, _, reg in nodes if reg):
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"{name} exited early (code {self.procs[name].returncode}); see {self.out}/{name}.log")
 
-    def run(self, run_config: str, timeout: float = 600) -> dict:
-        report = self.out / "server" / "report.json"
+    def _wait_for_superlink(self, seconds: float = 60):
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            if self.procs["superlink"].poll() is not None:
+                raise RuntimeError(f"the SuperLink exited (code {self.procs['superlink'].returncode}); "
+                                   f"see {self.out}/superlink.log")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"the SuperLink did not listen on port {self.port} within {seconds:.0f} s")
+
+    def register(self, public_key: Path):
+        """Register a SuperNode's public key with the SuperLink (Flower's own CLI, over TLS)."""
+        for _ in range(20):  # the Control API may need a moment after the port opens
+            r = subprocess.run([_bin("flwr"), "supernode", "register", str(public_key), "deploy"], env=self.env,
+                               capture_output=True, text=True, timeout=60)
+            if r.returncode == 0:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"could not register {public_key}: {r.stdout[-500:]} {r.stderr[-500:]}")
+
+    def launch(self, run_config: str) -> subprocess.Popen:
+        """Start `flwr run` against the SuperLink; `wait` collects the report."""
         cmd = [_bin("flwr"), "run", str(APP_DIR), "deploy", "--stream", "-c",
                f"out-dir='{self.out / 'server'}' {run_config}"]
-        with open(self.out / "flwr-run.log", "w") as log:
-            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, timeout=timeout, check=False)
+        return subprocess.Popen(cmd, stdout=open(self.out / "flwr-run.log", "w"), stderr=subprocess.STDOUT,
+                                env=self.env)
+
+    def wait(self, run: subprocess.Popen, timeout: float = 600) -> dict:
+        report = self.out / "server" / "report.json"
+        try:
+            run.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            run.kill()
         deadline = time.time() + 60
         while not report.exists() and time.time() < deadline:  # the stream may end before the file lands
             time.sleep(1)
@@ -100,11 +151,19 @@ class Deployment:
             raise RuntimeError(f"no report at {report}; see {self.out}/flwr-run.log and the process logs")
         return json.loads(report.read_text())
 
+    def run(self, run_config: str, timeout: float = 600) -> dict:
+        return self.wait(self.launch(run_config), timeout)
+
+    def kill(self, name: str):
+        """Pull the plug on one process (a SuperNode and the ClientApp it runs): no goodbye."""
+        os.killpg(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait()
+
     def stop(self):
-        for p in self.procs:
+        for p in self.procs.values():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
+        for p in self.procs.values():
             try:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -118,11 +177,12 @@ def main(argv=None):
     p.add_argument("--data-dir", action="append", help="a device's data directory (once per SuperNode); "
                    "default: each device gets digits photos from the users' pool")
     p.add_argument("--run-config", default="", help="extra run config, e.g. \"summary-level='bitmap'\"")
+    p.add_argument("--no-auth", action="store_true", help="let any SuperNode join (no key registration)")
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     dirs = [Path(d).resolve() for d in a.data_dir] if a.data_dir else export_digits_users(out, a.supernodes)
-    dep = Deployment(out, dirs)
+    dep = Deployment(out, dirs, auth=not a.no_auth)
     try:
         dep.start()
         n = len(dirs)

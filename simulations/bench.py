@@ -1,0 +1,432 @@
+"""Benchmark: the paper's claims measured side by side with baselines on real data, one command.
+
+    fineprune bench --fsdd ../shared/data/fsdd --out runs/bench
+
+Fixed, seeded protocol. Tasks: digits (users hold 2-3 classes), FSDD leave-one-speaker-out (base
+trained on 5 speakers, the 6th is the user), FSDD seen speakers holding 3-4 digits. Every method runs
+on the same users; writes results.csv (one row per task x user x method), results.md,
+compaction.csv, accuracy_vs_sparsity.png and compute.png.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import ctypes
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import data as D
+from common.checkpoint import fingerprint, load_checkpoint
+from common.compact import compact
+from common.federation import model_bytes
+from common.models import prunable_layers
+from common.io import atomic_write_png, atomic_write_text
+from common.pretrain import pretrain
+from common.prune import PruneConfig, fine_prune, personalized_model
+from common.summary import build_summary, encode, model_usage_histograms
+from common.train import accuracy, time_inference, train_supervised
+
+LEVELS = (0.5, 0.7, 0.9)
+SCORERS = ("usage", "firing", "magnitude", "random")
+HEADLINE = ("usage+bn+restrict", "stop")        # our default: what a device runs
+BACKPROP = "backprop-5ep (labels)"
+MEMORY_METHODS = {("base", "-"), ("bn-recal", "-"), ("usage", "0.7"), ("usage", "stop"), HEADLINE,
+                  (BACKPROP, "-")}
+
+
+@dataclass
+class BenchUser:
+    user_id: str
+    x: torch.Tensor          # personalization inputs: unlabeled for every method but backprop
+    y: torch.Tensor          # their labels, used only by the backprop baseline
+    heldout_x: torch.Tensor  # evaluation only
+    heldout_y: torch.Tensor
+
+
+def plan(stop_sparsity: float | None = None) -> list[tuple[str, str, dict]]:
+    """(method, level, PruneConfig kwargs) in run order. Controls at level "stop" prune to the
+    sparsity the label-free stop rule reached with `usage` (matched); None until that is known."""
+    p = [("bn-recal", "-", dict(target_sparsity=0.0, recalibrate_bn=True)),
+         ("restrict", "-", dict(target_sparsity=0.0, restrict_outputs=True))]
+    for s in SCORERS:
+        for lv in LEVELS:
+            p.append((s, str(lv), dict(scoring=s, target_sparsity=lv)))
+        p.append((s, "stop", dict(scoring="usage") if s == "usage" else dict(scoring=s, target_sparsity=stop_sparsity)))
+    for lv in LEVELS:
+        p.append(("usage+bn", str(lv), dict(target_sparsity=lv, recalibrate_bn=True)))
+    p.append(("usage+bn", "stop", dict(recalibrate_bn=True)))
+    p.append((*HEADLINE, dict(recalibrate_bn=True, restrict_outputs=True)))
+    return p
+
+
+# ---------------------------------------------------------------- users and bases
+def digits_task(out: Path, seed: int, n_users: int, epochs: int | None):
+    ds = D.load_digits()
+    ck = out / "bases" / "digits.pt"
+    pretrain("digits", ck, seed=seed, ds=ds, epochs=epochs)
+    base, meta, _ = load_checkpoint(ck)
+    _, pool = D.vendor_user_split(len(ds), 0.5, seed)
+    sub = ds.subset(pool)
+    rng = np.random.default_rng(seed)
+    users = []
+    for i, g in enumerate(D.partition_class_subsets(sub.y.numpy(), n_users, (2, 3), seed)):
+        pers, ev = D.split_heldout(np.asarray(g), 0.3, rng)
+        users.append((base, meta, _user(f"user{i}", sub, pers, ev)))
+    return users
+
+
+def _user(uid, ds: D.Dataset, pers, ev) -> BenchUser:
+    p, e = torch.as_tensor(np.asarray(pers)), torch.as_tensor(np.asarray(ev))
+    return BenchUser(str(uid), ds.x[p], ds.y[p], ds.x[e], ds.y[e])
+
+
+def fsdd_loso_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log):
+    users = []
+    for spk in sorted(set(ds.groups.tolist())):
+        ck = out / "bases" / f"fsdd_without_{spk}.pt"
+        r = pretrain("fsdd", ck, seed=seed, exclude_speaker=spk, ds=ds, epochs=epochs)
+        log(f"  fsdd base without {spk}: seen-speaker test accuracy {r['test_accuracy']:.3f} "
+            f"({r['train_seconds']:.0f} s)")
+        idx = np.flatnonzero(ds.groups == spk)  # official split: takes 0-4 are the test takes
+        users.append((*load_checkpoint(ck)[:2], _user(spk, ds, idx[ds.takes[idx] >= 5], idx[ds.takes[idx] < 5])))
+    return users
+
+
+def fsdd_seen_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log):
+    """The vendor trains on takes 25-49 of every speaker; each speaker is then a user holding 3-4
+    digits: takes 5-24 unlabeled, takes 0-4 held out (never seen by the vendor either)."""
+    idx = np.arange(len(ds))
+    ck = out / "bases" / "fsdd_seen.pt"
+    r = pretrain("fsdd", ck, seed=seed, ds=ds, epochs=epochs, indices=(idx[ds.takes >= 25], idx[ds.takes < 5]))
+    log(f"  fsdd base on takes 25-49: test accuracy {r['test_accuracy']:.3f} ({r['train_seconds']:.0f} s)")
+    base, meta, _ = load_checkpoint(ck)
+    rng = np.random.default_rng(seed)
+    users = []
+    for spk in sorted(set(ds.groups.tolist())):
+        digits = rng.choice(10, size=int(rng.integers(3, 5)), replace=False)
+        mine = idx[(ds.groups == spk) & np.isin(ds.y.numpy(), digits) & (ds.takes < 25)]
+        users.append((base, meta, _user(f"{spk}:{''.join(map(str, sorted(digits)))}", ds,
+                                  mine[ds.takes[mine] >= 5], mine[ds.takes[mine] < 5])))
+    return users
+
+
+# ---------------------------------------------------------------- one user, every method
+def run_user(task: str, base, user: BenchUser, measure_memory: bool) -> list[dict]:
+    base_acc = accuracy(base, user.heldout_x, user.heldout_y)
+    infer_s = time_inference(base, user.x)
+    n = len(user.x)
+    fp, size = fingerprint(base), model_bytes(base)
+    common = {"task": task, "user": user.user_id, "n_unlabeled": n, "n_heldout": len(user.heldout_y),
+              "accuracy_base": base_acc, "inference_seconds": infer_s}
+    rows = [dict(common, method="base", level="-", accuracy=base_acc, sparsity=0.0, stop_reason="",
+                 seconds=infer_s, forward_passes=1.0, backward_passes=0.0, upload_bytes=0, bitmap_bytes=0,
+                 peak_mb=_peak_mb("inference", base, user.x) if measure_memory else None)]
+    stop_sparsity = None
+    for method, level, kw in plan():
+        if level == "stop" and method in SCORERS and method != "usage":
+            kw = dict(kw, target_sparsity=stop_sparsity)
+        cfg = PruneConfig(**kw)
+        model = copy.deepcopy(base)
+        res = fine_prune(model, user.x, cfg)
+        if (method, level) == ("usage", "stop"):
+            stop_sparsity = round(res.sparsity, 6)
+        hist = model_usage_histograms(base, res.stats)
+        rows.append(dict(common, method=method, level=level,
+                         accuracy=accuracy(personalized_model(model, res), user.heldout_x, user.heldout_y),
+                         sparsity=res.sparsity, stop_reason=res.stop_reason, seconds=res.seconds,
+                         forward_passes=res.forward_samples / n, backward_passes=0.0,
+                         upload_bytes=len(encode(build_summary(res.mask, hist, "sketch", fp, size))),
+                         bitmap_bytes=len(encode(build_summary(res.mask, hist, "bitmap", fp, size))),
+                         peak_mb=(_peak_mb("prune", base, user.x, cfg=cfg)
+                                  if measure_memory and (method, level) in MEMORY_METHODS else None)))
+    # the expensive baseline: backprop with the labels a device does not have; in a federation it
+    # would upload its weights (or their update), the dense fp32 model
+    model = copy.deepcopy(base)
+    cost = train_supervised(model, user.x, user.y, epochs=5, lr=5e-4, batch_size=32)
+    rows.append(dict(common, method=BACKPROP, level="-", accuracy=accuracy(model, user.heldout_x, user.heldout_y),
+                     sparsity=0.0, stop_reason="", seconds=cost["seconds"],
+                     forward_passes=cost["forward_samples"] / n, backward_passes=cost["backward_samples"] / n,
+                     upload_bytes=size, bitmap_bytes=0,
+                     peak_mb=(_peak_mb("backprop", base, user.x, user.y) if measure_memory else None)))
+    for r in rows:
+        r["x_inference"] = r["seconds"] / infer_s
+    return rows
+
+
+def _peak_mb(kind: str, base, x, y=None, cfg: PruneConfig | None = None) -> float | None:
+    """Peak memory one method adds on top of the loaded model and data, in MB. It runs in a fresh
+    (spawned) child process: forking a process whose torch thread pool has run deadlocks. The
+    child returns free heap to the OS first, so reuse cannot hide growth, and resets the kernel's
+    high-water mark (VmHWM) before the run."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_peak_child, (kind, base, x, y, cfg, torch.get_num_threads()))
+
+
+def _peak_child(kind, base, x, y, cfg, threads) -> float:
+    torch.set_num_threads(threads)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    start = _status_kb("VmHWM")
+    if kind == "inference":
+        time_inference(base, x, repeats=1)
+    elif kind == "prune":
+        fine_prune(copy.deepcopy(base), x, cfg)
+    else:  # one epoch of backprop
+        train_supervised(copy.deepcopy(base), x, y, epochs=1, batch_size=32)
+    return (_status_kb("VmHWM") - start) / 1024
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+# ---------------------------------------------------------------- compaction
+def compaction_rows(task, base, meta: dict, user: BenchUser) -> list[dict]:
+    """Latency (1 sample, 1 thread) and size of compacted personalized models vs the base."""
+    layers = prunable_layers(base)
+    widths = tuple(layers[n].weight.shape[0] for n in base.prunable_chain[:-1])
+    out = []
+    for name, kw in (("usage+bn+restrict@stop", dict(recalibrate_bn=True, restrict_outputs=True)),
+                     ("firing@0.3 per layer+bn+restrict", dict(scoring="firing", scope="layer", target_sparsity=0.3,
+                                                               recalibrate_bn=True, restrict_outputs=True))):
+        model = copy.deepcopy(base)
+        res = fine_prune(model, user.x, PruneConfig(**kw))
+        small, _, new_kw = compact(model, res.mask, meta["arch"], meta["arch_kwargs"])
+        one = user.x[:1]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one edge CPU core, one sample
+        lat = {k: min(_latency(m, one) for _ in range(5)) for k, m in (("base", base), ("compact", small))}
+        torch.set_num_threads(threads)
+        same = torch.equal(model(user.x[:64]).argmax(1), small(user.x[:64]).argmax(1))
+        out.append({"task": task, "user": user.user_id, "method": name, "sparsity": res.sparsity,
+                    "accuracy": accuracy(personalized_model(model, res), user.heldout_x, user.heldout_y),
+                    "widths_base": str(widths), "widths_compact": str(tuple(new_kw["widths"])),
+                    "latency_ms_base": lat["base"] * 1e3, "latency_ms_compact": lat["compact"] * 1e3,
+                    "bytes_base": _state_bytes(base), "bytes_compact": _state_bytes(small),
+                    "same_predictions": same})
+    return out
+
+
+def _state_bytes(model) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return len(buf.getvalue())
+
+
+@torch.no_grad()
+def _latency(model, x, n=50):
+    model.eval()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        model(x)
+    return (time.perf_counter() - t0) / n
+
+
+# ---------------------------------------------------------------- tables and plots
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        for key in dict.fromkeys((r["method"], r["level"]) for r in rows if r["task"] == task):
+            rs = [r for r in rows if r["task"] == task and (r["method"], r["level"]) == key]
+            mem = [r["peak_mb"] for r in rs if r["peak_mb"] is not None]
+            out.append({"task": task, "method": key[0], "level": key[1], "users": len(rs),
+                        **{k: float(np.mean([r[k] for r in rs])) for k in
+                           ("accuracy_base", "accuracy", "sparsity", "seconds", "x_inference", "forward_passes",
+                            "backward_passes", "upload_bytes")},
+                        "accuracy_min": float(np.min([r["accuracy"] for r in rs])),
+                        "peak_mb": float(np.mean(mem)) if mem else None})
+    return out
+
+
+def headline(summary: list[dict]) -> list[dict]:
+    """Per task: the label-free stop vs the paper's ~70% / ~90%, the winner at 70%, and costs."""
+    out = []
+    for task in dict.fromkeys(s["task"] for s in summary):
+        get = {(s["method"], s["level"]): s for s in summary if s["task"] == task}
+        at70 = {m: get[(m, "0.7")]["accuracy"] for m in SCORERS + ("usage+bn",) if (m, "0.7") in get}
+        stop, bp = get[HEADLINE], get[(BACKPROP, "-")]
+        out.append({"task": task, "base_accuracy": get[("base", "-")]["accuracy"],
+                    "stop_accuracy": stop["accuracy"], "stop_sparsity": stop["sparsity"],
+                    "winner_at_0.7": max(at70, key=at70.get), "accuracy_at_0.7": at70,
+                    "stop_x_inference": stop["x_inference"], "backprop_x_inference": bp["x_inference"],
+                    "backprop_over_stop_time": bp["seconds"] / stop["seconds"],
+                    "target_0.7_x_inference": get[("usage", "0.7")]["x_inference"],
+                    "backprop_over_target_0.7_time": bp["seconds"] / get[("usage", "0.7")]["seconds"],
+                    "backprop_accuracy": bp["accuracy"]})
+    return out
+
+
+def to_markdown(summary, heads, comps, wall: float) -> str:
+    lines = ["| task | method | sparsity level | users | acc (base) | acc | min user acc | sparsity | s/user | "
+             "x one inference pass | fwd passes | bwd passes | upload B | peak MB |", "|" + "---|" * 14]
+    for s in summary:
+        pk = f"{s['peak_mb']:.1f}" if s["peak_mb"] is not None else ""
+        lines.append(f"| {s['task']} | {s['method']} | {s['level']} | {s['users']} | {s['accuracy_base']:.3f} | "
+                     f"{s['accuracy']:.3f} | {s['accuracy_min']:.3f} | {s['sparsity']:.3f} | {s['seconds']:.3f} | "
+                     f"{s['x_inference']:.2f} | {s['forward_passes']:.2f} | {s['backward_passes']:.1f} | "
+                     f"{s['upload_bytes']:.0f} | {pk} |")
+    lines += ["", "| task | base acc | label-free stop (usage+bn+restrict): acc @ sparsity | winner at 70% | "
+              "stop: x inference | backprop / stop time | usage@0.7: x inference | backprop / usage@0.7 time | "
+              "backprop acc |", "|" + "---|" * 9]
+    for h in heads:
+        lines.append(f"| {h['task']} | {h['base_accuracy']:.3f} | {h['stop_accuracy']:.3f} @ {h['stop_sparsity']:.3f} "
+                     f"| {h['winner_at_0.7']} ({h['accuracy_at_0.7'][h['winner_at_0.7']]:.3f}) | "
+                     f"{h['stop_x_inference']:.2f} | {h['backprop_over_stop_time']:.1f}x | "
+                     f"{h['target_0.7_x_inference']:.2f} | {h['backprop_over_target_0.7_time']:.1f}x | "
+                     f"{h['backprop_accuracy']:.3f} |")
+    if comps:
+        lines += ["", "| task | compacted model | sparsity | acc | widths base -> compact | latency ms (1 sample, "
+                  "1 thread) | bytes | same predictions |", "|" + "---|" * 8]
+        for c in comps:
+            lines.append(f"| {c['task']} | {c['method']} | {c['sparsity']:.3f} | {c['accuracy']:.3f} | "
+                         f"{c['widths_base']} -> {c['widths_compact']} | {c['latency_ms_base']:.3f} -> "
+                         f"{c['latency_ms_compact']:.3f} | {c['bytes_base']} -> {c['bytes_compact']} | "
+                         f"{c['same_predictions']} |")
+    lines += ["", f"Wall time of the whole benchmark: {wall:.0f} s on {torch.get_num_threads()} CPU threads."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_sparsity(summary, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        get = {(s["method"], s["level"]): s for s in summary if s["task"] == task}
+        start = {"usage+bn": get[("bn-recal", "-")]}
+        for m in SCORERS + ("usage+bn",):
+            pts = [start.get(m, get[("base", "-")])] + [get[(m, str(lv))] for lv in LEVELS]
+            line, = ax.plot([p["sparsity"] for p in pts], [p["accuracy"] for p in pts], "o-", label=m)
+            st = get[(m, "stop")]
+            ax.plot(st["sparsity"], st["accuracy"], "*", ms=12, color=line.get_color())
+        h = get[HEADLINE]
+        ax.plot(h["sparsity"], h["accuracy"], "kP", ms=11, label="usage+bn+restrict, label-free stop")
+        ax.axhline(get[(BACKPROP, "-")]["accuracy"], color="grey", ls="--", label="backprop 5 ep (labels)")
+        ax.axhline(get[("base", "-")]["accuracy"], color="black", ls=":", label="base model")
+        ax.set_title(f"{task} (stars: label-free stop / matched)")
+        ax.set_xlabel("sparsity of prunable weights")
+        ax.set_ylabel("mean held-out accuracy")
+        ax.set_ylim(0, 1.02)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    atomic_write_png(path, fig)
+
+
+def plot_compute(summary, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    show = [("base", "-"), ("bn-recal", "-"), ("usage", "0.7"), ("usage", "stop"), HEADLINE, (BACKPROP, "-")]
+    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(show)
+    for i, key in enumerate(show):
+        vals = [next(s["x_inference"] for s in summary if s["task"] == t and (s["method"], s["level"]) == key)
+                for t in tasks]
+        ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=f"{key[0]} {key[1] if key[1] != '-' else ''}")
+    ax.set_xticks(np.arange(len(tasks)) + width * (len(show) - 1) / 2, tasks)
+    ax.set_yscale("log")
+    ax.set_ylabel("wall time / one inference pass (log)")
+    ax.set_title("Compute per user, in units of one plain inference pass over the same data")
+    ax.legend(fontsize=7)
+    atomic_write_png(path, fig)
+
+
+def _write_csv(path: Path, rows: list[dict]):
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------- entry point
+def run(out: Path, fsdd: str | None, seed: int = 0, digits_users: int = 10, digits_epochs: int | None = None,
+        fsdd_epochs: int | None = 12, tasks=("digits", "fsdd-loso", "fsdd-seen"), memory: bool = True,
+        log=print) -> dict:
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    jobs = []
+    if "digits" in tasks:
+        jobs.append(("digits", lambda: digits_task(out, seed, digits_users, digits_epochs)))
+    if fsdd and ("fsdd-loso" in tasks or "fsdd-seen" in tasks):
+        ds = D.load_fsdd(fsdd)
+        if "fsdd-loso" in tasks:
+            jobs.append(("fsdd-loso", lambda: fsdd_loso_task(out, ds, seed, fsdd_epochs, log)))
+        if "fsdd-seen" in tasks:
+            jobs.append(("fsdd-seen", lambda: fsdd_seen_task(out, ds, seed, fsdd_epochs, log)))
+    if not jobs:
+        raise ValueError("nothing to run: choose a task (FSDD tasks need --fsdd DIR)")
+    rows, comps = [], []
+    for task, make in jobs:
+        log(f"[{time.perf_counter() - t0:5.0f} s] {task}: pretraining base model(s)")
+        users = make()
+        for i, (base, _, user) in enumerate(users):
+            rows += run_user(task, base, user, measure_memory=memory and i == 0)
+            log(f"[{time.perf_counter() - t0:5.0f} s] {task}: user {user.user_id} done ({i + 1}/{len(users)})")
+        comps += compaction_rows(task, *users[0])
+    summary = summarize(rows)
+    heads = headline(summary)
+    wall = time.perf_counter() - t0
+    _write_csv(out / "results.csv", rows)
+    _write_csv(out / "compaction.csv", comps)
+    md = to_markdown(summary, heads, comps, wall)
+    atomic_write_text(out / "results.md", md)
+    plot_accuracy_vs_sparsity(summary, out / "accuracy_vs_sparsity.png")
+    plot_compute(summary, out / "compute.png")
+    result = {"summary": summary, "headline": heads, "compaction": comps, "wall_seconds": wall}
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=float))
+    return result
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="fineprune bench", description=__doc__.splitlines()[0])
+    p.add_argument("--fsdd", help="FSDD directory (e.g. ../shared/data/fsdd); without it, digits only")
+    p.add_argument("--out", default="runs/bench", help="directory for results.csv/.md/.json and plots")
+    p.add_argument("--tasks", default="digits,fsdd-loso,fsdd-seen", help="comma-separated subset")
+    p.add_argument("--digits-users", type=int, default=10)
+    p.add_argument("--fsdd-epochs", type=int, default=12, help="pretraining epochs of the FSDD bases (default 12)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(args) -> dict:
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    unknown = set(tasks) - {"digits", "fsdd-loso", "fsdd-seen"}
+    if unknown:
+        raise ValueError(f"unknown bench task(s): {', '.join(sorted(unknown))} (choose from: digits, fsdd-loso, fsdd-seen)")
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    res = run(Path(args.out), args.fsdd, args.seed, args.digits_users, fsdd_epochs=args.fsdd_epochs, tasks=tasks,
+              memory=not args.no_memory, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print((Path(args.out) / "results.md").read_text(), file=sys.stderr)
+    return {"results": str(Path(args.out) / "results.md"), "headline": res["headline"],
+            "wall_seconds": res["wall_seconds"]}
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())
