@@ -169,7 +169,10 @@ def load_image_files(root: Path, image_size: int, channels: int) -> torch.Tensor
             img = Image.open(p).convert("L" if channels == 1 else "RGB")
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"unreadable image {p}: {exc}") from None
-        img = img.resize((image_size, image_size))
+        if min(img.size) < image_size:  # upscaling would invent the detail the model looks at
+            raise DataError(f"image {p} is {img.size[0]}x{img.size[1]}, smaller than the model's "
+                            f"{image_size}x{image_size} input")
+        img = img.resize((image_size, image_size))  # larger photos are scaled down
         out.append(F.to_tensor(img))
     return torch.stack(out)
 

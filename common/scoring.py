@@ -34,6 +34,15 @@ def usage_score(w: torch.Tensor, st: LayerStats, gen=None) -> torch.Tensor:
     return w.abs() * _broadcast_inputs(st.input_norm(), w)
 
 
+@register("usage-share")
+def usage_share_score(w: torch.Tensor, st: LayerStats, gen=None) -> torch.Tensor:
+    """usage relative to the unit it feeds: |w_ij| ||x_j|| / ||(|w_ik| ||x_k||)_k||_2. A synapse
+    carrying a small share of its unit's input signal goes first, whatever the layer's scale, so
+    one global ranking does not strip a layer just because its activations are small."""
+    u = usage_score(w, st)
+    return u / (u.reshape(u.shape[0], -1).norm(dim=1).view(-1, *([1] * (w.dim() - 1))) + 1e-12)
+
+
 @register("firing", structured=True)
 def firing_score(w: torch.Tensor, st: LayerStats, gen=None) -> torch.Tensor:
     """Whole units ranked by how often they fire for this user (mean activation breaks ties)."""

@@ -36,7 +36,8 @@ from common.summary import build_summary, encode, model_usage_histograms
 from common.train import accuracy, time_inference, train_supervised
 
 LEVELS = (0.5, 0.7, 0.9)
-SCORERS = ("usage", "firing", "magnitude", "random")
+SCORERS = ("usage", "usage-share", "firing", "magnitude", "random")
+WITH_BN = ("usage+bn", "magnitude+bn")  # criteria compared with BatchNorm recalibration, as a device runs them
 HEADLINE = ("usage+bn+restrict", "stop")        # our default: what a device runs
 BACKPROP = "backprop-5ep (labels)"
 MEMORY_METHODS = {("base", "-"), ("bn-recal", "-"), ("usage", "0.7"), ("usage", "stop"), HEADLINE,
@@ -52,18 +53,22 @@ class BenchUser:
     heldout_y: torch.Tensor
 
 
-def plan(stop_sparsity: float | None = None) -> list[tuple[str, str, dict]]:
+def plan() -> list[tuple[str, str, dict]]:
     """(method, level, PruneConfig kwargs) in run order. Controls at level "stop" prune to the
-    sparsity the label-free stop rule reached with `usage` (matched); None until that is known."""
+    sparsity the label-free stop rule reached with `usage` (with BatchNorm recalibration: with
+    `usage+bn`), filled in by run_user once known."""
     p = [("bn-recal", "-", dict(target_sparsity=0.0, recalibrate_bn=True)),
          ("restrict", "-", dict(target_sparsity=0.0, restrict_outputs=True))]
     for s in SCORERS:
         for lv in LEVELS:
             p.append((s, str(lv), dict(scoring=s, target_sparsity=lv)))
-        p.append((s, "stop", dict(scoring="usage") if s == "usage" else dict(scoring=s, target_sparsity=stop_sparsity)))
-    for lv in LEVELS:
-        p.append(("usage+bn", str(lv), dict(target_sparsity=lv, recalibrate_bn=True)))
+        p.append((s, "stop", dict(scoring="usage") if s == "usage" else dict(scoring=s, target_sparsity=None)))
+    for m in WITH_BN:
+        scoring = m.split("+")[0]
+        for lv in LEVELS:
+            p.append((m, str(lv), dict(scoring=scoring, target_sparsity=lv, recalibrate_bn=True)))
     p.append(("usage+bn", "stop", dict(recalibrate_bn=True)))
+    p.append(("magnitude+bn", "stop", dict(scoring="magnitude", recalibrate_bn=True, target_sparsity=None)))
     p.append((*HEADLINE, dict(recalibrate_bn=True, restrict_outputs=True)))
     return p
 
@@ -130,15 +135,15 @@ def run_user(task: str, base, user: BenchUser, measure_memory: bool) -> list[dic
     rows = [dict(common, method="base", level="-", accuracy=base_acc, sparsity=0.0, stop_reason="",
                  seconds=infer_s, forward_passes=1.0, backward_passes=0.0, upload_bytes=0, bitmap_bytes=0,
                  peak_mb=_peak_mb("inference", base, user.x) if measure_memory else None)]
-    stop_sparsity = None
+    stops = {}  # the sparsity each label-free stop reached, for the matched controls
     for method, level, kw in plan():
-        if level == "stop" and method in SCORERS and method != "usage":
-            kw = dict(kw, target_sparsity=stop_sparsity)
+        if level == "stop" and "target_sparsity" in kw:
+            kw = dict(kw, target_sparsity=stops["usage+bn" if method.endswith("+bn") else "usage"])
         cfg = PruneConfig(**kw)
         model = copy.deepcopy(base)
         res = fine_prune(model, user.x, cfg)
-        if (method, level) == ("usage", "stop"):
-            stop_sparsity = round(res.sparsity, 6)
+        if level == "stop" and "target_sparsity" not in kw:
+            stops[method] = round(res.sparsity, 6)
         hist = model_usage_histograms(base, res.stats)
         rows.append(dict(common, method=method, level=level,
                          accuracy=accuracy(personalized_model(model, res), user.heldout_x, user.heldout_y),
@@ -264,7 +269,7 @@ def headline(summary: list[dict]) -> list[dict]:
     out = []
     for task in dict.fromkeys(s["task"] for s in summary):
         get = {(s["method"], s["level"]): s for s in summary if s["task"] == task}
-        at70 = {m: get[(m, "0.7")]["accuracy"] for m in SCORERS + ("usage+bn",) if (m, "0.7") in get}
+        at70 = {m: get[(m, "0.7")]["accuracy"] for m in SCORERS + WITH_BN if (m, "0.7") in get}
         stop, bp = get[HEADLINE], get[(BACKPROP, "-")]
         out.append({"task": task, "base_accuracy": get[("base", "-")]["accuracy"],
                     "stop_accuracy": stop["accuracy"], "stop_sparsity": stop["sparsity"],
@@ -316,8 +321,8 @@ def plot_accuracy_vs_sparsity(summary, path: Path):
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         get = {(s["method"], s["level"]): s for s in summary if s["task"] == task}
-        start = {"usage+bn": get[("bn-recal", "-")]}
-        for m in SCORERS + ("usage+bn",):
+        start = {m: get[("bn-recal", "-")] for m in WITH_BN}
+        for m in SCORERS + WITH_BN:
             pts = [start.get(m, get[("base", "-")])] + [get[(m, str(lv))] for lv in LEVELS]
             line, = ax.plot([p["sparsity"] for p in pts], [p["accuracy"] for p in pts], "o-", label=m)
             st = get[(m, "stop")]

@@ -37,7 +37,7 @@ from common.prune import fine_prune
 from common.summary import build_summary, decode, encode, model_usage_histograms
 from server.analysis import analyze
 
-EPSILONS = (None, 8.0, 4.0, 2.0, 1.0, 0.5)  # None: exact bitmaps, no privacy mode
+EPSILONS = (None, 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.1)  # None: exact bitmaps, no privacy mode
 
 
 def personalized_masks(base, ds: D.Dataset, idx: np.ndarray, n_users: int, seed: int):
@@ -209,7 +209,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/privacy")
     p.add_argument("--users", type=int, default=30)
     p.add_argument("--shadow-users", type=int, default=30)
-    p.add_argument("--epsilons", default="none,8,4,2,1,0.5", help="comma-separated; 'none' = exact bitmaps")
+    p.add_argument("--epsilons", default="none,8,4,2,1,0.5,0.25,0.1", help="comma-separated; 'none' = exact bitmaps")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     eps = tuple(None if e.strip() == "none" else float(e) for e in a.epsilons.split(","))

@@ -67,37 +67,78 @@ def test_help_lists_the_commands():
     assert r.returncode == 0 and "--device" in r.stdout and "--scoring" in r.stdout
 
 
-def test_bad_inputs_give_one_clear_line_and_write_nothing(tmp_path, base_ckpt, user_dir):
-    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
-    (tmp_path / "empty").mkdir()
-    np.save(tmp_path / "wrong.npy", np.zeros((5, 3, 32, 32), dtype="float32"))
-    np.save(tmp_path / "nan.npy", np.full((5, 1, 8, 8), np.nan, dtype="float32"))
-    _, meta, _ = load_checkpoint(base_ckpt)
-    m, _, _ = load_checkpoint(base_ckpt)
-    save_checkpoint(tmp_path / "badarch.pt", m, {**meta, "arch": "transformer9000"})
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, base_ckpt):
+    """One of each kind of bad input a user can hand the command line."""
+    import soundfile as sf
+    from PIL import Image
+
+    from common.models import build_model
+
+    d = tmp_path_factory.mktemp("bad")
+    (d / "junk.pt").write_bytes(b"\x00garbage")
+    (d / "truncated.pt").write_bytes(base_ckpt.read_bytes()[:5000])
+    (d / "empty").mkdir()
+    np.save(d / "wrong.npy", np.zeros((5, 3, 32, 32), dtype="float32"))
+    np.save(d / "nan.npy", np.full((5, 1, 8, 8), np.nan, dtype="float32"))
+    (d / "notarray.npy").write_bytes(b"not numpy at all")
+    m, meta, _ = load_checkpoint(base_ckpt)
+    save_checkpoint(d / "badarch.pt", m, {**meta, "arch": "transformer9000"})
+    (d / "brokenimg").mkdir()
+    (d / "brokenimg" / "a.png").write_bytes(b"\x89PNG not really")
+    (d / "tinyimg").mkdir()
+    Image.new("L", (4, 4)).save(d / "tinyimg" / "a.png")
+    kws = build_model("kws")  # an (untrained) speech model: the WAV checks come before any pruning
+    save_checkpoint(d / "kws.pt", kws, {"arch": "kws", "arch_kwargs": {}, "task": "fsdd", "classes": list("0123456789"),
+                                        "features": {"kind": "audio", "sample_rate": 8000, "clip_samples": 8000}})
+    (d / "rate").mkdir()
+    sf.write(d / "rate" / "a.wav", np.zeros(16000, dtype="float32"), 16000)
+    (d / "badwav").mkdir()
+    (d / "badwav" / "a.wav").write_bytes(b"RIFF....WAVEjunk")
+    return d
+
+
+BAD_CLI_CASES = {  # name: (arguments with {d} = the bad files, {b} = the base, {u} = photos), message
+    "missing checkpoint": (["--model", "{d}/missing.pt", "--data", "{u}"], "checkpoint not found"),
+    "corrupt checkpoint": (["--model", "{d}/junk.pt", "--data", "{u}"], "checkpoint file"),
+    "truncated checkpoint": (["--model", "{d}/truncated.pt", "--data", "{u}"], "checkpoint file"),
+    "unknown model": (["--model", "{d}/badarch.pt", "--data", "{u}"], "unknown model 'transformer9000'"),
+    "empty data directory": (["--model", "{b}", "--data", "{d}/empty"], "no image files"),
+    "missing data directory": (["--model", "{b}", "--data", "{d}/nowhere"], "not found"),
+    "wrong-shaped array": (["--model", "{b}", "--data", "{d}/wrong.npy"], "the model expects (1, 8, 8)"),
+    "NaN inputs": (["--model", "{b}", "--data", "{d}/nan.npy"], "NaN"),
+    "unreadable array": (["--model", "{b}", "--data", "{d}/notarray.npy"], "unreadable input array"),
+    "unreadable image": (["--model", "{b}", "--data", "{d}/brokenimg"], "unreadable image"),
+    "image too small": (["--model", "{b}", "--data", "{d}/tinyimg"], "smaller than the model's 8x8 input"),
+    "wrong-rate WAV": (["--model", "{d}/kws.pt", "--data", "{d}/rate"], "sample rate 16000 Hz, expected 8000"),
+    "unreadable WAV": (["--model", "{d}/kws.pt", "--data", "{d}/badwav"], "unreadable WAV"),
+    "unknown scoring": (["--model", "{b}", "--data", "{u}", "--scoring", "vibes"], "unknown scoring 'vibes'"),
+    "unknown stop rule": (["--model", "{b}", "--data", "{u}", "--stop-rule", "x"], "unknown stop rule"),
+    "unknown device": (["--model", "{b}", "--data", "{u}", "--device", "tpu"], "unknown device"),
+    "bad target sparsity": (["--model", "{b}", "--data", "{u}", "--target-sparsity", "1.5"], "target sparsity"),
+}
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize("case", list(BAD_CLI_CASES))
+def test_bad_input_gives_one_clear_line_and_writes_nothing(tmp_path, bad_files, base_ckpt, user_dir, case):
+    args, msg = BAD_CLI_CASES[case]
+    args = [a.format(d=bad_files, b=base_ckpt, u=user_dir) for a in args]
     out = tmp_path / "out.pt"
-    cases = [
-        (["--model", tmp_path / "missing.pt", "--data", user_dir], "checkpoint not found"),
-        (["--model", tmp_path / "junk.pt", "--data", user_dir], "checkpoint file"),
-        (["--model", tmp_path / "badarch.pt", "--data", user_dir], "unknown model 'transformer9000'"),
-        (["--model", base_ckpt, "--data", tmp_path / "empty"], "no image files"),
-        (["--model", base_ckpt, "--data", tmp_path / "nowhere"], "not found"),
-        (["--model", base_ckpt, "--data", tmp_path / "wrong.npy"], "the model expects (1, 8, 8)"),
-        (["--model", base_ckpt, "--data", tmp_path / "nan.npy"], "NaN"),
-        (["--model", base_ckpt, "--data", user_dir, "--scoring", "vibes"], "unknown scoring 'vibes'"),
-        (["--model", base_ckpt, "--data", user_dir, "--stop-rule", "x"], "unknown stop rule"),
-        (["--model", base_ckpt, "--data", user_dir, "--device", "tpu"], "unknown device"),
-    ]
-    for args, msg in cases:
-        r = run_cli("personalize", *args, "--out", out)
-        assert r.returncode == 2, (args, r.stderr)
-        assert "Traceback" not in r.stderr
-        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-        assert len(lines) == 1 and lines[0].startswith("fineprune: error:") and msg in lines[0], r.stderr
-        assert not out.exists()
-    r = run_cli("pretrain", "--task", "imagenet", "--out", out)
-    assert r.returncode == 2 and "unknown task 'imagenet'" in r.stderr and not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files
+    out.write_bytes(b"the user's previous model")  # must survive a failed run untouched
+    r = run_cli("personalize", *args, "--out", out)
+    assert r.returncode == 2, (args, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fineprune: error:") and msg in lines[0], r.stderr
+    assert out.read_bytes() == b"the user's previous model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]  # no temp files
+
+
+@pytest.mark.badinput
+def test_unknown_task_is_refused(tmp_path):
+    r = run_cli("pretrain", "--task", "imagenet", "--out", tmp_path / "out.pt")
+    assert r.returncode == 2 and "unknown task 'imagenet'" in r.stderr and not (tmp_path / "out.pt").exists()
 
 
 def test_speech_personalization_on_a_wav_directory(tmp_path, fsdd_dir):

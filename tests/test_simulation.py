@@ -16,6 +16,7 @@ def crash_run(tmp_path_factory):
     return out, report
 
 
+@pytest.mark.fault
 def test_round_completes_without_the_crashed_client(crash_run):
     out, report = crash_run
     r1 = report["rounds"][0]
@@ -59,6 +60,7 @@ def r_model_bytes(report):
     return report["rounds"][0]["base_bytes"]
 
 
+@pytest.mark.fault
 def test_restart_resumes_stored_personalizations(tmp_path):
     overrides = {"num-clients": 2, "out-dir": str(tmp_path), "summary-level": "sketch"}
     first = simulate(overrides)
@@ -67,3 +69,14 @@ def test_restart_resumes_stored_personalizations(tmp_path):
     assert all(c["resumed"] for c in second["clients"])
     assert [c["sparsity"] for c in first["clients"]] == [c["sparsity"] for c in second["clients"]]
     assert first["analysis"]["similarity_method"] == "estimated (sketch)"
+    # the restarted server kept what the first run reported
+    assert second["previous_runs"][-1]["clients"] == first["clients"]
+
+
+def test_private_summaries_run_end_to_end(tmp_path):
+    report = simulate({"num-clients": 3, "out-dir": str(tmp_path), "summary-level": "bitmap",
+                       "privacy-epsilon": 2.0})
+    a = report["analysis"]
+    assert len(report["clients"]) == 3 and not report["rejected"]
+    assert all(c["sparsity_estimated"] and 0.2 < c["sparsity"] < 1 for c in report["clients"])
+    assert a["privacy_epsilon"] == 2.0 and a["similarity_method"].startswith("estimated (private bitmap")

@@ -70,7 +70,15 @@ def test_bitmap_round_trip_is_bit_exact(user_masks, _digits_base):
         assert back.pruned == [int((~v).sum()) for v in m.layers.values()]
 
 
-def test_malformed_summaries_are_rejected_with_a_reason(_digits_base, user_masks):
+MALFORMED = ["bad magic", "truncated", "wrong version", "wrong fingerprint", "wrong layer count",
+             "count out of range", "negative count", "bad histogram", "bitmap disagrees", "bitmap cut",
+             "not bytes", "garbage zlib", "over the size limit", "sketch cut", "NaN count", "bool count",
+             "sketch on a bitmap level"]
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_summary_is_rejected_with_a_reason(_digits_base, user_masks, case):
     fp, shapes, size = fingerprint(_digits_base), _shapes(_digits_base), model_bytes(_digits_base)
     hist = _hist(_digits_base)
     good = build_summary(user_masks[0], hist, "bitmap", fp, size)
@@ -83,25 +91,26 @@ def test_malformed_summaries_are_rejected_with_a_reason(_digits_base, user_masks
         return encode(s)
 
     n = struct.unpack_from("<I", raw, len(MAGIC))[0]
-    cases = {
-        "bad magic": (b"XXXXXX" + raw[6:], "bad magic"),
-        "truncated": (raw[:len(MAGIC) + 10], "corrupt summary header"),
-        "wrong version": (variant(version=99), "format version 99"),
-        "wrong fingerprint": (variant(fingerprint="0" * 32), "not " + fp[:12]),
-        "wrong layer count": (variant(pruned=good.pruned[:-1]), "layers"),
-        "count out of range": (variant(pruned=[10 ** 9] + good.pruned[1:]), "out of range"),
-        "negative count": (variant(pruned=[-1] + good.pruned[1:]), "out of range"),
-        "bad histogram": (variant(hist=[[1] * 8] * len(hist)), "histogram"),
-        "bitmap disagrees": (variant(pruned=[good.pruned[0] - 1] + good.pruned[1:]), "disagrees"),
-        "bitmap cut": (raw[:-20], "bitmap"),
-        "not bytes": ("a string", "expected bytes"),
-        "garbage zlib": (raw[:len(MAGIC) + 4 + n + 4] + b"\x00\x01garbage", "zlib"),
-    }
-    for name, (data, reason) in cases.items():
-        with pytest.raises(SummaryError, match=reason):
-            decode(data, fp, shapes)
-    with pytest.raises(SummaryError, match="exceeds the limit"):
-        decode(raw, fp, shapes, max_bytes=100)
     sk = encode(build_summary(user_masks[0], hist, "sketch", fp, size))
-    with pytest.raises(SummaryError, match="sketch"):
-        decode(sk[:-3], fp, shapes)
+    data, reason, limit = {
+        "bad magic": (b"XXXXXX" + raw[6:], "bad magic", None),
+        "truncated": (raw[:len(MAGIC) + 10], "corrupt summary header", None),
+        "wrong version": (variant(version=99), "format version 99", None),
+        "wrong fingerprint": (variant(fingerprint="0" * 32), "not " + fp[:12], None),
+        "wrong layer count": (variant(pruned=good.pruned[:-1]), "layers", None),
+        "count out of range": (variant(pruned=[10 ** 9] + good.pruned[1:]), "out of range", None),
+        "negative count": (variant(pruned=[-1] + good.pruned[1:]), "out of range", None),
+        "bad histogram": (variant(hist=[[1] * 8] * len(hist)), "histogram", None),
+        "bitmap disagrees": (variant(pruned=[good.pruned[0] - 1] + good.pruned[1:]), "disagrees", None),
+        "bitmap cut": (raw[:-20], "bitmap", None),
+        "not bytes": ("a string", "expected bytes", None),
+        "garbage zlib": (raw[:len(MAGIC) + 4 + n + 4] + b"\x00\x01garbage", "zlib", None),
+        "over the size limit": (raw, "exceeds the limit", 100),
+        "sketch cut": (sk[:-3], "sketch", None),
+        "NaN count": (variant(pruned=[float("nan")] + good.pruned[1:]), "out of range", None),
+        "bool count": (variant(pruned=[True] + good.pruned[1:]), "out of range", None),
+        "sketch on a bitmap level": (raw[:len(MAGIC) + 4 + n] + struct.pack("<I", 2) + b"ab" + raw[len(MAGIC) + 8 + n:],
+                                     "unexpected sketch", None),
+    }[case]
+    with pytest.raises(SummaryError, match=reason):
+        decode(data, fp, shapes, **({"max_bytes": limit} if limit else {}))

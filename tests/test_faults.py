@@ -1,0 +1,190 @@
+"""Faults: a device killed while it writes its personalized model, interrupted writes, a server
+restarted over its own reports, nodes that fail or vanish, and bad replies at the server: each one
+handled, counted, and nothing lost."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.device import Device
+from common.checkpoint import fingerprint, load_checkpoint
+from common.federation import DEFAULTS, model_bytes
+from common.io import atomic_write_bytes
+from common.mask import Mask
+from common.models import build_model, prunable_layers
+from common.summary import build_summary, encode, usage_histograms
+from server.server_app import earlier_reports
+from server.strategy import FinePruneStrategy
+
+ROOT = Path(__file__).resolve().parents[1]
+META = {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10}, "task": "digits",
+        "classes": [str(i) for i in range(10)], "features": {"kind": "image", "image_size": 8, "channels": 1}}
+
+
+@pytest.mark.fault
+def test_device_killed_while_saving_keeps_its_previous_model_and_recovers(tmp_path, _digits_base, digits):
+    dev = Device(tmp_path / "device")
+    fp = dev.store_base(_digits_base, META)
+    x = digits.x[digits.y == 3][:80]
+    torch.save(x, tmp_path / "x.pt")
+    cfg_a, cfg_b = dict(DEFAULTS), dict(DEFAULTS, tolerance=0.02)
+    dev.personalize(_digits_base, META, fp, x, cfg_a)
+    before = dev.personal_path.read_bytes()
+    # a second personalization is killed (SIGKILL: no cleanup runs) in the middle of saving
+    child = textwrap.dedent(f"""
+        import os, sys, time, torch
+        import common.io
+        from client.device import Device
+        from common.federation import DEFAULTS
+        def stuck(src, dst):
+            print("WRITING", flush=True)
+            time.sleep(120)
+        common.io.os.replace = stuck
+        dev = Device({str(tmp_path / "device")!r})
+        base, meta = dev.load_base({fp!r})
+        dev.personalize(base, meta, {fp!r}, torch.load({str(tmp_path / "x.pt")!r}), dict(DEFAULTS, tolerance=0.02))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "WRITING"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert dev.personal_path.read_bytes() == before  # the old model, whole
+    load_checkpoint(dev.personal_path)
+    assert list(dev.root.glob(".personal.pt.*.tmp"))  # the killed writer's leftover, never read
+    # restarted, the device personalizes again, cleans up, and a later round resumes from it
+    mask, info = dev.personalize(_digits_base, META, fp, x, cfg_b)
+    assert not info["resumed"] and not list(dev.root.glob(".*.tmp"))
+    mask2, info2 = dev.personalize(_digits_base, META, fp, x, cfg_b)
+    assert info2["resumed"] and mask2 == mask
+
+
+@pytest.mark.fault
+def test_interrupted_write_leaves_the_old_file_and_no_part(tmp_path, monkeypatch):
+    target = tmp_path / "report.json"
+    target.write_text("old")
+
+    def crash(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("common.io.os.replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"new" * 1000)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+@pytest.mark.fault
+def test_restarted_server_keeps_earlier_reports_and_sets_aside_an_unreadable_one(tmp_path):
+    assert earlier_reports(tmp_path) == []
+    (tmp_path / "report.json").write_text(json.dumps({"rounds": [{"round": 1}], "previous_runs": [{"rounds": []}],
+                                                      "files": {}}))
+    kept = earlier_reports(tmp_path)
+    assert kept == [{"rounds": []}, {"rounds": [{"round": 1}]}]
+    (tmp_path / "report.json").write_text('{"rounds": [')  # a report cut off by a crash elsewhere
+    assert earlier_reports(tmp_path) == []
+    aside = list(tmp_path.glob("report.unreadable-*.json"))
+    assert len(aside) == 1 and aside[0].read_text() == '{"rounds": ['
+
+
+# ---------------------------------------------------------------- the strategy, without Ray
+@pytest.fixture
+def identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+
+
+class FakeGrid:
+    def __init__(self, n):
+        self.n = n
+
+    def get_node_ids(self):
+        return list(range(1, self.n + 1))
+
+
+def _pushed(msgs):
+    """What Flower's grid does when it sends: give each message its id."""
+    for m in msgs:
+        m.metadata.__dict__["_message_id"] = m.object_id
+    return msgs
+
+
+def _good_reply(strat, instr, cid, **metric_changes):
+    base = strat.base
+    hist = usage_histograms({n: m.weight.abs() for n, m in prunable_layers(base).items()})
+    payload = encode(build_summary(Mask.dense(base), hist, "bitmap", strat.fp, model_bytes(base)))
+    metrics = {"sparsity": 0.0, "prune_seconds": 0.1, "upload_bytes": len(payload), **metric_changes}
+    content = RecordDict({"summary": ConfigRecord({"data": payload, "level": "bitmap"}),
+                          "info": ConfigRecord({"client": cid, "stop_reason": "test"}),
+                          "metrics": MetricRecord({k: v for k, v in metrics.items() if v is not None})})
+    return Message(content=content, reply_to=instr)
+
+
+def _strategy(tmp_path, n, **cfg):
+    torch.manual_seed(0)
+    return FinePruneStrategy(build_model("smallcnn"), META,
+                             dict(DEFAULTS, **{"num-clients": n, "min-clients": 1, "summary-level": "bitmap",
+                                               "num-rounds": 2, "out-dir": str(tmp_path), **cfg}))
+
+
+@pytest.mark.fault
+def test_node_lost_mid_round_is_counted_once_and_gets_the_base_again(identity, tmp_path):
+    strat = _strategy(tmp_path, 3)
+    msgs = _pushed(list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(3))))
+    lost = Message(Error(code=3, reason="Error: Node Unavailable — The destination node failed to report a "
+                                        "heartbeat within 2 × its expected interval."), reply_to=msgs[1])
+    lost.metadata.__dict__["_src_node_id"] = 0  # made by the SuperLink, not by the node
+    crashed = Message(Error(code=1, reason="ClientApp raised: no usable base model"), reply_to=msgs[2])
+    strat.aggregate_train(1, [_good_reply(strat, msgs[0], "u0"), lost, crashed])
+    rnd = strat.rounds[0]
+    assert [c["id"] for c in rnd["clients"]] == ["u0"]
+    assert sorted((f["node"], f["kind"]) for f in rnd["failed"]) == [(2, "node-unavailable"), (3, "client-error")]
+    assert rnd["incidents"]["failed"] == {"node-unavailable": 1, "client-error": 1}
+    # next round: the base goes again to the nodes that failed (their copy may be what broke)
+    msgs2 = list(strat.configure_train(2, ArrayRecord(), ConfigRecord(), FakeGrid(3)))
+    assert {m.metadata.dst_node_id: "base" in m.content.array_records for m in msgs2} == {1: False, 2: True, 3: True}
+
+
+BAD_REPLIES = {  # name: (metric changes or a builder, expected reason, kind)
+    "NaN sparsity": ({"sparsity": float("nan")}, "NaN or infinite", "metrics"),
+    "infinite prune time": ({"prune_seconds": float("inf")}, "NaN or infinite", "metrics"),
+    "negative upload": ({"upload_bytes": -5}, "out of range", "metrics"),
+    "missing sparsity": ({"sparsity": None}, "missing", "metrics"),
+    "accuracy above 1": ({"accuracy_base": 1.5}, "out of range", "metrics"),
+    "NaN accuracy": ({"accuracy_personalized": float("nan")}, "NaN or infinite", "metrics"),
+    "oversized payload": ("oversized", "exceeds the limit", "size"),
+    "not a summary": ("garbage", "bad magic", "format"),
+    "duplicate client id": ("duplicate", "duplicate client id", "duplicate"),
+}
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize("case", list(BAD_REPLIES))
+def test_bad_reply_is_rejected_counted_and_the_round_goes_on(identity, tmp_path, case):
+    change, reason, kind = BAD_REPLIES[case]
+    strat = _strategy(tmp_path, 2)
+    msgs = list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(2)))
+    good = _good_reply(strat, msgs[0], "u0")
+    if change == "oversized":
+        bad = _good_reply(strat, msgs[1], "u1")
+        bad.content["summary"]["data"] = bad.content["summary"]["data"] + b"\x00" * strat.max_summary_bytes
+    elif change == "garbage":
+        bad = _good_reply(strat, msgs[1], "u1")
+        bad.content["summary"]["data"] = b"\x00" * 100
+    elif change == "duplicate":
+        bad = _good_reply(strat, msgs[1], "u0")
+    else:
+        bad = _good_reply(strat, msgs[1], "u1", **change)
+    strat.aggregate_train(1, [good, bad])
+    rnd = strat.rounds[0]
+    assert [c["id"] for c in rnd["clients"]] == ["u0"]  # the good client still counts
+    assert len(rnd["rejected"]) == 1 and reason in rnd["rejected"][0]["reason"], rnd["rejected"]
+    assert rnd["incidents"]["rejected"] == {kind: 1}

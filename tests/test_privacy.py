@@ -1,0 +1,165 @@
+"""Private summaries: randomized response on mask bits, unbiased server estimates, validation of
+the privacy header, and the class-inference attack with and without the privacy mode."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common import data as D
+from common.checkpoint import fingerprint
+from common.federation import merged_config, model_bytes
+from common.mask import Mask
+from common.models import prunable_layers
+from common.privacy import check_epsilon, debias, estimate_jaccard, keep_probability, randomize
+from common.prune import PruneConfig, fine_prune
+from common.summary import SummaryError, build_summary, decode, encode, usage_histograms
+from server.analysis import analyze, consensus
+
+
+def _shapes(model):
+    return {n: tuple(m.weight.shape) for n, m in prunable_layers(model).items()}
+
+
+def _hist(model):
+    return usage_histograms({n: m.weight.abs() for n, m in prunable_layers(model).items()})
+
+
+@pytest.fixture(scope="module")
+def masks(_digits_base, digits, digits_split):
+    """Real fine-pruned masks of 8 digits users."""
+    sub = digits.subset(digits_split[1])
+    users = D.make_users(sub, D.partition_class_subsets(sub.y.numpy(), 8, (2, 3), 5), 0.3, 5)
+    return [fine_prune(copy.deepcopy(_digits_base), u.unlabeled, PruneConfig(restrict_outputs=True)).mask
+            for u in users]
+
+
+def test_randomized_response_flips_at_the_promised_rate_and_debiases():
+    g = torch.Generator().manual_seed(0)
+    mask = Mask({"a": torch.rand(200, 500, generator=g) < 0.3})
+    eps = 1.0
+    noisy = randomize(mask, eps, seed=1)
+    flipped = (noisy.layers["a"] != mask.layers["a"]).float().mean().item()
+    assert flipped == pytest.approx(1 / (1 + math.e), abs=0.01)
+    assert randomize(mask, eps) != randomize(mask, eps)  # OS randomness: the server cannot replay it
+    # unbiased: the debiased count of pruned bits matches the truth
+    est = debias((~noisy.layers["a"]).numpy(), eps).sum()
+    assert est == pytest.approx(int((~mask.layers["a"]).sum()), rel=0.02)
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), 21.0, "2", True, None])
+def test_bad_epsilon_is_refused(bad):
+    with pytest.raises(ValueError, match="epsilon"):
+        check_epsilon(bad)
+
+
+def test_run_config_needs_bitmaps_for_privacy():
+    with pytest.raises(ValueError, match="needs summary-level 'bitmap'"):
+        merged_config({}, {"privacy-epsilon": 2.0, "summary-level": "sketch"})
+    with pytest.raises(ValueError, match="epsilon"):
+        merged_config({}, {"privacy-epsilon": -1.0, "summary-level": "bitmap"})
+    assert merged_config({}, {"privacy-epsilon": 2.0, "summary-level": "bitmap"})["privacy-epsilon"] == 2.0
+
+
+def test_private_summary_round_trip_carries_no_histograms(_digits_base, masks):
+    fp, shapes, size = fingerprint(_digits_base), _shapes(_digits_base), model_bytes(_digits_base)
+    raw = encode(build_summary(masks[0], _hist(_digits_base), "bitmap", fp, size, epsilon=2.0, privacy_seed=3))
+    s = decode(raw, fp, shapes, epsilon=2.0)
+    assert s.epsilon == 2.0 and s.hist is None and s.bitmap != masks[0]
+    assert len(raw) <= size / 32  # still within the bitmap's upload budget
+    with pytest.raises(ValueError, match="bitmap"):
+        build_summary(masks[0], _hist(_digits_base), "sketch", fp, size, epsilon=2.0)
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize("case", ["private, server expects none", "exact, server expects private",
+                                  "epsilon mismatch", "bad epsilon in header", "unknown mechanism",
+                                  "private with histograms"])
+def test_privacy_header_is_validated(_digits_base, masks, case):
+    import json
+    import struct
+
+    from common.summary import MAGIC
+
+    fp, shapes, size = fingerprint(_digits_base), _shapes(_digits_base), model_bytes(_digits_base)
+    private = encode(build_summary(masks[0], _hist(_digits_base), "bitmap", fp, size, epsilon=2.0, privacy_seed=1))
+    exact = encode(build_summary(masks[0], _hist(_digits_base), "bitmap", fp, size))
+
+    def edit(raw, change):  # rewrite the JSON header, keep the rest
+        n = struct.unpack_from("<I", raw, len(MAGIC))[0]
+        h = json.loads(raw[len(MAGIC) + 4:len(MAGIC) + 4 + n])
+        change(h)
+        new = json.dumps(h).encode()
+        return MAGIC + struct.pack("<I", len(new)) + new + raw[len(MAGIC) + 4 + n:]
+
+    data, server_eps = {
+        "private, server expects none": (private, None),
+        "exact, server expects private": (exact, 2.0),
+        "epsilon mismatch": (private, 4.0),
+        "bad epsilon in header": (edit(private, lambda h: h["privacy"].update(epsilon=float("nan"))), 2.0),
+        "unknown mechanism": (edit(private, lambda h: h["privacy"].update(mechanism="trust-me")), 2.0),
+        "private with histograms": (edit(private, lambda h: h.update(hist=_hist(_digits_base))), 2.0),
+    }[case]
+    with pytest.raises(SummaryError) as err:
+        decode(data, fp, shapes, epsilon=server_eps)
+    assert err.value.kind == "privacy"
+
+
+def test_server_estimates_from_private_bitmaps_track_the_exact_ones(_digits_base, masks):
+    fp, shapes, size = fingerprint(_digits_base), _shapes(_digits_base), model_bytes(_digits_base)
+    hist = _hist(_digits_base)
+
+    def summaries(eps):
+        return {f"u{i}": decode(encode(build_summary(m, hist, "bitmap", fp, size, epsilon=eps, privacy_seed=i)),
+                                fp, shapes, epsilon=eps) for i, m in enumerate(masks)}
+
+    exact = analyze(summaries(None), shapes, 0.5, 0.1)
+    priv = analyze(summaries(4.0), shapes, 0.5, 0.1)
+    assert priv["similarity_method"].startswith("estimated (private bitmap")
+    err = np.abs(np.array(priv["similarity"]) - np.array(exact["similarity"]))
+    assert err.max() <= 0.05
+    assert abs(priv["consensus_sparsity"] - exact["consensus_sparsity"]) <= 0.03
+    for cid, row in exact["layer_sparsity"].items():
+        assert np.allclose(priv["layer_sparsity"][cid], row, atol=0.05)
+    # without debiasing, the noisy bits would be far off: the estimate is doing the work
+    noisy = summaries(1.0)
+    raw_sparsity = np.mean([s.bitmap.sparsity() for s in noisy.values()])
+    true_sparsity = np.mean([m.sparsity() for m in masks])
+    est = np.mean([np.dot(r, list(analyze(noisy, shapes, 0.5, 0.1)["layer_sizes"].values()))
+                   for r in analyze(noisy, shapes, 0.5, 0.1)["layer_sparsity"].values()]) / sum(
+        math.prod(s) for s in shapes.values())
+    assert abs(est - true_sparsity) < abs(raw_sparsity - true_sparsity) / 3
+
+
+def test_jaccard_estimate_is_consistent():
+    rng = np.random.default_rng(0)
+    a = rng.random(50_000) < 0.6
+    b = a ^ (rng.random(50_000) < 0.2)
+    true = (a & b).sum() / (a | b).sum()
+    p = keep_probability(2.0)
+    noisy = lambda v: v ^ (rng.random(v.shape) > p)
+    assert estimate_jaccard(noisy(a), noisy(b), 2.0) == pytest.approx(true, abs=0.01)
+
+
+def test_consensus_from_private_votes():
+    bits = torch.zeros(1, 4000, dtype=torch.bool)  # kept everywhere ...
+    bits[0, :2000] = True
+    masks = {f"u{i}": Mask({"l": bits.clone()}) for i in range(20)}  # ... the first half kept by all
+    noisy = {k: randomize(m, 3.0, seed=i) for i, (k, m) in enumerate(masks.items())}
+    est = consensus(noisy, 0.5, epsilon=3.0)
+    exact = consensus(masks, 0.5)
+    assert (est.layers["l"] == exact.layers["l"]).float().mean() > 0.99
+
+
+def test_privacy_mode_blunts_the_class_inference_attack(tmp_path):
+    from simulations.privacy import run
+
+    rows = run(tmp_path, n_users=12, n_shadow=12, epsilons=(None, 0.5), log=lambda *_: None)
+    exact, private = rows
+    assert exact["attack_accuracy"] >= 0.95  # exact masks give the users' classes away
+    assert private["attack_accuracy"] < exact["attack_accuracy"] - 0.1
+    assert private["jaccard_mae"] > exact["jaccard_mae"]  # the price: noisier analysis
+    for name in ("privacy.csv", "privacy.md", "privacy.png"):
+        assert (tmp_path / name).stat().st_size > 100
