@@ -27,7 +27,7 @@ DEFAULTS = {
     "scoring": "usage",
     "scope": "global",
     "stop-rule": "agreement",
-    "tolerance": 0.1,
+    "tolerance": 0.02,
     "target-sparsity": -1.0,          # < 0: use the stop rule
     "recalibrate-bn": True,
     "restrict-outputs": True,

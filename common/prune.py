@@ -27,7 +27,7 @@ class PruneConfig:
     target_sparsity: float | None = None  # fixed target: prune exactly to it, no stop rule
     max_sparsity: float = 0.95
     stop_rule: str = "agreement"
-    tolerance: float = 0.05
+    tolerance: float = 0.02          # agreement: no disagreement on a probe of < 50 samples
     search: str = "bisect"          # "bisect" over the nested schedule, or "linear" step by step
     rescore: bool = False           # linear only: re-collect stats and re-score after every step
     probe_size: int = 0             # samples that judge the stop rule and recalibrate BatchNorm (0: auto)
@@ -181,11 +181,11 @@ def masker(scores: dict, dense: Mask, scope: str, structured: bool):
         return lambda sparsity: mask_at(scores, dense, sparsity, scope, structured)
     names = list(scores)
     shapes = [scores[k].shape for k in names]
-    flat = torch.cat([scores[k].cpu().flatten() for k in names])
-    order = torch.argsort(flat, stable=True)
+    flat = torch.cat([scores[k].flatten() for k in names])  # sorted where the scores are (a GPU sorts
+    order = torch.argsort(flat, stable=True)                 # ResNet50's 25M scores in milliseconds)
 
     def at(sparsity: float) -> Mask:
-        keep = torch.ones(flat.numel(), dtype=torch.bool)
+        keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
         keep[order[:int(round(sparsity * flat.numel()))]] = False
         parts = torch.split(keep, [math.prod(sh) for sh in shapes])
         return Mask({k: v.view(sh) for k, v, sh in zip(names, parts, shapes)})
@@ -339,13 +339,18 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg: PruneConfig, device: str 
         history = []
     else:
         # The reference is the unpruned model's own output on the probe, taken from the statistics
-        # pass (no extra forward pass); with output restriction, the restricted outputs.
-        ref_logits = logits[pick].clone()
+        # pass (no extra forward pass); with output restriction, the restricted outputs. With
+        # BatchNorm recalibration it is the unpruned model recalibrated the same way (one probe
+        # pass), so the rule measures what pruning changes, not what recalibration changes.
+        ref_logits, ref_stats = logits[pick].clone(), stats
+        if cfg.recalibrate_bn:
+            ref_logits, probe_stats = evaluate(dense)
+            ref_stats = probe_stats if need_stats else stats
         if restricted is not None:
             drop = torch.ones(ref_logits.shape[1], dtype=torch.bool)
             drop[restricted] = False
             ref_logits[:, drop] = -math.inf
-        rule = StopRule(cfg.stop_rule, cfg.tolerance, ref_logits, stats if need_stats else None)
+        rule = StopRule(cfg.stop_rule, cfg.tolerance, ref_logits, ref_stats if need_stats else None)
         levels = schedule(cfg.step, cfg.max_sparsity)
         mask, reason, history = _search(levels, scores, dense, cfg, rule, evaluate, model, x, device,
                                         restricted, tick)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import ctypes
 import io
 import json
@@ -29,7 +28,7 @@ from common.checkpoint import fingerprint, load_checkpoint
 from common.compact import compact
 from common.federation import model_bytes
 from common.models import prunable_layers
-from common.io import atomic_write_png, atomic_write_text
+from common.io import atomic_write_csv, atomic_write_png, atomic_write_text
 from common.pretrain import pretrain
 from common.prune import PruneConfig, fine_prune, personalized_model
 from common.summary import build_summary, encode, model_usage_histograms
@@ -360,14 +359,6 @@ def plot_compute(summary, path: Path):
     atomic_write_png(path, fig)
 
 
-def _write_csv(path: Path, rows: list[dict]):
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
 # ---------------------------------------------------------------- entry point
 def run(out: Path, fsdd: str | None, seed: int = 0, digits_users: int = 10, digits_epochs: int | None = None,
         fsdd_epochs: int | None = 12, tasks=("digits", "fsdd-loso", "fsdd-seen"), memory: bool = True,
@@ -397,8 +388,8 @@ def run(out: Path, fsdd: str | None, seed: int = 0, digits_users: int = 10, digi
     summary = summarize(rows)
     heads = headline(summary)
     wall = time.perf_counter() - t0
-    _write_csv(out / "results.csv", rows)
-    _write_csv(out / "compaction.csv", comps)
+    atomic_write_csv(out / "results.csv", rows)
+    atomic_write_csv(out / "compaction.csv", comps)
     md = to_markdown(summary, heads, comps, wall)
     atomic_write_text(out / "results.md", md)
     plot_accuracy_vs_sparsity(summary, out / "accuracy_vs_sparsity.png")

@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     pz.add_argument("--scoring", default="usage", help=f"one of: {', '.join(SCORERS)} (default usage)")
     pz.add_argument("--scope", default="global", help=f"one of: {', '.join(SCOPES)} (default global)")
     pz.add_argument("--stop-rule", default="agreement", help=f"one of: {', '.join(STOP_RULES)} (default agreement)")
-    pz.add_argument("--tolerance", type=float, default=0.1, help="how far the stop rule may degrade (default 0.1)")
+    pz.add_argument("--tolerance", type=float, default=0.02,
+                    help="how far the stop rule may degrade (default 0.02: agreement with the unpruned model on >= 98%% of the probe)")
     pz.add_argument("--target-sparsity", type=float, help="prune exactly to this sparsity, no stop rule")
     pz.add_argument("--max-sparsity", type=float, default=0.95)
     pz.add_argument("--step", type=float, default=0.1, help="share of remaining weights pruned per step")

@@ -7,14 +7,12 @@ collect their reports into one table (grid.csv, grid.md).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import itertools
 from pathlib import Path
 
 import numpy as np
 
-from common.io import atomic_write_text
+from common.io import atomic_write_csv, atomic_write_text
 from simulations.simulate import simulate
 
 COLUMNS = ["run", "clients", "failed", "mean_sparsity", "mean_upload_bytes", "upload_fraction",
@@ -58,11 +56,7 @@ def run_grid(out: Path, fixed: dict, vary: dict[str, list[str]]) -> list[dict]:
 
 
 def write_table(out: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(out / "grid.csv", buf.getvalue())
+    atomic_write_csv(out / "grid.csv", rows, COLUMNS)
     fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]

@@ -42,3 +42,23 @@ def fsdd_dir():
     if not (FSDD / "recordings").is_dir():
         pytest.skip(f"FSDD not found at {FSDD} (expected ../shared/data/fsdd beside the repository)")
     return FSDD
+
+
+@pytest.fixture
+def identity():
+    """Flower messages need a task identity; the strategy tests make them outside a run."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+
+
+class FakeGrid:
+    """The strategy asks a grid only which nodes are connected."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def get_node_ids(self):
+        return list(range(1, self.n + 1))

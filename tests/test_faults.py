@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.device import Device
 from common.checkpoint import fingerprint, load_checkpoint
@@ -23,6 +22,7 @@ from common.models import build_model, prunable_layers
 from common.summary import build_summary, encode, usage_histograms
 from server.server_app import earlier_reports
 from server.strategy import FinePruneStrategy
+from tests.conftest import FakeGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 META = {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10}, "task": "digits",
@@ -35,7 +35,7 @@ def test_device_killed_while_saving_keeps_its_previous_model_and_recovers(tmp_pa
     fp = dev.store_base(_digits_base, META)
     x = digits.x[digits.y == 3][:80]
     torch.save(x, tmp_path / "x.pt")
-    cfg_a, cfg_b = dict(DEFAULTS), dict(DEFAULTS, tolerance=0.02)
+    cfg_a, cfg_b = dict(DEFAULTS), dict(DEFAULTS, tolerance=0.05)
     dev.personalize(_digits_base, META, fp, x, cfg_a)
     before = dev.personal_path.read_bytes()
     # a second personalization is killed (SIGKILL: no cleanup runs) in the middle of saving
@@ -50,7 +50,7 @@ def test_device_killed_while_saving_keeps_its_previous_model_and_recovers(tmp_pa
         common.io.os.replace = stuck
         dev = Device({str(tmp_path / "device")!r})
         base, meta = dev.load_base({fp!r})
-        dev.personalize(base, meta, {fp!r}, torch.load({str(tmp_path / "x.pt")!r}), dict(DEFAULTS, tolerance=0.02))
+        dev.personalize(base, meta, {fp!r}, torch.load({str(tmp_path / "x.pt")!r}), dict(DEFAULTS, tolerance=0.05))
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "WRITING"
@@ -95,21 +95,6 @@ def test_restarted_server_keeps_earlier_reports_and_sets_aside_an_unreadable_one
 
 
 # ---------------------------------------------------------------- the strategy, without Ray
-@pytest.fixture
-def identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
-
-
-class FakeGrid:
-    def __init__(self, n):
-        self.n = n
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
-
-
 def _pushed(msgs):
     """What Flower's grid does when it sends: give each message its id."""
     for m in msgs:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.checkpoint import fingerprint
 from common.federation import DEFAULTS, model_bytes
@@ -15,6 +14,7 @@ from common.models import build_model, prunable_layers
 from common.summary import build_summary, decode, encode, usage_histograms
 from server.analysis import analyze, clusters, consensus
 from server.strategy import FinePruneStrategy
+from tests.conftest import FakeGrid
 
 
 def _mask(bits):
@@ -34,21 +34,6 @@ def test_clusters_separate_two_groups():
 
 META = {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10}, "task": "digits",
         "classes": [str(i) for i in range(10)], "features": {"kind": "image", "image_size": 8, "channels": 1}}
-
-
-@pytest.fixture
-def identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
-
-
-class FakeGrid:
-    def __init__(self, n):
-        self.n = n
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
 
 
 def _reply(instr, payload, cid, sparsity, extra=None):
