@@ -8,7 +8,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.device import Device, device_inputs, research_accuracy, summary_bytes
+from client.device import Device, device_inputs, research_accuracy
 from common.federation import merged_config, model_bytes, records_to_base, simulated_user
 
 app = ClientApp()
@@ -59,7 +59,7 @@ def train(msg: Message, context: Context) -> Message:
         user_id = name
     mask, info = device.personalize(base, meta, base_fp, x, cfg)
     epsilon = cfg["privacy-epsilon"] or None
-    payload = summary_bytes(mask, info, cfg["summary-level"], base_fp, model_bytes(base), cfg["seed"], epsilon)
+    payload = device.upload(mask, info, cfg["summary-level"], base_fp, model_bytes(base), cfg["seed"], epsilon)
 
     metrics = {"prune_seconds": float(info["prune_seconds"]), "upload_bytes": len(payload), "num_samples": len(x),
                "resumed": int(info["resumed"])}

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
+from common.io import atomic_write_bytes
 from common.mask import Mask
 from common.personalize import check_inputs, load_inputs, resolve_device
 from common.prune import PruneConfig, fine_prune
@@ -94,6 +95,20 @@ class Device:
             return None
         info["resumed"] = True
         return mask, info
+
+    def upload(self, mask: Mask, info: dict, level: str, base_fp: str, model_size: int, seed: int,
+               epsilon: float | None = None) -> bytes:
+        """The summary this device uploads. A private one is randomized once per personalization
+        and stored: every later upload of the same mask repeats the same noisy bits (memoized
+        randomized response), so a server cannot average fresh noise away over rounds."""
+        if epsilon is None:
+            return summary_bytes(mask, info, level, base_fp, model_size, seed)
+        path = self.root / f"private-summary-{info['config_key']}-eps{epsilon:g}.bin"
+        if path.exists():
+            return path.read_bytes()
+        data = summary_bytes(mask, info, level, base_fp, model_size, seed, epsilon)
+        atomic_write_bytes(path, data)
+        return data
 
     def personalized_model(self):
         model, meta, _ = load_checkpoint(self.personal_path)

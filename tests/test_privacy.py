@@ -164,3 +164,24 @@ def test_privacy_mode_blunts_the_class_inference_attack(tmp_path):
     assert private["jaccard_mae"] > exact["jaccard_mae"]  # the price: noisier analysis
     for name in ("privacy.csv", "privacy.md", "privacy.png"):
         assert (tmp_path / name).stat().st_size > 100
+
+
+def test_device_repeats_its_noisy_bits_instead_of_drawing_fresh_noise(tmp_path, _digits_base, digits):
+    """Fresh noise every round would let the server average it away: the device memoizes."""
+    from client.device import Device
+    from common.federation import DEFAULTS
+
+    meta = {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10}, "task": "digits",
+            "classes": [str(i) for i in range(10)], "features": {"kind": "image", "image_size": 8, "channels": 1}}
+    dev = Device(tmp_path)
+    fp = dev.store_base(_digits_base, meta)
+    x = digits.x[digits.y == 5][:60]
+    mask, info = dev.personalize(_digits_base, meta, fp, x, DEFAULTS)
+    first = dev.upload(mask, info, "bitmap", fp, model_bytes(_digits_base), 0, epsilon=1.0)
+    mask2, info2 = dev.personalize(_digits_base, meta, fp, x, DEFAULTS)  # a later round: resumed
+    assert info2["resumed"]
+    assert dev.upload(mask2, info2, "bitmap", fp, model_bytes(_digits_base), 0, epsilon=1.0) == first
+    other = dev.upload(mask2, info2, "bitmap", fp, model_bytes(_digits_base), 0, epsilon=2.0)
+    assert other != first  # another epsilon is another randomization
+    exact = dev.upload(mask, info, "bitmap", fp, model_bytes(_digits_base), 0)
+    assert decode(exact, fp, _shapes(_digits_base)).bitmap == mask
