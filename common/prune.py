@@ -84,20 +84,29 @@ def _batches(x: torch.Tensor, batch_size: int):
         yield x[i:i + batch_size]
 
 
+def _forward(model: nn.Module, x: torch.Tensor, batch_size: int, device: str, hooks: bool | None = None):
+    """One pass over x in batches, in the model's current mode: (logits on CPU, usage statistics
+    or None). `hooks`: None for no statistics, else whether to collect output statistics too."""
+    if hooks is None:
+        return torch.cat([model(b.to(device)).float().cpu() for b in _batches(x, batch_size)]), None
+    with StatsCollector(model, hooks) as col:
+        logits = torch.cat([model(b.to(device)).float().cpu() for b in _batches(x, batch_size)])
+    col.stats.samples = len(x)
+    return logits, col.stats
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: str = "cpu"):
     model.eval()
-    return torch.cat([model(b.to(device)).float().cpu() for b in _batches(x, batch_size)])
+    return _forward(model, x, batch_size, device)[0]
 
 
 @torch.no_grad()
 def collect_stats(model: nn.Module, x: torch.Tensor, batch_size: int, device: str, outputs: bool = True):
     """One forward pass with usage hooks; also returns the logits (free)."""
     model.eval()
-    with StatsCollector(model, outputs) as col:
-        logits = torch.cat([model(b.to(device)).float().cpu() for b in _batches(x, batch_size)])
-    col.stats.samples = len(x)
-    return col.stats, logits
+    logits, stats = _forward(model, x, batch_size, device, hooks=outputs)
+    return stats, logits
 
 
 @torch.no_grad()
@@ -112,12 +121,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
         m.momentum = None  # cumulative average over all batches
         m.train()
     try:
-        if outputs:
-            with StatsCollector(model) as col:
-                logits = torch.cat([model(b.to(device)).float().cpu() for b in _batches(x, batch_size)])
-            col.stats.samples = len(x)
-            return logits, col.stats
-        return torch.cat([model(b.to(device)).float().cpu() for b in _batches(x, batch_size)]), None
+        return _forward(model, x, batch_size, device, hooks=True if outputs else None)
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom

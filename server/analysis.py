@@ -18,11 +18,6 @@ def pruned_per_layer(s: Summary, sizes: list[int]) -> list[float]:
     return [min(float(n), max(0.0, estimate_pruned_count(p, n, s.epsilon))) for p, n in zip(s.pruned, sizes)]
 
 
-def layer_sparsity_table(summaries: dict[str, Summary], sizes: dict[str, int]) -> dict[str, list[float]]:
-    n = list(sizes.values())
-    return {cid: [p / k for p, k in zip(pruned_per_layer(s, n), n)] for cid, s in summaries.items()}
-
-
 def consensus(bitmaps: dict[str, Mask], quorum: float, epsilon: float | None = None) -> Mask | None:
     """Connections pruned by at least `quorum` of the clients are pruned in the consensus mask.
     With private bitmaps (`epsilon`), the prune votes are debiased estimates."""
@@ -97,13 +92,13 @@ def clusters(ids: list[str], sim: np.ndarray, threshold: float) -> list[list[str
 def analyze(summaries: dict[str, Summary], shapes: dict[str, tuple], quorum: float, threshold: float) -> dict:
     sizes = {k: int(np.prod(v)) for k, v in shapes.items()}
     total = sum(sizes.values())
-    table = layer_sparsity_table(summaries, sizes)
+    counts = {cid: pruned_per_layer(s, list(sizes.values())) for cid, s in summaries.items()}
+    table = {cid: [p / n for p, n in zip(c, sizes.values())] for cid, c in counts.items()}
     ids, sim, method, agreement = similarity(summaries)
     bitmaps = {k: s.bitmap for k, s in summaries.items() if s.bitmap is not None}
     eps = next(iter(summaries.values())).epsilon if summaries else None
     cons = consensus(bitmaps, quorum, eps) if len(bitmaps) == len(summaries) else None
-    counts = [pruned_per_layer(s, list(sizes.values())) for s in summaries.values()]
-    upper = sum(min(c[i] for c in counts) for i in range(len(sizes))) if summaries else 0
+    upper = sum(min(c[i] for c in counts.values()) for i in range(len(sizes))) if summaries else 0
     off = ~np.eye(len(ids), dtype=bool)
     layers = list(sizes)
     out = {
