@@ -22,14 +22,14 @@ def prune_config(cfg: dict) -> PruneConfig:
     target = cfg["target-sparsity"]
     return PruneConfig(scoring=cfg["scoring"], scope=cfg["scope"], stop_rule=cfg["stop-rule"],
                        tolerance=cfg["tolerance"], target_sparsity=None if target < 0 else target,
-                       recalibrate_bn=cfg["recalibrate-bn"], restrict_outputs=cfg["restrict-outputs"],
+                       recalibrate_bn=cfg["recalibrate-bn"], restrict_outputs=cfg["restrict-outputs"], head=cfg["head"],
                        seed=cfg["seed"]).validate()
 
 
 def config_key(cfg: dict, base_fp: str) -> str:
     """Identifies a personalization: same base and same pruning settings -> resume, not redo."""
     keys = ("scoring", "scope", "stop-rule", "tolerance", "target-sparsity", "recalibrate-bn",
-            "restrict-outputs", "seed")
+            "restrict-outputs", "head", "seed")
     return hashlib.sha256(json.dumps([base_fp] + [cfg[k] for k in keys]).encode()).hexdigest()[:16]
 
 

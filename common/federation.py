@@ -31,6 +31,7 @@ DEFAULTS = {
     "target-sparsity": -1.0,          # < 0: use the stop rule
     "recalibrate-bn": True,
     "restrict-outputs": True,
+    "head": "linear",                 # linear | prototypes (output layer imprinted from the user's features)
     "summary-level": "sketch",        # stats | sketch | bitmap
     "privacy-epsilon": 0.0,           # > 0: local DP, randomized response on mask bits (bitmap level)
     "device": "auto",
@@ -50,7 +51,7 @@ DEFAULTS = {
 
 CLIENT_KEYS = ("task", "data-path", "partitioning", "classes-min", "classes-max", "dirichlet-alpha",
                "heldout-frac", "scoring", "scope", "stop-rule", "tolerance", "target-sparsity",
-               "recalibrate-bn", "restrict-outputs", "summary-level", "privacy-epsilon", "device",
+               "recalibrate-bn", "restrict-outputs", "head", "summary-level", "privacy-epsilon", "device",
                "research-accuracy", "seed", "crash-clients", "stall-clients")
 PARTITIONINGS = ("classes", "speaker", "dirichlet")
 FSDD_VENDOR_TAKE = 25  # fsdd federation: takes >= 25 train the base, 5-24 are users' unlabeled data

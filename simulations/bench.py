@@ -17,12 +17,12 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common import baselines as BL
 from common import data as D
 from common.checkpoint import fingerprint, load_checkpoint
 from common.compact import compact
@@ -33,23 +33,19 @@ from common.pretrain import pretrain
 from common.prune import PruneConfig, fine_prune, personalized_model
 from common.summary import build_summary, encode, model_usage_histograms
 from common.train import accuracy, time_inference, train_supervised
+from simulations import cohorts as CO
+from simulations.cohorts import BenchUser
 
 LEVELS = (0.5, 0.7, 0.9)
 SCORERS = ("usage", "usage-share", "firing", "magnitude", "random")
 WITH_BN = ("usage+bn", "magnitude+bn")  # criteria compared with BatchNorm recalibration, as a device runs them
 HEADLINE = ("usage+bn+restrict", "stop")        # our default: what a device runs
 BACKPROP = "backprop-5ep (labels)"
+PROTO = ("usage+bn+proto", "stop")              # adapted usage + prototype head, label-free stop
+BASELINES = ("adabn", "t3a", "adabn+t3a", "lame", "tent (backprop, no labels)")
+TASKS = ("digits", "fsdd-loso", "fsdd-seen", "digits-style", "fsdd-cond", "fsdd-few")
 MEMORY_METHODS = {("base", "-"), ("bn-recal", "-"), ("usage", "0.7"), ("usage", "stop"), HEADLINE,
                   (BACKPROP, "-")}
-
-
-@dataclass
-class BenchUser:
-    user_id: str
-    x: torch.Tensor          # personalization inputs: unlabeled for every method but backprop
-    y: torch.Tensor          # their labels, used only by the backprop baseline
-    heldout_x: torch.Tensor  # evaluation only
-    heldout_y: torch.Tensor
 
 
 def plan() -> list[tuple[str, str, dict]]:
@@ -69,15 +65,49 @@ def plan() -> list[tuple[str, str, dict]]:
     p.append(("usage+bn", "stop", dict(recalibrate_bn=True)))
     p.append(("magnitude+bn", "stop", dict(scoring="magnitude", recalibrate_bn=True, target_sparsity=None)))
     p.append((*HEADLINE, dict(recalibrate_bn=True, restrict_outputs=True)))
+    # ablation: usage measured on the unadapted base (the engine before adapted statistics)
+    p.append(("usage+bn (base stats)", "0.7", dict(target_sparsity=0.7, recalibrate_bn=True, base_stats=True)))
+    p.append(("usage+bn (base stats)", "stop", dict(recalibrate_bn=True, base_stats=True)))
+    for lv in LEVELS:
+        p.append(("usage+bn+proto", str(lv), dict(target_sparsity=lv, recalibrate_bn=True, head="prototypes")))
+    p.append((*PROTO, dict(recalibrate_bn=True, head="prototypes")))
+    p.append(("usage+bn+proto+restrict", "stop", dict(recalibrate_bn=True, head="prototypes", restrict_outputs=True)))
     return p
 
 
+def baseline_rows(common: dict, base, user: BenchUser) -> list[dict]:
+    """The label-free adaptation baselines, scored like every method (no pruning, dense model)."""
+    runs = {"adabn": lambda: BL.adabn(base, user.x), "t3a": lambda: BL.t3a(base, user.x),
+            "adabn+t3a": lambda: BL.t3a(base, user.x, recalibrate=True), "lame": lambda: BL.lame(base, user.x),
+            "tent (backprop, no labels)": lambda: BL.tent(base, user.x)}
+    rows = []
+    for name in BASELINES:
+        a = runs[name]()
+        with torch.no_grad():
+            acc = (a.predict(user.heldout_x).argmax(1) == user.heldout_y).float().mean().item()
+        rows.append(dict(common, method=name, level="-", accuracy=acc, sparsity=0.0, stop_reason="",
+                         seconds=a.seconds, forward_passes=a.forward_samples / len(user.x),
+                         backward_passes=a.backward_samples / len(user.x), upload_bytes=0, bitmap_bytes=0,
+                         peak_mb=None))
+    return rows
+
+
 # ---------------------------------------------------------------- users and bases
-def digits_task(out: Path, seed: int, n_users: int, epochs: int | None):
+def _cached_pretrain(ck: Path, *args, **kw) -> dict | None:
+    """Pretrain once per benchmark directory: tasks that share a base (and a rerun) reuse it."""
+    if ck.is_file():
+        return None
+    return pretrain(*args, **kw)
+
+
+def digits_task(out: Path, seed: int, n_users: int, epochs: int | None, style: bool = False):
     ds = D.load_digits()
-    ck = out / "bases" / "digits.pt"
-    pretrain("digits", ck, seed=seed, ds=ds, epochs=epochs)
+    ck = out / "bases" / f"digits_s{seed}_e{epochs or 0}.pt"
+    _cached_pretrain(ck, "digits", ck, seed=seed, ds=ds, epochs=epochs)
     base, meta, _ = load_checkpoint(ck)
+    if style:
+        _, pool = D.vendor_user_split(len(ds), 0.5, seed)
+        return [(base, meta, u) for u in CO.image_style_users(ds, pool, seed)]
     _, pool = D.vendor_user_split(len(ds), 0.5, seed)
     sub = ds.subset(pool)
     rng = np.random.default_rng(seed)
@@ -93,26 +123,34 @@ def _user(uid, ds: D.Dataset, pers, ev) -> BenchUser:
     return BenchUser(str(uid), ds.x[p], ds.y[p], ds.x[e], ds.y[e])
 
 
-def fsdd_loso_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log):
-    users = []
+def fsdd_loso_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log, few: bool = False):
+    """Leave one speaker out; `few`: that speaker has 24 clips of 4 digits (CO.few_data_user)."""
+    users, rng = [], np.random.default_rng(seed)
     for spk in sorted(set(ds.groups.tolist())):
-        ck = out / "bases" / f"fsdd_without_{spk}.pt"
-        r = pretrain("fsdd", ck, seed=seed, exclude_speaker=spk, ds=ds, epochs=epochs)
-        log(f"  fsdd base without {spk}: seen-speaker test accuracy {r['test_accuracy']:.3f} "
-            f"({r['train_seconds']:.0f} s)")
+        ck = out / "bases" / f"fsdd_without_{spk}_s{seed}_e{epochs or 0}.pt"
+        r = _cached_pretrain(ck, "fsdd", ck, seed=seed, exclude_speaker=spk, ds=ds, epochs=epochs)
+        if r:
+            log(f"  fsdd base without {spk}: seen-speaker test accuracy {r['test_accuracy']:.3f} "
+                f"({r['train_seconds']:.0f} s)")
         idx = np.flatnonzero(ds.groups == spk)  # official split: takes 0-4 are the test takes
-        users.append((*load_checkpoint(ck)[:2], _user(spk, ds, idx[ds.takes[idx] >= 5], idx[ds.takes[idx] < 5])))
+        user = (CO.few_data_user(ds, spk, rng) if few
+                else _user(spk, ds, idx[ds.takes[idx] >= 5], idx[ds.takes[idx] < 5]))
+        users.append((*load_checkpoint(ck)[:2], user))
     return users
 
 
-def fsdd_seen_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log):
+def fsdd_seen_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log, conditions: bool = False):
     """The vendor trains on takes 25-49 of every speaker; each speaker is then a user holding 3-4
     digits: takes 5-24 unlabeled, takes 0-4 held out (never seen by the vendor either)."""
     idx = np.arange(len(ds))
-    ck = out / "bases" / "fsdd_seen.pt"
-    r = pretrain("fsdd", ck, seed=seed, ds=ds, epochs=epochs, indices=(idx[ds.takes >= 25], idx[ds.takes < 5]))
-    log(f"  fsdd base on takes 25-49: test accuracy {r['test_accuracy']:.3f} ({r['train_seconds']:.0f} s)")
+    ck = out / "bases" / f"fsdd_seen_s{seed}_e{epochs or 0}.pt"
+    r = _cached_pretrain(ck, "fsdd", ck, seed=seed, ds=ds, epochs=epochs,
+                         indices=(idx[ds.takes >= 25], idx[ds.takes < 5]))
+    if r:
+        log(f"  fsdd base on takes 25-49: test accuracy {r['test_accuracy']:.3f} ({r['train_seconds']:.0f} s)")
     base, meta, _ = load_checkpoint(ck)
+    if conditions:  # the same clean-speech base; users speak under their own acoustic condition
+        return [(base, meta, u) for u in CO.speech_condition_users(ds, seed)]
     rng = np.random.default_rng(seed)
     users = []
     for spk in sorted(set(ds.groups.tolist())):
@@ -152,6 +190,7 @@ def run_user(task: str, base, user: BenchUser, measure_memory: bool) -> list[dic
                          bitmap_bytes=len(encode(build_summary(res.mask, hist, "bitmap", fp, size))),
                          peak_mb=(_peak_mb("prune", base, user.x, cfg=cfg)
                                   if measure_memory and (method, level) in MEMORY_METHODS else None)))
+    rows += baseline_rows(common, base, user)
     # the expensive baseline: backprop with the labels a device does not have; in a federation it
     # would upload its weights (or their update), the dense fp32 model
     model = copy.deepcopy(base)
@@ -259,6 +298,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                            ("accuracy_base", "accuracy", "sparsity", "seconds", "x_inference", "forward_passes",
                             "backward_passes", "upload_bytes")},
                         "accuracy_min": float(np.min([r["accuracy"] for r in rs])),
+                        "delta_min": float(np.min([r["accuracy"] - r["accuracy_base"] for r in rs])),
                         "peak_mb": float(np.mean(mem)) if mem else None})
     return out
 
@@ -281,8 +321,59 @@ def headline(summary: list[dict]) -> list[dict]:
     return out
 
 
+PERSONALIZATION = [("base", "-"), ("adabn", "-"), ("t3a", "-"), ("lame", "-"), ("adabn+t3a", "-"),
+                   ("tent (backprop, no labels)", "-"), HEADLINE, ("usage+bn (base stats)", "0.7"),
+                   ("usage+bn", "0.7"), ("usage+bn+proto", "0.7"), PROTO, (BACKPROP, "-")]
+
+
+def personalization_table(summary) -> list[dict]:
+    """Per task, one row per method of the personalization comparison: mean accuracy, sparsity,
+    the worst user's change from the base, and the margin over the best label-free baseline."""
+    out = []
+    for task in dict.fromkeys(s["task"] for s in summary):
+        get = {(s["method"], s["level"]): s for s in summary if s["task"] == task}
+        best = max(get[(b, "-")]["accuracy"] for b in ("adabn", "t3a", "lame", "adabn+t3a"))
+        for key in PERSONALIZATION:
+            s = get[key]
+            out.append({"task": task, "method": key[0], "level": key[1], "accuracy": s["accuracy"],
+                        "sparsity": s["sparsity"], "worst_user_delta": s["delta_min"],
+                        "over_best_baseline": s["accuracy"] - best, "x_inference": s["x_inference"]})
+    return out
+
+
+def _grouped_bars(ax, rows: list[dict], keys: list, value: str):
+    """One group of bars per task, one bar per (method, level) key."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    width = 0.85 / len(keys)
+    for i, key in enumerate(keys):
+        vals = [next(r[value] for r in rows if r["task"] == t and (r["method"], r["level"]) == key) for t in tasks]
+        ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=f"{key[0]} {key[1] if key[1] != '-' else ''}")
+    ax.set_xticks(np.arange(len(tasks)) + width * (len(keys) - 1) / 2, tasks)
+
+
+def plot_personalization(table, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys((r["method"], r["level"]) for r in table))
+    tasks = list(dict.fromkeys(r["task"] for r in table))
+    fig, ax = plt.subplots(figsize=(max(9, 2.2 * len(tasks)), 4.5))
+    _grouped_bars(ax, table, keys, "accuracy")
+    ax.set_ylabel("mean held-out accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Personalization: label-free baselines, fine-pruning and the backprop ceiling")
+    ax.legend(fontsize=6, ncol=3, loc="lower left")
+    atomic_write_png(path, fig)
+
+
 def to_markdown(summary, heads, comps, wall: float) -> str:
-    lines = ["| task | method | sparsity level | users | acc (base) | acc | min user acc | sparsity | s/user | "
+    lines = ["| task | method | level | acc | sparsity | worst user vs base | vs best of AdaBN/T3A/LAME/AdaBN+T3A "
+             "| x one inference pass |", "|" + "---|" * 8]
+    for r in personalization_table(summary):
+        lines.append(f"| {r['task']} | {r['method']} | {r['level']} | {r['accuracy']:.3f} | {r['sparsity']:.2f} | "
+                     f"{r['worst_user_delta']:+.3f} | {r['over_best_baseline']:+.3f} | {r['x_inference']:.2f} |")
+    lines += ["", "| task | method | sparsity level | users | acc (base) | acc | min user acc | sparsity | s/user | "
              "x one inference pass | fwd passes | bwd passes | upload B | peak MB |", "|" + "---|" * 14]
     for s in summary:
         pk = f"{s['peak_mb']:.1f}" if s["peak_mb"] is not None else ""
@@ -344,14 +435,8 @@ def plot_compute(summary, path: Path):
     import matplotlib.pyplot as plt
 
     show = [("base", "-"), ("bn-recal", "-"), ("usage", "0.7"), ("usage", "stop"), HEADLINE, (BACKPROP, "-")]
-    tasks = list(dict.fromkeys(s["task"] for s in summary))
     fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(show)
-    for i, key in enumerate(show):
-        vals = [next(s["x_inference"] for s in summary if s["task"] == t and (s["method"], s["level"]) == key)
-                for t in tasks]
-        ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=f"{key[0]} {key[1] if key[1] != '-' else ''}")
-    ax.set_xticks(np.arange(len(tasks)) + width * (len(show) - 1) / 2, tasks)
+    _grouped_bars(ax, summary, show, "x_inference")
     ax.set_yscale("log")
     ax.set_ylabel("wall time / one inference pass (log)")
     ax.set_title("Compute per user, in units of one plain inference pass over the same data")
@@ -361,7 +446,7 @@ def plot_compute(summary, path: Path):
 
 # ---------------------------------------------------------------- entry point
 def run(out: Path, fsdd: str | None, seed: int = 0, digits_users: int = 10, digits_epochs: int | None = None,
-        fsdd_epochs: int | None = 12, tasks=("digits", "fsdd-loso", "fsdd-seen"), memory: bool = True,
+        fsdd_epochs: int | None = 12, tasks=TASKS, memory: bool = True,
         log=print) -> dict:
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -369,12 +454,16 @@ def run(out: Path, fsdd: str | None, seed: int = 0, digits_users: int = 10, digi
     jobs = []
     if "digits" in tasks:
         jobs.append(("digits", lambda: digits_task(out, seed, digits_users, digits_epochs)))
-    if fsdd and ("fsdd-loso" in tasks or "fsdd-seen" in tasks):
+    if "digits-style" in tasks:
+        jobs.append(("digits-style", lambda: digits_task(out, seed, digits_users, digits_epochs, style=True)))
+    if fsdd and any(t.startswith("fsdd") for t in tasks):
         ds = D.load_fsdd(fsdd)
-        if "fsdd-loso" in tasks:
-            jobs.append(("fsdd-loso", lambda: fsdd_loso_task(out, ds, seed, fsdd_epochs, log)))
-        if "fsdd-seen" in tasks:
-            jobs.append(("fsdd-seen", lambda: fsdd_seen_task(out, ds, seed, fsdd_epochs, log)))
+        for name, make in (("fsdd-loso", lambda: fsdd_loso_task(out, ds, seed, fsdd_epochs, log)),
+                           ("fsdd-seen", lambda: fsdd_seen_task(out, ds, seed, fsdd_epochs, log)),
+                           ("fsdd-cond", lambda: fsdd_seen_task(out, ds, seed, fsdd_epochs, log, conditions=True)),
+                           ("fsdd-few", lambda: fsdd_loso_task(out, ds, seed, fsdd_epochs, log, few=True))):
+            if name in tasks:
+                jobs.append((name, make))
     if not jobs:
         raise ValueError("nothing to run: choose a task (FSDD tasks need --fsdd DIR)")
     rows, comps = [], []
@@ -384,16 +473,21 @@ def run(out: Path, fsdd: str | None, seed: int = 0, digits_users: int = 10, digi
         for i, (base, _, user) in enumerate(users):
             rows += run_user(task, base, user, measure_memory=memory and i == 0)
             log(f"[{time.perf_counter() - t0:5.0f} s] {task}: user {user.user_id} done ({i + 1}/{len(users)})")
-        comps += compaction_rows(task, *users[0])
+        if task in ("digits", "fsdd-loso", "fsdd-seen"):
+            comps += compaction_rows(task, *users[0])
     summary = summarize(rows)
     heads = headline(summary)
     wall = time.perf_counter() - t0
     atomic_write_csv(out / "results.csv", rows)
-    atomic_write_csv(out / "compaction.csv", comps)
+    if comps:
+        atomic_write_csv(out / "compaction.csv", comps)
     md = to_markdown(summary, heads, comps, wall)
     atomic_write_text(out / "results.md", md)
     plot_accuracy_vs_sparsity(summary, out / "accuracy_vs_sparsity.png")
     plot_compute(summary, out / "compute.png")
+    table = personalization_table(summary)
+    atomic_write_csv(out / "personalization.csv", table)
+    plot_personalization(table, out / "personalization.png")
     result = {"summary": summary, "headline": heads, "compaction": comps, "wall_seconds": wall}
     atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=float))
     return result
@@ -403,7 +497,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p = p or argparse.ArgumentParser(prog="fineprune bench", description=__doc__.splitlines()[0])
     p.add_argument("--fsdd", help="FSDD directory (e.g. ../shared/data/fsdd); without it, digits only")
     p.add_argument("--out", default="runs/bench", help="directory for results.csv/.md/.json and plots")
-    p.add_argument("--tasks", default="digits,fsdd-loso,fsdd-seen", help="comma-separated subset")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of: " + ", ".join(TASKS))
     p.add_argument("--digits-users", type=int, default=10)
     p.add_argument("--fsdd-epochs", type=int, default=12, help="pretraining epochs of the FSDD bases (default 12)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
@@ -413,9 +507,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 
 def main(args) -> dict:
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    unknown = set(tasks) - {"digits", "fsdd-loso", "fsdd-seen"}
+    unknown = set(tasks) - set(TASKS)
     if unknown:
-        raise ValueError(f"unknown bench task(s): {', '.join(sorted(unknown))} (choose from: digits, fsdd-loso, fsdd-seen)")
+        raise ValueError(f"unknown bench task(s): {', '.join(sorted(unknown))} (choose from: {', '.join(TASKS)})")
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     res = run(Path(args.out), args.fsdd, args.seed, args.digits_users, fsdd_epochs=args.fsdd_epochs, tasks=tasks,
               memory=not args.no_memory, log=lambda s: print(s, file=sys.stderr, flush=True))

@@ -10,7 +10,7 @@ import sys
 from common.checkpoint import CheckpointError
 from common.data import DataError
 from common.mask import MaskError
-from common.prune import SCOPES, STOP_RULES, PruneConfig
+from common.prune import HEADS, SCOPES, STOP_RULES, PruneConfig
 from common.scoring import SCORERS
 from common.tasks import TASKS
 
@@ -53,7 +53,7 @@ def cmd_personalize(args) -> dict:
                       target_sparsity=args.target_sparsity, max_sparsity=args.max_sparsity,
                       stop_rule=args.stop_rule, tolerance=args.tolerance, search=args.search,
                       rescore=args.rescore, probe_size=args.probe_size, recalibrate_bn=args.recalibrate_bn,
-                      restrict_outputs=args.restrict_outputs, batch_size=args.batch_size, seed=args.seed).validate()
+                      restrict_outputs=args.restrict_outputs, head=args.head, batch_size=args.batch_size, seed=args.seed).validate()
     _, meta, _ = load_checkpoint(args.model)
     x = load_inputs(args.data, meta["features"])
     report = personalize(args.model, x, cfg, args.out, device, args.compact, _bar("fine-prune"))
@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     pz.add_argument("--probe-size", type=int, default=0,
                     help="samples that judge the stop rule and recalibrate BatchNorm (default 0: a quarter of "
                          "the data, 32 to 128)")
+    pz.add_argument("--head", choices=HEADS, default="linear",
+                    help="prototypes: replace the output layer by T3A prototypes of the user's pseudo-labelled "
+                         "features, after pruning (forward only; helps new voices, hurts styled digits: see README)")
     pz.add_argument("--recalibrate-bn", action="store_true", help="re-estimate BatchNorm statistics on the user's data")
     pz.add_argument("--restrict-outputs", action="store_true",
                     help="drop output classes the model never predicts for this user")

@@ -1,0 +1,69 @@
+"""Forward passes only: one batched pass over a user's data (optionally with usage hooks or the
+penultimate features), and BatchNorm recalibration, which is a forward pass in train mode."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from common.models import prunable_layers
+from common.stats import StatsCollector
+
+
+def batches(x: torch.Tensor, batch_size: int):
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size]
+
+
+def forward_pass(model: nn.Module, x: torch.Tensor, batch_size: int, device: str = "cpu",
+                 hooks: bool | None = None):
+    """One pass over x in batches, in the model's current mode: (logits on CPU, usage statistics
+    or None). `hooks`: None for no statistics, else whether to collect output statistics too."""
+    if hooks is None:
+        return torch.cat([model(b.to(device)).float().cpu() for b in batches(x, batch_size)]), None
+    with StatsCollector(model, hooks) as col:
+        logits = torch.cat([model(b.to(device)).float().cpu() for b in batches(x, batch_size)])
+    col.stats.samples = len(x)
+    return logits, col.stats
+
+
+@torch.no_grad()
+def batched_forward(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: str = "cpu"):
+    """Logits of x in eval mode."""
+    model.eval()
+    return forward_pass(model, x, batch_size, device)[0]
+
+
+@torch.no_grad()
+def features_and_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: str = "cpu"):
+    """(penultimate features = the input of the last prunable layer, logits, that layer), in
+    eval mode, one pass."""
+    model.eval()
+    last = list(prunable_layers(model).values())[-1]
+    feats = []
+    h = last.register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach().flatten(1).float().cpu()))
+    try:
+        logits = forward_pass(model, x, batch_size, device)[0]
+    finally:
+        h.remove()
+    return torch.cat(feats), logits, last
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: str = "cpu",
+                   hooks: bool | None = None):
+    """Re-estimate BatchNorm running statistics on the user's data (forward only). The same pass
+    gives the logits (each batch normalized by its own statistics: with one batch, what the
+    recalibrated model outputs) and, with `hooks` not None, usage statistics of the recalibrated
+    model (hooks=True: output statistics too); returns (logits, stats)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+        m.train()
+    try:
+        return forward_pass(model, x, batch_size, device, hooks=hooks)
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.eval()

@@ -1,0 +1,163 @@
+"""Personalization under a domain shift: usage measured on the adapted network, the prototype
+head, the label-free baselines (AdaBN, T3A, LAME), and the promises that no labels and no
+backward pass are ever used."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from common import baselines as BL
+from common import data as D
+from common.prune import PruneConfig, fine_prune, personalized_model
+from common.train import accuracy
+from simulations import cohorts as CO
+
+
+@pytest.fixture(scope="module")
+def styled_users(digits, digits_split):
+    """digits users with their own style (thick strokes, blur, low contrast, rotation)."""
+    return CO.image_style_users(digits, digits_split[1], seed=0, n_users=8)
+
+
+class NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("backward was called")
+
+
+class Guarded(nn.Module):
+    """The model with an input whose gradient, if anything ever asked for one, raises."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(NoBackward.apply(x.requires_grad_(True) if not x.requires_grad else x))
+
+
+def _acc(pred, u):
+    with torch.no_grad():
+        return (pred(u.heldout_x).argmax(1) == u.heldout_y).float().mean().item()
+
+
+def test_usage_measured_after_recalibration_prunes_better_under_a_style_shift(digits_base, styled_users):
+    adapted, base_stats = [], []
+    for u in styled_users:
+        for flag, out in ((False, adapted), (True, base_stats)):
+            m = copy.deepcopy(digits_base)
+            r = fine_prune(m, u.x, PruneConfig(target_sparsity=0.7, recalibrate_bn=True, base_stats=flag))
+            out.append(accuracy(personalized_model(m, r), u.heldout_x, u.heldout_y))
+    assert np.mean(adapted) > np.mean(base_stats) + 0.02
+
+
+def test_adabn_raises_accuracy_on_low_contrast_users(digits_base, styled_users):
+    users = [u for u in styled_users if "contrast" in u.user_id]
+    before = np.mean([accuracy(digits_base, u.heldout_x, u.heldout_y) for u in users])
+    after = np.mean([_acc(BL.adabn(digits_base, u.x).predict, u) for u in users])
+    assert after > before + 0.2
+
+
+def test_personalization_and_forward_only_baselines_never_call_backward(digits_base, styled_users):
+    u = styled_users[2]
+    model = Guarded(copy.deepcopy(digits_base))
+    with torch.enable_grad():
+        fine_prune(model, u.x, PruneConfig(recalibrate_bn=True, head="prototypes", restrict_outputs=True))
+        for adapt in (BL.adabn, BL.t3a, BL.lame):
+            adapt(Guarded(copy.deepcopy(digits_base)), u.x).predict(u.heldout_x)
+        # the guard works: TENT, which is backprop, trips it
+        with pytest.raises(AssertionError, match="backward was called"):
+            BL.tent(Guarded(copy.deepcopy(digits_base)), u.x, epochs=1)
+
+
+def test_labels_never_reach_the_device(tmp_path, digits, digits_split, digits_base):
+    """The same images filed under the wrong class folder give the identical personalized model."""
+    from PIL import Image
+
+    from common.checkpoint import save_checkpoint
+    from common.personalize import load_inputs, personalize
+
+    features = {"kind": "image", "image_size": 8, "channels": 1}
+    idx = digits_split[1][:60]
+    for label in ("3", "8"):
+        folder = tmp_path / label / label
+        folder.mkdir(parents=True)
+        for j, i in enumerate(idx):
+            Image.fromarray((digits.x[i, 0].numpy() * 255).astype(np.uint8)).save(folder / f"img{j:03d}.png")
+    base = tmp_path / "base.pt"
+    save_checkpoint(base, digits_base, {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10}, "task": "digits",
+                                        "classes": digits.classes, "features": features})
+    cfg = PruneConfig(recalibrate_bn=True, head="prototypes")
+    outs = []
+    for label in ("3", "8"):
+        x = load_inputs(tmp_path / label, features)
+        personalize(base, x, cfg, tmp_path / f"me{label}.pt")
+        outs.append(torch.load(tmp_path / f"me{label}.pt", weights_only=False))
+    assert bytes(outs[0]["mask"].numpy()) == bytes(outs[1]["mask"].numpy())
+    assert all(torch.equal(outs[0]["state_dict"][k], outs[1]["state_dict"][k]) for k in outs[0]["state_dict"])
+
+
+def test_prototype_head_replaces_the_output_layer_and_keeps_pruned_connections_pruned(digits_base, styled_users):
+    u = styled_users[1]
+    m = copy.deepcopy(digits_base)
+    r = fine_prune(m, u.x, PruneConfig(target_sparsity=0.7, recalibrate_bn=True, head="prototypes"))
+    w = m.fc2.weight.detach()
+    assert not torch.equal(w, digits_base.fc2.weight.detach() * r.mask.layers["fc2"])
+    assert bool((w[~r.mask.layers["fc2"]] == 0).all())
+    assert bool((m.fc2.bias == 0).all())
+    # the personalized model predicts with it: accuracy is that of the prototype logits
+    feats = torch.relu(m.fc1(torch.nn.functional.max_pool2d(torch.relu(m.bn2(m.conv2(torch.relu(m.bn1(m.conv1(
+        u.heldout_x)))))), 2).flatten(1))).detach()
+    assert torch.equal((feats @ w.T).argmax(1), m(u.heldout_x).argmax(1))
+
+
+def test_t3a_prototypes_correct_a_shifted_linear_classifier():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.eye(2)
+    centers = torch.tensor([[1.0, 0.95], [0.15, 1.3]])  # the user's classes, shifted off the weight axes
+    y = torch.arange(400) % 2
+    feats = (centers[y] + 0.12 * torch.randn(400, 2, generator=gen)).clamp_min(0)
+    linear = feats @ w.T
+    head = BL.T3AHead(w, torch.zeros(2), feats[:200], linear[:200])
+    lin_acc = (linear[200:].argmax(1) == y[200:]).float().mean()
+    t3a_acc = (head(feats[200:]).argmax(1) == y[200:]).float().mean()
+    assert t3a_acc > lin_acc + 0.1
+
+
+def test_lame_pulls_an_outlier_prediction_to_its_neighbours_class():
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.cat([torch.randn(10, 4, generator=gen) * 0.05 + 3, torch.randn(10, 4, generator=gen) * 0.05 - 3])
+    probs = torch.tensor([[0.8, 0.2]] * 10 + [[0.2, 0.8]] * 10)
+    probs[3] = torch.tensor([0.45, 0.55])  # a wrong, unsure prediction in class 0's cluster
+    z = lame_z = BL.lame_adjust(probs, feats, knn=5)
+    assert torch.allclose(z.sum(1), torch.ones(20))
+    assert int(lame_z[3].argmax()) == 0 and bool((z[:10].argmax(1) == 0).all()) and bool((z[10:].argmax(1) == 1).all())
+
+
+def test_invalid_adaptation_settings_are_rejected():
+    with pytest.raises(ValueError, match="unknown head"):
+        PruneConfig(head="knn").validate()
+    with pytest.raises(ValueError, match="needs recalibrate_bn"):
+        PruneConfig(base_stats=True).validate()
+
+
+def test_cohort_effects_do_what_they_say():
+    gen = torch.Generator().manual_seed(0)
+    t = torch.arange(8000) / 8000
+    wav = torch.sin(2 * torch.pi * 440 * t).unsqueeze(0) * 0.3
+    noisy = CO.add_noise(wav, 10.0, gen)
+    snr = 10 * torch.log10(wav.pow(2).mean() / (noisy - wav).pow(2).mean())
+    assert abs(float(snr) - 10.0) < 0.1
+    for cond in ({"name": "reverb", "rt60": 0.5}, {"name": "speed", "factor": 1.15}, {"name": "phone"}):
+        out = CO.apply_speech(wav, cond, 8000, 0)
+        assert out.shape == wav.shape and torch.isfinite(out).all() and not torch.allclose(out, wav)
+    img = D.load_digits().x[:5]
+    for name in CO.IMAGE_STYLES:
+        out = CO.apply_image(img, CO.image_style(name, np.random.default_rng(0)))
+        assert out.shape == img.shape and not torch.allclose(out, img)
