@@ -15,12 +15,13 @@ def batches(x: torch.Tensor, batch_size: int):
 
 
 def forward_pass(model: nn.Module, x: torch.Tensor, batch_size: int, device: str = "cpu",
-                 hooks: bool | None = None):
+                 hooks: bool | None = None, classes: bool = False):
     """One pass over x in batches, in the model's current mode: (logits on CPU, usage statistics
-    or None). `hooks`: None for no statistics, else whether to collect output statistics too."""
+    or None). `hooks`: None for no statistics, else whether to collect output statistics too;
+    `classes`: per pseudo-class sums of fully-connected inputs as well."""
     if hooks is None:
         return torch.cat([model(b.to(device)).float().cpu() for b in batches(x, batch_size)]), None
-    with StatsCollector(model, hooks) as col:
+    with StatsCollector(model, hooks, classes) as col:
         logits = torch.cat([model(b.to(device)).float().cpu() for b in batches(x, batch_size)])
     col.stats.samples = len(x)
     return logits, col.stats
@@ -50,7 +51,7 @@ def features_and_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: str = "cpu",
-                   hooks: bool | None = None):
+                   hooks: bool | None = None, classes: bool = False):
     """Re-estimate BatchNorm running statistics on the user's data (forward only). The same pass
     gives the logits (each batch normalized by its own statistics: with one batch, what the
     recalibrated model outputs) and, with `hooks` not None, usage statistics of the recalibrated
@@ -62,7 +63,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
         m.momentum = None  # cumulative average over all batches
         m.train()
     try:
-        return forward_pass(model, x, batch_size, device, hooks=hooks)
+        return forward_pass(model, x, batch_size, device, hooks=hooks, classes=classes)
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom

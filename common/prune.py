@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from common.mask import Mask
 from common.models import OutputRestricted, prunable_layers
-from common.scoring import STRUCTURED, get_scorer
+from common.scoring import get_scorer
 from common.forward import batched_forward, features_and_logits, forward_pass, recalibrate_bn
 from common.stats import UsageStats
 
@@ -93,10 +93,11 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256, dev
 
 
 @torch.no_grad()
-def collect_stats(model: nn.Module, x: torch.Tensor, batch_size: int, device: str, outputs: bool = True):
+def collect_stats(model: nn.Module, x: torch.Tensor, batch_size: int, device: str, outputs: bool = True,
+                  classes: bool = False):
     """One forward pass with usage hooks; also returns the logits (free)."""
     model.eval()
-    logits, stats = forward_pass(model, x, batch_size, device, hooks=outputs)
+    logits, stats = forward_pass(model, x, batch_size, device, hooks=outputs, classes=classes)
     return stats, logits
 
 
@@ -105,7 +106,7 @@ def _bn_buffers(model: nn.Module) -> dict:
             if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
 
 
-def compute_scores(model: nn.Module, stats: UsageStats, scoring: str, seed: int) -> dict:
+def compute_scores(model: nn.Module, stats: UsageStats, scoring: str, seed: int, keep_last: bool = False) -> dict:
     scorer = get_scorer(scoring)
     gen = torch.Generator().manual_seed(seed)
     layers = prunable_layers(model)
@@ -113,8 +114,10 @@ def compute_scores(model: nn.Module, stats: UsageStats, scoring: str, seed: int)
     scores = {}
     for name, m in layers.items():
         s = scorer(m.weight.detach(), stats.layers[name], gen).float()
-        if scoring in STRUCTURED and name == last:
-            s = torch.full_like(s, math.inf)  # class outputs are not units to drop (see restrict_outputs)
+        if (scorer.structured or keep_last) and name == last:
+            # class outputs are not units to drop (see restrict_outputs); a prototype head
+            # replaces the output layer, so ranking its old weights would mask the new one at random
+            s = torch.full_like(s, math.inf)
         scores[name] = s
     return scores
 
@@ -277,19 +280,22 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg: PruneConfig, device: str 
     tick = progress or (lambda *a: None)
     model.to(device).eval()
     fwd = 0
-    need_outputs = cfg.scoring in STRUCTURED or cfg.stop_rule == "drift"
+    scorer = get_scorer(cfg.scoring)
+    structured = scorer.structured
+    need_outputs = "outputs" in scorer.needs or cfg.stop_rule == "drift"
+    need_classes = "classes" in scorer.needs
     if cfg.recalibrate_bn and not cfg.base_stats:
         # One pass both adapts BatchNorm to the user and measures usage on the adapted network:
         # under a domain shift the base's own activations mislead the ranking (digits users
         # with their own style, 70% sparsity: 0.728 with base statistics, 0.812 adapted).
-        logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs)
+        logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs, classes=need_classes)
     else:
-        stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs)
+        stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs, classes=need_classes)
     fwd += len(x)
     tick(1, 3, "statistics collected")
     dense = Mask.dense(model)
     restricted = restricted_classes(logits, cfg.restrict_min_frac) if cfg.restrict_outputs else None
-    scores = compute_scores(model, stats, cfg.scoring, cfg.seed)
+    scores = compute_scores(model, stats, cfg.scoring, cfg.seed, keep_last=cfg.head == "prototypes")
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.probe_samples(len(x))]
@@ -315,7 +321,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg: PruneConfig, device: str 
 
     if cfg.target_sparsity is not None or cfg.stop_rule == "none":
         levels = schedule(cfg.step, cfg.max_sparsity, cfg.target_sparsity)
-        mask = masker(scores, dense, cfg.scope, cfg.scoring in STRUCTURED)(levels[-1]) if cfg.target_sparsity != 0 else dense
+        mask = masker(scores, dense, cfg.scope, structured)(levels[-1]) if cfg.target_sparsity != 0 else dense
         reason = (f"reached target sparsity {cfg.target_sparsity:.3f}" if cfg.target_sparsity is not None
                   else f"reached max sparsity {cfg.max_sparsity:.3f} (stop rule 'none')")
         history = []
@@ -360,7 +366,8 @@ def imprint_prototypes(model: nn.Module, x: torch.Tensor, mask: Mask, batch_size
     """Replace the output layer by T3A's prototype classifier (forward only, no labels): each
     class's weight row becomes the normalized mean of the normalized features the adapted, pruned
     network predicts as that class (lowest-entropy supports, the old row as a warm-up support);
-    the bias goes. Pruned connections stay pruned."""
+    the bias goes. The output layer is not ranked for pruning under this head, so its mask holds
+    only the rows of restricted-away classes, which stay pruned."""
     from common.baselines import T3AHead
 
     feats, logits, last = features_and_logits(model, x, batch_size, device)
@@ -382,7 +389,8 @@ def personalized_model(model: nn.Module, result: PruneResult) -> nn.Module:
 
 def _search(levels, scores, dense, cfg, rule, evaluate, model, x, device, restricted, tick):
     history = []
-    at = masker(scores, dense, cfg.scope, cfg.scoring in STRUCTURED)
+    structured = get_scorer(cfg.scoring).structured
+    at = masker(scores, dense, cfg.scope, structured)
 
     def check(mask):
         m = apply_restriction(model, mask, restricted) if restricted is not None else mask
@@ -421,14 +429,15 @@ def _search(levels, scores, dense, cfg, rule, evaluate, model, x, device, restri
     mask = dense
     for level in levels:
         # fixed scores give nested masks; re-scored ones rank what is left of the current mask
-        cand = mask_at(scores, mask, level, cfg.scope, cfg.scoring in STRUCTURED) if cfg.rescore else at(level)
+        cand = mask_at(scores, mask, level, cfg.scope, structured) if cfg.rescore else at(level)
         ok, v = check(cand)
         if not ok:
             return mask, failed(v, level), history
         mask = cand
         if cfg.rescore:  # usage of the surviving connections, measured in the pruned network
             probe_x = x[:cfg.probe_samples(len(x))]
-            st, _ = collect_stats(model, probe_x, cfg.batch_size, device)
+            st, _ = collect_stats(model, probe_x, cfg.batch_size, device,
+                                  classes="classes" in get_scorer(cfg.scoring).needs)
             history[-1]["stat_samples"] = len(probe_x)
-            scores = compute_scores(model, st, cfg.scoring, cfg.seed)
+            scores = compute_scores(model, st, cfg.scoring, cfg.seed, keep_last=cfg.head == "prototypes")
     return mask, f"reached max sparsity {cfg.max_sparsity:.3f} within tolerance", history

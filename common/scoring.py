@@ -1,5 +1,7 @@
 """Importance criteria. A scorer maps (weight, layer stats, generator) to a score per connection;
-low scores are pruned first. Add one with @register("name")."""
+low scores are pruned first. Add one with @register("name"); what a scorer is (structured: one
+score per output unit) and what statistics it needs ("outputs", "classes") are attributes of the
+scorer itself."""
 from __future__ import annotations
 
 import torch
@@ -7,14 +9,15 @@ import torch
 from common.stats import LayerStats
 
 SCORERS = {}
-STRUCTURED = set()  # scorers that give one score per output unit (whole rows pruned together)
 
 
-def register(name: str, structured: bool = False):
+def register(name: str, structured: bool = False, needs: tuple = ()):
+    """`structured`: one score per output unit (whole rows pruned together). `needs`: extra
+    statistics the scorer reads: "outputs" (mean activation, firing rate), "classes" (per
+    pseudo-class sums of fully-connected inputs)."""
     def deco(fn):
+        fn.structured, fn.needs = structured, frozenset(needs)
         SCORERS[name] = fn
-        if structured:
-            STRUCTURED.add(name)
         return fn
     return deco
 
@@ -43,11 +46,26 @@ def usage_share_score(w: torch.Tensor, st: LayerStats, gen=None) -> torch.Tensor
     return u / (u.reshape(u.shape[0], -1).norm(dim=1).view(-1, *([1] * (w.dim() - 1))) + 1e-12)
 
 
-@register("firing", structured=True)
+@register("firing", structured=True, needs=("outputs",))
 def firing_score(w: torch.Tensor, st: LayerStats, gen=None) -> torch.Tensor:
     """Whole units ranked by how often they fire for this user (mean activation breaks ties)."""
     rate, act = st.firing_rate(), st.mean_activation()
     return _broadcast_outputs(rate + 1e-3 * act / (act.max() + 1e-12), w)
+
+
+@register("discriminative", needs=("classes",))
+def discriminative_score(w: torch.Tensor, st: LayerStats, gen=None) -> torch.Tensor:
+    """|w_ij| re-ranked, within each fully-connected layer, by how well input feature j separates
+    this user's pseudo-classes (the model's own predictions after adaptation, no labels):
+    |w_ij| * sqrt(eta_j / mean_k eta_k), eta_j the share of feature j's variance explained by the
+    pseudo-classes. The division keeps each layer's overall scale, so the global ranking allocates
+    sparsity across layers as magnitude does; within a layer, features that do not tell this
+    user's classes apart go first. Convolution inputs (no per-sample scalar per channel that
+    carries the class) are ranked by magnitude alone."""
+    eta = st.class_separation()
+    if eta is None:
+        return w.abs()
+    return w.abs() * _broadcast_inputs((eta / eta.mean().clamp_min(1e-12)).sqrt(), w)
 
 
 @register("magnitude")

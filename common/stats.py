@@ -17,6 +17,8 @@ class LayerStats:
     out_sum: torch.Tensor = None  # sum of post-ReLU output per unit/channel
     out_fire: torch.Tensor = None  # count of post-ReLU output > 0
     out_count: int = 0
+    cls_sum: torch.Tensor = None  # fully-connected inputs only: (classes, features) sums per pseudo-class
+    cls_count: torch.Tensor = None  # samples per pseudo-class (the model's own argmax)
 
     def input_norm(self) -> torch.Tensor:
         """RMS of each input feature over the user's data (||x_j|| up to a constant)."""
@@ -27,6 +29,20 @@ class LayerStats:
 
     def firing_rate(self) -> torch.Tensor:
         return self.out_fire / max(self.out_count, 1)
+
+    def class_separation(self) -> torch.Tensor | None:
+        """Per input feature, the correlation ratio eta = between-pseudo-class variance / total
+        variance (0: the feature says nothing about this user's classes, 1: it alone separates
+        them); None where per-class sums were not collected."""
+        if self.cls_sum is None or self.in_count == 0:
+            return None
+        n = self.cls_count.sum()
+        mean = self.cls_sum.sum(0) / n
+        total = (self.in_sq / n - mean ** 2).clamp_min(0)
+        seen = self.cls_count > 0
+        mu_c = self.cls_sum[seen] / self.cls_count[seen, None]
+        between = ((self.cls_count[seen, None] / n) * (mu_c - mean) ** 2).sum(0)
+        return torch.where(total > 1e-12, (between / total.clamp_min(1e-12)).clamp(0, 1), torch.zeros_like(total))
 
 
 @dataclass
@@ -43,15 +59,17 @@ def _per_channel_dims(t: torch.Tensor) -> list[int]:
 class StatsCollector:
     """Context manager: attach hooks, run forward passes, read `.stats`."""
 
-    def __init__(self, model: nn.Module, outputs: bool = True):
+    def __init__(self, model: nn.Module, outputs: bool = True, classes: bool = False):
         """outputs=False skips mean activation and firing rate (only the firing scorer and the
-        drift rule need them), which makes the pass noticeably cheaper."""
+        drift rule need them), which makes the pass noticeably cheaper. classes=True also sums
+        each fully-connected layer's inputs per pseudo-class (the model's argmax for the batch)."""
         self.model = model
         self.layers = prunable_layers(model)
         bn_after = following_batchnorm(model)
         mods = dict(model.named_modules())
         self.stats = UsageStats()
         self.handles = []
+        self._pending = {}  # fully-connected layer -> this batch's inputs, until the batch's predictions are known
         for name, layer in self.layers.items():
             w = layer.weight
             st = LayerStats(in_sq=torch.zeros(w.shape[1], dtype=torch.float64, device=w.device),
@@ -59,10 +77,37 @@ class StatsCollector:
                             out_fire=torch.zeros(w.shape[0], dtype=torch.float64, device=w.device))
             self.stats.layers[name] = st
             self.handles.append(layer.register_forward_pre_hook(self._in_hook(st)))
+            if classes and isinstance(layer, nn.Linear):
+                st.cls_sum = torch.zeros(0, w.shape[1], dtype=torch.float64, device=w.device)
+                st.cls_count = torch.zeros(0, dtype=torch.float64, device=w.device)
+                self._pending[name] = None
             # Firing is judged after the layer's BatchNorm when it has one (conv -> bn -> relu).
             if outputs:
                 out_mod = mods[bn_after[name]] if name in bn_after else layer
                 self.handles.append(out_mod.register_forward_hook(self._out_hook(st)))
+
+        if self._pending:
+            for name in self._pending:
+                self.handles.append(self.layers[name].register_forward_pre_hook(self._keep_hook(name)))
+            self.handles.append(model.register_forward_hook(self._class_hook))
+
+    def _keep_hook(self, name):
+        def hook(_mod, args):
+            self._pending[name] = args[0].detach().flatten(1)
+        return hook
+
+    def _class_hook(self, _mod, _args, out):
+        """After a batch: its predictions are the pseudo-classes its fully-connected inputs join."""
+        pred = out.detach().argmax(1)
+        for name, x in self._pending.items():
+            st = self.stats.layers[name]
+            c = out.shape[1]
+            if st.cls_sum.shape[0] < c:
+                st.cls_sum = torch.zeros(c, st.cls_sum.shape[1], dtype=torch.float64, device=st.cls_sum.device)
+                st.cls_count = torch.zeros(c, dtype=torch.float64, device=st.cls_sum.device)
+            st.cls_sum.index_add_(0, pred.to(st.cls_sum.device), x.double())
+            st.cls_count += torch.bincount(pred, minlength=c).to(st.cls_count)
+            self._pending[name] = None
 
     @staticmethod
     def _in_hook(st: LayerStats):

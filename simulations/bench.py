@@ -37,11 +37,11 @@ from simulations import cohorts as CO
 from simulations.cohorts import BenchUser
 
 LEVELS = (0.5, 0.7, 0.9)
-SCORERS = ("usage", "usage-share", "firing", "magnitude", "random")
-WITH_BN = ("usage+bn", "magnitude+bn")  # criteria compared with BatchNorm recalibration, as a device runs them
+SCORERS = ("usage", "usage-share", "discriminative", "firing", "magnitude", "random")
+WITH_BN = ("usage+bn", "magnitude+bn", "discriminative+bn")  # criteria compared with BatchNorm recalibration, as a device runs them
 HEADLINE = ("usage+bn+restrict", "stop")        # our default: what a device runs
 BACKPROP = "backprop-5ep (labels)"
-PROTO = ("usage+bn+proto", "stop")              # adapted usage + prototype head, label-free stop
+DISC = ("discriminative+bn+restrict", "stop")  # pseudo-class-discriminative magnitude, label-free stop
 BASELINES = ("adabn", "t3a", "adabn+t3a", "lame", "tent (backprop, no labels)")
 TASKS = ("digits", "fsdd-loso", "fsdd-seen", "digits-style", "fsdd-cond", "fsdd-few")
 MEMORY_METHODS = {("base", "-"), ("bn-recal", "-"), ("usage", "0.7"), ("usage", "stop"), HEADLINE,
@@ -64,14 +64,15 @@ def plan() -> list[tuple[str, str, dict]]:
             p.append((m, str(lv), dict(scoring=scoring, target_sparsity=lv, recalibrate_bn=True)))
     p.append(("usage+bn", "stop", dict(recalibrate_bn=True)))
     p.append(("magnitude+bn", "stop", dict(scoring="magnitude", recalibrate_bn=True, target_sparsity=None)))
+    p.append(("discriminative+bn", "stop", dict(scoring="discriminative", recalibrate_bn=True)))
+    p.append((*DISC, dict(scoring="discriminative", recalibrate_bn=True, restrict_outputs=True)))
     p.append((*HEADLINE, dict(recalibrate_bn=True, restrict_outputs=True)))
     # ablation: usage measured on the unadapted base (the engine before adapted statistics)
     p.append(("usage+bn (base stats)", "0.7", dict(target_sparsity=0.7, recalibrate_bn=True, base_stats=True)))
     p.append(("usage+bn (base stats)", "stop", dict(recalibrate_bn=True, base_stats=True)))
-    for lv in LEVELS:
-        p.append(("usage+bn+proto", str(lv), dict(target_sparsity=lv, recalibrate_bn=True, head="prototypes")))
-    p.append((*PROTO, dict(recalibrate_bn=True, head="prototypes")))
-    p.append(("usage+bn+proto+restrict", "stop", dict(recalibrate_bn=True, head="prototypes", restrict_outputs=True)))
+    for lv in ("0.7", "stop"):
+        p.append(("discriminative+bn+proto", lv, dict(scoring="discriminative", recalibrate_bn=True, head="prototypes",
+                                                      target_sparsity=0.7 if lv == "0.7" else None)))
     return p
 
 
@@ -323,7 +324,9 @@ def headline(summary: list[dict]) -> list[dict]:
 
 PERSONALIZATION = [("base", "-"), ("adabn", "-"), ("t3a", "-"), ("lame", "-"), ("adabn+t3a", "-"),
                    ("tent (backprop, no labels)", "-"), HEADLINE, ("usage+bn (base stats)", "0.7"),
-                   ("usage+bn", "0.7"), ("usage+bn+proto", "0.7"), PROTO, (BACKPROP, "-")]
+                   ("usage+bn", "0.7"), ("magnitude+bn", "0.7"), ("discriminative+bn", "0.7"),
+                   ("discriminative+bn", "stop"), DISC, ("discriminative+bn+proto", "0.7"),
+                   ("discriminative+bn+proto", "stop"), (BACKPROP, "-")]
 
 
 def personalization_table(summary) -> list[dict]:
