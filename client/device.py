@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from common.federation import prune_settings
 from common.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
 from common.io import atomic_write_bytes
 from common.mask import Mask
@@ -18,19 +19,9 @@ from common.summary import build_summary, encode, model_usage_histograms
 from common.train import accuracy
 
 
-def prune_config(cfg: dict) -> PruneConfig:
-    target = cfg["target-sparsity"]
-    return PruneConfig(scoring=cfg["scoring"], scope=cfg["scope"], stop_rule=cfg["stop-rule"],
-                       tolerance=cfg["tolerance"], target_sparsity=None if target < 0 else target,
-                       recalibrate_bn=cfg["recalibrate-bn"], restrict_outputs=cfg["restrict-outputs"], head=cfg["head"],
-                       seed=cfg["seed"]).validate()
-
-
-def config_key(cfg: dict, base_fp: str) -> str:
-    """Identifies a personalization: same base and same pruning settings -> resume, not redo."""
-    keys = ("scoring", "scope", "stop-rule", "tolerance", "target-sparsity", "recalibrate-bn",
-            "restrict-outputs", "head", "seed")
-    return hashlib.sha256(json.dumps([base_fp] + [cfg[k] for k in keys]).encode()).hexdigest()[:16]
+def config_key(cfg: PruneConfig, base_fp: str) -> str:
+    """Identifies a personalization: same base and same engine settings -> resume, not redo."""
+    return hashlib.sha256(json.dumps([base_fp, cfg.settings()], sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Device:
@@ -65,14 +56,15 @@ class Device:
     def personalize(self, base: torch.nn.Module, meta: dict, base_fp: str, x: torch.Tensor, cfg: dict):
         """Returns (mask, info). Resumes from the stored personalized model when it was made
         from this base with these settings (a later round, or a restart)."""
-        key = config_key(cfg, base_fp)
+        pcfg = prune_settings(cfg)
+        key = config_key(pcfg, base_fp)
         stored = self._resume(key)
         if stored is not None:
             return stored
         check_inputs(x, meta["features"], "this device's data")
         device = resolve_device(cfg["device"])
         model = copy.deepcopy(base)
-        res = fine_prune(model, x, prune_config(cfg), device)
+        res = fine_prune(model, x, pcfg, device)
         # how much signal each base connection carries for this user, for the summary's histograms
         hist = model_usage_histograms(base, res.stats)
         info = {"sparsity": res.sparsity, "stop_reason": res.stop_reason, "prune_seconds": res.seconds,

@@ -10,74 +10,40 @@ import torch
 
 from common import data as D
 from common.privacy import check_epsilon
+from common import settings as ST
 from common.tasks import get_task, load_task_data
 
-# Every key of [tool.flwr.app.config]; the ServerApp fills in what a run leaves out.
-DEFAULTS = {
-    "task": "digits",
-    "data-path": "",
-    "num-clients": 10,
-    "min-clients": 2,
-    "num-rounds": 1,
-    "partitioning": "classes",        # classes | speaker | dirichlet
-    "classes-min": 2,
-    "classes-max": 3,
-    "dirichlet-alpha": 0.5,
-    "heldout-frac": 0.3,
-    "scoring": "usage",
-    "scope": "global",
-    "stop-rule": "agreement",
-    "tolerance": 0.02,
-    "target-sparsity": -1.0,          # < 0: use the stop rule
-    "recalibrate-bn": True,
-    "restrict-outputs": True,
-    "head": "linear",                 # linear | prototypes (output layer imprinted from the user's features)
-    "summary-level": "sketch",        # stats | sketch | bitmap
-    "privacy-epsilon": 0.0,           # > 0: local DP, randomized response on mask bits (bitmap level)
-    "device": "auto",
-    "research-accuracy": True,        # simulation only: held-out labeled accuracy, for research
-    "slim-base": False,               # derive a slimmer shared base from the consensus, send it next round
-    "slim-quorum": 1.0,               # ... pruning what at least this share of clients pruned
-    "consensus-quorum": 0.5,
-    "cluster-threshold": 0.1,         # users closer than this (1 - Jaccard) fall in one cluster
-    "base-checkpoint": "",            # empty: pretrain the task's base model at the start
-    "pretrain-epochs": 0,             # 0: the task's default
-    "out-dir": "",                    # empty: ~/fineprune-runs/<time>
-    "seed": 0,
-    "round-timeout": 600.0,
-    "crash-clients": "",              # fault injection for resilience tests: partition ids / device names that crash
-    "stall-clients": "",              # ... that hang before personalizing, as a stuck device does
-}
-
-CLIENT_KEYS = ("task", "data-path", "partitioning", "classes-min", "classes-max", "dirichlet-alpha",
-               "heldout-frac", "scoring", "scope", "stop-rule", "tolerance", "target-sparsity",
-               "recalibrate-bn", "restrict-outputs", "head", "summary-level", "privacy-epsilon", "device",
-               "research-accuracy", "seed", "crash-clients", "stall-clients")
-PARTITIONINGS = ("classes", "speaker", "dirichlet")
+# Every key of [tool.flwr.app.config], spelled as in TOML ("auto" for a value the data decides);
+# the ServerApp fills in what a run leaves out. Derived from the one settings table.
+DEFAULTS = ST.run_config_defaults()
+CLIENT_KEYS = ST.names(ST.CLIENT)  # what the server sends every ClientApp
+PARTITIONINGS = ST.BY_NAME["partitioning"].choices
 FSDD_VENDOR_TAKE = 25  # fsdd federation: takes >= 25 train the base, 5-24 are users' unlabeled data
 
 
 def merged_config(run_config: dict, overrides: dict | None = None) -> dict:
-    cfg = dict(DEFAULTS)
-    for src in (run_config or {}, overrides or {}):
-        for k, v in src.items():
-            if k not in DEFAULTS:
-                raise ValueError(f"unknown run-config key '{k}' (known: {', '.join(DEFAULTS)})")
-            cfg[k] = type(DEFAULTS[k])(v) if not isinstance(DEFAULTS[k], bool) else _as_bool(v)
-    if cfg["partitioning"] not in PARTITIONINGS:
-        raise ValueError(f"unknown partitioning '{cfg['partitioning']}' (choose from: {', '.join(PARTITIONINGS)})")
-    get_task(cfg["task"])
+    """The run's settings: the table's defaults, then the run config, then overrides; every value
+    checked. Values stay in TOML spelling ("auto"), so the dict can travel in a ConfigRecord."""
+    merged = {**(run_config or {}), **(overrides or {})}
+    unknown = [k for k in merged if k not in DEFAULTS]
+    if unknown:
+        raise ValueError(f"unknown run-config key '{unknown[0]}' (known: {', '.join(DEFAULTS)})")
+    cfg = {k: ST.AUTO if v is None else v for k, v in ST.parse_values(merged, ST.RUN).items()}
+    if cfg["classes-min"] > cfg["classes-max"]:
+        raise ValueError(f"classes-min ({cfg['classes-min']}) is above classes-max ({cfg['classes-max']})")
     if cfg["privacy-epsilon"] != 0:
         check_epsilon(cfg["privacy-epsilon"])
         if cfg["summary-level"] != "bitmap":
             raise ValueError(f"privacy-epsilon needs summary-level 'bitmap', not '{cfg['summary-level']}'")
+    prune_settings(cfg)  # invalid engine combinations fail here, before any client runs
     return cfg
 
 
-def _as_bool(v) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)
+def prune_settings(cfg: dict):
+    """The engine's PruneConfig from a run's settings."""
+    from common.prune import PruneConfig
+
+    return PruneConfig.from_settings(ST.parse_values({k: cfg[k] for k in ST.names(ST.PRUNE)}, ST.PRUNE))
 
 
 # ---------------------------------------------------------------- base model transport

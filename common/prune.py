@@ -4,69 +4,58 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import settings as ST
 from common.mask import Mask
 from common.models import OutputRestricted, prunable_layers
 from common.scoring import get_scorer
 from common.forward import batched_forward, features_and_logits, forward_pass, recalibrate_bn
 from common.stats import UsageStats
 
-SCOPES = ("global", "layer", "row")
-STOP_RULES = ("agreement", "confidence", "entropy", "drift", "none")
-HEADS = ("linear", "prototypes")
+SCOPES = ST.BY_NAME["scope"].choices
+STOP_RULES = ST.BY_NAME["stop-rule"].choices
+HEADS = ST.BY_NAME["head"].choices
 
 
-@dataclass
-class PruneConfig:
-    scoring: str = "usage"
-    scope: str = "global"           # "global": one ranking; "layer": same sparsity per layer; "row": per unit
-    step: float = 0.1               # fraction of the remaining connections pruned per schedule step
-    target_sparsity: float | None = None  # fixed target: prune exactly to it, no stop rule
-    max_sparsity: float = 0.95
-    stop_rule: str = "agreement"
-    tolerance: float = 0.02          # agreement: no disagreement on a probe of < 50 samples
-    search: str = "bisect"          # "bisect" over the nested schedule, or "linear" step by step
-    rescore: bool = False           # linear only: re-collect stats and re-score after every step
-    probe_size: int = 0             # samples that judge the stop rule and recalibrate BatchNorm (0: auto)
-    recalibrate_bn: bool = False
-    restrict_outputs: bool = False
-    restrict_min_frac: float = 0.01  # a class must be predicted for this share of samples to stay
-    base_stats: bool = False        # ablation: usage measured on the unadapted base, not after BatchNorm recalibration
-    head: str = "linear"            # "prototypes": output layer imprinted from the user's pseudo-labelled features
-    batch_size: int = 256
-    seed: int = 0
-
+class _PruneConfigBase:
     def validate(self):
-        get_scorer(self.scoring)
-        if self.scope not in SCOPES:
-            raise ValueError(f"unknown scope '{self.scope}' (choose from: {', '.join(SCOPES)})")
-        if self.stop_rule not in STOP_RULES:
-            raise ValueError(f"unknown stop rule '{self.stop_rule}' (choose from: {', '.join(STOP_RULES)})")
-        if self.search not in ("bisect", "linear"):
-            raise ValueError(f"unknown search '{self.search}' (choose from: bisect, linear)")
-        if not 0 < self.step < 1:
-            raise ValueError(f"step must be in (0, 1), got {self.step}")
-        if self.target_sparsity is not None and not 0 <= self.target_sparsity < 1:
-            raise ValueError(f"target sparsity must be in [0, 1), got {self.target_sparsity}")
-        if not 0 < self.max_sparsity < 1:
-            raise ValueError(f"max sparsity must be in (0, 1), got {self.max_sparsity}")
-        if self.head not in HEADS:
-            raise ValueError(f"unknown head '{self.head}' (choose from: {', '.join(HEADS)})")
+        """Every field checked against the settings table, then the combinations it cannot express."""
+        for st in ST.SETTINGS:
+            if ST.PRUNE in st.where:
+                st.check(getattr(self, st.attr))
+        if self.rescore and self.search != "linear":
+            raise ValueError("rescore re-scores after every step of a linear search: it needs search 'linear'")
         if self.base_stats and not self.recalibrate_bn:
             raise ValueError("base_stats is an ablation of BatchNorm recalibration: it needs recalibrate_bn")
-        if self.probe_size < 0:
-            raise ValueError(f"probe size must be >= 0 (0: auto), got {self.probe_size}")
         return self
 
     def probe_samples(self, n: int) -> int:
         """The probe: a quarter of the user's data, at least 32 and at most 128 samples (a probe
         pass then costs at most a quarter of a full pass on all but the smallest data sets)."""
         return min(n, self.probe_size or max(32, min(128, n // 4)))
+
+    @classmethod
+    def from_settings(cls, values: dict) -> "PruneConfig":
+        """From checked settings (common.settings.parse_values), keyed by setting name."""
+        return cls(**{ST.BY_NAME[k].attr: v for k, v in values.items() if ST.PRUNE in ST.BY_NAME[k].where}).validate()
+
+    def settings(self) -> dict:
+        """Setting name -> value: what identifies a personalization (the resume key)."""
+        return {st.name: getattr(self, st.attr) for st in ST.SETTINGS if ST.PRUNE in st.where}
+
+
+# The engine's settings: one field per PRUNE row of common/settings.py, with its default there.
+PruneConfig = make_dataclass(
+    "PruneConfig",
+    [(st.attr, st.type if st.default is not None else (st.type | None), field(default=st.default))
+     for st in ST.SETTINGS if ST.PRUNE in st.where],
+    bases=(_PruneConfigBase,))
+PruneConfig.__module__ = __name__  # pickles (spawned benchmark children) find it here
 
 
 @dataclass

@@ -10,8 +10,8 @@ import sys
 from common.checkpoint import CheckpointError
 from common.data import DataError
 from common.mask import MaskError
-from common.prune import HEADS, SCOPES, STOP_RULES, PruneConfig
-from common.scoring import SCORERS
+from common import settings as ST
+from common.prune import PruneConfig
 from common.tasks import TASKS
 
 USER_ERRORS = (CheckpointError, DataError, MaskError, ValueError, FileNotFoundError, PermissionError)
@@ -48,12 +48,8 @@ def cmd_personalize(args) -> dict:
     from common.checkpoint import load_checkpoint
     from common.personalize import load_inputs, personalize
 
-    device = _device(args.device)
-    cfg = PruneConfig(scoring=args.scoring, scope=args.scope, step=args.step,
-                      target_sparsity=args.target_sparsity, max_sparsity=args.max_sparsity,
-                      stop_rule=args.stop_rule, tolerance=args.tolerance, search=args.search,
-                      rescore=args.rescore, probe_size=args.probe_size, recalibrate_bn=args.recalibrate_bn,
-                      restrict_outputs=args.restrict_outputs, head=args.head, batch_size=args.batch_size, seed=args.seed).validate()
+    device = _device(ST.given_options(args, ST.CLI)["device"])
+    cfg = PruneConfig.from_settings(ST.given_options(args, ST.PRUNE))
     _, meta, _ = load_checkpoint(args.model)
     x = load_inputs(args.data, meta["features"])
     report = personalize(args.model, x, cfg, args.out, device, args.compact, _bar("fine-prune"))
@@ -109,29 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     pz.add_argument("--data", required=True,
                     help="directory of the user's WAV or image files, or a .npy/.pt array of inputs")
     pz.add_argument("--out", required=True, help="personalized checkpoint to write")
-    pz.add_argument("--scoring", default="usage", help=f"one of: {', '.join(SCORERS)} (default usage)")
-    pz.add_argument("--scope", default="global", help=f"one of: {', '.join(SCOPES)} (default global)")
-    pz.add_argument("--stop-rule", default="agreement", help=f"one of: {', '.join(STOP_RULES)} (default agreement)")
-    pz.add_argument("--tolerance", type=float, default=0.02,
-                    help="how far the stop rule may degrade (default 0.02: agreement with the unpruned model on >= 98%% of the probe)")
-    pz.add_argument("--target-sparsity", type=float, help="prune exactly to this sparsity, no stop rule")
-    pz.add_argument("--max-sparsity", type=float, default=0.95)
-    pz.add_argument("--step", type=float, default=0.1, help="share of remaining weights pruned per step")
-    pz.add_argument("--search", default="bisect", help="bisect or linear over the schedule")
-    pz.add_argument("--rescore", action="store_true", help="linear search: re-score after each step")
-    pz.add_argument("--probe-size", type=int, default=0,
-                    help="samples that judge the stop rule and recalibrate BatchNorm (default 0: a quarter of "
-                         "the data, 32 to 128)")
-    pz.add_argument("--head", choices=HEADS, default="linear",
-                    help="prototypes: replace the output layer by T3A prototypes of the user's pseudo-labelled "
-                         "features, after pruning (forward only; helps new voices, hurts styled digits: see README)")
-    pz.add_argument("--recalibrate-bn", action="store_true", help="re-estimate BatchNorm statistics on the user's data")
-    pz.add_argument("--restrict-outputs", action="store_true",
-                    help="drop output classes the model never predicts for this user")
+    ST.add_options(pz, (ST.PRUNE, ST.CLI))  # every engine setting, from the one settings table
     pz.add_argument("--compact", action="store_true", help="physically remove pruned units (smaller, faster)")
-    pz.add_argument("--batch-size", type=int, default=256)
-    pz.add_argument("--seed", type=int, default=0)
-    pz.add_argument("--device", default="auto", help="auto, cpu or cuda")
     pz.add_argument("--report", help="also write the report as JSON here")
     pz.set_defaults(func=cmd_personalize)
     sm = sub.add_parser("simulate", help="federated personalization on Flower's simulation engine")

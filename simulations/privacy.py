@@ -41,9 +41,9 @@ EPSILONS = (None, 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.1)  # None: exact bitmaps, no
 def personalized_masks(base, ds: D.Dataset, idx: np.ndarray, n_users: int, seed: int):
     """(mask, usage histograms, set of classes held) for users cut from ds[idx], each pruned with
     the device's default settings on its unlabeled data."""
-    from client.device import prune_config  # the device's own settings, as in the federation
+    from common.federation import prune_settings  # the device's own settings, as in the federation
 
-    cfg = prune_config(DEFAULTS)
+    cfg = prune_settings(DEFAULTS)
     sub = ds.subset(idx)
     out = []
     for g in D.partition_class_subsets(sub.y.numpy(), n_users, (DEFAULTS["classes-min"], DEFAULTS["classes-max"]),

@@ -53,7 +53,8 @@ def test_usage_measured_after_recalibration_prunes_better_under_a_style_shift(di
     for u in styled_users:
         for flag, out in ((False, adapted), (True, base_stats)):
             m = copy.deepcopy(digits_base)
-            r = fine_prune(m, u.x, PruneConfig(target_sparsity=0.7, recalibrate_bn=True, base_stats=flag))
+            r = fine_prune(m, u.x, PruneConfig(target_sparsity=0.7, recalibrate_bn=True, base_stats=flag,
+                                               restrict_outputs=False))
             out.append(accuracy(personalized_model(m, r), u.heldout_x, u.heldout_y))
     assert np.mean(adapted) > np.mean(base_stats) + 0.02
 
@@ -145,7 +146,7 @@ def test_invalid_adaptation_settings_are_rejected():
     with pytest.raises(ValueError, match="unknown head"):
         PruneConfig(head="knn").validate()
     with pytest.raises(ValueError, match="needs recalibrate_bn"):
-        PruneConfig(base_stats=True).validate()
+        PruneConfig(base_stats=True, recalibrate_bn=False).validate()
 
 
 def test_cohort_effects_do_what_they_say():
@@ -175,7 +176,8 @@ def test_discriminative_pruning_keeps_adabn_gains_at_70_percent_and_beats_usage(
         adabn.append(_acc(BL.adabn(digits_base, u.x).predict, u))
         for scoring, out in (("discriminative", disc), ("usage", usage)):
             m = copy.deepcopy(digits_base)
-            r = fine_prune(m, u.x, PruneConfig(scoring=scoring, target_sparsity=0.7, recalibrate_bn=True))
+            r = fine_prune(m, u.x, PruneConfig(scoring=scoring, target_sparsity=0.7, recalibrate_bn=True,
+                                               restrict_outputs=False))
             assert r.sparsity == pytest.approx(0.7, abs=0.01)
             out.append(accuracy(personalized_model(m, r), u.heldout_x, u.heldout_y))
     assert np.mean(disc) > np.mean(base) + 0.15

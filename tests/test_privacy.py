@@ -31,7 +31,7 @@ def masks(_digits_base, digits, digits_split):
     """Real fine-pruned masks of 8 digits users."""
     sub = digits.subset(digits_split[1])
     users = D.make_users(sub, D.partition_class_subsets(sub.y.numpy(), 8, (2, 3), 5), 0.3, 5)
-    return [fine_prune(copy.deepcopy(_digits_base), u.unlabeled, PruneConfig(restrict_outputs=True)).mask
+    return [fine_prune(copy.deepcopy(_digits_base), u.unlabeled, PruneConfig(restrict_outputs=True, recalibrate_bn=False)).mask
             for u in users]
 
 

@@ -33,7 +33,7 @@ def user_masks(_digits_base, digits, digits_split):
     users = D.make_users(sub, D.partition_class_subsets(sub.y.numpy(), 8, (2, 3), 3), 0.3, 3)
     masks = []
     for u in users:
-        res = fine_prune(copy.deepcopy(_digits_base), u.unlabeled, PruneConfig(restrict_outputs=True))
+        res = fine_prune(copy.deepcopy(_digits_base), u.unlabeled, PruneConfig(restrict_outputs=True, recalibrate_bn=False))
         masks.append(res.mask)
     return masks
 

@@ -1,0 +1,213 @@
+"""One table of settings: name, type, default, help and validation of every knob, from which
+every surface is derived: the run config of pyproject.toml (a test checks it matches), the keys a
+ClientApp reads, the engine's PruneConfig, the resume key and the `fineprune personalize` options.
+A default is written here and nowhere else."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+AUTO = "auto"  # the spelling of "no fixed value: decide from the data" in TOML and on the command line
+
+# where a setting is read: "run" = the ServerApp's run config, "client" = sent to every ClientApp,
+# "prune" = a field of PruneConfig (the engine; also a `fineprune personalize` option), "cli" = an
+# option of `fineprune personalize` that is not an engine field
+RUN, CLIENT, PRUNE, CLI = "run", "client", "prune", "cli"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str                     # run-config key and command-line option (--name)
+    default: object               # the Python value; None means AUTO
+    help: str
+    where: frozenset
+    kind: type = None             # str, int, float or bool; from the default when not given
+    choices: object = None        # tuple, or a callable returning one (registries filled at import)
+    low: float | None = None      # inclusive bounds for numbers
+    high: float | None = None
+    high_open: bool = False       # the upper bound itself is not allowed
+
+    @property
+    def attr(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def label(self) -> str:
+        return self.name.replace("-", " ")
+
+    @property
+    def type(self) -> type:
+        return self.kind or type(self.default)
+
+    def options(self) -> tuple | None:
+        return self.choices() if callable(self.choices) else self.choices
+
+    def parse(self, value):
+        """A value from TOML, a command line or a wire -> the checked Python value."""
+        if self.default is None and (value is None or str(value).strip().lower() in (AUTO, "")):
+            return None
+        t = self.type
+        try:
+            if t is bool:
+                v = _as_bool(value)
+            elif t is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            else:
+                v = t(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.label} must be {t.__name__}, got {value!r}") from None
+        return self.check(v)
+
+    def check(self, v):
+        if v is None and self.default is None:
+            return v
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{self.label} must be a finite number, got {v}")
+        opts = self.options()
+        if opts is not None and v not in opts:
+            raise ValueError(f"unknown {self.label} '{v}' (choose from: {', '.join(map(str, opts))})")
+        if self.low is not None and v < self.low:
+            raise ValueError(f"{self.label} must be >= {self.low}, got {v}")
+        if self.high is not None and (v >= self.high if self.high_open else v > self.high):
+            raise ValueError(f"{self.label} must be {'<' if self.high_open else '<='} {self.high}, got {v}")
+        return v
+
+    def toml(self):
+        return AUTO if self.default is None else self.default
+
+
+def _as_bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(v)
+
+
+def _scorers():
+    from common.scoring import SCORERS
+    return tuple(SCORERS)
+
+
+def _tasks():
+    from common.tasks import TASKS
+    return tuple(TASKS)
+
+
+def S(name, default, help, where, **kw) -> Setting:
+    return Setting(name, default, help, frozenset(where), **kw)
+
+
+SETTINGS = [
+    # ---- what the federation runs on
+    S("task", "digits", "task: model, input features and data", {RUN, CLIENT}, choices=_tasks),
+    S("data-path", "", "dataset directory (fsdd, speechcommands, imagefolder); digits is embedded", {RUN, CLIENT}),
+    S("num-clients", 10, "simulated devices (partitions)", {RUN}, low=1),
+    S("min-clients", 2, "fewest replies a round needs", {RUN}, low=1),
+    S("num-rounds", 1, "federated rounds", {RUN}, low=1),
+    S("partitioning", "classes", "how users are cut from the pool", {RUN, CLIENT},
+      choices=("classes", "speaker", "dirichlet")),
+    S("classes-min", 2, "classes partitioning: fewest classes a user holds", {RUN, CLIENT}, low=1),
+    S("classes-max", 3, "classes partitioning: most classes a user holds", {RUN, CLIENT}, low=1),
+    S("dirichlet-alpha", 0.5, "dirichlet partitioning: label skew (smaller: more skewed)", {RUN, CLIENT}, low=1e-6),
+    S("heldout-frac", 0.3, "share of each simulated user's data held out, labeled, for research accuracy",
+      {RUN, CLIENT}, low=0.01, high=0.9),
+    # ---- the engine (PruneConfig; `fineprune personalize` options)
+    S("scoring", "usage", "importance criterion (low scores are pruned first)", {RUN, CLIENT, PRUNE}, choices=_scorers),
+    S("scope", "global", "global: one ranking; layer: same sparsity per layer; row: per output unit",
+      {RUN, CLIENT, PRUNE}, choices=("global", "layer", "row")),
+    S("step", 0.1, "share of the remaining connections pruned per schedule step", {RUN, CLIENT, PRUNE},
+      low=1e-3, high=1.0, high_open=True),
+    S("target-sparsity", None, "prune exactly to this sparsity, no stop rule ('auto': the stop rule decides)",
+      {RUN, CLIENT, PRUNE}, kind=float, low=0.0, high=1.0, high_open=True),
+    S("max-sparsity", 0.95, "the stop rule's search never goes past this sparsity", {RUN, CLIENT, PRUNE},
+      low=1e-3, high=1.0, high_open=True),
+    S("stop-rule", "agreement", "label-free rule that ends pruning", {RUN, CLIENT, PRUNE},
+      choices=("agreement", "confidence", "entropy", "drift", "none")),
+    S("tolerance", 0.02, "how far the stop rule may degrade (agreement: >= 98% of the probe by default)",
+      {RUN, CLIENT, PRUNE}, low=0.0, high=1.0),
+    S("search", "bisect", "bisect over the nested schedule, or linear step by step", {RUN, CLIENT, PRUNE},
+      choices=("bisect", "linear")),
+    S("rescore", False, "linear search only: re-collect statistics and re-score after every step",
+      {RUN, CLIENT, PRUNE}),
+    S("probe-size", 0, "samples that judge the stop rule and recalibrate BatchNorm (0: a quarter, 32 to 128)",
+      {RUN, CLIENT, PRUNE}, low=0),
+    S("recalibrate-bn", True, "re-estimate BatchNorm statistics on the user's data (usage is then measured "
+      "on the adapted network)", {RUN, CLIENT, PRUNE}),
+    S("base-stats", False, "ablation: measure usage on the unadapted base (needs recalibrate-bn)", {RUN, CLIENT, PRUNE}),
+    S("restrict-outputs", True, "classes the adapted model never predicts for this user become impossible",
+      {RUN, CLIENT, PRUNE}),
+    S("restrict-min-frac", 0.01, "a class stays when predicted for at least this share of the user's samples",
+      {RUN, CLIENT, PRUNE}, low=0.0, high=0.5),
+    S("head", "linear", "prototypes: after pruning, imprint the output layer with T3A prototypes of the user's "
+      "pseudo-labelled features (forward only)", {RUN, CLIENT, PRUNE}, choices=("linear", "prototypes")),
+    S("batch-size", 256, "samples per forward pass", {RUN, CLIENT, PRUNE}, low=1),
+    S("seed", 0, "seed of every random choice (partitions, probes, sketches)", {RUN, CLIENT, PRUNE}, low=0),
+    S("device", "auto", "where the engine runs: auto (a GPU when there is one), cpu or cuda", {RUN, CLIENT, CLI},
+      choices=("auto", "cpu", "cuda")),
+    # ---- what a device uploads
+    S("summary-level", "sketch", "stats | sketch (MinHash) | bitmap", {RUN, CLIENT}, choices=("stats", "sketch", "bitmap")),
+    S("privacy-epsilon", 0.0, "> 0: local DP, randomized response on mask bits (bitmap level)", {RUN, CLIENT}, low=0.0),
+    S("research-accuracy", True, "simulation only: held-out labeled accuracy, for research", {RUN, CLIENT}),
+    # ---- the server
+    S("slim-base", False, "derive a slimmer shared base from the consensus and send it next round", {RUN}),
+    S("slim-quorum", 1.0, "slim base: prune what at least this share of clients pruned", {RUN}, low=0.0, high=1.0),
+    S("consensus-quorum", 0.5, "consensus mask: pruned by at least this share of clients", {RUN}, low=0.0, high=1.0),
+    S("cluster-threshold", 0.1, "users closer than this (1 - Jaccard) fall in one cluster", {RUN}, low=0.0, high=1.0),
+    S("base-checkpoint", "", "base model file; empty: pretrain the task's base at the start", {RUN}),
+    S("pretrain-epochs", 0, "0: the task's default", {RUN}, low=0),
+    S("out-dir", "", "empty: ~/fineprune-runs/<time>", {RUN}),
+    S("round-timeout", 600.0, "seconds a round waits for replies", {RUN}, low=1.0),
+    S("crash-clients", "", "fault injection: partition ids / device names that crash", {RUN, CLIENT}),
+    S("stall-clients", "", "fault injection: ... that hang before personalizing", {RUN, CLIENT}),
+]
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def names(where: str) -> tuple:
+    return tuple(s.name for s in SETTINGS if where in s.where)
+
+
+def run_config_defaults() -> dict:
+    """What [tool.flwr.app.config] of pyproject.toml holds (TOML spelling: AUTO for None)."""
+    return {s.name: s.toml() for s in SETTINGS if RUN in s.where}
+
+
+def parse_values(values: dict, where: str = RUN) -> dict:
+    """Defaults of the `where` settings, overridden by `values` (any spelling), all checked."""
+    out = {s.name: s.default for s in SETTINGS if where in s.where}
+    for k, v in values.items():
+        if k not in out:
+            raise ValueError(f"unknown setting '{k}' (known: {', '.join(out)})")
+        out[k] = BY_NAME[k].parse(v)
+    return out
+
+
+def add_options(parser, where=(PRUNE, CLI)) -> None:
+    """One --option per setting read at `where`, with the table's help and default. Values stay
+    raw strings here (None: not given) and are checked by `given_options`, so a bad value gets
+    the program's one-line error like any other bad input."""
+    import argparse
+
+    for s in SETTINGS:
+        if not s.where & set(where):
+            continue
+        opts = s.options()
+        extra = f"; one of: {', '.join(map(str, opts))}" if opts else ""
+        text = s.help.replace("%", "%%")  # argparse formats help with %
+        if s.type is bool:
+            parser.add_argument(f"--{s.name}", dest=s.attr, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{text} (default {'on' if s.default else 'off'})")
+        else:
+            parser.add_argument(f"--{s.name}", dest=s.attr, default=None, metavar=s.type.__name__.upper(),
+                                help=f"{text} (default {s.toml()}{extra})")
+
+
+def given_options(args, where: str) -> dict:
+    """The checked values of the `where` settings: the table's defaults, overridden by the options
+    given on the command line."""
+    return parse_values({s.name: getattr(args, s.attr) for s in SETTINGS
+                         if where in s.where and getattr(args, s.attr, None) is not None}, where)
