@@ -61,15 +61,15 @@ def train(msg: Message, context: Context) -> Message:
     epsilon = cfg["privacy-epsilon"] or None
     payload = device.upload(mask, info, cfg["summary-level"], base_fp, model_bytes(base), cfg["seed"], epsilon)
 
-    metrics = {"prune_seconds": float(info["prune_seconds"]), "upload_bytes": len(payload), "num_samples": len(x),
-               "resumed": int(info["resumed"])}
+    metrics = {"prune_seconds": float(info.prune_seconds), "upload_bytes": len(payload), "num_samples": len(x),
+               "resumed": int(info.resumed)}
     if epsilon is None:  # in private mode the exact sparsity stays on the device too
-        metrics["sparsity"] = float(info["sparsity"])
+        metrics["sparsity"] = float(info.sparsity)
     if pid is not None and cfg["research-accuracy"]:
         metrics.update(research_accuracy(base, device, user.heldout_x, user.heldout_y))
     reply = RecordDict({
         "summary": ConfigRecord({"data": payload, "level": cfg["summary-level"]}),
-        "info": ConfigRecord({"client": user_id, "stop_reason": info["stop_reason"]}),
+        "info": ConfigRecord({"client": user_id, "stop_reason": info.stop_reason}),
         "metrics": MetricRecord(metrics),
     })
     return Message(content=reply, reply_to=msg)

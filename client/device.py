@@ -13,15 +13,9 @@ from common.federation import prune_settings
 from common.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
 from common.io import atomic_write_bytes
 from common.mask import Mask
-from common.personalize import check_inputs, load_inputs, resolve_device
-from common.prune import PruneConfig, fine_prune
-from common.summary import build_summary, encode, model_usage_histograms
+from client.personalize import Personalization, load_inputs, personalize, resolve_device
+from common.summary import build_summary, encode
 from common.train import accuracy
-
-
-def config_key(cfg: PruneConfig, base_fp: str) -> str:
-    """Identifies a personalization: same base and same engine settings -> resume, not redo."""
-    return hashlib.sha256(json.dumps([base_fp, cfg.settings()], sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Device:
@@ -54,48 +48,20 @@ class Device:
 
     # ------------------------------------------------------------ personalization
     def personalize(self, base: torch.nn.Module, meta: dict, base_fp: str, x: torch.Tensor, cfg: dict):
-        """Returns (mask, info). Resumes from the stored personalized model when it was made
-        from this base with these settings (a later round, or a restart)."""
-        pcfg = prune_settings(cfg)
-        key = config_key(pcfg, base_fp)
-        stored = self._resume(key)
-        if stored is not None:
-            return stored
-        check_inputs(x, meta["features"], "this device's data")
-        device = resolve_device(cfg["device"])
-        model = copy.deepcopy(base)
-        res = fine_prune(model, x, pcfg, device)
-        # how much signal each base connection carries for this user, for the summary's histograms
-        hist = model_usage_histograms(base, res.stats)
-        info = {"sparsity": res.sparsity, "stop_reason": res.stop_reason, "prune_seconds": res.seconds,
-                "forward_samples": res.forward_samples, "restricted_classes": res.restricted_classes,
-                "hist": hist, "config_key": key, "base_fingerprint": base_fp, "resumed": False}
-        new_meta = {k: meta[k] for k in ("arch", "arch_kwargs", "task", "classes", "features")}
-        new_meta["personalization"] = info
-        save_checkpoint(self.personal_path, model.cpu(), new_meta, mask=res.mask, restricted=res.restricted_classes)
-        return res.mask, info
+        """Returns (mask, Personalization) through the one device path (client/personalize.py),
+        which resumes from the stored personalized model when it was made from this base, with
+        these settings, on this data (a later round, or a restart)."""
+        return personalize(base, dict(meta, base_fingerprint=base_fp), x, prune_settings(cfg), self.personal_path,
+                           resolve_device(cfg["device"]))
 
-    def _resume(self, key: str):
-        if not self.personal_path.exists():
-            return None
-        try:
-            _, meta, mask = load_checkpoint(self.personal_path)
-        except CheckpointError:
-            return None  # unreadable: personalize again (the atomic write keeps the old one otherwise)
-        info = dict(meta.get("personalization", {}))
-        if info.get("config_key") != key or mask is None:
-            return None
-        info["resumed"] = True
-        return mask, info
-
-    def upload(self, mask: Mask, info: dict, level: str, base_fp: str, model_size: int, seed: int,
+    def upload(self, mask: Mask, info: Personalization, level: str, base_fp: str, model_size: int, seed: int,
                epsilon: float | None = None) -> bytes:
         """The summary this device uploads. A private one is randomized once per personalization
         and stored: every later upload of the same mask repeats the same noisy bits (memoized
         randomized response), so a server cannot average fresh noise away over rounds."""
         if epsilon is None:
             return summary_bytes(mask, info, level, base_fp, model_size, seed)
-        path = self.root / f"private-summary-{info['config_key']}-eps{epsilon:g}.bin"
+        path = self.root / f"private-summary-{info.key}-eps{epsilon:g}.bin"
         if path.exists():
             return path.read_bytes()
         data = summary_bytes(mask, info, level, base_fp, model_size, seed, epsilon)
@@ -107,10 +73,10 @@ class Device:
         return model
 
 
-def summary_bytes(mask: Mask, info: dict, level: str, base_fp: str, model_size: int, seed: int,
+def summary_bytes(mask: Mask, info: Personalization, level: str, base_fp: str, model_size: int, seed: int,
                   epsilon: float | None = None) -> bytes:
     """What the device uploads. With `epsilon`, the mask bits are randomized on the device first."""
-    return encode(build_summary(mask, info["hist"], level, base_fp, model_size, seed, epsilon=epsilon))
+    return encode(build_summary(mask, info.hist, level, base_fp, model_size, seed, epsilon=epsilon))
 
 
 def research_accuracy(base, device: Device, heldout_x, heldout_y) -> dict:

@@ -45,14 +45,19 @@ def cmd_pretrain(args) -> dict:
 
 
 def cmd_personalize(args) -> dict:
+    import os
+    from dataclasses import asdict
+
+    from client.personalize import load_inputs, personalize
     from common.checkpoint import load_checkpoint
-    from common.personalize import load_inputs, personalize
 
     device = _device(ST.given_options(args, ST.CLI)["device"])
     cfg = PruneConfig.from_settings(ST.given_options(args, ST.PRUNE))
-    _, meta, _ = load_checkpoint(args.model)
+    base, meta, _ = load_checkpoint(args.model)
     x = load_inputs(args.data, meta["features"])
-    report = personalize(args.model, x, cfg, args.out, device, args.compact, _bar("fine-prune"))
+    mask, info = personalize(base, meta, x, cfg, args.out, device, args.compact, _bar("fine-prune"))
+    report = {"out": str(args.out), **{k: v for k, v in asdict(info).items() if k not in ("hist", "settings")},
+              "layer_sparsity": mask.layer_sparsity(), "file_bytes": os.path.getsize(args.out)}
     if args.report:
         from common.io import atomic_write_text
         atomic_write_text(args.report, json.dumps(report, indent=2))
@@ -80,7 +85,7 @@ def cmd_simulate(args) -> dict:
 
 
 def _device(name):
-    from common.personalize import resolve_device
+    from client.personalize import resolve_device
     return resolve_device(name)
 
 

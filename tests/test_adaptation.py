@@ -83,7 +83,8 @@ def test_labels_never_reach_the_device(tmp_path, digits, digits_split, digits_ba
     from PIL import Image
 
     from common.checkpoint import save_checkpoint
-    from common.personalize import load_inputs, personalize
+    from client.personalize import load_inputs, personalize
+    from common.checkpoint import load_checkpoint
 
     features = {"kind": "image", "image_size": 8, "channels": 1}
     idx = digits_split[1][:60]
@@ -99,7 +100,7 @@ def test_labels_never_reach_the_device(tmp_path, digits, digits_split, digits_ba
     outs = []
     for label in ("3", "8"):
         x = load_inputs(tmp_path / label, features)
-        personalize(base, x, cfg, tmp_path / f"me{label}.pt")
+        personalize(*load_checkpoint(base)[:2], x, cfg, tmp_path / f"me{label}.pt")
         outs.append(torch.load(tmp_path / f"me{label}.pt", weights_only=False))
     assert bytes(outs[0]["mask"].numpy()) == bytes(outs[1]["mask"].numpy())
     assert all(torch.equal(outs[0]["state_dict"][k], outs[1]["state_dict"][k]) for k in outs[0]["state_dict"])

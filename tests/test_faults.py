@@ -61,9 +61,9 @@ def test_device_killed_while_saving_keeps_its_previous_model_and_recovers(tmp_pa
     assert list(dev.root.glob(".personal.pt.*.tmp"))  # the killed writer's leftover, never read
     # restarted, the device personalizes again, cleans up, and a later round resumes from it
     mask, info = dev.personalize(_digits_base, META, fp, x, cfg_b)
-    assert not info["resumed"] and not list(dev.root.glob(".*.tmp"))
+    assert not info.resumed and not list(dev.root.glob(".*.tmp"))
     mask2, info2 = dev.personalize(_digits_base, META, fp, x, cfg_b)
-    assert info2["resumed"] and mask2 == mask
+    assert info2.resumed and mask2 == mask
 
 
 @pytest.mark.fault

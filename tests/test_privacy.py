@@ -179,7 +179,7 @@ def test_device_repeats_its_noisy_bits_instead_of_drawing_fresh_noise(tmp_path, 
     mask, info = dev.personalize(_digits_base, meta, fp, x, DEFAULTS)
     first = dev.upload(mask, info, "bitmap", fp, model_bytes(_digits_base), 0, epsilon=1.0)
     mask2, info2 = dev.personalize(_digits_base, meta, fp, x, DEFAULTS)  # a later round: resumed
-    assert info2["resumed"]
+    assert info2.resumed
     assert dev.upload(mask2, info2, "bitmap", fp, model_bytes(_digits_base), 0, epsilon=1.0) == first
     other = dev.upload(mask2, info2, "bitmap", fp, model_bytes(_digits_base), 0, epsilon=2.0)
     assert other != first  # another epsilon is another randomization

@@ -1,0 +1,164 @@
+"""The edge-device path, one for the command line and the ClientApp: a base model and the user's
+unlabeled inputs -> the personalized checkpoint, resumed when the same base, settings and data
+were personalized before, with the usage histograms its summary needs (computed from the
+statistics pass pruning already made, never a second pass)."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import data as D
+from common.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
+from common.compact import compact
+from common.mask import Mask
+from common.models import OutputRestricted
+from common.prune import PruneConfig, fine_prune
+from common.summary import model_usage_histograms
+
+
+@dataclass
+class Personalization:
+    """What a personalized checkpoint records about how it was made (its metadata, typed)."""
+    key: str                      # base + settings + data: same key -> resume instead of redo
+    base_fingerprint: str
+    settings: dict                # the engine's settings by name
+    sparsity: float
+    stop_reason: str
+    prune_seconds: float
+    forward_samples: int
+    restricted_classes: list | None
+    compacted: bool
+    hist: dict = field(default_factory=dict)   # usage histograms for the summary
+    history: list = field(default_factory=list)
+    resumed: bool = False
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Personalization | None":
+        d = meta.get("personalization")
+        if not isinstance(d, dict):
+            return None
+        try:
+            return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        except TypeError:
+            return None  # an older or foreign checkpoint: personalize again
+
+
+def data_fingerprint(x: torch.Tensor) -> str:
+    """Identifies the user's inputs: a device whose data changed personalizes again."""
+    h = hashlib.sha256(str(tuple(x.shape)).encode())
+    h.update(x.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def personalization_key(cfg: PruneConfig, base_fp: str, data_fp: str, compacted: bool) -> str:
+    return hashlib.sha256(json.dumps([base_fp, data_fp, cfg.settings(), compacted],
+                                     sort_keys=True).encode()).hexdigest()[:16]
+
+
+def personalize(base: torch.nn.Module, meta: dict, x: torch.Tensor, cfg: PruneConfig, out_path,
+                device: str = "cpu", do_compact: bool = False, progress=None) -> tuple[Mask, Personalization]:
+    """Fine-prune a copy of `base` on x and write the personalized checkpoint to out_path
+    atomically; when out_path already holds this personalization, return it instead."""
+    if isinstance(base, OutputRestricted):
+        raise ValueError("the base model is already output-restricted; personalize from a base model")
+    check_inputs(x, meta["features"], "the personalization data")
+    cfg.validate()
+    base_fp = meta.get("base_fingerprint") or fingerprint(base)
+    key = personalization_key(cfg, base_fp, data_fingerprint(x), do_compact)
+    stored = _resume(Path(out_path), key)
+    if stored is not None:
+        return stored
+    model = copy.deepcopy(base)
+    res = fine_prune(model, x, cfg, device, progress)
+    model, mask, arch_kwargs = model.cpu(), res.mask, dict(meta["arch_kwargs"])
+    if do_compact:
+        model, mask, arch_kwargs = compact(model, mask, meta["arch"], arch_kwargs)
+        if res.restricted_classes is not None:  # drop the output rows of excluded classes
+            model, mask, arch_kwargs = _drop_classes(model, mask, meta["arch"], arch_kwargs, res.restricted_classes)
+    info = Personalization(key, base_fp, cfg.settings(), res.sparsity, res.stop_reason, res.seconds,
+                           res.forward_samples, res.restricted_classes, do_compact,
+                           model_usage_histograms(base, res.stats), res.history)
+    new_meta = {k: meta[k] for k in ("arch", "task", "classes", "features")}
+    new_meta.update(arch_kwargs=arch_kwargs, base_fingerprint=base_fp, compacted=do_compact,
+                    personalization=asdict(info))
+    save_checkpoint(out_path, model, new_meta, mask=mask, restricted=res.restricted_classes)
+    return res.mask, info
+
+
+def _resume(path: Path, key: str):
+    if not path.exists():
+        return None
+    try:
+        _, meta, mask = load_checkpoint(path)
+    except CheckpointError:
+        return None  # unreadable: personalize again (the atomic write keeps the old one otherwise)
+    info = Personalization.from_meta(meta)
+    if info is None or info.key != key or mask is None:
+        return None
+    info.resumed = True
+    return mask, info
+
+
+@torch.no_grad()
+def _drop_classes(model, mask, arch, arch_kwargs, classes):
+    from common.models import build_model, prunable_layers
+
+    last = list(prunable_layers(model))[-1]
+    state = model.state_dict()
+    idx = torch.tensor(classes)
+    state[f"{last}.weight"] = state[f"{last}.weight"][idx].clone()
+    state[f"{last}.bias"] = state[f"{last}.bias"][idx].clone()
+    kwargs = dict(arch_kwargs, num_classes=len(classes))
+    small = build_model(arch, **kwargs)
+    small.load_state_dict(state)
+    layers = dict(mask.layers)
+    layers[last] = layers[last][idx].clone()
+    return small.eval(), Mask(layers), kwargs
+
+
+# ---------------------------------------------------------------- the user's inputs
+def load_inputs(path: str | Path, features: dict) -> torch.Tensor:
+    """A directory of WAV/image files, or a .npy/.pt array of model inputs."""
+    path = Path(path)
+    if path.is_file() and path.suffix in (".npy", ".pt"):
+        try:
+            arr = np.load(path) if path.suffix == ".npy" else torch.load(path, weights_only=True)
+        except Exception as exc:
+            raise D.DataError(f"unreadable input array {path}: {str(exc).splitlines()[0][:200]}") from None
+        x = torch.as_tensor(np.asarray(arr), dtype=torch.float32)
+    else:
+        x = D.load_unlabeled_dir(path, **features)
+    check_inputs(x, features, str(path))
+    return x
+
+
+def input_shape(features: dict) -> tuple:
+    if features["kind"] == "audio":
+        return (features["clip_samples"],)
+    return (features["channels"], features["image_size"], features["image_size"])
+
+
+def check_inputs(x: torch.Tensor, features: dict, where: str) -> None:
+    want = input_shape(features)
+    if len(x) == 0:
+        raise D.DataError(f"no samples in {where}")
+    if tuple(x.shape[1:]) != want:
+        raise D.DataError(f"inputs in {where} have shape {tuple(x.shape[1:])}, the model expects {want}")
+    if not torch.isfinite(x).all():
+        raise D.DataError(f"inputs in {where} contain NaN or infinite values")
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is available")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device '{name}' (choose from: auto, cpu, cuda)")
+    return name
