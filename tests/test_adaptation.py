@@ -53,7 +53,7 @@ def test_usage_measured_after_recalibration_prunes_better_under_a_style_shift(di
     for u in styled_users:
         for flag, out in ((False, adapted), (True, base_stats)):
             m = copy.deepcopy(digits_base)
-            r = fine_prune(m, u.x, PruneConfig(target_sparsity=0.7, recalibrate_bn=True, base_stats=flag,
+            r = fine_prune(m, u.x, PruneConfig(scoring="usage", target_sparsity=0.7, recalibrate_bn=True, base_stats=flag,
                                                restrict_outputs=False))
             out.append(accuracy(personalized_model(m, r), u.heldout_x, u.heldout_y))
     assert np.mean(adapted) > np.mean(base_stats) + 0.02
