@@ -17,7 +17,7 @@ from common import data as D
 from common.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
 from common.compact import compact
 from common.mask import Mask
-from common.models import OutputRestricted
+from common.restrict import OutputRestricted, drop_classes
 from common.prune import PruneConfig, fine_prune
 from common.summary import model_usage_histograms
 
@@ -80,7 +80,7 @@ def personalize(base: torch.nn.Module, meta: dict, x: torch.Tensor, cfg: PruneCo
     if do_compact:
         model, mask, arch_kwargs = compact(model, mask, meta["arch"], arch_kwargs)
         if res.restricted_classes is not None:  # drop the output rows of excluded classes
-            model, mask, arch_kwargs = _drop_classes(model, mask, meta["arch"], arch_kwargs, res.restricted_classes)
+            model, mask, arch_kwargs = drop_classes(model, mask, meta["arch"], arch_kwargs, res.restricted_classes)
     info = Personalization(key, base_fp, cfg.settings(), res.sparsity, res.stop_reason, res.seconds,
                            res.forward_samples, res.restricted_classes, do_compact,
                            model_usage_histograms(base, res.stats), res.history)
@@ -103,23 +103,6 @@ def _resume(path: Path, key: str):
         return None
     info.resumed = True
     return mask, info
-
-
-@torch.no_grad()
-def _drop_classes(model, mask, arch, arch_kwargs, classes):
-    from common.models import build_model, prunable_layers
-
-    last = list(prunable_layers(model))[-1]
-    state = model.state_dict()
-    idx = torch.tensor(classes)
-    state[f"{last}.weight"] = state[f"{last}.weight"][idx].clone()
-    state[f"{last}.bias"] = state[f"{last}.bias"][idx].clone()
-    kwargs = dict(arch_kwargs, num_classes=len(classes))
-    small = build_model(arch, **kwargs)
-    small.load_state_dict(state)
-    layers = dict(mask.layers)
-    layers[last] = layers[last][idx].clone()
-    return small.eval(), Mask(layers), kwargs
 
 
 # ---------------------------------------------------------------- the user's inputs

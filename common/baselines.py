@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.forward import batched_forward, recalibrate_bn, features_and_logits
+from common.forward import batched_forward, features_and_logits, recalibrate_bn
+from common.heads import T3AHead, entropy_rows
 
 
 @dataclass
@@ -25,11 +26,6 @@ class Adapted:
     seconds: float
     forward_samples: int       # samples pushed through the network while adapting
     backward_samples: int = 0
-
-
-def _entropy_rows(logits: torch.Tensor) -> torch.Tensor:
-    p = F.softmax(logits, 1)
-    return -(p * F.log_softmax(logits, 1)).sum(1)
 
 
 # ---------------------------------------------------------------- AdaBN
@@ -41,31 +37,6 @@ def adabn(base: nn.Module, x: torch.Tensor, batch_size: int = 256) -> Adapted:
 
 
 # ---------------------------------------------------------------- T3A
-class T3AHead:
-    """T3A's classifier: per class, the normalized mean of the normalized supports predicted as
-    that class. Supports are the last layer's weight rows (the warm-up supports of the paper's
-    code) plus the user's features, of which each class keeps its `filter_k` lowest-entropy ones."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, feats: torch.Tensor,
-                 logits: torch.Tensor, filter_k: int = 100):
-        w = weight.detach().float().cpu()
-        warm_logits = w @ w.T + (0 if bias is None else bias.detach().float().cpu())
-        sup = torch.cat([w, feats.float()])
-        lg = torch.cat([warm_logits, logits.float()])
-        labels, ent = lg.argmax(1), _entropy_rows(lg)
-        keep = torch.zeros(len(sup), dtype=torch.bool)
-        for c in range(w.shape[0]):
-            idx = torch.nonzero(labels == c).flatten()
-            if filter_k > 0 and len(idx) > filter_k:
-                idx = idx[torch.argsort(ent[idx], stable=True)[:filter_k]]
-            keep[idx] = True
-        onehot = F.one_hot(labels[keep], w.shape[0]).float()
-        self.weight = F.normalize(F.normalize(sup[keep], dim=1).T @ onehot, dim=0)  # (d, C)
-
-    def __call__(self, feats: torch.Tensor) -> torch.Tensor:
-        return feats.float() @ self.weight
-
-
 def _user_features(base: nn.Module, x: torch.Tensor, batch_size: int, recalibrate: bool):
     """A copy of the base (recalibrated on x with `recalibrate`: the AdaBN+ variants), and its
     penultimate features and logits on x; returns (model, feats, logits, last layer, samples)."""
@@ -159,7 +130,7 @@ def tent(base: nn.Module, x: torch.Tensor, epochs: int = 5, lr: float = 1e-3, ba
                 xb = x[order[i:i + batch_size]]
                 if len(xb) < 2:
                     continue
-                loss = _entropy_rows(model(xb)).mean()
+                loss = entropy_rows(model(xb)).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -12,7 +12,8 @@ import torch.nn as nn
 from common import __version__
 from common.io import atomic_write_bytes
 from common.mask import Mask, MaskError
-from common.models import OutputRestricted, build_model, prunable_layers
+from common.models import build_model, prunable_layers
+from common.restrict import OutputRestricted
 
 FORMAT = "fineprune-checkpoint"
 FORMAT_VERSION = 1

@@ -131,22 +131,3 @@ def following_batchnorm(model: nn.Module) -> dict[str, str]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-class OutputRestricted(nn.Module):
-    """Only the classes this user's data is predicted as stay possible; other logits are -inf.
-    `inner_index[i]` is the inner model's output for class `classes[i]` (after compaction the
-    inner model has just those outputs)."""
-
-    def __init__(self, inner: nn.Module, classes: list[int], num_classes: int, inner_index: list[int]):
-        super().__init__()
-        self.inner = inner
-        self.num_classes = num_classes
-        self.register_buffer("classes", torch.tensor(classes, dtype=torch.long), persistent=False)
-        self.register_buffer("inner_index", torch.tensor(inner_index, dtype=torch.long), persistent=False)
-
-    def forward(self, x):
-        z = self.inner(x)
-        out = torch.full((z.shape[0], self.num_classes), float("-inf"), dtype=z.dtype, device=z.device)
-        out[:, self.classes] = z[:, self.inner_index]
-        return out

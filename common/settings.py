@@ -129,7 +129,7 @@ SETTINGS = [
     S("max-sparsity", 0.95, "the stop rule's search never goes past this sparsity", {RUN, CLIENT, PRUNE},
       low=1e-3, high=1.0, high_open=True),
     S("stop-rule", "agreement", "label-free rule that ends pruning", {RUN, CLIENT, PRUNE},
-      choices=("agreement", "confidence", "entropy", "drift", "none")),
+      choices=lambda: tuple(__import__("common.stop", fromlist=["RULES"]).RULES)),
     S("tolerance", 0.02, "how far the stop rule may degrade (agreement: >= 98% of the probe by default)",
       {RUN, CLIENT, PRUNE}, low=0.0, high=1.0),
     S("search", "bisect", "bisect over the nested schedule, or linear step by step", {RUN, CLIENT, PRUNE},

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import __version__
 from common.checkpoint import load_checkpoint
 from common.federation import _dataset, merged_config, vendor_and_pool
-from common.models import OutputRestricted
+from common.restrict import OutputRestricted
 from common.pretrain import pretrain
 from server.report import write_report
 from server.strategy import FinePruneStrategy
