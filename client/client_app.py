@@ -9,7 +9,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.device import Device, device_inputs, research_accuracy
-from common.federation import merged_config, model_bytes, records_to_base, simulated_user
+from common.federation import merged_config, model_bytes, records_to_base
+from common.protocol import simulated_user
 
 app = ClientApp()
 STALL_SECONDS = 900.0

@@ -2,9 +2,6 @@
 storage, fine-prune on its own unlabeled data, and build the mask summary it may upload."""
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 from pathlib import Path
 
 import torch

@@ -1,24 +1,18 @@
 """What the ServerApp and the ClientApp agree on: run-config defaults, how a base model travels
-(ArrayRecord + metadata), and how simulated users are cut from a task's data."""
+(ArrayRecord + metadata). Which users a simulation has is common/protocol.py's."""
 from __future__ import annotations
 
 import json
-from functools import lru_cache
-
-import numpy as np
 import torch
 
-from common import data as D
-from common.privacy import check_epsilon
 from common import settings as ST
-from common.tasks import get_task, load_task_data
+from common.privacy import check_epsilon
 
 # Every key of [tool.flwr.app.config], spelled as in TOML ("auto" for a value the data decides);
 # the ServerApp fills in what a run leaves out. Derived from the one settings table.
 DEFAULTS = ST.run_config_defaults()
 CLIENT_KEYS = ST.names(ST.CLIENT)  # what the server sends every ClientApp
 PARTITIONINGS = ST.BY_NAME["partitioning"].choices
-FSDD_VENDOR_TAKE = 25  # fsdd federation: takes >= 25 train the base, 5-24 are users' unlabeled data
 
 
 def merged_config(run_config: dict, overrides: dict | None = None) -> dict:
@@ -67,43 +61,3 @@ def records_to_base(arrays, meta_record):
 def model_bytes(model: torch.nn.Module) -> int:
     """Size of the dense fp32 model: the yardstick for upload sizes."""
     return sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
-
-
-# ---------------------------------------------------------------- simulated users
-@lru_cache(maxsize=4)
-def _dataset(task: str, data_path: str) -> D.Dataset:
-    return load_task_data(get_task(task), data_path or None)
-
-
-def vendor_and_pool(task: str, ds: D.Dataset, seed: int):
-    """Disjoint indices: the vendor's labeled training data and the users' pool."""
-    if ds.takes is not None:
-        idx = np.arange(len(ds))
-        return idx[ds.takes >= FSDD_VENDOR_TAKE], idx[ds.takes < FSDD_VENDOR_TAKE]
-    return D.vendor_user_split(len(ds), 0.5, seed)
-
-
-def simulated_user(cfg: dict, partition_id: int, num_partitions: int) -> D.UserData:
-    ds = _dataset(cfg["task"], cfg["data-path"])
-    _, pool = vendor_and_pool(cfg["task"], ds, cfg["seed"])
-    sub = ds.subset(pool)
-    if cfg["partitioning"] == "speaker":
-        if sub.groups is None:
-            raise D.DataError(f"task '{cfg['task']}' has no speakers to partition by")
-        names, groups = D.partition_by_group(sub.groups)
-        if num_partitions > len(names):
-            raise D.DataError(f"{num_partitions} clients but only {len(names)} speakers")
-        idx = np.asarray(groups[partition_id])
-        if sub.takes is not None:  # official split: takes 0-4 are the held-out test takes
-            pers, ev = idx[sub.takes[idx] >= 5], idx[sub.takes[idx] < 5]
-            return D.UserData(names[partition_id], sub.x[torch.as_tensor(pers)], sub.x[torch.as_tensor(ev)],
-                              sub.y[torch.as_tensor(ev)])
-        groups = [idx]
-        partition_id = 0
-    elif cfg["partitioning"] == "classes":
-        groups = D.partition_class_subsets(sub.y.numpy(), num_partitions,
-                                           (cfg["classes-min"], cfg["classes-max"]), cfg["seed"])
-    else:
-        groups = D.partition_dirichlet(sub.y.numpy(), num_partitions, cfg["dirichlet-alpha"], cfg["seed"])
-    users = D.make_users(sub, groups, cfg["heldout-frac"], cfg["seed"] + partition_id)
-    return users[partition_id]

@@ -1,35 +1,13 @@
 """Vendor-side pretraining of a base model (labels allowed here), saved with its metadata."""
 from __future__ import annotations
 
-import numpy as np
 
 from common import data as D
+from common import protocol as P
 from common.checkpoint import fingerprint, save_checkpoint
 from common.models import build_model
 from common.tasks import get_task, load_task_data, shift_augment
 from common.train import accuracy, train_supervised
-
-
-def vendor_indices(task_name: str, ds: D.Dataset, seed: int, vendor_frac: float, exclude_speaker=None):
-    """(train, test) indices of the vendor's data. digits: a seeded share of the images (the rest
-    is the users' pool). Speech: official training takes of all speakers but the excluded one."""
-    if task_name == "digits":
-        vend, _ = D.vendor_user_split(len(ds), vendor_frac, seed)
-        rng = np.random.default_rng(seed)
-        vend = rng.permutation(vend)
-        k = int(len(vend) * 0.9)
-        return np.sort(vend[:k]), np.sort(vend[k:])
-    idx = np.arange(len(ds))
-    if exclude_speaker is not None and ds.groups is not None:
-        if exclude_speaker not in set(ds.groups.tolist()):
-            raise D.DataError(f"speaker '{exclude_speaker}' not in the data")
-        idx = idx[ds.groups != exclude_speaker]
-    if ds.takes is not None:
-        return idx[ds.takes[idx] >= 5], idx[ds.takes[idx] < 5]
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(idx)
-    k = int(len(idx) * 0.9)
-    return np.sort(idx[:k]), np.sort(idx[k:])
 
 
 def pretrain(task_name: str, out, data=None, epochs=None, seed: int = 0, device: str = "cpu",
@@ -43,7 +21,7 @@ def pretrain(task_name: str, out, data=None, epochs=None, seed: int = 0, device:
         raise ValueError(f"--vendor-frac must be in (0, 1), got {vendor_frac}")
     task = get_task(task_name)
     ds = ds if ds is not None else load_task_data(task, data)
-    tr, te = indices if indices is not None else vendor_indices(task.name, ds, seed, vendor_frac, exclude_speaker)
+    tr, te = indices if indices is not None else P.vendor_indices(task.name, ds, seed, vendor_frac, exclude_speaker)
     torch.manual_seed(seed)
     kwargs = dict(task.arch_kwargs)
     if task.arch in ("smallcnn", "kws", "resnet18", "resnet50"):

@@ -8,14 +8,14 @@ from datetime import datetime
 from logging import INFO, WARNING
 from pathlib import Path
 
-import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common import __version__
 from common.checkpoint import load_checkpoint
-from common.federation import _dataset, merged_config, vendor_and_pool
+from common.federation import merged_config
+from common.protocol import task_dataset, vendor_train_test
 from common.restrict import OutputRestricted
 from common.pretrain import pretrain
 from server.report import write_report
@@ -35,13 +35,9 @@ def base_model(cfg: dict, out: Path):
     if not path:
         path = out / "base.pt"
         if not path.exists():  # a restarted server reuses it
-            ds = _dataset(cfg["task"], cfg["data-path"])
-            vendor, _ = vendor_and_pool(cfg["task"], ds, cfg["seed"])
-            rng = np.random.default_rng(cfg["seed"])
-            vendor = rng.permutation(vendor)
-            k = int(len(vendor) * 0.9)
+            ds = task_dataset(cfg["task"], cfg["data-path"])
             r = pretrain(cfg["task"], path, epochs=cfg["pretrain-epochs"] or None, seed=cfg["seed"], ds=ds,
-                         indices=(np.sort(vendor[:k]), np.sort(vendor[k:])))
+                         indices=vendor_train_test(cfg["task"], ds, cfg["seed"]))
             log(INFO, "pretrained base model on %d vendor samples: test accuracy %.3f", r["train_samples"],
                 r["test_accuracy"])
     model, meta, _ = load_checkpoint(path)

@@ -24,6 +24,7 @@ import torch
 
 from common import baselines as BL
 from common import data as D
+from common import protocol as P
 from common.checkpoint import fingerprint, load_checkpoint
 from common.compact import compact
 from common.federation import model_bytes
@@ -107,9 +108,9 @@ def digits_task(out: Path, seed: int, n_users: int, epochs: int | None, style: b
     _cached_pretrain(ck, "digits", ck, seed=seed, ds=ds, epochs=epochs)
     base, meta, _ = load_checkpoint(ck)
     if style:
-        _, pool = D.vendor_user_split(len(ds), 0.5, seed)
+        _, pool = P.vendor_and_pool("digits", ds, seed)
         return [(base, meta, u) for u in CO.image_style_users(ds, pool, seed)]
-    _, pool = D.vendor_user_split(len(ds), 0.5, seed)
+    _, pool = P.vendor_and_pool("digits", ds, seed)
     sub = ds.subset(pool)
     rng = np.random.default_rng(seed)
     users = []
@@ -133,9 +134,7 @@ def fsdd_loso_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log,
         if r:
             log(f"  fsdd base without {spk}: seen-speaker test accuracy {r['test_accuracy']:.3f} "
                 f"({r['train_seconds']:.0f} s)")
-        idx = np.flatnonzero(ds.groups == spk)  # official split: takes 0-4 are the test takes
-        user = (CO.few_data_user(ds, spk, rng) if few
-                else _user(spk, ds, idx[ds.takes[idx] >= 5], idx[ds.takes[idx] < 5]))
+        user = CO.few_data_user(ds, spk, rng) if few else _user(spk, ds, *P.speaker_user(ds, spk))
         users.append((*load_checkpoint(ck)[:2], user))
     return users
 
@@ -143,10 +142,8 @@ def fsdd_loso_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log,
 def fsdd_seen_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log, conditions: bool = False):
     """The vendor trains on takes 25-49 of every speaker; each speaker is then a user holding 3-4
     digits: takes 5-24 unlabeled, takes 0-4 held out (never seen by the vendor either)."""
-    idx = np.arange(len(ds))
     ck = out / "bases" / f"fsdd_seen_s{seed}_e{epochs or 0}.pt"
-    r = _cached_pretrain(ck, "fsdd", ck, seed=seed, ds=ds, epochs=epochs,
-                         indices=(idx[ds.takes >= 25], idx[ds.takes < 5]))
+    r = _cached_pretrain(ck, "fsdd", ck, seed=seed, ds=ds, epochs=epochs, indices=P.seen_speaker_split(ds))
     if r:
         log(f"  fsdd base on takes 25-49: test accuracy {r['test_accuracy']:.3f} ({r['train_seconds']:.0f} s)")
     base, meta, _ = load_checkpoint(ck)
@@ -156,9 +153,8 @@ def fsdd_seen_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log,
     users = []
     for spk in sorted(set(ds.groups.tolist())):
         digits = rng.choice(10, size=int(rng.integers(3, 5)), replace=False)
-        mine = idx[(ds.groups == spk) & np.isin(ds.y.numpy(), digits) & (ds.takes < 25)]
-        users.append((base, meta, _user(f"{spk}:{''.join(map(str, sorted(digits)))}", ds,
-                                  mine[ds.takes[mine] >= 5], mine[ds.takes[mine] < 5])))
+        pers, ev = (i[np.isin(ds.y.numpy()[i], digits)] for i in P.speaker_user(ds, spk, (P.TEST_TAKES, P.VENDOR_TAKE)))
+        users.append((base, meta, _user(f"{spk}:{''.join(map(str, sorted(digits)))}", ds, pers, ev)))
     return users
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import protocol as P
+
 SPEECH_CONDITIONS = ("noise", "reverb", "speed", "phone")
 IMAGE_STYLES = ("thick", "blur", "contrast", "rotate")
 
@@ -141,9 +143,7 @@ def speech_condition_users(ds, seed: int, per_speaker: int = 2) -> list[BenchUse
     rng = np.random.default_rng(seed)
     users, k = [], 0
     for spk in sorted(set(ds.groups.tolist())):
-        idx = np.flatnonzero(ds.groups == spk)
-        pers = torch.as_tensor(idx[(ds.takes[idx] >= 5) & (ds.takes[idx] < 25)])
-        ev = torch.as_tensor(idx[ds.takes[idx] < 5])
+        pers, ev = (torch.as_tensor(i) for i in P.speaker_user(ds, spk, (P.TEST_TAKES, P.VENDOR_TAKE)))
         for _ in range(per_speaker):
             cond = speech_condition(SPEECH_CONDITIONS[k % len(SPEECH_CONDITIONS)], rng)
             k += 1
@@ -155,11 +155,8 @@ def speech_condition_users(ds, seed: int, per_speaker: int = 2) -> list[BenchUse
 def few_data_user(ds, spk: str, rng: np.random.Generator, digits: int = 4, takes=(5, 11)) -> BenchUser:
     """A new speaker with little data: `digits` digits, takes 5-10 of each unlabeled (24 clips),
     takes 0-4 held out."""
-    idx = np.flatnonzero(ds.groups == spk)
     mine = rng.choice(10, size=digits, replace=False)
-    idx = idx[np.isin(ds.y.numpy()[idx], mine)]
-    pers = torch.as_tensor(idx[(ds.takes[idx] >= takes[0]) & (ds.takes[idx] < takes[1])])
-    ev = torch.as_tensor(idx[ds.takes[idx] < 5])
+    pers, ev = (torch.as_tensor(i[np.isin(ds.y.numpy()[i], mine)]) for i in P.speaker_user(ds, spk, takes))
     return BenchUser(f"{spk}:{''.join(map(str, sorted(mine)))}", ds.x[pers], ds.y[pers], ds.x[ev], ds.y[ev])
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from common import data as D
+from common import protocol as P
 from common.checkpoint import fingerprint, load_checkpoint
 from common.federation import DEFAULTS, model_bytes
 from common.io import atomic_write_csv, atomic_write_png, atomic_write_text
@@ -125,7 +126,7 @@ def run(out: Path, n_users: int = 30, n_shadow: int = 30, seed: int = 0, epsilon
     ck = out / "digits_base.pt"
     pretrain("digits", ck, seed=seed, ds=ds)
     base, meta, _ = load_checkpoint(ck)
-    vendor, pool = D.vendor_user_split(len(ds), 0.5, seed)
+    vendor, pool = P.vendor_and_pool("digits", ds, seed)
     log(f"[{time.perf_counter() - t0:4.0f} s] fine-pruning {n_users} users and {n_shadow} shadow users")
     users = personalized_masks(base, ds, pool, n_users, seed)
     shadow = personalized_masks(base, ds, vendor, n_shadow, seed + 1)  # the server's own, from vendor data

@@ -37,7 +37,8 @@ def export_digits_users(out: Path, n: int, seed: int = 0) -> list[Path]:
     """Each device's own unlabeled photos (PNG), cut from the users' pool as in simulation."""
     from PIL import Image
 
-    from common.federation import merged_config, simulated_user
+    from common.federation import merged_config
+    from common.protocol import simulated_user
 
     cfg = merged_config({}, {"seed": seed})
     dirs = []
