@@ -10,7 +10,8 @@ from common.federation import prune_settings
 from common.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
 from common.io import atomic_write_bytes
 from common.mask import Mask
-from client.personalize import Personalization, load_inputs, personalize, resolve_device
+from client.personalize import Personalization, load_inputs, personalize
+from common.forward import resolve_device
 from common.summary import build_summary, encode
 from common.train import accuracy
 

@@ -135,13 +135,3 @@ def check_inputs(x: torch.Tensor, features: dict, where: str) -> None:
         raise D.DataError(f"inputs in {where} have shape {tuple(x.shape[1:])}, the model expects {want}")
     if not torch.isfinite(x).all():
         raise D.DataError(f"inputs in {where} contain NaN or infinite values")
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA GPU is available")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device '{name}' (choose from: auto, cpu, cuda)")
-    return name

@@ -68,3 +68,13 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
         for m, mom in zip(bns, saved):
             m.momentum = mom
         model.eval()
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is available")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device '{name}' (choose from: auto, cpu, cuda)")
+    return name

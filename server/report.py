@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+from datetime import datetime
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
+
+from flwr.common.logger import log
 
 from common.io import atomic_write_png, atomic_write_text
 
@@ -111,3 +116,32 @@ def to_markdown(report: dict) -> str:
 
 def _fmt(v):
     return "-" if v is None else f"{v:.3f}"
+
+
+def earlier_reports(out: Path) -> list[dict]:
+    """What a run in this directory reported before (a restarted server): kept, never overwritten.
+    An unreadable report.json is moved aside under a new name, not deleted."""
+    path = out / "report.json"
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as exc:
+        aside = out / f"report.unreadable-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+        os.replace(path, aside)
+        log(WARNING, "earlier report.json unreadable (%s); kept as %s", exc, aside.name)
+        return []
+    previous = old.pop("previous_runs", None) or []
+    old.pop("files", None)
+    return previous + [old]
+
+
+def flatten_rounds(rounds: list[dict]) -> dict:
+    """Top-level view of the last round: per-client rows and the analysis."""
+    if not rounds:
+        return {"clients": [], "analysis": None}
+    last = rounds[-1]
+    return {"clients": last["clients"], "analysis": last["analysis"], "rejected": last["rejected"],
+            "failed": last["failed"]}

@@ -1,11 +1,9 @@
 """Flower ServerApp: distribute the base model, collect mask summaries, analyze, report."""
 from __future__ import annotations
 
-import json
-import os
 import time
 from datetime import datetime
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context
@@ -18,7 +16,7 @@ from common.federation import merged_config
 from common.protocol import task_dataset, vendor_train_test
 from common.restrict import OutputRestricted
 from common.pretrain import pretrain
-from server.report import write_report
+from server.report import earlier_reports, flatten_rounds, write_report
 from server.strategy import FinePruneStrategy
 
 app = ServerApp()
@@ -60,44 +58,15 @@ def run_server(grid: Grid, run_config: dict, overrides: dict | None = None) -> d
 
     def save(_round_record):  # after every round: a crash later loses nothing already reported
         report["wall_seconds"] = time.time() - t0
-        report.update(_flatten(strategy.rounds))
+        report.update(flatten_rounds(strategy.rounds))
         write_report(out, report)
 
     strategy.on_round = save
     strategy.start(grid, initial_arrays=ArrayRecord(), num_rounds=cfg["num-rounds"],
                    timeout=cfg["round-timeout"])
     report["wall_seconds"] = time.time() - t0
-    report.update(_flatten(strategy.rounds))
+    report.update(flatten_rounds(strategy.rounds))
     paths = write_report(out, report)
     log(INFO, "fineprune report: %s (and report.md, PNG plots) in %s", paths["json"], out)
     print(f"fineprune report: {paths['json']}", flush=True)
     return report
-
-
-def earlier_reports(out: Path) -> list[dict]:
-    """What a run in this directory reported before (a restarted server): kept, never overwritten.
-    An unreadable report.json is moved aside under a new name, not deleted."""
-    path = out / "report.json"
-    if not path.exists():
-        return []
-    try:
-        old = json.loads(path.read_text())
-        if not isinstance(old, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, OSError) as exc:
-        aside = out / f"report.unreadable-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-        os.replace(path, aside)
-        log(WARNING, "earlier report.json unreadable (%s); kept as %s", exc, aside.name)
-        return []
-    previous = old.pop("previous_runs", None) or []
-    old.pop("files", None)
-    return previous + [old]
-
-
-def _flatten(rounds: list[dict]) -> dict:
-    """Top-level view of the last round: per-client rows and the analysis."""
-    if not rounds:
-        return {"clients": [], "analysis": None}
-    last = rounds[-1]
-    return {"clients": last["clients"], "analysis": last["analysis"], "rejected": last["rejected"],
-            "failed": last["failed"]}

@@ -21,7 +21,7 @@ import torch
 
 from common.io import atomic_write_text
 from common.models import build_model
-from client.personalize import resolve_device
+from common.forward import resolve_device
 from common.prune import PruneConfig, collect_stats, fine_prune, predict_logits
 from common.train import train_supervised
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint, save_checkpoint
-from simulations.cli import main
+from common.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def user_dir(tmp_path_factory, digits):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "simulations.cli", *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "common.cli", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 

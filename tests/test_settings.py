@@ -8,11 +8,12 @@ from common import settings as ST
 from common.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from common.federation import DEFAULTS, CLIENT_KEYS, merged_config, prune_settings
 from common.prune import PruneConfig
-from simulations.cli import build_parser, main
+from common.cli import build_parser, main
 
 
 def test_cli_federation_and_engine_share_every_default():
-    args = build_parser().parse_args(["personalize", "--model", "m", "--data", "d", "--out", "o"])
+    argv = ["personalize", "--model", "m", "--data", "d", "--out", "o"]
+    args = build_parser(argv).parse_args(argv)
     cli = PruneConfig.from_settings(ST.given_options(args, ST.PRUNE))
     assert cli == prune_settings(DEFAULTS) == prune_settings(merged_config({})) == PruneConfig()
     assert ST.given_options(args, ST.CLI)["device"] == DEFAULTS["device"]

@@ -1,0 +1,91 @@
+"""`fineprune`, the command line: a dispatcher only. Each command lives with its part and is
+imported when it runs: device commands in client/commands.py, vendor commands in
+server/commands.py, experiments in simulations/commands.py, so the edge path loads neither the
+benchmark nor Ray. Errors from bad input are one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+COMMANDS = {  # name: (module that builds and runs it, one-line help)
+    "pretrain": ("server.commands", "train a base model with labels (vendor side) and save a checkpoint"),
+    "personalize": ("client.commands", "fine-prune a base model on a user's unlabeled data (edge device)"),
+    "simulate": ("simulations.commands", "federated personalization on Flower's simulation engine"),
+    "bench": ("simulations.commands", "the benchmark: every method on the same users, results.csv/.md and plots"),
+    "bench-gpu": ("simulations.commands", "engine throughput on a large model (ResNet50, 224x224) on GPU or CPU"),
+}
+
+
+def user_errors() -> tuple:
+    from common.checkpoint import CheckpointError
+    from common.data import DataError
+    from common.mask import MaskError
+
+    return CheckpointError, DataError, MaskError, ValueError, FileNotFoundError, PermissionError
+
+
+def progress_bar(desc: str):
+    """A tqdm progress callback: progress(done, total, text)."""
+    from tqdm import tqdm
+
+    state = {}
+
+    def update(done, total, text=""):
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+        bar = state["bar"]
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(text[:60])
+        bar.refresh()
+        if done >= total:
+            bar.close()
+    return update
+
+
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The full options of the command being run (argv's first word); the others by name and help
+    only, so that their modules are not imported."""
+    from common import __version__
+
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    p = argparse.ArgumentParser(prog="fineprune", description="Label-free personalization by pruning.")
+    p.add_argument("--version", action="version", version=f"fineprune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (module, text) in COMMANDS.items():
+        if name == chosen:
+            importlib.import_module(module).add_parser(sub, name, text)
+        else:
+            sub.add_parser(name, help=text, add_help=False)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    if not hasattr(args, "func"):  # a command whose module was not loaded: only for --help of it
+        return main([args.command, "--help"])
+    try:
+        result = args.func(args)
+    except user_errors() as exc:
+        print(f"fineprune: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
+        if os.environ.get("FINEPRUNE_DEBUG"):
+            raise
+        print(f"fineprune: internal error: {type(exc).__name__}: {exc} (set FINEPRUNE_DEBUG=1 for details)",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fineprune: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(json.dumps({k: v for k, v in result.items() if k not in ("history", "layer_sparsity")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

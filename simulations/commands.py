@@ -1,0 +1,46 @@
+"""Experiment commands of `fineprune`: a federation on Flower's simulation engine, the benchmark
+and the large-model engine benchmark."""
+from __future__ import annotations
+
+
+def add_parser(sub, name: str, text: str):
+    if name == "simulate":
+        from common.tasks import TASKS
+
+        sm = sub.add_parser(name, help=text, description=text)
+        sm.add_argument("--task", default="digits", help=f"one of: {', '.join(TASKS)} (default digits)")
+        sm.add_argument("--clients", type=int, default=10, help="number of simulated devices (default 10)")
+        sm.add_argument("--out", required=True, help="directory for report.json, report.md, plots, device storage")
+        sm.add_argument("--data", help="dataset directory (fsdd, speechcommands, imagefolder)")
+        sm.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="any run-config key of pyproject.toml, e.g. --set summary-level=bitmap")
+        sm.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+        sm.set_defaults(func=cmd_simulate)
+    elif name == "bench":
+        from simulations import bench
+
+        bench.build_parser(sub.add_parser(name, help=text, description=text)).set_defaults(func=bench.main)
+    else:
+        from simulations import bench_gpu
+
+        bench_gpu.build_parser(sub.add_parser(name, help=text, description=text)).set_defaults(func=bench_gpu.main)
+
+
+def cmd_simulate(args) -> dict:
+    from simulations.simulate import simulate
+
+    overrides = {"task": args.task, "num-clients": args.clients, "out-dir": args.out}
+    for item in args.set or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got '{item}'")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v.strip()
+    if args.data:
+        overrides["data-path"] = args.data
+    report = simulate(overrides, verbose=args.verbose)
+    a = report["analysis"] or {}
+    return {"report": report["files"]["json"], "clients": len(report["clients"]),
+            "failed": len(report["failed"]), "rejected": len(report["rejected"]),
+            "mean_sparsity": sum(c["sparsity"] for c in report["clients"]) / max(len(report["clients"]), 1),
+            "mean_pairwise_similarity": a.get("mean_pairwise_similarity"), "clusters": a.get("clusters"),
+            "wall_seconds": report["wall_seconds"]}
