@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import io
 import json
 import os
@@ -19,30 +18,25 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from common import baselines as BL
 from common import data as D
-from common import protocol as P
-from common.checkpoint import fingerprint, load_checkpoint
+from common.checkpoint import fingerprint
 from common.compact import compact
 from common.federation import model_bytes
 from common.models import prunable_layers
-from common.io import atomic_write_csv, atomic_write_png, atomic_write_text
-from common.pretrain import pretrain
+from common.io import atomic_write_csv, atomic_write_text
 from common.prune import PruneConfig, fine_prune, personalized_model
 from common.summary import build_summary, encode, model_usage_histograms
 from common.train import accuracy, time_inference, train_supervised
-from simulations import cohorts as CO
+from simulations.bench_tasks import digits_task, fsdd_loso_task, fsdd_seen_task
 from simulations.cohorts import BenchUser
+from simulations.peak_memory import peak_mb
+from simulations.bench_report import (BACKPROP, DISC, HEADLINE, LEVELS, SCORERS, WITH_BN, headline,
+                                      personalization_table, plot_accuracy_vs_sparsity, plot_compute,
+                                      plot_personalization, summarize, to_markdown)
 
-LEVELS = (0.5, 0.7, 0.9)
-SCORERS = ("usage", "usage-share", "discriminative", "firing", "magnitude", "random")
-WITH_BN = ("usage+bn", "magnitude+bn", "discriminative+bn")  # criteria compared with BatchNorm recalibration, as a device runs them
-HEADLINE = ("usage+bn+restrict", "stop")        # our default: what a device runs
-BACKPROP = "backprop-5ep (labels)"
-DISC = ("discriminative+bn+restrict", "stop")  # pseudo-class-discriminative magnitude, label-free stop
 BASELINES = ("adabn", "t3a", "adabn+t3a", "lame", "tent (backprop, no labels)")
 TASKS = ("digits", "fsdd-loso", "fsdd-seen", "digits-style", "fsdd-cond", "fsdd-few")
 MEMORY_METHODS = {("base", "-"), ("bn-recal", "-"), ("usage", "0.7"), ("usage", "stop"), HEADLINE,
@@ -94,70 +88,6 @@ def baseline_rows(common: dict, base, user: BenchUser) -> list[dict]:
     return rows
 
 
-# ---------------------------------------------------------------- users and bases
-def _cached_pretrain(ck: Path, *args, **kw) -> dict | None:
-    """Pretrain once per benchmark directory: tasks that share a base (and a rerun) reuse it."""
-    if ck.is_file():
-        return None
-    return pretrain(*args, **kw)
-
-
-def digits_task(out: Path, seed: int, n_users: int, epochs: int | None, style: bool = False):
-    ds = D.load_digits()
-    ck = out / "bases" / f"digits_s{seed}_e{epochs or 0}.pt"
-    _cached_pretrain(ck, "digits", ck, seed=seed, ds=ds, epochs=epochs)
-    base, meta, _ = load_checkpoint(ck)
-    if style:
-        _, pool = P.vendor_and_pool("digits", ds, seed)
-        return [(base, meta, u) for u in CO.image_style_users(ds, pool, seed)]
-    _, pool = P.vendor_and_pool("digits", ds, seed)
-    sub = ds.subset(pool)
-    rng = np.random.default_rng(seed)
-    users = []
-    for i, g in enumerate(D.partition_class_subsets(sub.y.numpy(), n_users, (2, 3), seed)):
-        pers, ev = D.split_heldout(np.asarray(g), 0.3, rng)
-        users.append((base, meta, _user(f"user{i}", sub, pers, ev)))
-    return users
-
-
-def _user(uid, ds: D.Dataset, pers, ev) -> BenchUser:
-    p, e = torch.as_tensor(np.asarray(pers)), torch.as_tensor(np.asarray(ev))
-    return BenchUser(str(uid), ds.x[p], ds.y[p], ds.x[e], ds.y[e])
-
-
-def fsdd_loso_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log, few: bool = False):
-    """Leave one speaker out; `few`: that speaker has 24 clips of 4 digits (CO.few_data_user)."""
-    users, rng = [], np.random.default_rng(seed)
-    for spk in sorted(set(ds.groups.tolist())):
-        ck = out / "bases" / f"fsdd_without_{spk}_s{seed}_e{epochs or 0}.pt"
-        r = _cached_pretrain(ck, "fsdd", ck, seed=seed, exclude_speaker=spk, ds=ds, epochs=epochs)
-        if r:
-            log(f"  fsdd base without {spk}: seen-speaker test accuracy {r['test_accuracy']:.3f} "
-                f"({r['train_seconds']:.0f} s)")
-        user = CO.few_data_user(ds, spk, rng) if few else _user(spk, ds, *P.speaker_user(ds, spk))
-        users.append((*load_checkpoint(ck)[:2], user))
-    return users
-
-
-def fsdd_seen_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log, conditions: bool = False):
-    """The vendor trains on takes 25-49 of every speaker; each speaker is then a user holding 3-4
-    digits: takes 5-24 unlabeled, takes 0-4 held out (never seen by the vendor either)."""
-    ck = out / "bases" / f"fsdd_seen_s{seed}_e{epochs or 0}.pt"
-    r = _cached_pretrain(ck, "fsdd", ck, seed=seed, ds=ds, epochs=epochs, indices=P.seen_speaker_split(ds))
-    if r:
-        log(f"  fsdd base on takes 25-49: test accuracy {r['test_accuracy']:.3f} ({r['train_seconds']:.0f} s)")
-    base, meta, _ = load_checkpoint(ck)
-    if conditions:  # the same clean-speech base; users speak under their own acoustic condition
-        return [(base, meta, u) for u in CO.speech_condition_users(ds, seed)]
-    rng = np.random.default_rng(seed)
-    users = []
-    for spk in sorted(set(ds.groups.tolist())):
-        digits = rng.choice(10, size=int(rng.integers(3, 5)), replace=False)
-        pers, ev = (i[np.isin(ds.y.numpy()[i], digits)] for i in P.speaker_user(ds, spk, (P.TEST_TAKES, P.VENDOR_TAKE)))
-        users.append((base, meta, _user(f"{spk}:{''.join(map(str, sorted(digits)))}", ds, pers, ev)))
-    return users
-
-
 # ---------------------------------------------------------------- one user, every method
 def run_user(task: str, base, user: BenchUser, measure_memory: bool) -> list[dict]:
     base_acc = accuracy(base, user.heldout_x, user.heldout_y)
@@ -168,7 +98,7 @@ def run_user(task: str, base, user: BenchUser, measure_memory: bool) -> list[dic
               "accuracy_base": base_acc, "inference_seconds": infer_s}
     rows = [dict(common, method="base", level="-", accuracy=base_acc, sparsity=0.0, stop_reason="",
                  seconds=infer_s, forward_passes=1.0, backward_passes=0.0, upload_bytes=0, bitmap_bytes=0,
-                 peak_mb=_peak_mb("inference", base, user.x) if measure_memory else None)]
+                 peak_mb=peak_mb("inference", base, user.x) if measure_memory else None)]
     stops = {}  # the sparsity each label-free stop reached, for the matched controls
     for method, level, kw in plan():
         if level == "stop" and "target_sparsity" in kw:
@@ -185,7 +115,7 @@ def run_user(task: str, base, user: BenchUser, measure_memory: bool) -> list[dic
                          forward_passes=res.forward_samples / n, backward_passes=0.0,
                          upload_bytes=len(encode(build_summary(res.mask, hist, "sketch", fp, size))),
                          bitmap_bytes=len(encode(build_summary(res.mask, hist, "bitmap", fp, size))),
-                         peak_mb=(_peak_mb("prune", base, user.x, cfg=cfg)
+                         peak_mb=(peak_mb("prune", base, user.x, cfg=cfg)
                                   if measure_memory and (method, level) in MEMORY_METHODS else None)))
     rows += baseline_rows(common, base, user)
     # the expensive baseline: backprop with the labels a device does not have; in a federation it
@@ -196,49 +126,10 @@ def run_user(task: str, base, user: BenchUser, measure_memory: bool) -> list[dic
                      sparsity=0.0, stop_reason="", seconds=cost["seconds"],
                      forward_passes=cost["forward_samples"] / n, backward_passes=cost["backward_samples"] / n,
                      upload_bytes=size, bitmap_bytes=0,
-                     peak_mb=(_peak_mb("backprop", base, user.x, user.y) if measure_memory else None)))
+                     peak_mb=(peak_mb("backprop", base, user.x, user.y) if measure_memory else None)))
     for r in rows:
         r["x_inference"] = r["seconds"] / infer_s
     return rows
-
-
-def _peak_mb(kind: str, base, x, y=None, cfg: PruneConfig | None = None) -> float | None:
-    """Peak memory one method adds on top of the loaded model and data, in MB. It runs in a fresh
-    (spawned) child process: forking a process whose torch thread pool has run deadlocks. The
-    child returns free heap to the OS first, so reuse cannot hide growth, and resets the kernel's
-    high-water mark (VmHWM) before the run."""
-    if not Path("/proc/self/clear_refs").exists():
-        return None
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_peak_child, (kind, base, x, y, cfg, torch.get_num_threads()))
-
-
-def _peak_child(kind, base, x, y, cfg, threads) -> float:
-    torch.set_num_threads(threads)
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    start = _status_kb("VmHWM")
-    if kind == "inference":
-        time_inference(base, x, repeats=1)
-    elif kind == "prune":
-        fine_prune(copy.deepcopy(base), x, cfg)
-    else:  # one epoch of backprop
-        train_supervised(copy.deepcopy(base), x, y, epochs=1, batch_size=32)
-    return (_status_kb("VmHWM") - start) / 1024
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
 
 
 # ---------------------------------------------------------------- compaction
@@ -281,166 +172,6 @@ def _latency(model, x, n=50):
     for _ in range(n):
         model(x)
     return (time.perf_counter() - t0) / n
-
-
-# ---------------------------------------------------------------- tables and plots
-def summarize(rows: list[dict]) -> list[dict]:
-    out = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        for key in dict.fromkeys((r["method"], r["level"]) for r in rows if r["task"] == task):
-            rs = [r for r in rows if r["task"] == task and (r["method"], r["level"]) == key]
-            mem = [r["peak_mb"] for r in rs if r["peak_mb"] is not None]
-            out.append({"task": task, "method": key[0], "level": key[1], "users": len(rs),
-                        **{k: float(np.mean([r[k] for r in rs])) for k in
-                           ("accuracy_base", "accuracy", "sparsity", "seconds", "x_inference", "forward_passes",
-                            "backward_passes", "upload_bytes")},
-                        "accuracy_min": float(np.min([r["accuracy"] for r in rs])),
-                        "delta_min": float(np.min([r["accuracy"] - r["accuracy_base"] for r in rs])),
-                        "peak_mb": float(np.mean(mem)) if mem else None})
-    return out
-
-
-def headline(summary: list[dict]) -> list[dict]:
-    """Per task: the label-free stop vs the paper's ~70% / ~90%, the winner at 70%, and costs."""
-    out = []
-    for task in dict.fromkeys(s["task"] for s in summary):
-        get = {(s["method"], s["level"]): s for s in summary if s["task"] == task}
-        at70 = {m: get[(m, "0.7")]["accuracy"] for m in SCORERS + WITH_BN if (m, "0.7") in get}
-        stop, bp = get[HEADLINE], get[(BACKPROP, "-")]
-        out.append({"task": task, "base_accuracy": get[("base", "-")]["accuracy"],
-                    "stop_accuracy": stop["accuracy"], "stop_sparsity": stop["sparsity"],
-                    "winner_at_0.7": max(at70, key=at70.get), "accuracy_at_0.7": at70,
-                    "stop_x_inference": stop["x_inference"], "backprop_x_inference": bp["x_inference"],
-                    "backprop_over_stop_time": bp["seconds"] / stop["seconds"],
-                    "target_0.7_x_inference": get[("usage", "0.7")]["x_inference"],
-                    "backprop_over_target_0.7_time": bp["seconds"] / get[("usage", "0.7")]["seconds"],
-                    "backprop_accuracy": bp["accuracy"]})
-    return out
-
-
-PERSONALIZATION = [("base", "-"), ("adabn", "-"), ("t3a", "-"), ("lame", "-"), ("adabn+t3a", "-"),
-                   ("tent (backprop, no labels)", "-"), HEADLINE, ("usage+bn (base stats)", "0.7"),
-                   ("usage+bn", "0.7"), ("magnitude+bn", "0.7"), ("discriminative+bn", "0.7"),
-                   ("discriminative+bn", "stop"), DISC, ("discriminative+bn+proto", "0.7"),
-                   ("discriminative+bn+proto", "stop"), (BACKPROP, "-")]
-
-
-def personalization_table(summary) -> list[dict]:
-    """Per task, one row per method of the personalization comparison: mean accuracy, sparsity,
-    the worst user's change from the base, and the margin over the best label-free baseline."""
-    out = []
-    for task in dict.fromkeys(s["task"] for s in summary):
-        get = {(s["method"], s["level"]): s for s in summary if s["task"] == task}
-        best = max(get[(b, "-")]["accuracy"] for b in ("adabn", "t3a", "lame", "adabn+t3a"))
-        for key in PERSONALIZATION:
-            s = get[key]
-            out.append({"task": task, "method": key[0], "level": key[1], "accuracy": s["accuracy"],
-                        "sparsity": s["sparsity"], "worst_user_delta": s["delta_min"],
-                        "over_best_baseline": s["accuracy"] - best, "x_inference": s["x_inference"]})
-    return out
-
-
-def _grouped_bars(ax, rows: list[dict], keys: list, value: str):
-    """One group of bars per task, one bar per (method, level) key."""
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    width = 0.85 / len(keys)
-    for i, key in enumerate(keys):
-        vals = [next(r[value] for r in rows if r["task"] == t and (r["method"], r["level"]) == key) for t in tasks]
-        ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=f"{key[0]} {key[1] if key[1] != '-' else ''}")
-    ax.set_xticks(np.arange(len(tasks)) + width * (len(keys) - 1) / 2, tasks)
-
-
-def plot_personalization(table, path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(dict.fromkeys((r["method"], r["level"]) for r in table))
-    tasks = list(dict.fromkeys(r["task"] for r in table))
-    fig, ax = plt.subplots(figsize=(max(9, 2.2 * len(tasks)), 4.5))
-    _grouped_bars(ax, table, keys, "accuracy")
-    ax.set_ylabel("mean held-out accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Personalization: label-free baselines, fine-pruning and the backprop ceiling")
-    ax.legend(fontsize=6, ncol=3, loc="lower left")
-    atomic_write_png(path, fig)
-
-
-def to_markdown(summary, heads, comps, wall: float) -> str:
-    lines = ["| task | method | level | acc | sparsity | worst user vs base | vs best of AdaBN/T3A/LAME/AdaBN+T3A "
-             "| x one inference pass |", "|" + "---|" * 8]
-    for r in personalization_table(summary):
-        lines.append(f"| {r['task']} | {r['method']} | {r['level']} | {r['accuracy']:.3f} | {r['sparsity']:.2f} | "
-                     f"{r['worst_user_delta']:+.3f} | {r['over_best_baseline']:+.3f} | {r['x_inference']:.2f} |")
-    lines += ["", "| task | method | sparsity level | users | acc (base) | acc | min user acc | sparsity | s/user | "
-             "x one inference pass | fwd passes | bwd passes | upload B | peak MB |", "|" + "---|" * 14]
-    for s in summary:
-        pk = f"{s['peak_mb']:.1f}" if s["peak_mb"] is not None else ""
-        lines.append(f"| {s['task']} | {s['method']} | {s['level']} | {s['users']} | {s['accuracy_base']:.3f} | "
-                     f"{s['accuracy']:.3f} | {s['accuracy_min']:.3f} | {s['sparsity']:.3f} | {s['seconds']:.3f} | "
-                     f"{s['x_inference']:.2f} | {s['forward_passes']:.2f} | {s['backward_passes']:.1f} | "
-                     f"{s['upload_bytes']:.0f} | {pk} |")
-    lines += ["", "| task | base acc | label-free stop (usage+bn+restrict): acc @ sparsity | winner at 70% | "
-              "stop: x inference | backprop / stop time | usage@0.7: x inference | backprop / usage@0.7 time | "
-              "backprop acc |", "|" + "---|" * 9]
-    for h in heads:
-        lines.append(f"| {h['task']} | {h['base_accuracy']:.3f} | {h['stop_accuracy']:.3f} @ {h['stop_sparsity']:.3f} "
-                     f"| {h['winner_at_0.7']} ({h['accuracy_at_0.7'][h['winner_at_0.7']]:.3f}) | "
-                     f"{h['stop_x_inference']:.2f} | {h['backprop_over_stop_time']:.1f}x | "
-                     f"{h['target_0.7_x_inference']:.2f} | {h['backprop_over_target_0.7_time']:.1f}x | "
-                     f"{h['backprop_accuracy']:.3f} |")
-    if comps:
-        lines += ["", "| task | compacted model | sparsity | acc | widths base -> compact | latency ms (1 sample, "
-                  "1 thread) | bytes | same predictions |", "|" + "---|" * 8]
-        for c in comps:
-            lines.append(f"| {c['task']} | {c['method']} | {c['sparsity']:.3f} | {c['accuracy']:.3f} | "
-                         f"{c['widths_base']} -> {c['widths_compact']} | {c['latency_ms_base']:.3f} -> "
-                         f"{c['latency_ms_compact']:.3f} | {c['bytes_base']} -> {c['bytes_compact']} | "
-                         f"{c['same_predictions']} |")
-    lines += ["", f"Wall time of the whole benchmark: {wall:.0f} s on {torch.get_num_threads()} CPU threads."]
-    return "\n".join(lines) + "\n"
-
-
-def plot_accuracy_vs_sparsity(summary, path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(s["task"] for s in summary))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        get = {(s["method"], s["level"]): s for s in summary if s["task"] == task}
-        start = {m: get[("bn-recal", "-")] for m in WITH_BN}
-        for m in SCORERS + WITH_BN:
-            pts = [start.get(m, get[("base", "-")])] + [get[(m, str(lv))] for lv in LEVELS]
-            line, = ax.plot([p["sparsity"] for p in pts], [p["accuracy"] for p in pts], "o-", label=m)
-            st = get[(m, "stop")]
-            ax.plot(st["sparsity"], st["accuracy"], "*", ms=12, color=line.get_color())
-        h = get[HEADLINE]
-        ax.plot(h["sparsity"], h["accuracy"], "kP", ms=11, label="usage+bn+restrict, label-free stop")
-        ax.axhline(get[(BACKPROP, "-")]["accuracy"], color="grey", ls="--", label="backprop 5 ep (labels)")
-        ax.axhline(get[("base", "-")]["accuracy"], color="black", ls=":", label="base model")
-        ax.set_title(f"{task} (stars: label-free stop / matched)")
-        ax.set_xlabel("sparsity of prunable weights")
-        ax.set_ylabel("mean held-out accuracy")
-        ax.set_ylim(0, 1.02)
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    atomic_write_png(path, fig)
-
-
-def plot_compute(summary, path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    show = [("base", "-"), ("bn-recal", "-"), ("usage", "0.7"), ("usage", "stop"), HEADLINE, (BACKPROP, "-")]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    _grouped_bars(ax, summary, show, "x_inference")
-    ax.set_yscale("log")
-    ax.set_ylabel("wall time / one inference pass (log)")
-    ax.set_title("Compute per user, in units of one plain inference pass over the same data")
-    ax.legend(fontsize=7)
-    atomic_write_png(path, fig)
 
 
 # ---------------------------------------------------------------- entry point

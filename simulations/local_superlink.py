@@ -37,7 +37,21 @@ def _bin(name: str) -> str:
     return str(here) if here.exists() else (shutil.which(name) or name)
 
 
+def _ours() -> bool:
+    """Whether the SuperLink this helper started (the PID file's process) is still alive."""
+    try:
+        os.kill(int(PID_FILE.read_text()), 0)
+        return True
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return False
+
+
 def start(supernodes: int) -> None:
+    if _healthy() and not _ours():
+        # someone else's SuperLink (Flower's managed one, another user's) answers on this port:
+        # reusing it silently would run our app with its settings and dependencies
+        sys.exit(f"a SuperLink this helper did not start is listening on 127.0.0.1:{LOCAL_SUPERLINK_HTTP_API_PORT}; "
+                 "stop it first (or run `flwr run .` against it knowingly)")
     if not _healthy():
         log = PID_FILE.parent / "superlink.log"
         log.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,11 @@ from common.federation import merged_config
 
 def simulate(overrides: dict, backend_cpus: float = 1.0, verbose: bool = False) -> dict:
     """Returns the report dict (also written to <out-dir>/report.json)."""
+    try:
+        import ray  # noqa: F401  (Flower's simulation engine runs on it)
+    except ImportError:
+        raise ValueError("fineprune simulate needs Flower's simulation engine (Ray): "
+                         "pip install -e '.[simulation]'") from None
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
