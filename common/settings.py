@@ -116,7 +116,7 @@ SETTINGS = [
     S("heldout-frac", 0.3, "share of each simulated user's data held out, labeled, for research accuracy",
       {RUN, CLIENT}, low=0.01, high=0.9),
     # ---- the engine (PruneConfig; `fineprune personalize` options)
-    # usage stays the default: discriminative is +3.7 points better at a fixed 70% on average over
+    # usage stays the default: discriminative is +3.6 points better at a fixed 70% on average over
     # the benchmark's six cohorts but only +0.5 at the label-free stop, and the stop prunes it
     # further on the default federation's users (0.973 at 0.87 vs usage 0.997 at 0.75, base 0.993)
     S("scoring", "usage", "importance criterion (low scores are pruned first)", {RUN, CLIENT, PRUNE},

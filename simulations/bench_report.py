@@ -12,8 +12,8 @@ from common.io import atomic_write_png
 LEVELS = (0.5, 0.7, 0.9)
 SCORERS = ("usage", "usage-share", "discriminative", "firing", "magnitude", "random")
 WITH_BN = ("usage+bn", "magnitude+bn", "discriminative+bn")  # criteria compared with BatchNorm recalibration
-HEADLINE = ("usage+bn+restrict", "stop")       # the previous default: usage, recalibration, restriction
-DISC = ("discriminative+bn+restrict", "stop")  # the default: pseudo-class-discriminative magnitude
+HEADLINE = ("usage+bn+restrict", "stop")       # the default: usage on the adapted network, recalibration, restriction
+DISC = ("discriminative+bn+restrict", "stop")  # the same with pseudo-class-discriminative magnitude
 BACKPROP = "backprop-5ep (labels)"
 
 
@@ -77,9 +77,11 @@ def _grouped_bars(ax, rows: list[dict], keys: list, value: str):
     """One group of bars per task, one bar per (method, level) key."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     width = 0.85 / len(keys)
+    colors = __import__("matplotlib").colormaps["tab20"].colors  # 20 distinct colours: no bar shares one
     for i, key in enumerate(keys):
         vals = [next(r[value] for r in rows if r["task"] == t and (r["method"], r["level"]) == key) for t in tasks]
-        ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=f"{key[0]} {key[1] if key[1] != '-' else ''}")
+        ax.bar(np.arange(len(tasks)) + i * width, vals, width, color=colors[i % len(colors)],
+               label=f"{key[0]} {key[1] if key[1] != '-' else ''}")
     ax.set_xticks(np.arange(len(tasks)) + width * (len(keys) - 1) / 2, tasks)
 
 
@@ -93,9 +95,10 @@ def plot_personalization(table, path: Path):
     fig, ax = plt.subplots(figsize=(max(9, 2.2 * len(tasks)), 4.5))
     _grouped_bars(ax, table, keys, "accuracy")
     ax.set_ylabel("mean held-out accuracy")
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(0.4, 1.02)
     ax.set_title("Personalization: label-free baselines, fine-pruning and the backprop ceiling")
-    ax.legend(fontsize=6, ncol=3, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not over them
+    fig.tight_layout()
     atomic_write_png(path, fig)
 
 
