@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from common import data as D
-from common.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
+from common.checkpoint import CheckpointError, fingerprint, load_checkpoint, model_meta, save_checkpoint
 from common.compact import compact
 from common.mask import Mask
 from common.restrict import OutputRestricted, drop_classes
@@ -84,8 +84,7 @@ def personalize(base: torch.nn.Module, meta: dict, x: torch.Tensor, cfg: PruneCo
     info = Personalization(key, base_fp, cfg.settings(), res.sparsity, res.stop_reason, res.seconds,
                            res.forward_samples, res.restricted_classes, do_compact,
                            model_usage_histograms(base, res.stats), res.history)
-    new_meta = {k: meta[k] for k in ("arch", "task", "classes", "features")}
-    new_meta.update(arch_kwargs=arch_kwargs, base_fingerprint=base_fp, compacted=do_compact,
+    new_meta = dict(model_meta(meta), arch_kwargs=arch_kwargs, base_fingerprint=base_fp, compacted=do_compact,
                     personalization=asdict(info))
     save_checkpoint(out_path, model, new_meta, mask=mask, restricted=res.restricted_classes)
     return res.mask, info

@@ -23,6 +23,18 @@ class CheckpointError(ValueError):
     pass
 
 
+# What a device needs to rebuild and feed a model: the one list of a checkpoint's model metadata
+MODEL_META = ("arch", "arch_kwargs", "task", "classes", "features")
+
+
+def model_meta(meta: dict) -> dict:
+    """The model metadata of a checkpoint's (or a message's) metadata, nothing else."""
+    missing = [k for k in MODEL_META if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint metadata lacks '{missing[0]}'")
+    return {k: meta[k] for k in MODEL_META}
+
+
 def fingerprint(model_or_state) -> str:
     """Stable hash of a model's parameters and buffers: names, shapes and exact values."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
@@ -39,9 +51,7 @@ def fingerprint(model_or_state) -> str:
 def save_checkpoint(path, model: nn.Module, meta: dict, mask: Mask | None = None,
                     restricted: list[int] | None = None) -> None:
     """`model` is the plain (unwrapped) model; `meta` holds arch, arch_kwargs, task, classes, features."""
-    for key in ("arch", "arch_kwargs", "task", "classes", "features"):
-        if key not in meta:
-            raise CheckpointError(f"checkpoint metadata lacks '{key}'")
+    model_meta(meta)
     blob = dict(meta)
     blob.update(format=FORMAT, version=FORMAT_VERSION, fineprune_version=__version__,
                 state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},

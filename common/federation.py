@@ -44,7 +44,9 @@ def prune_settings(cfg: dict):
 def base_to_records(model: torch.nn.Module, meta: dict):
     from flwr.app import ArrayRecord, ConfigRecord
 
-    keep = {k: meta[k] for k in ("arch", "arch_kwargs", "task", "classes", "features")}
+    from common.checkpoint import model_meta
+
+    keep = model_meta(meta)
     return ArrayRecord.from_torch_state_dict(model.state_dict()), ConfigRecord({"meta": json.dumps(keep)})
 
 

@@ -2,7 +2,8 @@
 a mask at the sparsity the stop rule accepts (judged on probe passes, no labels), BatchNorm
 recalibration and the optional prototype head. Each idea it calls lives in its own module:
 forward passes (forward.py), scores and masks (select.py), stop rules (stop.py), output
-restriction (restrict.py), heads (heads.py); the settings come from settings.py."""
+restriction (restrict.py), heads (heads.py); the settings come from settings.py. (~260 lines: the
+search and the probe bookkeeping it needs stay beside the pass that feeds them.)"""
 from __future__ import annotations
 
 import time

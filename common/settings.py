@@ -153,7 +153,8 @@ SETTINGS = [
     S("device", "auto", "where the engine runs: auto (a GPU when there is one), cpu or cuda", {RUN, CLIENT, CLI},
       choices=("auto", "cpu", "cuda")),
     # ---- what a device uploads
-    S("summary-level", "sketch", "stats | sketch (MinHash) | bitmap", {RUN, CLIENT}, choices=("stats", "sketch", "bitmap")),
+    S("summary-level", "sketch", "stats | sketch (MinHash) | bitmap", {RUN, CLIENT},
+      choices=lambda: __import__("common.summary", fromlist=["LEVELS"]).LEVELS),
     S("privacy-epsilon", 0.0, "> 0: local DP, randomized response on mask bits (bitmap level)", {RUN, CLIENT}, low=0.0),
     S("research-accuracy", True, "simulation only: held-out labeled accuracy, for research", {RUN, CLIENT}),
     # ---- the server

@@ -12,6 +12,10 @@ sent; the header names the mechanism and epsilon so the server can debias.
 
 Layer names and shapes are not sent: they follow from the base model, named by its fingerprint.
 Wire format: MAGIC | u32 header length | JSON header | u32 sketch length | sketch | bitmap.
+
+Why ~300 lines in one module: building, encoding, decoding and validating a summary are one
+contract with the server; every field written here is checked here, so a change to one side is
+seen beside the other.
 """
 from __future__ import annotations
 

@@ -1,42 +1,53 @@
-"""Run the federated personalization on Flower's simulation engine (Ray) from Python or the
-console script: `fineprune simulate --task digits --clients 4 --out DIR`."""
+"""Run the federated personalization on Flower's simulation engine from Python or the console
+script (`fineprune simulate --task digits --clients 4 --out DIR`), the supported way in Flower
+1.42: `flwr run` of this app against Flower's own local SuperLink in simulation mode, which it
+starts when none answers (runtime dependency installation off: this environment has them)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from common.federation import merged_config
 
+APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml with [tool.flwr.app]
 
-def simulate(overrides: dict, backend_cpus: float = 1.0, verbose: bool = False) -> dict:
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))  # a TOML basic string
+
+
+def simulate(overrides: dict, backend_cpus: int = 1, verbose: bool = False, timeout: float | None = None) -> dict:
     """Returns the report dict (also written to <out-dir>/report.json)."""
-    try:
-        import ray  # noqa: F401  (Flower's simulation engine runs on it)
-    except ImportError:
-        raise ValueError("fineprune simulate needs Flower's simulation engine (Ray): "
-                         "pip install -e '.[simulation]'") from None
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
-    from client.client_app import app as client_app
-    from server.server_app import run_server
-
-    cfg = merged_config({}, overrides)  # fail fast on bad keys, before Ray starts
+    if importlib.util.find_spec("ray") is None:  # Flower's simulation engine runs on it
+        raise ValueError("fineprune simulate needs Flower's simulation engine (Ray): pip install -e '.[simulation]'")
+    if not (APP_DIR / "pyproject.toml").is_file():
+        raise ValueError(f"fineprune simulate runs the Flower app of a source checkout; {APP_DIR} has no pyproject.toml")
+    cfg = merged_config({}, overrides)  # fail fast on bad keys, before anything starts
     out = Path(cfg["out-dir"]).expanduser().resolve()
     overrides = dict(overrides, **{"out-dir": str(out)})
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid, context):
-        run_server(grid, dict(context.run_config), overrides)
-
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg["num-clients"],
-                   backend_config={"client_resources": {"num_cpus": backend_cpus, "num_gpus": 0.0},
-                                   "init_args": {"logging_level": "error", "log_to_driver": verbose}},
-                   verbose_logging=verbose)
+    bindir = str(Path(sys.executable).parent)  # Flower starts flower-superlink and its helpers by name
+    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1",
+               RAY_DEDUP_LOGS="0", PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    cmd = [os.path.join(bindir, "flwr"), "run", str(APP_DIR), "--stream",
+           "--federation-config", f"num-supernodes={cfg['num-clients']}",
+           "--federation-config", f"client-resources-num-cpus={backend_cpus}",
+           "--federation-config", f"init-args-log-to-driver={_toml(verbose)}"]
+    for k, v in overrides.items():
+        cmd += ["--run-config", f"{k}={_toml(v)}"]
+    started = time.time()
+    proc = subprocess.run(cmd, env=env, cwd=APP_DIR, timeout=timeout, text=True,
+                          stdout=None if verbose else subprocess.PIPE, stderr=subprocess.STDOUT)
     path = out / "report.json"
-    if not path.exists():
-        raise RuntimeError(f"the simulation ended without writing {path}; see the log above")
+    if proc.returncode != 0 or not path.exists() or path.stat().st_mtime < started:
+        tail = "" if verbose else "\n".join((proc.stdout or "").splitlines()[-20:])
+        raise RuntimeError(f"the simulation ended (flwr run exit {proc.returncode}) without writing {path}\n{tail}")
     return json.loads(path.read_text())
