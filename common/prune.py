@@ -167,7 +167,8 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
         stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs, classes=need_classes)
     tick(1, 3, "statistics collected")
     dense = Mask.dense(model)
-    restricted = restricted_classes(logits, cfg.restrict_min_frac) if cfg.restrict_outputs else None
+    restricted = (restricted_classes(logits, cfg.restrict_min_frac, cfg.restrict_margin)
+                  if cfg.restrict_outputs else None)
     scores = compute_scores(model, stats, cfg.scoring, cfg.seed, keep_last=cfg.head == "prototypes")
     probe = Probe(model, x, cfg, device, need_stats)
     stat_samples = 0

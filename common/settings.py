@@ -146,6 +146,8 @@ SETTINGS = [
       {RUN, CLIENT, PRUNE}),
     S("restrict-min-frac", 0.01, "a class stays when predicted for at least this share of the user's samples",
       {RUN, CLIENT, PRUNE}, low=0.0, high=0.5),
+    S("restrict-margin", 0.5, "a class also stays as the runner-up of a sample whose top class is less than this "
+      "much more probable (0: top-1 only)", {RUN, CLIENT, PRUNE}, low=0.0, high=1.0),
     S("head", "linear", "prototypes: after pruning, imprint the output layer with T3A prototypes of the user's "
       "pseudo-labelled features (forward only)", {RUN, CLIENT, PRUNE}, choices=("linear", "prototypes")),
     S("batch-size", 256, "samples per forward pass", {RUN, CLIENT, PRUNE}, low=1),

@@ -231,3 +231,27 @@ def test_prototype_head_on_pruned_model_beats_base_and_adabn_for_speakers_in_the
         p.append(accuracy(personalized_model(m, r), u.heldout_x, u.heldout_y))
     print(f"base {np.mean(b):.3f} adabn {np.mean(a):.3f} pruned+prototypes {np.mean(p):.3f}")
     assert np.mean(p) > np.mean(a) + 0.05 and np.mean(a) > np.mean(b)
+
+
+def test_restriction_after_adaptation_keeps_every_class_a_styled_user_has(digits, digits_split, digits_base,
+                                                                           styled_users):
+    """Decided on the base's own predictions, restriction removes classes styled users do have;
+    decided on the adapted model, with unsure runner-ups kept, it removes none of them, and on users
+    who hold 2-3 classes it still removes most of the classes they do not have."""
+    lost = {"base": 0, "adapted": 0}
+    for u in styled_users:
+        have = set(u.y.tolist()) | set(u.heldout_y.tolist())
+        for name, kw in (("base", dict(base_stats=True, restrict_margin=0.0)), ("adapted", {})):
+            r = fine_prune(copy.deepcopy(digits_base), u.x, PruneConfig(target_sparsity=0.0, **kw))
+            lost[name] += len(have - set(r.restricted_classes))
+    assert lost["adapted"] == 0 < lost["base"]
+    pool = digits_split[1]
+    groups = D.partition_class_subsets(digits.y[pool].numpy(), 10, (2, 3), 0)
+    absent_kept = absent = 0
+    for u, g in zip(D.make_users(digits.subset(pool), groups, 0.3, 0), groups):
+        have = set(digits.y[pool][g].tolist())
+        r = fine_prune(copy.deepcopy(digits_base), u.unlabeled, PruneConfig(target_sparsity=0.0))
+        assert have <= set(r.restricted_classes)
+        absent += 10 - len(have)
+        absent_kept += len(set(r.restricted_classes) - have)
+    assert absent_kept < 0.2 * absent
