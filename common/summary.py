@@ -161,10 +161,11 @@ def encode(s: Summary) -> bytes:
 
 
 def decode(data: bytes, fingerprint: str, shapes: dict[str, tuple], max_bytes: int = MAX_SUMMARY_BYTES,
-           epsilon: float | None = None) -> Summary:
+           epsilon: float | None = None, sketch_bins: list[int] | None = None) -> Summary:
     """Parse and validate a summary against the base model it claims to describe and the run's
     privacy setting (`epsilon`: private summaries at exactly this epsilon; None: no private ones).
-    Raises SummaryError naming the first problem found."""
+    `sketch_bins`: the run's sketch size per layer; a sketch of any other size is refused (the
+    analysis compares sketches bin by bin). Raises SummaryError naming the first problem found."""
     if not isinstance(data, (bytes, bytearray)):
         raise SummaryError(f"summary is {type(data).__name__}, expected bytes", "format")
     if len(data) > max_bytes:
@@ -221,6 +222,8 @@ def decode(data: bytes, fingerprint: str, shapes: dict[str, tuple], max_bytes: i
         if h.get("bits") != SKETCH_BITS or not (isinstance(bins, list) and len(bins) == len(sizes)
                                                  and all(isinstance(b, int) and 0 < b <= size for b, size in zip(bins, sizes))):
             raise SummaryError("sketch bins malformed", "shape")
+        if sketch_bins is not None and list(bins) != list(sketch_bins):
+            raise SummaryError("sketch bins are not the run's", "shape")
         total = sum(bins)
         if len(sketch_raw) != math.ceil(total * SKETCH_BITS / 8):
             raise SummaryError(f"sketch has {len(sketch_raw)} bytes, header says {total} bins", "shape")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 from logging import INFO, WARNING
 from typing import Iterable
@@ -17,8 +18,12 @@ from common.checkpoint import fingerprint
 from common.compact import compact
 from common.federation import CLIENT_KEYS, base_to_records, model_bytes
 from common.models import prunable_layers
-from common.summary import SummaryError, decode
+from common.summary import SummaryError, decode, sketch_budget
 from server.analysis import analyze, consensus, pruned_per_layer
+
+
+CLIENT_ID = re.compile(r"[A-Za-z0-9_.:@+-]{1,64}")
+MAX_REASON = 500
 
 
 class FinePruneStrategy(Strategy):
@@ -39,6 +44,7 @@ class FinePruneStrategy(Strategy):
         self.model_bytes = model_bytes(base)
         # the largest honest summary is a bitmap: 1 bit per weight (+ headers); more is an attack
         self.max_summary_bytes = sum(math.prod(v) for v in self.shapes.values()) // 8 + (256 << 10)
+        self.sketch_bins = sketch_budget([math.prod(v) for v in self.shapes.values()], self.model_bytes)
 
     def summary(self) -> None:
         log(INFO, "\t├── FinePruneStrategy: %s clients (min %s), summary level %s, scoring %s",
@@ -134,17 +140,34 @@ class FinePruneStrategy(Strategy):
         return new_arrays, metrics
 
     def _read_reply(self, msg: Message):
+        """A reply's summary and report row, every field checked; anything unexpected in it is a
+        counted rejection, never an error that escapes the round."""
+        try:
+            return self._check_reply(msg)
+        except SummaryError:
+            raise
+        except Exception as exc:  # a shape of malformed reply no check above foresaw
+            raise SummaryError(f"malformed reply ({type(exc).__name__})", "format") from None
+
+    def _check_reply(self, msg: Message):
         content = msg.content
         try:
             data = content["summary"]["data"]
             info, metrics = content["info"], content["metrics"]
-            cid = str(info["client"])
+            cid, stop_reason = info["client"], info["stop_reason"]
         except (KeyError, TypeError) as exc:
             raise SummaryError(f"reply lacks {exc}", "format") from None
+        # device text goes into the report, its Markdown and its plots: a short id of plain
+        # characters (no '$' for matplotlib's mathtext, no '|' for Markdown tables), a bounded reason
+        if not (isinstance(cid, str) and CLIENT_ID.fullmatch(cid)):
+            raise SummaryError(f"client id {str(cid)[:40]!r} is not 1-64 letters, digits or ._:@+-", "format")
+        if not (isinstance(stop_reason, str) and len(stop_reason) <= MAX_REASON):
+            raise SummaryError(f"stop_reason is not text of at most {MAX_REASON} characters", "format")
+        stop_reason = "".join(ch if ch.isprintable() and ch not in "|$`" else " " for ch in stop_reason)
         extra = set(content.keys()) - {"summary", "info", "metrics"}
         if extra or content.array_records:
             raise SummaryError(f"reply carries more than a summary: {sorted(extra) or 'arrays'}", "extra-content")
-        summ = decode(data, self.fp, self.shapes, self.max_summary_bytes, self.epsilon)
+        summ = decode(data, self.fp, self.shapes, self.max_summary_bytes, self.epsilon, self.sketch_bins)
         sizes = [math.prod(v) for v in self.shapes.values()]
         sparsity = sum(pruned_per_layer(summ, sizes)) / sum(sizes)
         m = dict(metrics)
@@ -157,10 +180,14 @@ class FinePruneStrategy(Strategy):
             v = _finite(m, k)
             if not 0 <= v < 1e12:
                 raise SummaryError(f"metric {k}={v!r} out of range", "metrics")
+        if "num_samples" in m:
+            v = _finite(m, "num_samples")
+            if not (0 <= v <= 1e9 and v == int(v)):
+                raise SummaryError(f"metric num_samples={v!r} is not a sample count", "metrics")
         row = {"id": cid, "node": msg.metadata.src_node_id, "sparsity": sparsity,
                "upload_bytes": len(data), "upload_fraction": len(data) / self.model_bytes,
                "summary_level": summ.level, "prune_seconds": float(m["prune_seconds"]),
-               "stop_reason": str(info["stop_reason"]), "resumed": bool(m.get("resumed", 0)),
+               "stop_reason": stop_reason, "resumed": bool(m.get("resumed", 0)),
                "num_samples": int(m.get("num_samples", 0))}
         if summ.epsilon is not None:
             row["sparsity_estimated"] = True
