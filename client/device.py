@@ -63,7 +63,7 @@ class Device:
         if path.exists():
             return path.read_bytes()
         data = summary_bytes(mask, info, level, base_fp, model_size, seed, epsilon)
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data, private=True)
         return data
 
     def personalized_model(self):

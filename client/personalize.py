@@ -86,7 +86,8 @@ def personalize(base: torch.nn.Module, meta: dict, x: torch.Tensor, cfg: PruneCo
                            model_usage_histograms(base, res.stats), res.history)
     new_meta = dict(model_meta(meta), arch_kwargs=arch_kwargs, base_fingerprint=base_fp, compacted=do_compact,
                     personalization=asdict(info))
-    save_checkpoint(out_path, model, new_meta, mask=mask, restricted=res.restricted_classes)
+    # 0600: a personalized model records which classes this user has
+    save_checkpoint(out_path, model, new_meta, mask=mask, restricted=res.restricted_classes, private=True)
     return res.mask, info
 
 

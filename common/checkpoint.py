@@ -49,7 +49,7 @@ def fingerprint(model_or_state) -> str:
 
 
 def save_checkpoint(path, model: nn.Module, meta: dict, mask: Mask | None = None,
-                    restricted: list[int] | None = None) -> None:
+                    restricted: list[int] | None = None, private: bool = False) -> None:
     """`model` is the plain (unwrapped) model; `meta` holds arch, arch_kwargs, task, classes, features."""
     model_meta(meta)
     blob = dict(meta)
@@ -59,7 +59,7 @@ def save_checkpoint(path, model: nn.Module, meta: dict, mask: Mask | None = None
                 restricted_classes=restricted)
     buf = io.BytesIO()
     torch.save(blob, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), private=private)
 
 
 def load_checkpoint(path, device: str = "cpu"):

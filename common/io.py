@@ -4,23 +4,38 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
+import threading
 from pathlib import Path
 
+_UMASK_LOCK = threading.Lock()
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+
+def _umask() -> int:
+    with _UMASK_LOCK:  # reading the umask means setting it: briefly, under a lock
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, private: bool = False) -> None:
     """Write to a temp file beside `path`, fsync, then rename over it: readers see the old file or
-    the new one, never a part. A writer killed outright (SIGKILL, power loss) can leave only its
-    temp file, which the next write of the same path removes."""
+    the new one, never a part. The temp file is created 0600 and opened up to what the umask
+    allows only before the rename (`private`: it stays 0600, for keys and what only the user may
+    read), so no reader ever sees it with looser modes. A writer killed outright (SIGKILL, power
+    loss) can leave only its temp file, named with its pid; a later write of the same path removes
+    the temp files of writers that are gone, never those of a writer still at work."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-{threading.get_ident()}.", suffix=".tmp",
+                               dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        if not private:
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -29,12 +44,29 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def remove_stale_temps(path: str | Path) -> list[Path]:
-    """Delete temp files an interrupted atomic write of `path` left behind; returns them."""
+    """Delete temp files an interrupted atomic write of `path` left behind (their writer's pid is
+    gone); returns them. Temp files of live writers are theirs to rename."""
     path = Path(path)
-    stale = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")) if path.parent.is_dir() else []
+    found = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")) if path.parent.is_dir() else []
+    stale = [p for p in found if not _writer_alive(p, path.name)]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def _writer_alive(tmp: Path, name: str) -> bool:
+    pid, _, tid = tmp.name[len(name) + 2:].split(".", 1)[0].partition("-")
+    if not (pid.isdigit() and tid.isdigit()):
+        return False  # not ours (an older format): stale
+    if int(pid) == os.getpid():  # another thread of this process may be writing it right now
+        return int(tid) != threading.get_ident() and int(tid) in {t.ident for t in threading.enumerate()}
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -46,7 +46,8 @@ MEMORY_METHODS = {("base", "-"), ("bn-recal", "-"), ("usage", "0.7"), ("usage", 
 def plan() -> list[tuple[str, str, dict]]:
     """(method, level, PruneConfig kwargs) in run order. Controls at level "stop" prune to the
     sparsity the label-free stop rule reached with `usage` (with BatchNorm recalibration: with
-    `usage+bn`), filled in by run_user once known."""
+    `usage+bn`), filled in by run_user once known. Every row names its scorer, BatchNorm
+    recalibration and output restriction: a row means the same method whatever the defaults are."""
     p = [("bn-recal", "-", dict(target_sparsity=0.0, recalibrate_bn=True)),
          ("restrict", "-", dict(target_sparsity=0.0, restrict_outputs=True))]
     for s in SCORERS:
@@ -65,10 +66,10 @@ def plan() -> list[tuple[str, str, dict]]:
     # ablation: usage measured on the unadapted base (the engine before adapted statistics)
     p.append(("usage+bn (base stats)", "0.7", dict(target_sparsity=0.7, recalibrate_bn=True, base_stats=True)))
     p.append(("usage+bn (base stats)", "stop", dict(recalibrate_bn=True, base_stats=True)))
-    for lv in ("0.7", "stop"):
-        p.append(("discriminative+bn+proto", lv, dict(scoring="discriminative", recalibrate_bn=True, head="prototypes",
-                                                      target_sparsity=0.7 if lv == "0.7" else None)))
-    return p
+    proto = dict(scoring="discriminative", recalibrate_bn=True, head="prototypes")
+    p.append(("discriminative+bn+proto", "0.7", dict(proto, target_sparsity=0.7)))
+    p.append(("discriminative+bn+proto", "stop", proto))  # the label-free stop, not a matched control
+    return [(m, lv, {"scoring": "usage", "recalibrate_bn": False, "restrict_outputs": False, **kw}) for m, lv, kw in p]
 
 
 def baseline_rows(common: dict, base, user: BenchUser) -> list[dict]:

@@ -173,3 +173,64 @@ def test_bad_reply_is_rejected_counted_and_the_round_goes_on(identity, tmp_path,
     assert [c["id"] for c in rnd["clients"]] == ["u0"]  # the good client still counts
     assert len(rnd["rejected"]) == 1 and reason in rnd["rejected"][0]["reason"], rnd["rejected"]
     assert rnd["incidents"]["rejected"] == {kind: 1}
+
+
+@pytest.mark.fault
+@pytest.mark.security
+def test_concurrent_writers_of_one_path_never_delete_each_others_temp_files(tmp_path):
+    """Two processes and two threads write the same file 50 times each: no write is lost to
+    another writer removing its temp file, and no temp file is left."""
+    import multiprocessing as mp
+    import threading
+
+    from common.io import atomic_write_bytes
+
+    target = tmp_path / "shared.bin"
+    errors = []
+
+    def threads():
+        def run(i):
+            try:
+                for k in range(50):
+                    atomic_write_bytes(target, f"t{i}-{k}".encode())
+            except Exception as exc:  # a lost write raises (its temp file vanished)
+                errors.append(exc)
+        ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+
+    procs = [mp.get_context("spawn").Process(target=_write_many, args=(str(target), i)) for i in range(2)]
+    [p.start() for p in procs]
+    threads()
+    [p.join(60) for p in procs]
+    assert not errors and all(p.exitcode == 0 for p in procs)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _write_many(path, i):
+    from common.io import atomic_write_bytes
+
+    for k in range(50):
+        atomic_write_bytes(path, f"p{i}-{k}".encode())
+
+
+@pytest.mark.security
+def test_files_follow_the_umask_and_private_ones_are_0600_from_the_start(tmp_path):
+    import os
+    import stat
+
+    from common.io import atomic_write_bytes
+
+    old = os.umask(0o077)
+    try:
+        atomic_write_bytes(tmp_path / "a", b"x")
+    finally:
+        os.umask(old)
+    os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "b", b"x")
+        atomic_write_bytes(tmp_path / "key", b"secret", private=True)
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE((tmp_path / p).stat().st_mode)  # noqa: E731
+    assert mode("a") == 0o600 and mode("b") == 0o644 and mode("key") == 0o600

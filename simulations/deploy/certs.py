@@ -56,8 +56,7 @@ def make_certs(out: str | Path, hosts=("127.0.0.1", "localhost"), days: int = 36
     paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key"}
     atomic_write_bytes(paths["ca"], ca.public_bytes(serialization.Encoding.PEM))
     atomic_write_bytes(paths["cert"], cert.public_bytes(serialization.Encoding.PEM))
-    atomic_write_bytes(paths["key"], _pem_key(key))
-    paths["key"].chmod(0o600)
+    atomic_write_bytes(paths["key"], _pem_key(key), private=True)  # 0600 from its first byte
     return paths
 
 
@@ -67,8 +66,7 @@ def make_node_key(out: str | Path, name: str) -> dict[str, Path]:
     key = ec.generate_private_key(ec.SECP384R1())
     paths = {"private": out / name, "public": out / f"{name}.pub"}
     atomic_write_bytes(paths["private"], key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                           serialization.NoEncryption()))
-    paths["private"].chmod(0o600)
+                                                           serialization.NoEncryption()), private=True)
     atomic_write_bytes(paths["public"], key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                                       serialization.PublicFormat.OpenSSH))
     return paths
