@@ -27,6 +27,53 @@ class CheckpointError(ValueError):
 MODEL_META = ("arch", "arch_kwargs", "task", "classes", "features")
 
 
+# What a device accepts from model metadata it did not make (a server's message, a downloaded
+# checkpoint): every size bounded before anything is allocated, no paths on this device named.
+LIMITS = {"widths": 4096, "num_classes": 10_000, "n_mels": 256, "image_size": 1024, "seconds": 30}
+ARCH_KEYS = {"smallcnn": {"num_classes", "widths", "in_channels", "image_size"},
+             "kws": {"num_classes", "widths", "sample_rate", "n_mels", "clip_samples"},
+             "resnet18": {"num_classes"}, "resnet50": {"num_classes"}}
+RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+def check_model_meta(meta: dict) -> dict:
+    """Model metadata from the other side of a wire, checked: known architecture, only that
+    architecture's constructor arguments, every size within LIMITS, features that fit them."""
+    meta = model_meta(meta)
+    arch, kw, feat = meta["arch"], meta["arch_kwargs"], meta["features"]
+    if arch not in ARCH_KEYS:
+        raise CheckpointError(f"unknown model '{arch}'")
+    if not isinstance(kw, dict) or set(kw) - ARCH_KEYS[arch]:
+        raise CheckpointError(f"model arguments {sorted(kw) if isinstance(kw, dict) else kw!r} are not "
+                              f"{arch}'s ({', '.join(sorted(ARCH_KEYS[arch]))})")
+
+    def count(name, v, hi, lo=1):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise CheckpointError(f"model metadata {name}={v!r} outside [{lo}, {hi}]")
+
+    for w in kw.get("widths", ()) if isinstance(kw.get("widths", ()), (list, tuple)) else [kw.get("widths")]:
+        count("widths", w, LIMITS["widths"])
+    count("num_classes", kw.get("num_classes", 10), LIMITS["num_classes"])
+    count("n_mels", kw.get("n_mels", 40), LIMITS["n_mels"])
+    count("in_channels", kw.get("in_channels", 1), 3)
+    if kw.get("sample_rate", 8000) not in RATES:
+        raise CheckpointError(f"model metadata sample_rate={kw.get('sample_rate')!r} is not one of {RATES}")
+    if not isinstance(feat, dict) or feat.get("kind") not in ("audio", "image"):
+        raise CheckpointError(f"model metadata features {feat!r} are not audio or image inputs")
+    if feat["kind"] == "audio":
+        if feat.get("sample_rate") not in RATES:
+            raise CheckpointError(f"features sample_rate={feat.get('sample_rate')!r} is not one of {RATES}")
+        count("clip_samples", feat.get("clip_samples"), LIMITS["seconds"] * feat["sample_rate"])
+    else:
+        count("image_size", feat.get("image_size"), LIMITS["image_size"])
+        count("channels", feat.get("channels"), 3)
+    classes = meta["classes"]
+    if not (isinstance(classes, list) and len(classes) <= LIMITS["num_classes"]
+            and all(isinstance(c, str) and len(c) <= 100 for c in classes)):
+        raise CheckpointError("model metadata classes are not a list of short names")
+    return meta
+
+
 def model_meta(meta: dict) -> dict:
     """The model metadata of a checkpoint's (or a message's) metadata, nothing else."""
     missing = [k for k in MODEL_META if k not in meta]
@@ -78,6 +125,7 @@ def load_checkpoint(path, device: str = "cpu"):
     if blob.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {blob.get('version')}, "
                               f"this fineprune reads version {FORMAT_VERSION}")
+    check_model_meta(blob)  # a checkpoint may come from anywhere: sizes bounded before building
     try:
         model = build_model(blob["arch"], **blob["arch_kwargs"])
         model.load_state_dict(blob["state_dict"])

@@ -51,12 +51,24 @@ def base_to_records(model: torch.nn.Module, meta: dict):
 
 
 def records_to_base(arrays, meta_record):
+    """The base model a device received: its metadata checked against the device's limits before
+    anything is built (a server cannot make a device allocate 20 GB or open a path of its own)."""
+    from common.checkpoint import CheckpointError, check_model_meta
     from common.models import build_model
 
-    meta = json.loads(meta_record["meta"])
+    try:
+        meta = json.loads(meta_record["meta"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError("the base model's metadata is not JSON") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("arch_kwargs"), dict):
+        raise CheckpointError("the base model's metadata is malformed")
     meta["arch_kwargs"] = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["arch_kwargs"].items()}
+    meta = check_model_meta(meta)
     model = build_model(meta["arch"], **meta["arch_kwargs"])
-    model.load_state_dict(arrays.to_torch_state_dict())
+    try:
+        model.load_state_dict(arrays.to_torch_state_dict())
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"the base model's weights do not fit its metadata: {str(exc)[:200]}") from None
     return model.eval(), meta
 
 

@@ -163,3 +163,28 @@ def test_each_known_round_crasher_is_rejected_and_counted(identity, tmp_path, ca
     write_report(tmp_path, {"config": cfg, "rounds": [rec], **{k: rec[k] for k in ("clients", "analysis",
                                                                                       "rejected", "failed")}})
     assert (tmp_path / "report.md").exists()
+
+
+@pytest.mark.security
+@pytest.mark.badinput
+@pytest.mark.parametrize("change, msg", [
+    ({"arch_kwargs": {"num_classes": 10, "widths": [10_000_000, 32, 64]}}, "widths=10000000 outside"),
+    ({"arch_kwargs": {"num_classes": 10, "weights_path": "/etc/shadow"}}, "are not smallcnn's"),
+    ({"arch": "resnet50", "arch_kwargs": {"weights_path": "/home/me/photos/1.jpg"}}, "are not resnet50's"),
+    ({"features": {"kind": "audio", "sample_rate": 8000, "clip_samples": 10**10}}, "clip_samples=10000000000 outside"),
+    ({"features": {"kind": "image", "image_size": 10**6, "channels": 1}}, "image_size=1000000 outside"),
+    ({"arch": "transformer9000"}, "unknown model 'transformer9000'"),
+    ({"classes": ["x" * 1000]}, "classes are not a list of short names"),
+])
+def test_a_device_refuses_base_metadata_that_would_exhaust_or_probe_it(change, msg):
+    import json as _json
+
+    from common.checkpoint import CheckpointError
+    from common.federation import base_to_records, records_to_base
+
+    base = build_model("smallcnn")
+    arrays, meta_record = base_to_records(base, META)
+    meta_record["meta"] = _json.dumps({**_json.loads(meta_record["meta"]), **change})
+    with pytest.raises(CheckpointError, match=msg.replace("(", r"\(").replace("[", r"\[")):
+        records_to_base(arrays, meta_record)
+    assert records_to_base(*base_to_records(base, META))[1]["arch"] == "smallcnn"  # the honest one loads
