@@ -1,11 +1,9 @@
 """No reply can crash a round: seeded, bounded fuzzing of device replies through the whole server
 path (decode, reply checks, analysis, report files); every reply ends accepted or as a counted
 rejection."""
-import math
 import random
 import time
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
