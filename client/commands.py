@@ -27,6 +27,13 @@ def cmd_personalize(args) -> dict:
     from common.forward import resolve_device
     from common.prune import PruneConfig
 
+    from pathlib import Path
+
+    out, model = Path(args.out), Path(args.model)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; name the personalized checkpoint file to write")
+    if out.exists() and model.exists() and out.resolve() == model.resolve():
+        raise ValueError(f"--out {out} is the base model itself; write the personalized model elsewhere")
     device = resolve_device(ST.given_options(args, ST.CLI)["device"])
     cfg = PruneConfig.from_settings(ST.given_options(args, ST.PRUNE))
     base, meta, _ = load_checkpoint(args.model)

@@ -3,6 +3,7 @@ every user gets unlabeled personalization inputs and a labeled held-out split fo
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def load_unlabeled_dir(root: str | Path, kind: str, **kw) -> torch.Tensor:
     if not root.is_dir():
         raise DataError(f"data directory not found: {root}")
     if kind == "audio":
-        files = sorted(root.rglob("*.wav"))
+        files = sorted(p for p in root.rglob("*.wav") if p.is_file())  # not a FIFO named a.wav
         if not files:
             raise DataError(f"no .wav files in {root}")
         return torch.stack([read_wav(p, kw["sample_rate"], kw["clip_samples"]) for p in files])
@@ -160,13 +161,18 @@ def load_image_files(root: Path, image_size: int, channels: int) -> torch.Tensor
     from PIL import Image, UnidentifiedImageError
     import torchvision.transforms.functional as F
 
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"})
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"}
+                   and p.is_file())  # a FIFO or device named like an image would block the read
     if not files:
         raise DataError(f"no image files (.png/.jpg/.jpeg/.bmp) in {root}")
     out = []
     for p in files:
         try:
-            img = Image.open(p).convert("L" if channels == 1 else "RGB")
+            with warnings.catch_warnings():  # Pillow's decompression-bomb guard: an error, not a warning
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(p).convert("L" if channels == 1 else "RGB")
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise DataError(f"image {p} is too large to decode safely ({exc})") from None
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"unreadable image {p}: {exc}") from None
         if min(img.size) < image_size:  # upscaling would invent the detail the model looks at

@@ -126,8 +126,10 @@ class Mask:
                 raise MaskError("not a fineprune mask (bad magic)")
             n = int.from_bytes(data[len(MAGIC):len(MAGIC) + 4], "little")
             header = json.loads(data[len(MAGIC) + 4:len(MAGIC) + 4 + n])
-            bits = np.frombuffer(zlib.decompress(data[len(MAGIC) + 4 + n:]), dtype=np.uint8)
             sizes = [int(np.prod(s)) for _, s in header["layers"]]
+            # inflate no further than the header's layers need: a zlib bomb stops at that bound
+            want = (sum(sizes) + 7) // 8
+            bits = np.frombuffer(zlib.decompressobj().decompress(data[len(MAGIC) + 4 + n:], want + 1), dtype=np.uint8)
             flat = np.unpackbits(bits)
             if len(flat) < sum(sizes) or len(bits) != (sum(sizes) + 7) // 8:
                 raise MaskError("mask payload length does not match its header")

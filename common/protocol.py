@@ -98,3 +98,30 @@ def simulated_user(cfg: dict, partition_id: int, num_partitions: int) -> D.UserD
         groups = D.partition_dirichlet(sub.y.numpy(), num_partitions, cfg["dirichlet-alpha"], cfg["seed"])
     users = D.make_users(sub, groups, cfg["heldout-frac"], cfg["seed"] + partition_id)
     return users[partition_id]
+
+
+def check_partition(cfg: dict) -> None:
+    """Refuse, before any device starts, a run whose data cannot give every client some: a task
+    that needs a data path without one, more speaker clients than speakers, empty partitions."""
+    task = get_task(cfg["task"])
+    if task.name != "digits" and not cfg["data-path"]:
+        raise D.DataError(f"task '{task.name}' needs a data path (--data or data-path)")
+    ds = task_dataset(cfg["task"], cfg["data-path"])
+    _, pool = vendor_and_pool(cfg["task"], ds, cfg["seed"])
+    n = cfg["num-clients"]
+    if cfg["partitioning"] == "speaker":
+        if ds.groups is None:
+            raise D.DataError(f"task '{cfg['task']}' has no speakers to partition by")
+        speakers = len(set(ds.groups[pool].tolist()))
+        if n > speakers:
+            raise D.DataError(f"{n} speaker clients but only {speakers} speakers in the data")
+        return
+    y = ds.y[torch.as_tensor(pool)].numpy()
+    if cfg["partitioning"] == "classes":
+        groups = D.partition_class_subsets(y, n, (cfg["classes-min"], cfg["classes-max"]), cfg["seed"])
+    else:
+        groups = D.partition_dirichlet(y, n, cfg["dirichlet-alpha"], cfg["seed"])
+    if min(len(g) for g in groups) < 2:  # one unlabeled sample and one held out, at the least
+        raise D.DataError(f"{len(pool)} pool samples cannot give each of {n} clients data "
+                          f"({sum(len(g) < 2 for g in groups)} would get fewer than 2)")
+

@@ -32,6 +32,9 @@ def simulate(overrides: dict, backend_cpus: int = 1, verbose: bool = False, time
     if not (APP_DIR / "pyproject.toml").is_file():
         raise ValueError(f"fineprune simulate runs the Flower app of a source checkout; {APP_DIR} has no pyproject.toml")
     cfg = merged_config({}, overrides)  # fail fast on bad keys, before anything starts
+    from common.protocol import check_partition
+
+    check_partition(cfg)  # and on data that cannot give every client some
     out = Path(cfg["out-dir"]).expanduser().resolve()
     overrides = dict(overrides, **{"out-dir": str(out)})
     bindir = str(Path(sys.executable).parent)  # Flower starts flower-superlink and its helpers by name

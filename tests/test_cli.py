@@ -161,3 +161,74 @@ def test_speech_personalization_on_a_wav_directory(tmp_path, fsdd_dir):
     model, meta, mask = load_checkpoint(out)
     assert mask.sparsity() > 0.5 and meta["features"]["sample_rate"] == 8000
     assert model(torch.zeros(2, 8000)).shape == (2, 10)
+
+
+@pytest.mark.badinput
+def test_out_that_is_the_base_or_a_directory_is_refused(tmp_path, base_ckpt, user_dir):
+    before = base_ckpt.read_bytes()
+    for out, msg in ((base_ckpt, "is the base model itself"), (tmp_path, "is a directory")):
+        r = run_cli("personalize", "--model", base_ckpt, "--data", user_dir, "--out", out)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert base_ckpt.read_bytes() == before
+
+
+@pytest.mark.badinput
+def test_a_fifo_named_like_an_image_does_not_hang_the_device(tmp_path, base_ckpt):
+    import os
+
+    d = tmp_path / "photos"
+    d.mkdir()
+    os.mkfifo(d / "a.png")
+    r = run_cli("personalize", "--model", base_ckpt, "--data", d, "--out", tmp_path / "o.pt")
+    assert r.returncode == 2 and "no image files" in r.stderr
+
+
+@pytest.mark.badinput
+def test_simulations_the_data_cannot_serve_are_refused_before_anything_starts(tmp_path, fsdd_dir):
+    from common.data import DataError
+    from simulations.simulate import simulate
+
+    with pytest.raises(DataError, match="needs a data path"):
+        simulate({"task": "fsdd", "out-dir": str(tmp_path)})
+    with pytest.raises(DataError, match="7 speaker clients but only 6 speakers"):
+        simulate({"task": "fsdd", "data-path": str(fsdd_dir), "partitioning": "speaker", "num-clients": 7,
+                  "out-dir": str(tmp_path)})
+    with pytest.raises(DataError, match="cannot give each of 5000 clients data"):
+        simulate({"num-clients": 5000, "out-dir": str(tmp_path)})
+    assert not (tmp_path / "report.json").exists()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels in a few dozen bytes: a decompression bomb."""
+    import struct
+    import zlib as z
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", z.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", z.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.badinput
+@pytest.mark.security
+def test_a_png_decompression_bomb_is_refused_in_one_line(tmp_path, base_ckpt):
+    d = tmp_path / "photos"
+    d.mkdir()
+    (d / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
+    r = run_cli("personalize", "--model", base_ckpt, "--data", d, "--out", tmp_path / "o.pt")
+    assert r.returncode == 2 and "too large to decode safely" in r.stderr and not (tmp_path / "o.pt").exists()
+
+
+@pytest.mark.badinput
+@pytest.mark.security
+def test_a_zlib_bomb_in_a_mask_stops_at_the_size_its_header_allows():
+    import json as _json
+    import zlib as z
+
+    from common.mask import MAGIC, MaskError, Mask
+
+    header = _json.dumps({"layers": [["fc", [8, 8]]]}).encode()
+    bomb = z.compress(b"\x00" * (64 << 20), 9)  # 64 MiB of zeros in ~64 KB
+    data = MAGIC + len(header).to_bytes(4, "little") + header + bomb
+    with pytest.raises(MaskError, match="does not match its header"):
+        Mask.from_bytes(data)
