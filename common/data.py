@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 FSDD_RATE = 8000
+MAX_CLIP_FACTOR = 10  # a WAV longer than 10 model windows is refused, not silently cut
 FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
 
 
@@ -64,10 +65,19 @@ def read_wav(path: Path, rate: int, clip_samples: int) -> torch.Tensor:
     if sr != rate:
         raise DataError(f"WAV file {path} has sample rate {sr} Hz, expected {rate} Hz")
     wav = torch.from_numpy(audio.mean(axis=1))
+    if len(wav) > MAX_CLIP_FACTOR * clip_samples:  # an hour-long recording is not one utterance
+        raise DataError(f"WAV file {path} is {len(wav) / rate:.1f} s long; the model hears "
+                        f"{clip_samples / rate:.1f} s clips: cut it into clips first")
     out = torch.zeros(clip_samples)
     n = min(len(wav), clip_samples)
     out[:n] = wav[:n]  # pad or crop to a fixed clip length
     return out
+
+
+def _frames(path: Path) -> int:
+    import soundfile as sf
+
+    return sf.info(str(path)).frames
 
 
 def load_fsdd(root: str | Path, clip_samples: int = FSDD_RATE, speakers=None) -> Dataset:
@@ -151,7 +161,13 @@ def load_unlabeled_dir(root: str | Path, kind: str, **kw) -> torch.Tensor:
         files = sorted(p for p in root.rglob("*.wav") if p.is_file())  # not a FIFO named a.wav
         if not files:
             raise DataError(f"no .wav files in {root}")
-        return torch.stack([read_wav(p, kw["sample_rate"], kw["clip_samples"]) for p in files])
+        x = torch.stack([read_wav(p, kw["sample_rate"], kw["clip_samples"]) for p in files])
+        longer = [p for p in files if _frames(p) > kw["clip_samples"]]
+        if longer:  # cropped, and said so: the model hears the first window of each
+            warnings.warn(f"{len(longer)} of {len(files)} WAV files are longer than the model's "
+                          f"{kw['clip_samples'] / kw['sample_rate']:.1f} s window and were cut to their start "
+                          f"(first: {longer[0].name})", stacklevel=2)
+        return x
     if kind == "image":
         return load_image_files(root, kw["image_size"], kw.get("channels", 3))
     raise DataError(f"unknown input kind '{kind}'")

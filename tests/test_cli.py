@@ -232,3 +232,25 @@ def test_a_zlib_bomb_in_a_mask_stops_at_the_size_its_header_allows():
     data = MAGIC + len(header).to_bytes(4, "little") + header + bomb
     with pytest.raises(MaskError, match="does not match its header"):
         Mask.from_bytes(data)
+
+
+@pytest.mark.badinput
+def test_an_hour_long_wav_is_refused_and_long_clips_are_cut_visibly(tmp_path):
+    import warnings
+
+    import numpy as np
+    import soundfile as sf
+
+    from common.data import DataError, load_unlabeled_dir
+
+    feats = {"sample_rate": 8000, "clip_samples": 8000}
+    d = tmp_path / "wavs"
+    d.mkdir()
+    sf.write(d / "a.wav", np.zeros(12000, dtype=np.float32), 8000)  # 1.5 s: cut, with a warning
+    with pytest.warns(UserWarning, match="1 of 1 WAV files are longer than the model's 1.0 s window"):
+        assert load_unlabeled_dir(d, "audio", **feats).shape == (1, 8000)
+    sf.write(d / "b.wav", np.zeros(8000 * 3600, dtype=np.float32), 8000)  # an hour
+    with pytest.raises(DataError, match="is 3600.0 s long"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load_unlabeled_dir(d, "audio", **feats)
