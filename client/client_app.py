@@ -60,17 +60,27 @@ def train(msg: Message, context: Context) -> Message:
         user_id = name
     mask, info = device.personalize(base, meta, base_fp, x, cfg)
     epsilon = cfg["privacy-epsilon"] or None
-    payload = device.upload(mask, info, cfg["summary-level"], base_fp, model_bytes(base), cfg["seed"], epsilon)
+    max_eps = context.node_config.get("max-privacy-epsilon")  # the device's own limit, not the server's
+    payload = device.upload(mask, info, cfg["summary-level"], base_fp, model_bytes(base), cfg["seed"], epsilon,
+                            None if max_eps is None else float(max_eps))
 
-    metrics = {"prune_seconds": float(info.prune_seconds), "upload_bytes": len(payload), "num_samples": len(x),
-               "resumed": int(info.resumed)}
-    if epsilon is None:  # in private mode the exact sparsity stays on the device too
-        metrics["sparsity"] = float(info.sparsity)
-    if pid is not None and cfg["research-accuracy"]:
-        metrics.update(research_accuracy(base, device, user.heldout_x, user.heldout_y))
     reply = RecordDict({
         "summary": ConfigRecord({"data": payload, "level": cfg["summary-level"]}),
-        "info": ConfigRecord({"client": user_id, "stop_reason": info.stop_reason}),
-        "metrics": MetricRecord(metrics),
+        "info": ConfigRecord({"client": user_id, "stop_reason": info.stop_reason if epsilon is None else "private"}),
+        "metrics": MetricRecord(reply_metrics(info, len(payload), len(x), epsilon is not None)),
     })
+    if pid is not None and cfg["research-accuracy"]:  # simulation only: labeled research accuracy
+        reply["metrics"].update(research_accuracy(base, device, user.heldout_x, user.heldout_y))
     return Message(content=reply, reply_to=msg)
+
+
+def reply_metrics(info, upload_bytes: int, num_samples: int, private: bool) -> dict:
+    """What a device reports beside its summary. In private mode nothing but the noisy summary
+    tells anything about the user: no exact sparsity (the stop reason goes too), no sample count,
+    and the pruning time only to the second."""
+    if private:
+        return {"prune_seconds": float(round(info.prune_seconds)), "upload_bytes": upload_bytes,
+                "resumed": int(info.resumed)}
+    return {"prune_seconds": float(info.prune_seconds), "upload_bytes": upload_bytes, "num_samples": num_samples,
+            "resumed": int(info.resumed), "sparsity": float(info.sparsity)}
+

@@ -53,13 +53,18 @@ class Device:
                            resolve_device(cfg["device"]))
 
     def upload(self, mask: Mask, info: Personalization, level: str, base_fp: str, model_size: int, seed: int,
-               epsilon: float | None = None) -> bytes:
-        """The summary this device uploads. A private one is randomized once per personalization
-        and stored: every later upload of the same mask repeats the same noisy bits (memoized
-        randomized response), so a server cannot average fresh noise away over rounds."""
+               epsilon: float | None = None, max_epsilon: float | None = None) -> bytes:
+        """The summary this device uploads. A private one is randomized once per personalization,
+        whatever epsilon the server asks for later, and stored: every later upload repeats the same
+        noisy bits (memoized randomized response), so a server can neither average fresh noise
+        away over rounds nor collect fresh noise by asking for a slightly different epsilon.
+        `max_epsilon` (the device's own node config): a server asking for weaker privacy is refused."""
         if epsilon is None:
             return summary_bytes(mask, info, level, base_fp, model_size, seed)
-        path = self.root / f"private-summary-{info.key}-eps{epsilon:g}.bin"
+        if max_epsilon is not None and epsilon > max_epsilon:
+            raise PermissionError(f"the server asks for privacy epsilon {epsilon:g}; this device allows at most "
+                                  f"{max_epsilon:g} (node config max-privacy-epsilon)")
+        path = self.root / f"private-summary-{info.key}.bin"
         if path.exists():
             return path.read_bytes()
         data = summary_bytes(mask, info, level, base_fp, model_size, seed, epsilon)
