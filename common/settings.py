@@ -161,6 +161,8 @@ SETTINGS = [
     S("research-accuracy", True, "simulation only: held-out labeled accuracy, for research", {RUN, CLIENT}),
     # ---- the server
     S("slim-base", False, "derive a slimmer shared base from the consensus and send it next round", {RUN}),
+    S("slim-min-clients", 5, "slim base: fewest clients whose (non-outlier) masks it may be derived from; with "
+      "fewer it would reveal what they pruned", {RUN}, low=2),
     S("slim-quorum", 1.0, "slim base: prune what at least this share of clients pruned", {RUN}, low=0.0, high=1.0),
     S("consensus-quorum", 0.5, "consensus mask: pruned by at least this share of clients", {RUN}, low=0.0, high=1.0),
     S("cluster-threshold", 0.1, "users closer than this (1 - Jaccard) fall in one cluster", {RUN}, low=0.0, high=1.0),

@@ -18,6 +18,17 @@ def pruned_per_layer(s: Summary, sizes: list[int]) -> list[float]:
     return [min(float(n), max(0.0, estimate_pruned_count(p, n, s.epsilon))) for p, n in zip(s.pruned, sizes)]
 
 
+def robust_voters(bitmaps: dict[str, Mask]) -> tuple[dict[str, Mask], list[str]]:
+    """The masks that may vote on a shared base: not (nearly) all-pruned or all-kept, and with a
+    sparsity within 3 median absolute deviations (at least 0.05) of the median. Returns (voters,
+    ids of the outliers)."""
+    sp = {k: m.sparsity() for k, m in bitmaps.items()}
+    med = float(np.median(list(sp.values())))
+    mad = max(float(np.median([abs(v - med) for v in sp.values()])), 0.05 / 3)
+    bad = [k for k, v in sp.items() if v > 0.99 or v < 0.01 or abs(v - med) > 3 * mad]
+    return {k: m for k, m in bitmaps.items() if k not in bad}, sorted(bad)
+
+
 def consensus(bitmaps: dict[str, Mask], quorum: float, epsilon: float | None = None) -> Mask | None:
     """Connections pruned by at least `quorum` of the clients are pruned in the consensus mask.
     With private bitmaps (`epsilon`), the prune votes are debiased estimates."""

@@ -19,7 +19,7 @@ from common.compact import compact
 from common.federation import CLIENT_KEYS, base_to_records, model_bytes
 from common.models import prunable_layers
 from common.summary import SummaryError, decode, sketch_budget
-from server.analysis import analyze, consensus, pruned_per_layer
+from server.analysis import analyze, consensus, pruned_per_layer, robust_voters
 
 
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.:@+-]{1,64}")
@@ -204,6 +204,15 @@ class FinePruneStrategy(Strategy):
         if not bitmaps or len(bitmaps) != len(summaries):
             record["slim_base"] = {"skipped": "needs summary-level bitmap from every client"}
             return None
+        # A consensus of few masks is those masks: with one honest peer and an attacker's
+        # all-pruned mask, "pruned by all" is the peer's mask, sent to every node. Outlier masks
+        # do not vote, and too few voters derive no base.
+        voters, outliers = robust_voters(bitmaps)
+        if len(voters) < self.cfg["slim-min-clients"]:
+            record["slim_base"] = {"skipped": f"{len(voters)} non-outlier masks, slim-min-clients is "
+                                              f"{self.cfg['slim-min-clients']}", "outliers": outliers}
+            return None
+        bitmaps = voters
         cons = consensus(bitmaps, self.cfg["slim-quorum"], self.epsilon)
         model = copy.deepcopy(self.base)
         meta = dict(self.meta)
@@ -214,7 +223,8 @@ class FinePruneStrategy(Strategy):
         before, after = self.model_bytes, model_bytes(model)
         record["slim_base"] = {"quorum": self.cfg["slim-quorum"], "consensus_sparsity": cons.sparsity(),
                                "bytes_before": before, "bytes_after": after,
-                               "size_reduction": 1 - after / before, "arch_kwargs": meta["arch_kwargs"]}
+                               "size_reduction": 1 - after / before, "arch_kwargs": meta["arch_kwargs"],
+                               "voters": len(bitmaps), "outliers": outliers}
         log(INFO, "slim shared base: %d -> %d bytes (%.1f%% smaller)", before, after, 100 * (1 - after / before))
         self._set_base(model, meta)
         return ArrayRecord.from_torch_state_dict(model.state_dict())

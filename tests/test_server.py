@@ -51,6 +51,7 @@ def test_round_survives_failed_and_malformed_clients_and_slims_the_base(identity
     torch.manual_seed(0)
     base = build_model("smallcnn")
     cfg = dict(DEFAULTS, **{"num-clients": 6, "min-clients": 2, "summary-level": "bitmap", "slim-base": True,
+                            "slim-min-clients": 3,
                             "num-rounds": 2, "out-dir": str(tmp_path)})
     strat = FinePruneStrategy(base, META, cfg)
     msgs = list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(6)))
@@ -119,3 +120,34 @@ def test_pyproject_run_config_matches_defaults():
 
     cfg = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert cfg["tool"]["flwr"]["app"]["config"] == DEFAULTS
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("honest", [2, 6])
+def test_an_all_pruned_mask_cannot_turn_the_slim_base_into_a_peers_mask(identity, tmp_path, honest):
+    """One attacker uploads an all-pruned mask so that "pruned by all" equals the others'
+    intersection: with 2 honest peers that would be sent to every node, so no slim base is
+    derived; with 6 the attacker's mask is an outlier and does not vote."""
+    torch.manual_seed(0)
+    base = build_model("smallcnn")
+    n = honest + 1
+    cfg = dict(DEFAULTS, **{"num-clients": n, "min-clients": 1, "summary-level": "bitmap", "slim-base": True,
+                            "num-rounds": 2, "out-dir": str(tmp_path)})
+    strat = FinePruneStrategy(base, META, cfg)
+    msgs = list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(n)))
+    fp, size = fingerprint(base), model_bytes(base)
+    hist = usage_histograms({k: m.weight.abs() for k, m in prunable_layers(base).items()})
+    g = torch.Generator().manual_seed(1)
+    replies = []
+    for i in range(honest):
+        mask = Mask({k: torch.rand(m.weight.shape, generator=g) > 0.6 for k, m in prunable_layers(base).items()})
+        replies.append(_reply(msgs[i], encode(build_summary(mask, hist, "bitmap", fp, size)), f"u{i}", mask.sparsity()))
+    evil = Mask({k: torch.zeros(m.weight.shape, dtype=torch.bool) for k, m in prunable_layers(base).items()})
+    replies.append(_reply(msgs[honest], encode(build_summary(evil, hist, "bitmap", fp, size)), "evil", 1.0))
+    arrays, _ = strat.aggregate_train(1, replies)
+    slim = strat.rounds[0]["slim_base"]
+    if honest < cfg["slim-min-clients"]:
+        assert arrays is None and "skipped" in slim and strat.fp == fingerprint(base)
+    else:
+        assert arrays is not None and slim["consensus_sparsity"] < 0.2  # random masks agree on little
+    assert slim["outliers"] == ["evil"]

@@ -12,7 +12,8 @@ from simulations.simulate import simulate
 def crash_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim")
     report = simulate({"task": "digits", "num-clients": 4, "min-clients": 2, "out-dir": str(out),
-                       "summary-level": "bitmap", "crash-clients": "2", "num-rounds": 2, "slim-base": True})
+                       "summary-level": "bitmap", "crash-clients": "2", "num-rounds": 2, "slim-base": True,
+                       "slim-min-clients": 3})
     return out, report
 
 
