@@ -66,6 +66,7 @@ def run_server(grid: Grid, run_config: dict, overrides: dict | None = None) -> d
                    timeout=cfg["round-timeout"])
     report["wall_seconds"] = time.time() - t0
     report.update(flatten_rounds(strategy.rounds))
+    report["finished"] = True  # the run's last word: whoever waits on it (fineprune simulate) may stop it
     paths = write_report(out, report)
     log(INFO, "fineprune report: %s (and report.md, PNG plots) in %s", paths["json"], out)
     print(f"fineprune report: {paths['json']}", flush=True)

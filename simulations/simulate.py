@@ -7,14 +7,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from common.federation import merged_config
 
-APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml with [tool.flwr.app]
+APP_DIR = Path(__file__).resolve().parents[1]
+RUN_ID = re.compile(r"started run (\d+)")  # the Flower app: pyproject.toml with [tool.flwr.app]
 
 
 def _toml(v) -> str:
@@ -47,10 +50,58 @@ def simulate(overrides: dict, backend_cpus: int = 1, verbose: bool = False, time
     for k, v in overrides.items():
         cmd += ["--run-config", f"{k}={_toml(v)}"]
     started = time.time()
-    proc = subprocess.run(cmd, env=env, cwd=APP_DIR, timeout=timeout, text=True,
-                          stdout=None if verbose else subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, cwd=APP_DIR, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    reader = threading.Thread(target=_collect, args=(proc, lines, verbose), daemon=True)
+    reader.start()
     path = out / "report.json"
-    if proc.returncode != 0 or not path.exists() or path.stat().st_mtime < started:
-        tail = "" if verbose else "\n".join((proc.stdout or "").splitlines()[-20:])
+    while proc.poll() is None:
+        if timeout is not None and time.time() - started > timeout:
+            _stop(proc, lines, env)
+            raise RuntimeError(f"the simulation did not finish within {timeout:g} s")
+        if _finished(path, started):
+            # The ServerApp wrote its last report; a stalled client may still hold the simulation
+            # open (it sleeps in its worker): the run is over, so stop it rather than wait for it.
+            try:
+                proc.wait(timeout=GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                _stop(proc, lines, env)
+            break
+        time.sleep(0.5)
+    reader.join(timeout=5)
+    if not _finished(path, started):
+        tail = "" if verbose else "".join(lines[-20:])
         raise RuntimeError(f"the simulation ended (flwr run exit {proc.returncode}) without writing {path}\n{tail}")
     return json.loads(path.read_text())
+
+
+GRACE_SECONDS = 10.0
+
+
+def _collect(proc, lines: list, echo: bool) -> None:
+    for line in proc.stdout:
+        lines.append(line)
+        if echo:
+            print(line, end="", flush=True)
+
+
+def _finished(path: Path, since: float) -> bool:
+    """The run's final report is there: written after `since` and marked finished."""
+    try:
+        return path.stat().st_mtime >= since and bool(json.loads(path.read_text()).get("finished"))
+    except (OSError, ValueError):
+        return False
+
+
+def _stop(proc, lines: list, env: dict) -> None:
+    """End the run on the SuperLink (`flwr stop`), then the `flwr run` that streams it."""
+    found = [m.group(1) for line in lines for m in [RUN_ID.search(line)] if m]
+    if found:
+        subprocess.run([os.path.join(os.path.dirname(proc.args[0]), "flwr"), "stop", found[0]], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+

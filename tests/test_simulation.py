@@ -81,3 +81,18 @@ def test_private_summaries_run_end_to_end(tmp_path):
     assert len(report["clients"]) == 3 and not report["rejected"]
     assert all(c["sparsity_estimated"] and 0.2 < c["sparsity"] < 1 for c in report["clients"])
     assert a["privacy_epsilon"] == 2.0 and a["similarity_method"].startswith("estimated (private bitmap")
+
+
+@pytest.mark.fault
+def test_simulate_ends_when_the_run_ends_even_with_a_stalled_client(tmp_path):
+    """A client that hangs after receiving the model (stall-clients) is counted as dropped, and
+    `simulate` returns once the ServerApp has written its final report, instead of waiting for
+    the stalled worker (it sleeps 15 minutes)."""
+    import time
+
+    t0 = time.time()
+    report = simulate({"num-clients": 3, "min-clients": 2, "stall-clients": "1", "round-timeout": 20.0,
+                       "out-dir": str(tmp_path)}, timeout=400)
+    assert time.time() - t0 < 200 and report["finished"]
+    r1 = report["rounds"][0]
+    assert len(r1["clients"]) == 2 and [f["kind"] for f in r1["failed"]] == ["no-reply"]
