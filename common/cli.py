@@ -12,6 +12,8 @@ import sys
 
 COMMANDS = {  # name: (module that builds and runs it, one-line help)
     "pretrain": ("server.commands", "train a base model with labels (vendor side) and save a checkpoint"),
+    "keygen": ("server.commands", "make the operator's app-signing key pair (Ed25519)"),
+    "sign-app": ("server.commands", "sign the Flower app for devices that run only signed apps"),
     "personalize": ("client.commands", "fine-prune a base model on a user's unlabeled data (edge device)"),
     "simulate": ("simulations.commands", "federated personalization on Flower's simulation engine"),
     "bench": ("simulations.commands", "the benchmark: every method on the same users, results.csv/.md and plots"),

@@ -1,15 +1,22 @@
 """A real deployment on loopback: a SuperLink and SuperNodes as separate processes over TLS with
-SuperNode authentication. Three registered devices join; an unregistered one is refused; one
-registered device is killed mid-round (after it got the model) and the round completes without
-it. Then everything is stopped."""
+SuperNode authentication, the SuperLink behind the Fleet-only gateway, devices that run only
+operator-signed apps. First an attacker who holds the public address and ca.crt (as every device
+does) tries to register its own node and to start its own app: both refused at the gateway. Then
+an attacker with the Control API itself (a local account on the server) starts an unsigned app:
+every device refuses it and nothing of it runs. Then the operator's signed run: three registered
+devices join; an unregistered one is refused; one registered device is killed mid-round (after it
+got the model) and the round completes without it. Then everything is stopped."""
 import json
 import time
+from pathlib import Path
 
 import pytest
 
+from simulations.deploy.certs import make_node_key
 from simulations.deploy.run_local import Deployment, export_digits_users
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.security]
+ATTACK_APP = Path(__file__).parent / "attack_app"
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +26,7 @@ def deployment(tmp_path_factory):
     killed_at = None
     try:
         dep.start()
+        attack = attack_attempts(dep, out)
         run = dep.launch("num-clients=3 min-clients=2 research-accuracy=false summary-level='bitmap' "
                          "stall-clients='supernode-2' round-timeout=400.0")
         got_model = out / "supernode-2" / "device" / "base.pt"
@@ -32,11 +40,39 @@ def deployment(tmp_path_factory):
         intruder_exit = dep.procs["intruder-0"].poll()  # before stop(): did it give up by itself?
     finally:
         dep.stop()
-    return out, dep, report, intruder_exit
+    return out, dep, report, intruder_exit, attack
+
+
+def attack_attempts(dep, out) -> dict:
+    node_key = make_node_key(out / "mallory", "node")  # the attacker's own SuperNode key
+    res = {"register": dep.flwr("supernode", "register", str(node_key["public"]), federation="public"),
+           "run_public": dep.flwr("run", str(ATTACK_APP), "--stream", federation="public")}
+    # the Control API reached from the server itself, with an app nobody signed
+    res["run_local"] = dep.flwr("run", str(ATTACK_APP), "--stream", federation="deploy", timeout=240)
+    return res
+
+
+def test_attacker_with_the_public_address_cannot_register_a_node_or_start_a_run(deployment):
+    out, dep, _, _, attack = deployment
+    assert attack["register"].returncode != 0 and attack["run_public"].returncode != 0
+    assert "403" in attack["register"].stdout + attack["register"].stderr
+    assert dep.log("gateway").count("gateway: refused POST '/v1/control/") >= 2
+    assert "No SuperNode found" not in dep.log("gateway")
+
+
+def test_unsigned_app_never_runs_on_a_device(deployment):
+    out, dep, _, _, attack = deployment
+    printed = attack["run_local"].stdout + attack["run_local"].stderr
+    assert "ATTACK loot" not in printed
+    assert printed.count("ATTACK refused") == 3, printed[-2000:]
+    assert not list(out.rglob("pwned.txt"))  # the attacker's ClientApp never wrote its file
+    for i in range(3):
+        assert "app refused (unsigned)" in dep.log(f"supernode-{i}-exec")
+    assert "app signed by fp-" in dep.log("supernode-0-exec")  # the operator's app did run
 
 
 def test_round_completes_over_tls_without_the_device_that_disconnected(deployment):
-    out, dep, report, _ = deployment
+    out, dep, report, _, _ = deployment
     assert {c["id"] for c in report["clients"]} == {"supernode-0", "supernode-1"}
     assert all(c["sparsity"] > 0.3 and c["upload_bytes"] > 0 for c in report["clients"])
     assert "accuracy_base" not in report["clients"][0]  # a real device has no labels
@@ -44,11 +80,12 @@ def test_round_completes_over_tls_without_the_device_that_disconnected(deploymen
     assert report["failed"][0]["kind"] in ("node-unavailable", "no-reply")
     assert report["rounds"][0]["incidents"]["failed"] == {report["failed"][0]["kind"]: 1}
     assert f"https://127.0.0.1:{dep.port}" in dep.log("superlink")
+    assert f"127.0.0.1:{dep.public_port}" in dep.procs["supernode-0"].args  # devices reach only the gateway
     assert "root-certificates" in (out / "flwr-home" / "config.toml").read_text()
 
 
 def test_unregistered_supernode_is_refused(deployment):
-    _, dep, report, intruder_exit = deployment
+    _, dep, report, intruder_exit, _ = deployment
     assert intruder_exit not in (None, 0)  # it exited on its own: the SuperLink would not let it in
     assert "Failed to activate SuperNode" in dep.log("intruder-0")
     assert "No SuperNode found with the given public key" in dep.log("superlink")
@@ -56,7 +93,7 @@ def test_unregistered_supernode_is_refused(deployment):
 
 
 def test_devices_keep_their_models_and_processes_are_stopped(deployment):
-    out, dep, _, _ = deployment
+    out, dep, _, _, _ = deployment
     for i in range(2):
         assert (out / f"supernode-{i}" / "device" / "personal.pt").stat().st_size > 1000
         assert (out / f"supernode-{i}" / "device" / "base.pt").exists()

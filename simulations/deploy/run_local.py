@@ -1,8 +1,14 @@
 """A real deployment on one machine: a SuperLink and N SuperNodes as separate processes talking
-over TLS on loopback (Flower 1.42's Fleet API is HTTPS; earlier releases used gRPC), SuperNode
-authentication on (only registered public keys may join), each SuperNode with its own device
-storage and data directory, then `flwr run` against the SuperLink. Used by the deployment test
-and as a how-to.
+over TLS on loopback (Flower 1.42's Fleet API is HTTPS; earlier releases used gRPC), then `flwr run`
+of the operator-signed app. Used by the deployment test and as a how-to. The security layout:
+
+- the SuperLink listens on loopback only; devices reach it through the Fleet-only gateway
+  (server/gateway.py), so the Control API (`flwr run`, `flwr supernode register`) is reachable
+  only from the server itself;
+- SuperNode authentication on: only public keys the operator registered may join;
+- every device runs its ClientApps through fineprune-superexec (client/guard.py): only apps
+  signed with the operator's Ed25519 key (`fineprune sign-app`) are installed and run;
+- each SuperNode has its own device storage and data directory.
 
     python -m simulations.deploy.run_local --out /tmp/deploy --supernodes 2
 """
@@ -18,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.appsign import make_signing_key, sign_app
 from simulations.deploy.certs import make_certs, make_node_key
 
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -57,7 +64,9 @@ class Deployment:
     SuperNodes whose public keys were registered with `flwr supernode register`; `intruders` more
     SuperNodes try to join with keys nobody registered."""
 
-    def __init__(self, out: Path, data_dirs: list[Path], auth: bool = True, intruders: int = 0):
+    def __init__(self, out: Path, data_dirs: list[Path], auth: bool = True, intruders: int = 0,
+                 signed: bool = True):
+        self.signed = signed
         self.out = out
         self.data_dirs = data_dirs
         self.auth = auth
@@ -76,9 +85,10 @@ class Deployment:
         return (self.out / f"{name}.log").read_text(errors="replace")
 
     def start(self):
-        certs = make_certs(self.out / "certs")
-        # Flower 1.42 serves the Fleet, Control and Runtime APIs on one HTTPS port
-        self.port = free_port()
+        certs = self.certs = make_certs(self.out / "certs")
+        # Flower 1.42 serves the Fleet, Control and Runtime APIs on one HTTPS port, the Control API
+        # without authentication: that port stays on loopback, the devices get the gateway's
+        self.port, self.public_port = free_port(), free_port()
         self._spawn("superlink", [
             _bin("flower-superlink"), "--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
             "--ssl-keyfile", str(certs["key"]), "--host", "127.0.0.1", "--port", str(self.port),
@@ -88,8 +98,19 @@ class Deployment:
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{self.port}"\n'
-            f'root-certificates = "{certs["ca"]}"\n')
+            f'root-certificates = "{certs["ca"]}"\n\n'
+            f'[superlink.public]\naddress = "127.0.0.1:{self.public_port}"\nroot-certificates = "{certs["ca"]}"\n')
         self._wait_for_superlink()
+        self._spawn("gateway", [
+            sys.executable, "-m", "server.gateway", "--listen", f"127.0.0.1:{self.public_port}",
+            "--upstream", f"127.0.0.1:{self.port}", "--ssl-certfile", str(certs["cert"]),
+            "--ssl-keyfile", str(certs["key"]), "--upstream-ca", str(certs["ca"])])
+        self._wait_for_port(self.public_port, "gateway")
+        if self.signed:
+            self.operator_key = make_signing_key(self.out / "operator-key", "operator")
+            self.app = Path(sign_app(APP_DIR, self.operator_key["private"], self.out / "signed-app")["app"])
+        else:
+            self.app = APP_DIR
         nodes = [(f"supernode-{i}", data, True) for i, data in enumerate(self.data_dirs)]
         nodes += [(f"intruder-{i}", self.data_dirs[0], False) for i in range(self.intruders)]
         for name, data, registered in nodes:
@@ -100,41 +121,54 @@ class Deployment:
                     self.register(keys["public"])
                 auth_args = ["--auth-supernode-private-key", str(keys["private"])]
             device = self.out / name / "device"
+            appio = free_port()
             self._spawn(name, [
                 _bin("flower-supernode"), "--root-certificates", str(certs["ca"]),
-                "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(free_port()),
+                "--superlink", f"127.0.0.1:{self.public_port}", "--host", "127.0.0.1", "--port", str(appio),
+                *(["--isolation", "process"] if self.signed else []),
                 *auth_args, "--node-config", f"device-dir='{device}' data-dir='{data}' device-name='{name}'"])
+            if self.signed:  # the device's own executor: it runs only apps signed with this key
+                self._spawn(f"{name}-exec", [
+                    _bin("fineprune-superexec"), "--trusted-keys", str(self.operator_key["public"]),
+                    "--insecure", "--runtime-api-address", f"127.0.0.1:{appio}"])
         time.sleep(3)
         for name in (n for n, _, reg in nodes if reg):
             if self.procs[name].poll() is not None:
                 raise RuntimeError(f"{name} exited early (code {self.procs[name].returncode}); see {self.out}/{name}.log")
 
     def _wait_for_superlink(self, seconds: float = 60):
+        self._wait_for_port(self.port, "superlink", seconds)
+
+    def _wait_for_port(self, port: int, name: str, seconds: float = 60):
         deadline = time.time() + seconds
         while time.time() < deadline:
-            if self.procs["superlink"].poll() is not None:
-                raise RuntimeError(f"the SuperLink exited (code {self.procs['superlink'].returncode}); "
-                                   f"see {self.out}/superlink.log")
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"{name} exited (code {self.procs[name].returncode}); see {self.out}/{name}.log")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.5)
-        raise RuntimeError(f"the SuperLink did not listen on port {self.port} within {seconds:.0f} s")
+        raise RuntimeError(f"{name} did not listen on port {port} within {seconds:.0f} s")
+
+    def flwr(self, *args: str, federation: str = "deploy", timeout: float = 120) -> subprocess.CompletedProcess:
+        """Flower's CLI against a federation of ~/.flwr/config.toml: `deploy` is the SuperLink on
+        loopback (the operator, on the server), `public` the address devices use (the gateway)."""
+        return subprocess.run([_bin("flwr"), *args, federation], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
 
     def register(self, public_key: Path):
         """Register a SuperNode's public key with the SuperLink (Flower's own CLI, over TLS)."""
         for _ in range(20):  # the Control API may need a moment after the port opens
-            r = subprocess.run([_bin("flwr"), "supernode", "register", str(public_key), "deploy"], env=self.env,
-                               capture_output=True, text=True, timeout=60)
+            r = self.flwr("supernode", "register", str(public_key))
             if r.returncode == 0:
                 return
             time.sleep(1)
         raise RuntimeError(f"could not register {public_key}: {r.stdout[-500:]} {r.stderr[-500:]}")
 
     def launch(self, run_config: str) -> subprocess.Popen:
-        """Start `flwr run` against the SuperLink; `wait` collects the report."""
-        cmd = [_bin("flwr"), "run", str(APP_DIR), "deploy", "--stream", "-c",
+        """Start `flwr run` of the (signed) app against the SuperLink; `wait` collects the report."""
+        cmd = [_bin("flwr"), "run", str(self.app), "deploy", "--stream", "-c",
                f"out-dir='{self.out / 'server'}' {run_config}"]
         return subprocess.Popen(cmd, stdout=open(self.out / "flwr-run.log", "w"), stderr=subprocess.STDOUT,
                                 env=self.env)
@@ -179,11 +213,13 @@ def main(argv=None):
                    "default: each device gets digits photos from the users' pool")
     p.add_argument("--run-config", default="", help="extra run config, e.g. \"summary-level='bitmap'\"")
     p.add_argument("--no-auth", action="store_true", help="let any SuperNode join (no key registration)")
+    p.add_argument("--unsigned", action="store_true",
+                   help="devices run any app (Flower's default executor) instead of only operator-signed ones")
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     dirs = [Path(d).resolve() for d in a.data_dir] if a.data_dir else export_digits_users(out, a.supernodes)
-    dep = Deployment(out, dirs, auth=not a.no_auth)
+    dep = Deployment(out, dirs, auth=not a.no_auth, signed=not a.unsigned)
     try:
         dep.start()
         n = len(dirs)

