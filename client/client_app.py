@@ -2,6 +2,7 @@
 unlabeled data, keeps the personalized model locally and replies with a mask summary only."""
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -32,11 +33,49 @@ def _injected(cfg: dict, key: str, name: str) -> bool:
     return name in [s.strip() for s in cfg[key].split(",") if s.strip()]
 
 
+class RoundTimeout(TimeoutError):
+    """The device's work outlived the round: the server stopped waiting for it."""
+
+
+def within(seconds: float, work):
+    """work(cancel) in a worker thread, given `seconds`: then the ClientApp returns (an error
+    reply) and frees its slot, instead of holding the simulation worker or the SuperNode while the
+    work hangs (Flower's engine waits for a ClientApp without a timeout). The engine checks
+    `cancel` at each step and stops; work that hangs outside it (a stuck read) is left behind in
+    a daemon thread, asleep or blocked, and writes nothing once cancelled."""
+    cancel, box = threading.Event(), {}
+
+    def run():
+        try:
+            box["value"] = work(cancel)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+    t = threading.Thread(target=run, name="fineprune-round-work", daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        cancel.set()
+        raise RoundTimeout(f"no reply within the round's {seconds:g} s (round-timeout); work abandoned")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     c = msg.content["config"]
     cfg = merged_config({k: c[k] for k in c.keys() if k not in ("base-fingerprint", "out-dir", "round")})
     cfg["out-dir"] = str(c["out-dir"])
+    return within(cfg["round-timeout"], lambda cancel: _train(msg, context, cfg, cancel))
+
+
+def _check(cancel: threading.Event):
+    if cancel.is_set():
+        raise RoundTimeout("cancelled: the round is over")
+
+
+def _train(msg: Message, context: Context, cfg: dict, cancel: threading.Event) -> Message:
+    c = msg.content["config"]
     base_fp = str(c["base-fingerprint"])
     root, pid = _device_root(context, cfg)
     name = str(pid) if pid is not None else str(context.node_config.get("device-name", root.name))
@@ -51,6 +90,7 @@ def train(msg: Message, context: Context) -> Message:
     base, meta = device.load_base(base_fp)
     if _injected(cfg, "stall-clients", name):
         time.sleep(STALL_SECONDS)  # a device stuck after it got the model: the server must go on
+    _check(cancel)
 
     if pid is not None:
         user = simulated_user(cfg, pid, int(context.node_config["num-partitions"]))
@@ -58,7 +98,8 @@ def train(msg: Message, context: Context) -> Message:
     else:
         x = device_inputs(str(context.node_config["data-dir"]), meta["features"])
         user_id = name
-    mask, info = device.personalize(base, meta, base_fp, x, cfg)
+    mask, info = device.personalize(base, meta, base_fp, x, cfg, progress=lambda *a: _check(cancel))
+    _check(cancel)
     epsilon = cfg["privacy-epsilon"] or None
     max_eps = context.node_config.get("max-privacy-epsilon")  # the device's own limit, not the server's
     payload = device.upload(mask, info, cfg["summary-level"], base_fp, model_bytes(base), cfg["seed"], epsilon,

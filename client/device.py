@@ -45,12 +45,13 @@ class Device:
             return False
 
     # ------------------------------------------------------------ personalization
-    def personalize(self, base: torch.nn.Module, meta: dict, base_fp: str, x: torch.Tensor, cfg: dict):
+    def personalize(self, base: torch.nn.Module, meta: dict, base_fp: str, x: torch.Tensor, cfg: dict,
+                    progress=None):
         """Returns (mask, Personalization) through the one device path (client/personalize.py),
         which resumes from the stored personalized model when it was made from this base, with
         these settings, on this data (a later round, or a restart)."""
         return personalize(base, dict(meta, base_fingerprint=base_fp), x, prune_settings(cfg), self.personal_path,
-                           resolve_device(cfg["device"]))
+                           resolve_device(cfg["device"]), progress=progress)
 
     def upload(self, mask: Mask, info: Personalization, level: str, base_fp: str, model_size: int, seed: int,
                epsilon: float | None = None, max_epsilon: float | None = None) -> bytes:

@@ -169,7 +169,8 @@ SETTINGS = [
     S("base-checkpoint", "", "base model file; empty: pretrain the task's base at the start", {RUN}),
     S("pretrain-epochs", 0, "0: the task's default", {RUN}, low=0),
     S("out-dir", "", "empty: ~/fineprune-runs/<time>", {RUN}),
-    S("round-timeout", 600.0, "seconds a round waits for replies", {RUN}, low=1.0),
+    S("round-timeout", 600.0, "seconds a round waits for replies; a device abandons its work after as long",
+      {RUN, CLIENT}, low=1.0),
     S("crash-clients", "", "fault injection: partition ids / device names that crash", {RUN, CLIENT}),
     S("stall-clients", "", "fault injection: ... that hang before personalizing", {RUN, CLIENT}),
 ]

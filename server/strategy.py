@@ -247,6 +247,8 @@ def _finite(metrics: dict, key: str) -> float:
 
 def _failure_kind(reason: str) -> str:
     text = str(reason or "").lower()
+    if "round-timeout" in text or "roundtimeout" in text:
+        return "timeout"  # the device gave up when the round did (client/client_app.py within)
     if "node" in text and ("unavailable" in text or "heartbeat" in text):
         return "node-unavailable"
     return "client-error"

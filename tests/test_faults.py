@@ -234,3 +234,31 @@ def test_files_follow_the_umask_and_private_ones_are_0600_from_the_start(tmp_pat
         os.umask(old)
     mode = lambda p: stat.S_IMODE((tmp_path / p).stat().st_mode)  # noqa: E731
     assert mode("a") == 0o600 and mode("b") == 0o644 and mode("key") == 0o600
+
+
+@pytest.mark.fault
+def test_work_that_outlives_the_round_is_abandoned_and_the_client_returns():
+    """client_app.within: a hung step (a 30 s sleep) does not hold the ClientApp past its budget;
+    work that checks `cancel` stops; results and errors of work in time pass through."""
+    import threading
+    import time
+
+    from client.client_app import RoundTimeout, within
+
+    t0 = time.time()
+    with pytest.raises(RoundTimeout):
+        within(0.3, lambda cancel: time.sleep(30))
+    assert time.time() - t0 < 2
+
+    stopped = threading.Event()
+
+    def cooperative(cancel):
+        while not cancel.wait(0.01):
+            pass
+        stopped.set()
+    with pytest.raises(RoundTimeout):
+        within(0.2, cooperative)
+    assert stopped.wait(2)  # the engine's steps see the cancel and stop burning the CPU
+    assert within(5, lambda cancel: 42) == 42
+    with pytest.raises(ZeroDivisionError):
+        within(5, lambda cancel: 1 / 0)
