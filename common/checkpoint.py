@@ -67,11 +67,46 @@ def check_model_meta(meta: dict) -> dict:
     else:
         count("image_size", feat.get("image_size"), LIMITS["image_size"])
         count("channels", feat.get("channels"), 3)
+    audio_arch = arch == "kws"
+    if audio_arch != (feat["kind"] == "audio"):
+        raise CheckpointError(f"model '{arch}' takes {'audio' if audio_arch else 'images'}, but its metadata "
+                              f"names {feat['kind']} inputs")
+    pairs = ([("sample_rate", "sample_rate", 8000), ("clip_samples", "clip_samples", 8000)] if audio_arch else
+             [("image_size", "image_size", 8), ("in_channels", "channels", 1)] if arch == "smallcnn" else [])
+    for k_arch, k_feat, default in pairs:
+        if kw.get(k_arch, default) is not None and kw.get(k_arch, default) != feat.get(k_feat):
+            raise CheckpointError(f"model metadata {k_feat}={feat.get(k_feat)!r} does not match the model's "
+                                  f"{k_arch}={kw.get(k_arch, default)!r}")
+    if not isinstance(meta["task"], str) or not 0 < len(meta["task"]) <= 100:
+        raise CheckpointError("model metadata task is not a short name")
     classes = meta["classes"]
     if not (isinstance(classes, list) and len(classes) <= LIMITS["num_classes"]
             and all(isinstance(c, str) and len(c) <= 100 for c in classes)):
         raise CheckpointError("model metadata classes are not a list of short names")
     return meta
+
+
+def check_model_fits(model: nn.Module, meta: dict, where: str) -> None:
+    """The built model takes the input its metadata names and gives one output per class: one
+    sample through it, so that a checkpoint whose metadata names another task or input size is
+    refused here in one line, not deep in a data pass."""
+    feat = meta["features"]
+    x = (torch.zeros(1, feat["clip_samples"]) if feat["kind"] == "audio"
+         else torch.zeros(1, feat["channels"], feat["image_size"], feat["image_size"]))
+    desc = (f"{feat['clip_samples']} samples at {feat['sample_rate']} Hz" if feat["kind"] == "audio"
+            else f"{feat['channels']}x{feat['image_size']}x{feat['image_size']} images")
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            y = model.eval()(x.to(next(model.parameters()).device))
+    except Exception as exc:
+        raise CheckpointError(f"{where}: the model does not take the input its metadata names ({desc}): "
+                              f"{str(exc).splitlines()[0][:160]}") from None
+    finally:
+        model.train(was_training)
+    if y.shape[-1] != len(meta["classes"]):
+        raise CheckpointError(f"{where}: the model has {y.shape[-1]} outputs but its metadata names "
+                              f"{len(meta['classes'])} classes")
 
 
 def model_meta(meta: dict) -> dict:
@@ -142,6 +177,7 @@ def load_checkpoint(path, device: str = "cpu"):
         except MaskError as exc:
             raise CheckpointError(f"checkpoint {path}: {exc}") from None
     meta = {k: v for k, v in blob.items() if k not in ("state_dict", "mask")}
+    check_model_fits(model, meta, f"checkpoint {path}")
     model = model.to(device).eval()
     if blob.get("restricted_classes"):
         cls = list(blob["restricted_classes"])

@@ -5,6 +5,7 @@ benchmark nor Ray. Errors from bad input are one line and exit 2."""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -19,6 +20,9 @@ COMMANDS = {  # name: (module that builds and runs it, one-line help)
     "bench": ("simulations.commands", "the benchmark: every method on the same users, results.csv/.md and plots"),
     "bench-gpu": ("simulations.commands", "engine throughput on a large model (ResNet50, 224x224) on GPU or CPU"),
 }
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def user_errors() -> tuple:
@@ -77,6 +81,11 @@ def main(argv=None) -> int:
         print(f"fineprune: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:  # the machine's fault: disk full...
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(f"fineprune: error{where}: {os.strerror(exc.errno)}; nothing was half-written "
+                  f"(files are replaced whole or not at all)", file=sys.stderr)
+            return 74  # EX_IOERR (sysexits.h)
         if os.environ.get("FINEPRUNE_DEBUG"):
             raise
         print(f"fineprune: internal error: {type(exc).__name__}: {exc} (set FINEPRUNE_DEBUG=1 for details)",

@@ -53,7 +53,7 @@ def base_to_records(model: torch.nn.Module, meta: dict):
 def records_to_base(arrays, meta_record):
     """The base model a device received: its metadata checked against the device's limits before
     anything is built (a server cannot make a device allocate 20 GB or open a path of its own)."""
-    from common.checkpoint import CheckpointError, check_model_meta
+    from common.checkpoint import CheckpointError, check_model_fits, check_model_meta
     from common.models import build_model
 
     try:
@@ -69,6 +69,7 @@ def records_to_base(arrays, meta_record):
         model.load_state_dict(arrays.to_torch_state_dict())
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"the base model's weights do not fit its metadata: {str(exc)[:200]}") from None
+    check_model_fits(model, meta, "the base model")
     return model.eval(), meta
 
 

@@ -43,6 +43,35 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
             load_checkpoint(tmp_path / name)
 
 
+@pytest.mark.badinput
+def test_a_checkpoint_whose_metadata_names_another_task_or_input_is_refused(tmp_path):
+    """Metadata that does not describe the model (another task's inputs, another input size,
+    another class count) is refused on load in one line, before any data pass."""
+    from common.cli import main as cli
+
+    model = build_model("smallcnn")
+    audio = {"kind": "audio", "sample_rate": 8000, "clip_samples": 8000}
+    cases = {
+        "audio.pt": (dict(META, task="fsdd", features=audio), "takes images, but its metadata names audio"),
+        "size.pt": (dict(META, features={"kind": "image", "image_size": 28, "channels": 1}),
+                    "image_size=28 does not match the model's image_size=8"),
+        "classes.pt": (dict(META, classes=["a", "b", "c"]), "10 outputs but its metadata names 3 classes"),
+    }
+    for name, (meta, msg) in cases.items():
+        save_checkpoint(tmp_path / name, model, meta)
+        with pytest.raises(CheckpointError, match=msg):
+            load_checkpoint(tmp_path / name)
+    rn = build_model("resnet18", num_classes=10)
+    save_checkpoint(tmp_path / "rn.pt", rn, dict(META, arch="resnet18", arch_kwargs={"num_classes": 10},
+                                                  features={"kind": "image", "image_size": 32, "channels": 1}))
+    with pytest.raises(CheckpointError, match="does not take the input its metadata names"):
+        load_checkpoint(tmp_path / "rn.pt")
+    (tmp_path / "imgs").mkdir()
+    assert cli(["personalize", "--model", str(tmp_path / "size.pt"), "--data", str(tmp_path / "imgs"),
+                "--out", str(tmp_path / "p.pt")]) == 2
+    assert not (tmp_path / "p.pt").exists()
+
+
 def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
     target = tmp_path / "out.bin"
     atomic_write_bytes(target, b"old")

@@ -254,3 +254,27 @@ def test_an_hour_long_wav_is_refused_and_long_clips_are_cut_visibly(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             load_unlabeled_dir(d, "audio", **feats)
+
+
+@pytest.mark.badinput
+@pytest.mark.fault
+def test_disk_full_is_one_line_exit_74_and_the_old_output_is_kept(tmp_path, base_ckpt, user_dir, monkeypatch,
+                                                                  capsys):
+    """The disk fills while the personalized model is written: one line naming it, exit 74
+    (EX_IOERR), the previous output intact and no temp file left."""
+    import errno
+    import os
+
+    from common.cli import main as cli
+
+    out = tmp_path / "p.pt"
+    out.write_bytes(b"the previous personalized model")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full)
+    assert cli(["personalize", "--model", str(base_ckpt), "--data", str(user_dir), "--out", str(out)]) == 74
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fineprune")]
+    assert len(err) == 1 and "No space left on device" in err[0] and err[0].startswith("fineprune: error")
+    assert out.read_bytes() == b"the previous personalized model"
+    assert [p.name for p in tmp_path.iterdir()] == ["p.pt"]
