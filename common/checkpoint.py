@@ -177,11 +177,11 @@ def load_checkpoint(path, device: str = "cpu"):
         except MaskError as exc:
             raise CheckpointError(f"checkpoint {path}: {exc}") from None
     meta = {k: v for k, v in blob.items() if k not in ("state_dict", "mask")}
-    check_model_fits(model, meta, f"checkpoint {path}")
     model = model.to(device).eval()
     if blob.get("restricted_classes"):
         cls = list(blob["restricted_classes"])
         n_out = list(prunable_layers(model).values())[-1].weight.shape[0]
         inner_index = cls if n_out == len(meta["classes"]) else list(range(len(cls)))
         model = OutputRestricted(model, cls, len(meta["classes"]), inner_index).to(device).eval()
+    check_model_fits(model, meta, f"checkpoint {path}")
     return model, meta, mask
