@@ -81,7 +81,8 @@ def _train(msg: Message, context: Context, cfg: dict, cancel: threading.Event) -
     name = str(pid) if pid is not None else str(context.node_config.get("device-name", root.name))
     if _injected(cfg, "crash-clients", name):
         raise RuntimeError(f"injected crash on {'partition' if pid is not None else 'device'} {name} (crash-clients)")
-    device = Device(root)
+    # simulated devices share one base store (one file per base), real devices keep their own
+    device = Device(root, None if pid is None else Path(cfg["out-dir"]) / "devices" / "bases")
     if "base" in msg.content.array_records:
         model, meta = records_to_base(msg.content["base"], msg.content["base-meta"])
         got = device.store_base(model, meta)

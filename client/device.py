@@ -17,19 +17,30 @@ from common.train import accuracy
 
 
 class Device:
-    def __init__(self, root: str | Path):
+    """`base_store`: where base models are kept. A real device keeps its one base in its own
+    folder (base.pt). Simulated devices on one machine share one store, one file per base
+    fingerprint, so 5,000 of them do not keep 5,000 copies of the same model."""
+
+    def __init__(self, root: str | Path, base_store: str | Path | None = None):
         self.root = Path(root)
+        self.base_store = None if base_store is None else Path(base_store)
         self.base_path = self.root / "base.pt"
         self.personal_path = self.root / "personal.pt"
 
+    def _base_file(self, fp: str) -> Path:
+        return self.base_path if self.base_store is None else self.base_store / f"base-{fp}.pt"
+
     # ------------------------------------------------------------ base model cache
     def store_base(self, model: torch.nn.Module, meta: dict) -> str:
-        save_checkpoint(self.base_path, model, meta)
-        return fingerprint(model)
+        fp = fingerprint(model)
+        path = self._base_file(fp)
+        if self.base_store is None or not path.exists():  # a shared file of this fingerprint is this model
+            save_checkpoint(path, model, meta)
+        return fp
 
     def load_base(self, expected_fp: str):
         try:
-            model, meta, _ = load_checkpoint(self.base_path)
+            model, meta, _ = load_checkpoint(self._base_file(expected_fp))
         except CheckpointError as exc:
             raise RuntimeError(f"no usable base model on this device ({exc}); server must send it") from None
         fp = fingerprint(model)

@@ -18,6 +18,7 @@ COMMANDS = {  # name: (module that builds and runs it, one-line help)
     "personalize": ("client.commands", "fine-prune a base model on a user's unlabeled data (edge device)"),
     "simulate": ("simulations.commands", "federated personalization on Flower's simulation engine"),
     "bench": ("simulations.commands", "the benchmark: every method on the same users, results.csv/.md and plots"),
+    "bench-scale": ("simulations.commands", "federation scaling: wall time, peak memory and cost per client at 10-5,000 clients"),
     "bench-gpu": ("simulations.commands", "engine throughput on a large model (ResNet50, 224x224) on GPU or CPU"),
 }
 

@@ -218,6 +218,28 @@ def make_users(ds: Dataset, groups: list, heldout_frac: float, seed: int, prefix
     return users
 
 
+def make_user(ds: Dataset, groups: list, i: int, heldout_frac: float, seed: int, prefix: str = "user") -> UserData:
+    """make_users(...)[i] without building the others: the random stream is replayed over the
+    groups before i (index permutations only, no tensors), so user i is bit-identical."""
+    rng = np.random.default_rng(seed)
+    for idx in groups[:i]:
+        split_heldout(np.asarray(idx), heldout_frac, rng)
+    pers, ev = split_heldout(np.asarray(groups[i]), heldout_frac, rng)
+    return UserData(f"{prefix}{i}", ds.x[torch.as_tensor(pers)], ds.x[torch.as_tensor(ev)], ds.y[torch.as_tensor(ev)])
+
+
+def sampled_group(y: np.ndarray, user: int, n_samples: int, classes_per_user=(2, 3), seed: int = 0) -> np.ndarray:
+    """One user's sample indices, drawn from its own few classes, independent of how many users
+    there are (users may share samples): what lets a simulation have more users than samples,
+    and each client build only its own user."""
+    rng = np.random.default_rng([seed, user])
+    classes = np.unique(y)
+    k = min(len(classes), int(rng.integers(classes_per_user[0], classes_per_user[1] + 1)))
+    held = rng.choice(classes, size=k, replace=False)
+    idx = np.flatnonzero(np.isin(y, held))
+    return np.sort(rng.choice(idx, size=min(n_samples, len(idx)), replace=False))
+
+
 def partition_class_subsets(y: np.ndarray, n_users: int, classes_per_user=(2, 3), seed: int = 0):
     """Each user holds a few classes; samples of a class are shared out among the users holding it."""
     rng = np.random.default_rng(seed)

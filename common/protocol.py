@@ -75,9 +75,16 @@ def vendor_and_pool(task: str, ds: D.Dataset, seed: int):
 
 
 def simulated_user(cfg: dict, partition_id: int, num_partitions: int) -> D.UserData:
-    ds = task_dataset(cfg["task"], cfg["data-path"])
-    _, pool = vendor_and_pool(cfg["task"], ds, cfg["seed"])
-    sub = ds.subset(pool)
+    """Client `partition_id` of `num_partitions`: only its own user is built (the partition of the
+    pool into index groups is computed once per process and cached), so a client's work does not
+    grow with the number of clients."""
+    sub = _pool(cfg["task"], cfg["data-path"], cfg["seed"])
+    if cfg["partitioning"] == "sampled":
+        idx = D.sampled_group(sub.y.numpy(), partition_id, cfg["client-samples"],
+                              (cfg["classes-min"], cfg["classes-max"]), cfg["seed"])
+        user = D.make_user(sub, [idx], 0, cfg["heldout-frac"], cfg["seed"] + partition_id)
+        user.user_id = f"user{partition_id}"
+        return user
     if cfg["partitioning"] == "speaker":
         if sub.groups is None:
             raise D.DataError(f"task '{cfg['task']}' has no speakers to partition by")
@@ -91,13 +98,26 @@ def simulated_user(cfg: dict, partition_id: int, num_partitions: int) -> D.UserD
                               sub.y[torch.as_tensor(ev)])
         groups = [idx]
         partition_id = 0
-    elif cfg["partitioning"] == "classes":
-        groups = D.partition_class_subsets(sub.y.numpy(), num_partitions,
-                                           (cfg["classes-min"], cfg["classes-max"]), cfg["seed"])
     else:
-        groups = D.partition_dirichlet(sub.y.numpy(), num_partitions, cfg["dirichlet-alpha"], cfg["seed"])
-    users = D.make_users(sub, groups, cfg["heldout-frac"], cfg["seed"] + partition_id)
-    return users[partition_id]
+        groups = _groups(cfg["task"], cfg["data-path"], cfg["seed"], cfg["partitioning"], num_partitions,
+                         cfg["classes-min"], cfg["classes-max"], cfg["dirichlet-alpha"])
+    return D.make_user(sub, groups, partition_id, cfg["heldout-frac"], cfg["seed"] + partition_id)
+
+
+@lru_cache(maxsize=4)
+def _pool(task: str, data_path: str, seed: int) -> D.Dataset:
+    ds = task_dataset(task, data_path)
+    return ds.subset(vendor_and_pool(task, ds, seed)[1])
+
+
+@lru_cache(maxsize=8)
+def _groups(task, data_path, seed, partitioning, n, cmin, cmax, alpha) -> tuple:
+    y = _pool(task, data_path, seed).y.numpy()
+    if partitioning == "classes":
+        groups = D.partition_class_subsets(y, n, (cmin, cmax), seed)
+    else:
+        groups = D.partition_dirichlet(y, n, alpha, seed)
+    return tuple(np.asarray(g, dtype=np.int64) for g in groups)
 
 
 def check_partition(cfg: dict) -> None:
@@ -117,11 +137,15 @@ def check_partition(cfg: dict) -> None:
             raise D.DataError(f"{n} speaker clients but only {speakers} speakers in the data")
         return
     y = ds.y[torch.as_tensor(pool)].numpy()
-    if cfg["partitioning"] == "classes":
-        groups = D.partition_class_subsets(y, n, (cfg["classes-min"], cfg["classes-max"]), cfg["seed"])
-    else:
-        groups = D.partition_dirichlet(y, n, cfg["dirichlet-alpha"], cfg["seed"])
+    if cfg["partitioning"] == "sampled":  # users draw independently: only the classes must hold enough
+        smallest = min(np.count_nonzero(y == c) for c in np.unique(y))
+        if smallest * cfg["classes-min"] < 2:
+            raise D.DataError(f"a class of the pool has {smallest} samples: too few to draw users from")
+        return
+    groups = _groups(cfg["task"], cfg["data-path"], cfg["seed"], cfg["partitioning"], n,
+                     cfg["classes-min"], cfg["classes-max"], cfg["dirichlet-alpha"])
     if min(len(g) for g in groups) < 2:  # one unlabeled sample and one held out, at the least
         raise D.DataError(f"{len(pool)} pool samples cannot give each of {n} clients data "
-                          f"({sum(len(g) < 2 for g in groups)} would get fewer than 2)")
+                          f"({sum(len(g) < 2 for g in groups)} would get fewer than 2); "
+                          f"partitioning='sampled' lets users overlap and serves any number")
 

@@ -108,10 +108,14 @@ SETTINGS = [
     S("num-clients", 10, "simulated devices (partitions)", {RUN}, low=1),
     S("min-clients", 2, "fewest replies a round needs", {RUN}, low=1),
     S("num-rounds", 1, "federated rounds", {RUN}, low=1),
-    S("partitioning", "classes", "how users are cut from the pool", {RUN, CLIENT},
-      choices=("classes", "speaker", "dirichlet")),
-    S("classes-min", 2, "classes partitioning: fewest classes a user holds", {RUN, CLIENT}, low=1),
-    S("classes-max", 3, "classes partitioning: most classes a user holds", {RUN, CLIENT}, low=1),
+    S("partitioning", "classes", "how users are cut from the pool: disjoint shares of a few classes "
+      "(classes), one speaker each (speaker), label skew (dirichlet), or each user drawing client-samples "
+      "from its own few classes, users overlapping (sampled: any number of clients)", {RUN, CLIENT},
+      choices=("classes", "speaker", "dirichlet", "sampled")),
+    S("classes-min", 2, "classes/sampled partitioning: fewest classes a user holds", {RUN, CLIENT}, low=1),
+    S("classes-max", 3, "classes/sampled partitioning: most classes a user holds", {RUN, CLIENT}, low=1),
+    S("client-samples", 40, "sampled partitioning: samples each user draws (unlabeled + held out)",
+      {RUN, CLIENT}, low=2, high=100_000),
     S("dirichlet-alpha", 0.5, "dirichlet partitioning: label skew (smaller: more skewed)", {RUN, CLIENT}, low=1e-6),
     S("heldout-frac", 0.3, "share of each simulated user's data held out, labeled, for research accuracy",
       {RUN, CLIENT}, low=0.01, high=0.9),

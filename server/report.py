@@ -22,7 +22,7 @@ def write_report(out: Path, report: dict) -> dict:
     if last and last["clients"]:
         paths["layer_sparsity_png"] = out / "layer_sparsity.png"
         plot_layer_sparsity(last["analysis"], paths["layer_sparsity_png"])
-        if last["analysis"]["similarity"] is not None:
+        if last["analysis"].get("similarity_view"):
             paths["similarity_png"] = out / "similarity.png"
             plot_similarity(last["analysis"], paths["similarity_png"])
     report["files"] = {k: str(v) for k, v in paths.items()}
@@ -68,18 +68,29 @@ def plot_similarity(analysis: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ids, sim = analysis["similarity_ids"], np.array(analysis["similarity"])
-    fig, ax = plt.subplots(figsize=(0.45 * len(ids) + 3, 0.45 * len(ids) + 2.5))
-    im = ax.imshow(sim, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(ids)), ids, rotation=90)
-    ax.set_yticks(range(len(ids)), ids)
+    view = analysis["similarity_view"]
+    sim, labels = np.array(view["matrix"]), view["labels"]
+    side = min(0.45 * len(sim) + 3, 11)  # bounded: 200 cells per side at most (server/analysis.py)
+    fig, ax = plt.subplots(figsize=(side, side - 0.5))
+    im = ax.imshow(sim, vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+    if labels is not None and len(labels) <= 60:
+        ax.set_xticks(range(len(labels)), labels, rotation=90)
+        ax.set_yticks(range(len(labels)), labels)
+    else:
+        per = view["clients_per_cell"]
+        ax.set_xlabel(f"{len(analysis['similarity_ids'])} clients ordered by cluster" +
+                      (f", {per} per cell (block means)" if per > 1 else ""))
+    for b in view["cluster_bounds"] if len(view["cluster_bounds"]) <= 40 else []:
+        cell = b / view["clients_per_cell"] - 0.5 if view["clients_per_cell"] > 1 else b - 0.5
+        ax.axhline(cell, color="w", lw=0.6)
+        ax.axvline(cell, color="w", lw=0.6)
     fig.colorbar(im, ax=ax, label="Jaccard similarity of pruned sets")
-    ax.set_title(f"Mask similarity, {analysis['similarity_method']}")
+    ax.set_title(f"Mask similarity, {analysis['similarity_method']}, by cluster")
     atomic_write_png(path, fig)
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"# fineprune run report", "", f"- task: {report['config']['task']}, clients asked: "
+    lines = ["# fineprune run report", "", f"- task: {report['config']['task']}, clients asked: "
              f"{report['config']['num-clients']}, summary level: {report['config']['summary-level']}, "
              f"scoring: {report['config']['scoring']}", f"- wall time: {report.get('wall_seconds', 0):.1f} s"]
     eps = report["config"].get("privacy-epsilon", 0)

@@ -20,6 +20,10 @@ def add_parser(sub, name: str, text: str):
         from simulations import bench
 
         bench.build_parser(sub.add_parser(name, help=text, description=text)).set_defaults(func=bench.main)
+    elif name == "bench-scale":
+        from simulations import scale
+
+        scale.build_parser(sub.add_parser(name, help=text, description=text)).set_defaults(func=scale.main)
     else:
         from simulations import bench_gpu
 
@@ -42,5 +46,7 @@ def cmd_simulate(args) -> dict:
     return {"report": report["files"]["json"], "clients": len(report["clients"]),
             "failed": len(report["failed"]), "rejected": len(report["rejected"]),
             "mean_sparsity": sum(c["sparsity"] for c in report["clients"]) / max(len(report["clients"]), 1),
-            "mean_pairwise_similarity": a.get("mean_pairwise_similarity"), "clusters": a.get("clusters"),
+            "mean_pairwise_similarity": a.get("mean_pairwise_similarity"),
+            "clusters": a.get("clusters") if len(a.get("clusters") or []) <= 20 else
+            f"{len(a['clusters'])} clusters (report.json)",
             "wall_seconds": report["wall_seconds"]}

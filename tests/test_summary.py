@@ -114,3 +114,41 @@ def test_malformed_summary_is_rejected_with_a_reason(_digits_base, user_masks, c
     }[case]
     with pytest.raises(SummaryError, match=reason):
         decode(data, fp, shapes, **({"max_bytes": limit} if limit else {}))
+
+
+@pytest.mark.parametrize("level,eps", [("bitmap", None), ("bitmap", 2.0), ("sketch", None)])
+def test_all_pairs_similarity_equals_the_pair_by_pair_estimators(user_masks, _digits_base, level, eps):
+    """server.analysis.similarity computes all pairs as matrix products; each entry and each
+    layer's mean agreement equal the pair-by-pair estimators (exact Jaccard, the private
+    estimator, the sketch estimator) to 1e-9."""
+    from common.privacy import estimate_jaccard
+    from common.summary import layer_sketch_jaccard
+    from server.analysis import similarity
+
+    fp, size, shapes = fingerprint(_digits_base), model_bytes(_digits_base), _shapes(_digits_base)
+    hist = _hist(_digits_base)
+    masks = user_masks + [Mask.dense(_digits_base)]  # a user that pruned nothing: empty sets
+    summ = {f"u{i}": build_summary(m, hist, level, fp, size, epsilon=eps, privacy_seed=i) for i, m in enumerate(masks)}
+    ids, sim, method, agreement = similarity(summ)
+    ss = [summ[i] for i in ids]
+
+    def flat(s):
+        return [(~t).flatten().numpy() for t in s.bitmap.layers.values()]
+
+    def pair(a, b):
+        if level == "sketch":
+            return sketch_jaccard(a, b), layer_sketch_jaccard(a, b)
+        fa, fb = flat(a), flat(b)
+        if eps is not None:
+            return (estimate_jaccard(np.concatenate(fa), np.concatenate(fb), eps),
+                    [estimate_jaccard(x, y, eps) for x, y in zip(fa, fb)])
+        j = lambda x, y: 1.0 if not (x | y).any() else (x & y).sum() / (x | y).sum()
+        return j(np.concatenate(fa), np.concatenate(fb)), [j(x, y) for x, y in zip(fa, fb)]
+    layers = []
+    for i in range(len(ss)):
+        for k in range(i + 1, len(ss)):
+            whole, per_layer = pair(ss[i], ss[k])
+            assert abs(sim[i, k] - whole) < 1e-9 and sim[i, k] == sim[k, i]
+            layers.append(per_layer)
+    assert np.allclose(agreement, np.mean(layers, axis=0), atol=1e-9)
+    assert np.all(np.diag(sim) == 1.0)
