@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -66,6 +67,8 @@ def train(msg: Message, context: Context) -> Message:
     c = msg.content["config"]
     cfg = merged_config({k: c[k] for k in c.keys() if k not in ("base-fingerprint", "out-dir", "round")})
     cfg["out-dir"] = str(c["out-dir"])
+    if "threads" in context.node_config:  # the device's own choice (Ray already gives a simulated client 1)
+        torch.set_num_threads(max(1, int(context.node_config["threads"])))
     return within(cfg["round-timeout"], lambda cancel: _train(msg, context, cfg, cancel))
 
 
