@@ -1,4 +1,5 @@
-"""Device commands of `fineprune`: personalize a base model on this user's data."""
+"""Device commands of `fineprune`: personalize a base model on this user's data; evaluate a model on
+labeled examples, classify files, describe a checkpoint."""
 from __future__ import annotations
 
 from common import settings as ST
@@ -6,6 +7,121 @@ from common.cli import progress_bar
 
 
 def add_parser(sub, name: str, text: str):
+    {"personalize": _add_personalize, "evaluate": _add_evaluate, "predict": _add_predict,
+     "info": _add_info}[name](sub, name, text)
+
+
+def _add_evaluate(sub, name: str, text: str):
+    pe = sub.add_parser(name, help=text, description=text + ". Labels: WAV files named {label}_..., or "
+                        "image subfolders named after the classes.")
+    pe.add_argument("--model", required=True, help="checkpoint to evaluate (base or personalized)")
+    pe.add_argument("--data", required=True, help="directory of labeled WAV files or image subfolders")
+    pe.add_argument("--baseline", help="a second checkpoint (e.g. the base) evaluated on the same data")
+    pe.add_argument("--out", help="write the results as JSON here (atomic)")
+    pe.add_argument("--plot", help="write the confusion matrices as PNG here")
+    pe.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> dict:
+    import json
+
+    import torch
+
+    from client.labeled import evaluate, labeled_files, load_file, plot_confusion
+    from common.checkpoint import CheckpointError, load_checkpoint
+    from common.io import atomic_write_text
+
+    from pathlib import Path
+
+    for flag in ("out", "plot"):
+        if getattr(args, flag) and Path(getattr(args, flag)).is_dir():
+            raise ValueError(f"--{flag} {getattr(args, flag)} is a directory; name the file to write")
+    model, meta, _ = load_checkpoint(args.model)
+    models = {"model": (model, meta)}
+    if args.baseline:
+        b, bmeta, _ = load_checkpoint(args.baseline)
+        if bmeta["classes"] != meta["classes"] or bmeta["features"] != meta["features"]:
+            raise CheckpointError(f"--baseline {args.baseline} has other classes or inputs than --model")
+        models["baseline"] = (b, bmeta)
+    files, labels = labeled_files(args.data, meta["features"], meta["classes"])
+    x = torch.stack([load_file(p, meta["features"]) for p in files])
+    y = torch.tensor(labels)
+    results = {name: evaluate(m, x, y, meta["classes"]) for name, (m, _) in models.items()}
+    out = {"data": str(args.data), "n": len(y), "model": str(args.model),
+           **({"baseline": str(args.baseline)} if args.baseline else {}),
+           "accuracy": {k: r["accuracy"] for k, r in results.items()}, "results": results}
+    if args.out:
+        atomic_write_text(args.out, json.dumps(out, indent=2))
+    if args.plot:
+        plot_confusion(results, Path(args.plot))
+    return {k: v for k, v in out.items() if k != "results"} | {
+        "per_class": {k: {c: r["accuracy"] for c, r in res["per_class"].items()} for k, res in results.items()}}
+
+
+def _add_predict(sub, name: str, text: str):
+    pp = sub.add_parser(name, help=text, description=text + ". One JSON line per file.")
+    pp.add_argument("--model", required=True, help="checkpoint (base or personalized)")
+    pp.add_argument("files", nargs="+", metavar="FILE", help="WAV or image files")
+    pp.add_argument("--top", type=int, default=1, help="classes to list per file (default 1)")
+    pp.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args):
+    import json
+
+    import torch
+
+    from client.labeled import load_file, predict_proba
+    from common.checkpoint import load_checkpoint
+
+    from pathlib import Path
+
+    if args.top < 1:
+        raise ValueError(f"--top must be at least 1, got {args.top}")
+    model, meta, _ = load_checkpoint(args.model)
+    paths = [Path(f) for f in args.files]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is not a file")
+    x = torch.stack([load_file(p, meta["features"]) for p in paths])  # all checked before any output
+    proba = predict_proba(model, x)
+    for p, pr in zip(paths, proba):
+        top = torch.topk(pr, min(args.top, len(pr)))
+        row = {"file": str(p), "class": meta["classes"][int(top.indices[0])],
+               "probability": round(float(top.values[0]), 4)}
+        if args.top > 1:
+            row["top"] = [[meta["classes"][int(i)], round(float(v), 4)] for v, i in zip(top.values, top.indices)]
+        print(json.dumps(row), flush=True)
+    return None
+
+
+def _add_info(sub, name: str, text: str):
+    pi = sub.add_parser(name, help=text, description=text)
+    pi.add_argument("checkpoint", help="a fineprune checkpoint")
+    pi.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> dict:
+    import os
+
+    from common.checkpoint import fingerprint, load_checkpoint
+    from common.restrict import OutputRestricted
+
+    model, meta, mask = load_checkpoint(args.checkpoint)
+    inner = model.inner if isinstance(model, OutputRestricted) else model
+    restricted = meta.get("restricted_classes")
+    pers = meta.get("personalization") or {}
+    return {"file": str(args.checkpoint), "bytes": os.path.getsize(args.checkpoint), "task": meta["task"],
+            "arch": meta["arch"], "arch_kwargs": meta["arch_kwargs"], "classes": meta["classes"],
+            "input": meta["features"], "parameters": sum(p.numel() for p in inner.parameters()),
+            "sparsity": None if mask is None else round(mask.sparsity(), 4),
+            "restricted_classes": None if not restricted else [meta["classes"][i] for i in restricted],
+            "fingerprint": fingerprint(inner),
+            "base_fingerprint": meta.get("base_fingerprint") or pers.get("base_fingerprint"),
+            "fineprune_version": meta.get("fineprune_version"), "format_version": meta.get("version")}
+
+
+def _add_personalize(sub, name: str, text: str):
     pz = sub.add_parser(name, help=text, description=text)
     pz.add_argument("--model", required=True, help="base checkpoint from `fineprune pretrain`")
     pz.add_argument("--data", required=True,

@@ -16,6 +16,9 @@ COMMANDS = {  # name: (module that builds and runs it, one-line help)
     "keygen": ("server.commands", "make the operator's app-signing key pair (Ed25519)"),
     "sign-app": ("server.commands", "sign the Flower app for devices that run only signed apps"),
     "personalize": ("client.commands", "fine-prune a base model on a user's unlabeled data (edge device)"),
+    "evaluate": ("client.commands", "accuracy of a model on labeled examples, per class, with a confusion matrix"),
+    "predict": ("client.commands", "classify WAV or image files: one JSON line per file"),
+    "info": ("client.commands", "what a checkpoint holds: task, classes, input, sparsity, restriction, fingerprints"),
     "simulate": ("simulations.commands", "federated personalization on Flower's simulation engine"),
     "bench": ("simulations.commands", "the benchmark: every method on the same users, results.csv/.md and plots"),
     "bench-scale": ("simulations.commands", "federation scaling: wall time, peak memory and cost per client at 10-5,000 clients"),
@@ -121,7 +124,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("fineprune: interrupted; nothing was written", file=sys.stderr)
         return 130
-    print(json.dumps({k: v for k, v in result.items() if k not in ("history", "layer_sparsity")}, indent=2))
+    if result is not None:  # predict prints its own JSON lines
+        print(json.dumps({k: v for k, v in result.items() if k not in ("history", "layer_sparsity")}, indent=2))
     return 0
 
 

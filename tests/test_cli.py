@@ -278,3 +278,25 @@ def test_disk_full_is_one_line_exit_74_and_the_old_output_is_kept(tmp_path, base
     assert len(err) == 1 and "No space left on device" in err[0] and err[0].startswith("fineprune: error")
     assert out.read_bytes() == b"the previous personalized model"
     assert [p.name for p in tmp_path.iterdir()] == ["p.pt"]
+
+
+@pytest.mark.badinput
+def test_threads_is_set_deliberately_and_bad_counts_are_refused(tmp_path, base_ckpt, user_dir, capsys):
+    import torch
+
+    from common.cli import auto_threads, main as cli
+
+    before = torch.get_num_threads()
+    try:
+        for bad in ("0", "two", "-3"):
+            assert cli(["personalize", "--threads", bad, "--model", str(base_ckpt), "--data", str(user_dir),
+                        "--out", str(tmp_path / "p.pt")]) == 2
+        assert not (tmp_path / "p.pt").exists()
+        assert cli(["personalize", "--threads", "1", "--model", str(base_ckpt), "--data", str(user_dir),
+                    "--out", str(tmp_path / "p.pt")]) == 0
+        assert torch.get_num_threads() == 1
+        assert 1 <= auto_threads() <= 4
+    finally:
+        torch.set_num_threads(before)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fineprune")]
+    assert len(err) == 3 and all("--threads must be" in line for line in err)
