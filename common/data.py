@@ -62,12 +62,16 @@ def read_wav(path: Path, rate: int, clip_samples: int) -> torch.Tensor:
         audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises several types for unreadable files
         raise DataError(f"unreadable WAV file {path}: {exc}") from None
-    if sr != rate:
-        raise DataError(f"WAV file {path} has sample rate {sr} Hz, expected {rate} Hz")
-    wav = torch.from_numpy(audio.mean(axis=1))
-    if len(wav) > MAX_CLIP_FACTOR * clip_samples:  # an hour-long recording is not one utterance
-        raise DataError(f"WAV file {path} is {len(wav) / rate:.1f} s long; the model hears "
+    if len(audio) > MAX_CLIP_FACTOR * clip_samples * sr / rate:  # an hour-long recording is not one utterance
+        raise DataError(f"WAV file {path} is {len(audio) / sr:.1f} s long; the model hears "
                         f"{clip_samples / rate:.1f} s clips: cut it into clips first")
+    wav = torch.from_numpy(audio.mean(axis=1))
+    if sr != rate:  # phones record at 16, 44.1 or 48 kHz: resample (band-limited sinc), do not refuse
+        if not 1000 <= sr <= 384_000:
+            raise DataError(f"WAV file {path} has sample rate {sr} Hz, not a rate to resample from")
+        import torchaudio.functional as AF
+
+        wav = AF.resample(wav, int(sr), int(rate))
     out = torch.zeros(clip_samples)
     n = min(len(wav), clip_samples)
     out[:n] = wav[:n]  # pad or crop to a fixed clip length
@@ -174,29 +178,45 @@ def load_unlabeled_dir(root: str | Path, kind: str, **kw) -> torch.Tensor:
 
 
 def load_image_files(root: Path, image_size: int, channels: int) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-    import torchvision.transforms.functional as F
-
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"}
                    and p.is_file())  # a FIFO or device named like an image would block the read
     if not files:
         raise DataError(f"no image files (.png/.jpg/.jpeg/.bmp) in {root}")
-    out = []
-    for p in files:
-        try:
-            with warnings.catch_warnings():  # Pillow's decompression-bomb guard: an error, not a warning
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(p).convert("L" if channels == 1 else "RGB")
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            raise DataError(f"image {p} is too large to decode safely ({exc})") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"unreadable image {p}: {exc}") from None
-        if min(img.size) < image_size:  # upscaling would invent the detail the model looks at
-            raise DataError(f"image {p} is {img.size[0]}x{img.size[1]}, smaller than the model's "
-                            f"{image_size}x{image_size} input")
-        img = img.resize((image_size, image_size))  # larger photos are scaled down
-        out.append(F.to_tensor(img))
+    colour = []
+    out = [load_image(p, image_size, channels, colour) for p in files]
+    if colour:
+        warnings.warn(f"{len(colour)} of {len(files)} images are in colour; the model expects grayscale "
+                      f"{image_size}x{image_size} inputs, so they were converted (first: {colour[0].name})",
+                      stacklevel=2)
     return torch.stack(out)
+
+
+def load_image(p: Path, image_size: int, channels: int, colour: list | None = None) -> torch.Tensor:
+    """One image as the model takes it; a colour photo for a grayscale model is converted and, when
+    `colour` is given, recorded there (the caller warns once for all)."""
+    from PIL import Image, UnidentifiedImageError
+    import torchvision.transforms.functional as F
+
+    try:
+        with warnings.catch_warnings():  # Pillow's decompression-bomb guard: an error, not a warning
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(p)
+            if channels == 1 and img.mode not in ("L", "1", "I", "I;16", "F", "LA", "P"):
+                if colour is None:
+                    warnings.warn(f"{p.name} is in colour; the model expects grayscale "
+                                  f"{image_size}x{image_size} inputs, so it was converted", stacklevel=2)
+                else:
+                    colour.append(p)
+            img = img.convert("L" if channels == 1 else "RGB")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise DataError(f"image {p} is too large to decode safely ({exc})") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"unreadable image {p}: {exc}") from None
+    if min(img.size) < image_size:  # upscaling would invent the detail the model looks at
+        raise DataError(f"image {p} is {img.size[0]}x{img.size[1]}, smaller than the model's "
+                        f"{image_size}x{image_size} input")
+    img = img.resize((image_size, image_size))  # larger photos are scaled down
+    return F.to_tensor(img)
 
 
 # ---------------------------------------------------------------- partitioners

@@ -112,6 +112,21 @@ def test_fsdd_loads_real_recordings_and_partitions_by_speaker(fsdd_dir):
     assert ds.x.abs().max() <= 1.0 and ds.x.abs().mean() > 0.001
 
 
+def test_a_phone_recording_at_another_rate_is_resampled_to_the_models(tmp_path):
+    """16/44.1/48 kHz WAVs are resampled to the model's 8 kHz, not refused: a 440 Hz tone
+    recorded at each rate reads as the same 8 kHz tone."""
+    import soundfile as sf
+
+    t8 = np.arange(8000) / 8000
+    want = torch.from_numpy(0.5 * np.sin(2 * np.pi * 440 * t8)).float()
+    for rate in (16000, 44100, 48000):
+        t = np.arange(rate) / rate
+        sf.write(tmp_path / f"tone{rate}.wav", (0.5 * np.sin(2 * np.pi * 440 * t)).astype("float32"), rate)
+        got = D.read_wav(tmp_path / f"tone{rate}.wav", 8000, 8000)
+        assert got.shape == (8000,)
+        assert (got[200:-200] - want[200:-200]).abs().max() < 0.02, rate  # edges: the filter's ramp
+
+
 def test_bad_audio_and_directories(tmp_path):
     import soundfile as sf
 
@@ -119,8 +134,8 @@ def test_bad_audio_and_directories(tmp_path):
         D.load_fsdd(tmp_path / "nope")
     with pytest.raises(D.DataError, match="no FSDD recordings"):
         D.load_fsdd(tmp_path)
-    sf.write(tmp_path / "1_bob_0.wav", np.zeros(16000, dtype="float32"), 16000)
-    with pytest.raises(D.DataError, match="sample rate 16000"):
+    sf.write(tmp_path / "1_bob_0.wav", np.zeros(400, dtype="float32"), 500)
+    with pytest.raises(D.DataError, match="sample rate 500 Hz, not a rate to resample from"):
         D.load_fsdd(tmp_path)
     (tmp_path / "1_bob_0.wav").write_bytes(b"RIFF garbage")
     with pytest.raises(D.DataError, match="unreadable WAV"):

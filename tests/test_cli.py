@@ -92,7 +92,7 @@ def bad_files(tmp_path_factory, base_ckpt):
     save_checkpoint(d / "kws.pt", kws, {"arch": "kws", "arch_kwargs": {}, "task": "fsdd", "classes": list("0123456789"),
                                         "features": {"kind": "audio", "sample_rate": 8000, "clip_samples": 8000}})
     (d / "rate").mkdir()
-    sf.write(d / "rate" / "a.wav", np.zeros(16000, dtype="float32"), 16000)
+    sf.write(d / "rate" / "a.wav", np.zeros(400, dtype="float32"), 500)
     (d / "badwav").mkdir()
     (d / "badwav" / "a.wav").write_bytes(b"RIFF....WAVEjunk")
     return d
@@ -110,7 +110,7 @@ BAD_CLI_CASES = {  # name: (arguments with {d} = the bad files, {b} = the base, 
     "unreadable array": (["--model", "{b}", "--data", "{d}/notarray.npy"], "unreadable input array"),
     "unreadable image": (["--model", "{b}", "--data", "{d}/brokenimg"], "unreadable image"),
     "image too small": (["--model", "{b}", "--data", "{d}/tinyimg"], "smaller than the model's 8x8 input"),
-    "wrong-rate WAV": (["--model", "{d}/kws.pt", "--data", "{d}/rate"], "sample rate 16000 Hz, expected 8000"),
+    "wrong-rate WAV": (["--model", "{d}/kws.pt", "--data", "{d}/rate"], "sample rate 500 Hz, not a rate to resample from"),
     "unreadable WAV": (["--model", "{d}/kws.pt", "--data", "{d}/badwav"], "unreadable WAV"),
     "unknown scoring": (["--model", "{b}", "--data", "{u}", "--scoring", "vibes"], "unknown scoring 'vibes'"),
     "unknown stop rule": (["--model", "{b}", "--data", "{u}", "--stop-rule", "x"], "unknown stop rule"),

@@ -1,0 +1,148 @@
+"""What an engineer at the device does around personalizing: check a model on a few labeled
+examples (`evaluate`, side by side with the base), classify files (`predict`), see what a
+checkpoint holds (`info`); colour photos for a grayscale model are converted with a warning."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint
+from common.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, digits):
+    """A base model, and one user: unlabeled photos of 4s and 9s, and a labeled held-out set of
+    the same classes in class subfolders (ImageFolder layout), as the user would label a few."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("tools")
+    assert main(["pretrain", "--task", "digits", "--out", str(d / "base.pt"), "--epochs", "8"]) == 0
+    idx = np.flatnonzero(np.isin(digits.y.numpy(), [4, 9]))
+    (d / "photos").mkdir()
+    for i in idx[:100]:
+        Image.fromarray((digits.x[i, 0].numpy() * 255).astype("uint8")).save(d / "photos" / f"img{i}.png")
+    for i in idx[100:160]:
+        sub = d / "labeled" / str(int(digits.y[i]))
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.x[i, 0].numpy() * 255).astype("uint8")).save(sub / f"img{i}.png")
+    assert main(["personalize", "--model", str(d / "base.pt"), "--data", str(d / "photos"),
+                 "--out", str(d / "me.pt")]) == 0
+    return d
+
+
+def test_evaluate_reports_accuracy_per_class_and_confusion_side_by_side(setup, capsys, digits):
+    d = setup
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(d / "me.pt"), "--baseline", str(d / "base.pt"), "--data",
+                 str(d / "labeled"), "--out", str(d / "eval.json"), "--plot", str(d / "eval.png")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    full = json.loads((d / "eval.json").read_text())
+    assert printed["n"] == full["n"] == 60 and set(printed["accuracy"]) == {"model", "baseline"}
+    for name, ckpt in (("model", "me.pt"), ("baseline", "base.pt")):
+        r = full["results"][name]
+        cm = np.array(r["confusion"]["rows_true_cols_predicted"])
+        assert cm.sum() == 60 and set(r["per_class"]) == {"4", "9"}
+        assert r["accuracy"] == pytest.approx(np.trace(cm) / 60, abs=1e-4)
+        model, _, _ = load_checkpoint(d / ckpt)  # the same number computed directly
+        x = torch.stack([_png(p)
+                         for c in ("4", "9") for p in sorted((d / "labeled" / c).iterdir())])
+        y = torch.tensor([int(c) for c in ("4", "9") for _ in sorted((d / "labeled" / c).iterdir())])
+        with torch.no_grad():
+            assert r["accuracy"] == pytest.approx(float((model(x).argmax(1) == y).float().mean()), abs=1e-4)
+    assert full["accuracy"]["model"] >= 0.9  # the personalized model on its own user's classes
+    assert (d / "eval.png").stat().st_size > 5000
+
+
+def _png(p):
+    import torchvision.transforms.functional as F
+    from PIL import Image
+
+    return F.to_tensor(Image.open(p).convert("L"))
+
+
+def test_predict_prints_one_json_line_per_file_with_the_models_answer(setup, capsys):
+    d = setup
+    files = sorted((d / "labeled" / "9").iterdir())[:3]
+    capsys.readouterr()
+    assert main(["predict", "--model", str(d / "me.pt"), "--top", "2", *map(str, files)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    model, meta, _ = load_checkpoint(d / "me.pt")
+    with torch.no_grad():
+        proba = torch.softmax(model(torch.stack([_png(p) for p in files])), 1)
+    assert [row["file"] for row in lines] == [str(p) for p in files]
+    for row, pr in zip(lines, proba):
+        assert row["class"] == meta["classes"][int(pr.argmax())]
+        assert row["probability"] == pytest.approx(float(pr.max()), abs=1e-4)
+        assert len(row["top"]) == 2 and row["top"][0][0] == row["class"]
+
+
+def test_info_says_what_a_checkpoint_holds(setup, capsys):
+    d = setup
+    capsys.readouterr()
+    assert main(["info", str(d / "me.pt")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["task"] == "digits" and info["input"] == {"kind": "image", "image_size": 8, "channels": 1}
+    assert 0.3 < info["sparsity"] < 1 and set(info["restricted_classes"]) >= {"4", "9"}
+    assert info["base_fingerprint"] and info["base_fingerprint"] != info["fingerprint"]
+    assert main(["info", str(d / "base.pt")]) == 0
+    base = json.loads(capsys.readouterr().out)
+    assert base["sparsity"] is None and base["restricted_classes"] is None
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize("case", ["unlabeled data", "labels not the model's", "baseline of another task",
+                                  "out is a directory", "predict a missing file"])
+def test_evaluate_and_predict_bad_input_is_one_line_exit_2(setup, tmp_path, capsys, case):
+    from PIL import Image
+
+    d = setup
+    (tmp_path / "cats").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "cats" / "a.png")
+    from common.checkpoint import save_checkpoint
+    from common.models import build_model
+    save_checkpoint(tmp_path / "kws.pt", build_model("kws"), {
+        "arch": "kws", "arch_kwargs": {}, "task": "fsdd", "classes": list("0123456789"),
+        "features": {"kind": "audio", "sample_rate": 8000, "clip_samples": 8000}})
+    argv, msg = {
+        "unlabeled data": (["evaluate", "--model", str(d / "me.pt"), "--data", str(d / "photos")], "no labeled data"),
+        "labels not the model's": (["evaluate", "--model", str(d / "me.pt"), "--data", str(tmp_path)],
+                                   "found labels ['cats']"),
+        "baseline of another task": (["evaluate", "--model", str(d / "me.pt"), "--baseline", str(tmp_path / "kws.pt"),
+                                      "--data", str(d / "labeled")], "other classes or inputs"),
+        "out is a directory": (["evaluate", "--model", str(d / "me.pt"), "--data", str(d / "labeled"),
+                                "--out", str(tmp_path)], "is a directory"),
+        "predict a missing file": (["predict", "--model", str(d / "me.pt"), str(d / "labeled" / "4"),
+                                    str(tmp_path / "nope.png")], "is not a file"),
+    }[case]
+    capsys.readouterr()
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and msg in out.err and len(out.err.strip().splitlines()) == 1
+
+
+def test_colour_photos_for_a_grayscale_model_are_converted_with_a_warning(tmp_path):
+    from PIL import Image
+
+    from common import data as D
+
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "a.png")
+    Image.new("L", (8, 8), 90).save(tmp_path / "b.png")
+    with pytest.warns(UserWarning, match="1 of 2 images are in colour; the model expects grayscale 8x8"):
+        x = D.load_image_files(tmp_path, 8, 1)
+    assert x.shape == (2, 1, 8, 8)
+
+
+def test_labeled_wavs_are_read_from_fsdd_style_names(tmp_path):
+    import soundfile as sf
+
+    from client.labeled import labeled_files
+
+    for name in ("3_jackson_0.wav", "7_nicolas_12.wav", "x_noise.wav", "readme.wav"):
+        sf.write(tmp_path / name, np.zeros(800, dtype="float32"), 8000)
+    files, labels = labeled_files(tmp_path, {"kind": "audio", "sample_rate": 8000, "clip_samples": 8000},
+                                  list("0123456789"))
+    assert [f.name for f in files] == ["3_jackson_0.wav", "7_nicolas_12.wav"] and labels == [3, 7]
