@@ -8,7 +8,35 @@ from common.cli import progress_bar
 
 def add_parser(sub, name: str, text: str):
     {"personalize": _add_personalize, "evaluate": _add_evaluate, "predict": _add_predict,
-     "info": _add_info}[name](sub, name, text)
+     "info": _add_info, "export": _add_export}[name](sub, name, text)
+
+
+def _add_export(sub, name: str, text: str):
+    from client.export import FORMATS
+
+    px = sub.add_parser(name, help=text, description=text + ". The file is checked against PyTorch before "
+                        "it is written.")
+    px.add_argument("--model", required=True, help="checkpoint (base or personalized)")
+    px.add_argument("--format", required=True, help=f"one of: {', '.join(FORMATS)}")
+    px.add_argument("--out", required=True, help="file to write (atomic)")
+    px.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> dict:
+    from pathlib import Path
+
+    from client.export import FORMATS, export
+    from common.checkpoint import load_checkpoint
+
+    if args.format not in FORMATS:  # before loading anything
+        raise ValueError(f"unknown export format '{args.format}' (choose from: {', '.join(FORMATS)})")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; name the file to write")
+    if out.exists() and out.resolve() == Path(args.model).resolve():
+        raise ValueError(f"--out {out} is the model itself; write the export elsewhere")
+    model, meta, _ = load_checkpoint(args.model)
+    return export(model, meta["features"], args.format, out)
 
 
 def _add_evaluate(sub, name: str, text: str):

@@ -16,7 +16,8 @@ from common.models import build_model, prunable_layers
 from common.restrict import OutputRestricted
 
 FORMAT = "fineprune-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pruned weights stored sparse (only the kept values); 1 still reads
+READS = (1, 2)
 
 
 class CheckpointError(ValueError):
@@ -135,13 +136,38 @@ def save_checkpoint(path, model: nn.Module, meta: dict, mask: Mask | None = None
     """`model` is the plain (unwrapped) model; `meta` holds arch, arch_kwargs, task, classes, features."""
     model_meta(meta)
     blob = dict(meta)
-    blob.update(format=FORMAT, version=FORMAT_VERSION, fineprune_version=__version__,
-                state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    kept = {}
+    if mask is not None:  # a pruned layer stores only its kept weights: the file shrinks with sparsity
+        for name, keep in mask.layers.items():
+            key = f"{name}.weight"
+            if key in state and state[key].shape == keep.shape:
+                kept[key] = state.pop(key)[keep].clone()
+    blob.update(format=FORMAT, version=FORMAT_VERSION, fineprune_version=__version__, state_dict=state,
+                kept_weights=kept,
                 mask=None if mask is None else torch.frombuffer(bytearray(mask.to_bytes()), dtype=torch.uint8),
                 restricted_classes=restricted)
     buf = io.BytesIO()
     torch.save(blob, buf)
     atomic_write_bytes(path, buf.getvalue(), private=private)
+
+
+def _dense_state(blob: dict, mask: Mask | None, model: nn.Module) -> dict:
+    """The full state dict: sparse-stored layers rebuilt with zeros where the mask pruned."""
+    state = dict(blob["state_dict"])
+    kept = blob.get("kept_weights") or {}
+    if kept and mask is None:
+        raise CheckpointError("sparse weights without a mask")
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    for key, values in kept.items():
+        name = key[: -len(".weight")]
+        keep = mask.layers.get(name)
+        if keep is None or shapes.get(key) != keep.shape or int(keep.sum()) != values.numel():
+            raise CheckpointError(f"sparse weights of '{key[:80]}' do not fit the mask or the model")
+        dense = torch.zeros(keep.shape, dtype=values.dtype)
+        dense[keep] = values
+        state[key] = dense
+    return state
 
 
 def load_checkpoint(path, device: str = "cpu"):
@@ -157,26 +183,30 @@ def load_checkpoint(path, device: str = "cpu"):
         raise CheckpointError(f"{kind} checkpoint file {path} ({type(exc).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fineprune checkpoint")
-    if blob.get("version") != FORMAT_VERSION:
+    if blob.get("version") not in READS:
         raise CheckpointError(f"{path} has checkpoint format version {blob.get('version')}, "
-                              f"this fineprune reads version {FORMAT_VERSION}")
+                              f"this fineprune reads versions {', '.join(map(str, READS))}")
     check_model_meta(blob)  # a checkpoint may come from anywhere: sizes bounded before building
+    mask = None
+    if blob.get("mask") is not None:
+        try:
+            mask = Mask.from_bytes(blob["mask"].numpy().tobytes())
+        except MaskError as exc:
+            raise CheckpointError(f"checkpoint {path}: {exc}") from None
     try:
         model = build_model(blob["arch"], **blob["arch_kwargs"])
-        model.load_state_dict(blob["state_dict"])
+        model.load_state_dict(_dense_state(blob, mask, model))
     except ValueError:
         raise
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} does not fit architecture '{blob.get('arch')}': "
                               f"{str(exc).splitlines()[0][:200]}") from None
-    mask = None
-    if blob.get("mask") is not None:
+    if mask is not None:
         try:
-            mask = Mask.from_bytes(blob["mask"].numpy().tobytes())
             mask.apply(model)
         except MaskError as exc:
             raise CheckpointError(f"checkpoint {path}: {exc}") from None
-    meta = {k: v for k, v in blob.items() if k not in ("state_dict", "mask")}
+    meta = {k: v for k, v in blob.items() if k not in ("state_dict", "mask", "kept_weights")}
     model = model.to(device).eval()
     if blob.get("restricted_classes"):
         cls = list(blob["restricted_classes"])

@@ -100,7 +100,7 @@ class Mask:
             keep = self.layers[name].to(m.weight.device)
             if keep.shape != m.weight.shape:
                 raise MaskError(f"mask shape {tuple(keep.shape)} != weight shape {tuple(m.weight.shape)} in {name}")
-            m.weight.mul_(keep)
+            m.weight.masked_fill_(~keep, 0.0)  # +0.0, not -0.0: a pruned weight reads back bit-exact
             dead = ~keep.reshape(keep.shape[0], -1).any(1)
             if dead.any():
                 if m.bias is not None:

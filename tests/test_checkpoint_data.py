@@ -21,9 +21,32 @@ def test_checkpoint_round_trip_with_mask_and_metadata(tmp_path):
     mask.apply(model)
     save_checkpoint(tmp_path / "c.pt", model, META, mask=mask, restricted=[1, 4])
     back, meta, m2 = load_checkpoint(tmp_path / "c.pt")
-    assert m2 == mask and meta["task"] == "digits" and meta["version"] == 1
+    assert m2 == mask and meta["task"] == "digits" and meta["version"] == 2
     assert fingerprint(back.inner) == fingerprint(model)
     assert back(torch.rand(3, 1, 8, 8)).argmax(1).tolist() <= [4, 4, 4]
+
+
+def test_a_pruned_checkpoint_stores_only_kept_weights_and_reads_back_bit_exact(tmp_path):
+    """A personalized file is smaller than its base (pruned weights are not stored), and the
+    model read back is bit-identical; version-1 files (dense) still read."""
+    model = build_model("smallcnn")
+    save_checkpoint(tmp_path / "base.pt", model, META)
+    mask = Mask({n: torch.rand(t.shape, generator=torch.Generator().manual_seed(1)) > 0.7
+                 for n, t in Mask.dense(model).layers.items()})
+    mask.apply(model)
+    save_checkpoint(tmp_path / "p.pt", model, META, mask=mask)
+    assert (tmp_path / "p.pt").stat().st_size < 0.5 * (tmp_path / "base.pt").stat().st_size
+    back, _, m2 = load_checkpoint(tmp_path / "p.pt")
+    assert m2 == mask and fingerprint(back) == fingerprint(model)
+    blob = torch.load(tmp_path / "p.pt", weights_only=True)
+    blob["kept_weights"]["fc1.weight"] = blob["kept_weights"]["fc1.weight"][:-1]  # one value short
+    torch.save(blob, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="do not fit the mask"):
+        load_checkpoint(tmp_path / "bad.pt")
+    blob = torch.load(tmp_path / "base.pt", weights_only=True)
+    blob.update(version=1, kept_weights=None)
+    torch.save(blob, tmp_path / "v1.pt")
+    assert fingerprint(load_checkpoint(tmp_path / "v1.pt")[0]) == fingerprint(load_checkpoint(tmp_path / "base.pt")[0])
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):
