@@ -7,6 +7,7 @@ search and the probe bookkeeping it needs stay beside the pass that feeds them.)
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, make_dataclass
 
 import torch
@@ -16,7 +17,8 @@ from common import settings as ST
 from common.forward import batched_forward, forward_pass, recalibrate_bn
 from common.heads import imprint_prototypes
 from common.mask import Mask
-from common.restrict import apply_restriction, restrict_logits, restricted_classes, restricted_model
+from common.restrict import (apply_restriction, doubtful_removals, restrict_logits, restricted_classes,
+                             restricted_model)
 from common.scoring import get_scorer
 from common.select import compute_scores, mask_at, masker, schedule  # noqa: F401  (re-exported)
 from common.stats import UsageStats
@@ -169,6 +171,10 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     dense = Mask.dense(model)
     restricted = (restricted_classes(logits, cfg.restrict_min_frac, cfg.restrict_margin)
                   if cfg.restrict_outputs else None)
+    if restricted is not None and (doubt := doubtful_removals(logits, restricted, cfg.restrict_min_frac)):
+        warnings.warn(f"restrict-outputs removes class index(es) {doubt} although the model gives them "
+                      f"{cfg.restrict_min_frac / 2:g} or more mean probability on this user's data; if the user "
+                      f"may have them, raise restrict-margin or turn restrict-outputs off", stacklevel=2)
     scores = compute_scores(model, stats, cfg.scoring, cfg.seed, keep_last=cfg.head == "prototypes")
     probe = Probe(model, x, cfg, device, need_stats)
     stat_samples = 0

@@ -29,6 +29,14 @@ def restricted_classes(logits: torch.Tensor, min_frac: float, margin: float = 0.
     return keep or [int(counts.argmax())]
 
 
+def doubtful_removals(logits: torch.Tensor, kept: list[int], min_frac: float) -> list[int]:
+    """Removed classes that a looser criterion says the user may have: mean predicted probability
+    over the user's samples at least min_frac / 2 (an absent class of a confident model gets far
+    less; a class the model keeps confusing with another gets more)."""
+    mean = torch.softmax(logits.float(), 1).mean(0)
+    return [c for c in torch.nonzero(mean >= min_frac / 2).flatten().tolist() if c not in set(kept)]
+
+
 def apply_restriction(model: nn.Module, mask: Mask, classes: list[int]) -> Mask:
     """Prune the output rows of classes this user never gets; returns the new mask."""
     last = list(prunable_layers(model))[-1]

@@ -176,3 +176,23 @@ def test_output_statistics_only_when_a_scorer_or_rule_needs_them(digits, digits_
     # firing prunes whole units: every row is either fully kept or fully pruned
     rows = res.mask.layers["conv2"].reshape(32, -1)
     assert bool(((rows.all(1)) | (~rows.any(1))).all())
+
+
+def test_restriction_warns_when_it_removes_a_class_the_model_keeps_half_seeing():
+    """A class never the top prediction but with real probability mass on the user's data (a
+    confused '7') is removed by the min-frac rule, and the user is told."""
+    import warnings
+
+    from common.restrict import doubtful_removals, restricted_classes
+
+    logits = torch.full((100, 10), -8.0)
+    logits[:, 3] = 3.0           # the user's class
+    logits[:, 7] = 2.0           # always second, 27% probability: plausibly the user's too
+    logits[:50, 5] = 0.0         # a trace of 5
+    kept = restricted_classes(logits, 0.01, margin=0.0)
+    assert kept == [3]
+    assert doubtful_removals(logits, kept, 0.01) == [5, 7]
+    logits[:, 5] = -8.0
+    assert doubtful_removals(logits, kept, 0.01) == [7]
+    logits[:, 7] = -8.0
+    assert doubtful_removals(logits, kept, 0.01) == []  # a confident model: nothing to say

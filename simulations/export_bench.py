@@ -1,0 +1,85 @@
+"""Exported model sizes and latencies, base vs personalized, in every export format: what an
+engineer deploying to a device gets. One thread; base and personalized timed interleaved in one
+run (ratios, not absolute times, carry across machines).
+
+    python -m simulations.export_bench --base base.pt --personal me.pt --out runs/export
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from client.export import FORMATS, export, probe_inputs
+from common.checkpoint import load_checkpoint
+from common.io import atomic_write_text
+
+
+def _runner(fmt: str, path: Path, model):
+    if fmt == "pytorch":
+        return lambda x: model(x)
+    if fmt == "torchscript":
+        m = torch.jit.load(str(path))
+        return lambda x: m(x)
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x.numpy()})
+
+
+def measure(models: dict, out: Path, batch: int = 1, reps: int = 200) -> list[dict]:
+    torch.set_num_threads(1)
+    rows, runners = [], {}
+    for name, (model, meta, ckpt) in models.items():
+        x = probe_inputs(meta["features"], batch)
+        for fmt in ("pytorch", *FORMATS):
+            path = ckpt if fmt == "pytorch" else out / f"{name}.{ 'onnx' if fmt == 'onnx' else 'ts'}"
+            if fmt != "pytorch":
+                export(model, meta["features"], fmt, path)
+            runners[(name, fmt)] = (_runner(fmt, path, model), x, path)
+    times = {k: [] for k in runners}
+    with torch.no_grad():
+        for k, (run, x, _) in runners.items():
+            for _ in range(10):
+                run(x)  # warm-up
+        for _ in range(reps):  # interleaved: base and personalized see the same machine load
+            for k, (run, x, _) in runners.items():
+                t = time.perf_counter()
+                run(x)
+                times[k].append(time.perf_counter() - t)
+    for (name, fmt), (_, _, path) in runners.items():
+        ts = sorted(times[(name, fmt)])
+        rows.append({"model": name, "format": fmt, "bytes": Path(path).stat().st_size,
+                     "median_ms": round(1000 * ts[len(ts) // 2], 4), "batch": batch})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True)
+    p.add_argument("--personal", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--reps", type=int, default=200)
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for name, ckpt in (("base", a.base), ("personalized", a.personal)):
+        model, meta, _ = load_checkpoint(ckpt)
+        models[name] = (model, meta, Path(ckpt))
+    rows = measure(models, out, reps=a.reps)
+    lines = ["| model | format | bytes | median latency, batch 1, 1 thread (ms) |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['format']} | {r['bytes']:,} | {r['median_ms']:.3f} |" for r in rows]
+    atomic_write_text(out / "export.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "export.json", json.dumps(rows, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
