@@ -77,7 +77,12 @@ def personalize(base: torch.nn.Module, meta: dict, x: torch.Tensor, cfg: PruneCo
     model = copy.deepcopy(base)
     res = fine_prune(model, x, cfg, device, progress)
     model, mask, arch_kwargs = model.cpu(), res.mask, dict(meta["arch_kwargs"])
-    if do_compact:
+    history = None
+    if do_compact and not hasattr(model, "prunable_chain"):  # residual graphs: Torch-Pruning's dependency graph
+        from common.compact_graph import compact_graph
+
+        model, mask, history = compact_graph(model, mask, meta["features"])
+    elif do_compact:
         model, mask, arch_kwargs = compact(model, mask, meta["arch"], arch_kwargs)
         if res.restricted_classes is not None:  # drop the output rows of excluded classes
             model, mask, arch_kwargs = drop_classes(model, mask, meta["arch"], arch_kwargs, res.restricted_classes)
@@ -85,7 +90,7 @@ def personalize(base: torch.nn.Module, meta: dict, x: torch.Tensor, cfg: PruneCo
                            res.forward_samples, res.restricted_classes, do_compact,
                            model_usage_histograms(base, res.stats), res.history)
     new_meta = dict(model_meta(meta), arch_kwargs=arch_kwargs, base_fingerprint=base_fp, compacted=do_compact,
-                    personalization=asdict(info))
+                    personalization=asdict(info), **({"pruning_history": history} if history else {}))
     # 0600: a personalized model records which classes this user has
     save_checkpoint(out_path, model, new_meta, mask=mask, restricted=res.restricted_classes, private=True)
     return res.mask, info

@@ -152,6 +152,18 @@ def save_checkpoint(path, model: nn.Module, meta: dict, mask: Mask | None = None
     atomic_write_bytes(path, buf.getvalue(), private=private)
 
 
+def _checked_history(history) -> list:
+    """Torch-Pruning's pruning history from a file: bounded and well-typed before it is replayed."""
+    ok = isinstance(history, list) and len(history) <= 10_000 and all(
+        isinstance(h, (list, tuple)) and len(h) == 3 and isinstance(h[0], str) and len(h[0]) <= 200
+        and isinstance(h[1], bool) and isinstance(h[2], (list, tuple)) and len(h[2]) <= 65_536
+        and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 65_536 for i in h[2])
+        for h in history)
+    if not ok:
+        raise CheckpointError("the checkpoint's pruning history is malformed")
+    return [list(h) for h in history]
+
+
 def _dense_state(blob: dict, mask: Mask | None, model: nn.Module) -> dict:
     """The full state dict: sparse-stored layers rebuilt with zeros where the mask pruned."""
     state = dict(blob["state_dict"])
@@ -195,6 +207,10 @@ def load_checkpoint(path, device: str = "cpu"):
             raise CheckpointError(f"checkpoint {path}: {exc}") from None
     try:
         model = build_model(blob["arch"], **blob["arch_kwargs"])
+        if blob.get("pruning_history"):  # a compacted residual graph: replay its channel removals
+            from common.compact_graph import rebuild
+
+            rebuild(model, _checked_history(blob["pruning_history"]), blob["features"])
         model.load_state_dict(_dense_state(blob, mask, model))
     except ValueError:
         raise
