@@ -146,3 +146,62 @@ def test_labeled_wavs_are_read_from_fsdd_style_names(tmp_path):
     files, labels = labeled_files(tmp_path, {"kind": "audio", "sample_rate": 8000, "clip_samples": 8000},
                                   list("0123456789"))
     assert [f.name for f in files] == ["3_jackson_0.wav", "7_nicolas_12.wav"] and labels == [3, 7]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_exported_personalized_model_predicts_as_pytorch_on_real_inputs(setup, tmp_path, fmt, capsys):
+    """The exported file, run by onnxruntime or loaded as TorchScript, gives the personalized
+    model's predictions on the user's own photos, and keeps its output restriction (-inf)."""
+    import onnxruntime as ort
+
+    d = setup
+    out = tmp_path / f"me.{fmt}"
+    assert main(["export", "--model", str(d / "me.pt"), "--format", fmt, "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["same_predictions"] and printed["restricted_classes_kept"] and printed["bytes"] == out.stat().st_size
+    model, _, _ = load_checkpoint(d / "me.pt")
+    x = torch.stack([_png(p) for p in sorted((d / "labeled").rglob("*.png"))])
+    with torch.no_grad():
+        want = model(x)
+    if fmt == "onnx":
+        got = torch.from_numpy(ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+            None, {"input": x.numpy()})[0])
+    else:
+        got = torch.jit.load(str(out))(x)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite) and (~finite).any()
+    assert torch.allclose(got[finite], want[finite], atol=1e-4)
+
+
+def test_a_speech_model_exports_with_its_front_end(tmp_path):
+    """The STFT/log-mel front end goes into the ONNX graph: raw samples in, logits out."""
+    import onnxruntime as ort
+
+    from client.export import export
+    from common.models import build_model
+
+    m = build_model("kws").eval()
+    feats = {"kind": "audio", "sample_rate": 8000, "clip_samples": 8000}
+    export(m, feats, "onnx", tmp_path / "kws.onnx")
+    x = 0.1 * torch.randn(3, 8000)
+    got = ort.InferenceSession(str(tmp_path / "kws.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.allclose(got, m(x).numpy(), atol=1e-4)
+
+
+@pytest.mark.badinput
+def test_export_bad_input_is_one_line_exit_2_and_writes_nothing(setup, tmp_path, capsys):
+    d = setup
+    for argv, msg in ((["--format", "pte"], "unknown export format 'pte'"),
+                      (["--format", "onnx", "--out", str(tmp_path)], "is a directory"),
+                      (["--format", "onnx", "--model", str(tmp_path / "none.pt")], "not found")):
+        full = ["export", "--model", str(d / "me.pt"), "--out", str(tmp_path / "x.onnx")]
+        for i in range(0, len(argv), 2):  # later options override the defaults above
+            full += argv[i:i + 2]
+        capsys.readouterr()
+        assert main(full) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.onnx").exists()
