@@ -53,6 +53,38 @@ def firing_score(w: torch.Tensor, st: LayerStats, gen=None) -> torch.Tensor:
     return _broadcast_outputs(rate + 1e-3 * act / (act.max() + 1e-12), w)
 
 
+@register("channel-usage", structured=True)
+def channel_usage_score(w: torch.Tensor, st: LayerStats, gen=None) -> torch.Tensor:
+    """Whole units ranked by the signal they carry to the next layer on this user's data (set by
+    channel_usage_units; a layer alone cannot know it, so this per-layer form is never used)."""
+    raise ValueError("channel-usage scores whole networks: use common.select.compute_scores")
+
+
+def channel_usage_units(model, stats) -> dict:
+    """Per unit u of each chain layer: sqrt(sum over the next layer's inputs j fed by u of
+    (||x_j|| ||W_next[:, j]||)^2), the RMS signal u sends on, measured after its BatchNorm and
+    ReLU, weighted by how strongly the next layer listens. Divided by the layer's median, so one
+    global ranking compares units by their share within their layer. Chain models only
+    (smallcnn, kws): in a residual network a channel of the stream has several writers."""
+    from common.models import prunable_layers
+
+    if not hasattr(model, "prunable_chain"):
+        raise ValueError("channel-usage needs a chain model (smallcnn, kws); residual channels are "
+                         "coupled across layers")
+    layers = prunable_layers(model)
+    chain = list(model.prunable_chain)
+    out = {}
+    for name, nxt in zip(chain, chain[1:]):
+        units = layers[name].weight.shape[0]
+        wn = layers[nxt].weight.detach()
+        listen = wn.transpose(0, 1).reshape(wn.shape[1], -1).norm(dim=1)  # per input feature j
+        signal = stats.layers[nxt].input_norm().to(listen) * listen
+        per = wn.shape[1] // units  # inputs per unit (flattened spatial positions before an fc)
+        u = signal.reshape(units, per).pow(2).sum(1).sqrt()
+        out[name] = u / u.median().clamp_min(1e-12)
+    return out
+
+
 @register("discriminative", needs=("classes",))
 def discriminative_score(w: torch.Tensor, st: LayerStats, gen=None) -> torch.Tensor:
     """|w_ij| re-ranked, within each fully-connected layer, by how well input feature j separates

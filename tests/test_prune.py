@@ -196,3 +196,39 @@ def test_restriction_warns_when_it_removes_a_class_the_model_keeps_half_seeing()
     assert doubtful_removals(logits, kept, 0.01) == [7]
     logits[:, 7] = -8.0
     assert doubtful_removals(logits, kept, 0.01) == []  # a confident model: nothing to say
+
+
+def test_channel_usage_keeps_more_accuracy_than_firing_when_whole_units_go(_digits_base):
+    """Structured pruning at 30% (each layer loses 30% of its weights in whole units): ranking
+    units by the signal they send on (channel-usage) keeps more of the users' accuracy than
+    ranking them by how often they fire. Measured on 10 digits users: 0.927 vs 0.871 mean,
+    0.75 vs 0.69 worst; here 5 users, seeded."""
+    import copy
+
+    from common.federation import merged_config
+    from common.protocol import simulated_user
+    from common.train import accuracy
+
+    cfg = merged_config({}, {})
+    acc = {"firing": [], "channel-usage": []}
+    for pid in range(5):
+        u = simulated_user(cfg, pid, 10)
+        for scoring in acc:
+            m = copy.deepcopy(_digits_base)
+            res = fine_prune(m, u.unlabeled, PruneConfig(scoring=scoring, target_sparsity=0.3, scope="layer",
+                                                         restrict_outputs=False, recalibrate_bn=False))
+            assert 0.25 < res.sparsity < 0.35
+            acc[scoring].append(accuracy(m, u.heldout_x, u.heldout_y))
+    assert sum(acc["channel-usage"]) > sum(acc["firing"])
+    assert min(acc["channel-usage"]) >= min(acc["firing"])
+
+
+def test_channel_usage_refuses_residual_networks_in_one_line():
+    from common.models import build_model
+    from common.prune import collect_stats
+    from common.select import compute_scores
+
+    m = build_model("resnet18", num_classes=10).eval()
+    stats, _ = collect_stats(m, torch.rand(2, 3, 32, 32), 2, "cpu")
+    with pytest.raises(ValueError, match="channel-usage needs a chain model"):
+        compute_scores(m, stats, "channel-usage", 0)
