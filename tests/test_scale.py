@@ -119,3 +119,29 @@ def test_simulated_devices_share_one_copy_of_the_base(tmp_path, digits_base):
     real = Device(tmp_path / "phone")
     real.store_base(digits_base, meta)
     assert (tmp_path / "phone" / "base.pt").exists()  # a real device keeps its own
+
+
+def test_bench_scale_measures_memory_and_writes_its_tables(tmp_path):
+    """The scaling benchmark's own parts: the memory sampler sees this process, and the results
+    come out as CSV, JSON, Markdown and a PNG (the runs themselves are `fineprune bench-scale`)."""
+    import json
+
+    from simulations.scale import PeakSampler, federation_pss_mb, write_results
+
+    import time
+
+    before = federation_pss_mb()
+    assert before > 10
+    with PeakSampler(every=0.05) as peak:
+        block = b"\x01" * (80 << 20)  # 80 MB more, written (so resident) while sampled
+        time.sleep(0.4)
+        del block
+    assert peak.peak > before + 60
+    rows = [{"clients": n, "replied": n, "failed": 0, "rejected": 0, "wall_s": 10.0 + n / 100, "peak_pss_mb": 2000,
+             "cpu_s_per_client": 0.1, "engine_s_per_client": 0.03, "overhead_s_per_client": 0.07,
+             "analysis_clusters": 3, "device_storage_mb": 1.0, "report_json_kb": 10.0, "similarity_png_kb": 50.0,
+             "mean_sparsity": 0.7} for n in (10, 100)]
+    write_results(rows, tmp_path, {"workers": 2})
+    assert json.loads((tmp_path / "scale.json").read_text())["rows"][1]["clients"] == 100
+    assert (tmp_path / "scale.md").read_text().count("\n") == 4 and (tmp_path / "scale.png").stat().st_size > 5000
+    assert (tmp_path / "scale.csv").read_text().splitlines()[0].startswith("clients,replied")
