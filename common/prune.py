@@ -181,7 +181,8 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
 
     if cfg.target_sparsity is not None or cfg.stop_rule == "none":
         levels = schedule(cfg.step, cfg.max_sparsity, cfg.target_sparsity)
-        mask = masker(scores, dense, cfg.scope, scorer.structured)(levels[-1]) if cfg.target_sparsity != 0 else dense
+        mask = (masker(scores, dense, cfg.scope, scorer.structured, single=True)(levels[-1])
+                if cfg.target_sparsity != 0 else dense)
         reason = (f"reached target sparsity {cfg.target_sparsity:.3f}" if cfg.target_sparsity is not None
                   else f"reached max sparsity {cfg.max_sparsity:.3f} (stop rule 'none')")
         history = []

@@ -34,18 +34,34 @@ def compute_scores(model: nn.Module, stats: UsageStats, scoring: str, seed: int,
     return scores
 
 
-def global_ranking(scores: dict):
-    """sparsity -> Mask from one ranking of every connection of every layer, sorted once (the
-    stop rule's search asks for masks at several sparsities of the same scores), where the scores
-    are (a GPU sorts ResNet50's 25M scores in milliseconds)."""
+def global_ranking(scores: dict, single: bool = False):
+    """sparsity -> Mask from one ranking of every connection of every layer: the lowest-scoring
+    `sparsity` share goes, ties broken by position (what a stable argsort gives). Selection by
+    k-th value, O(n) per call, instead of sorting: a stable argsort of ResNet18's 11 M scores took
+    1.35 s on this CPU, 6.6 inference passes over a user's 32 images at 112x112. `single`: the
+    caller asks for one sparsity (a fixed target): k-th value selection (0.23 s there) instead of
+    the sort; a search asking for several sorts once. Both give the same masks."""
     names = list(scores)
     shapes = [scores[k].shape for k in names]
     flat = torch.cat([scores[k].flatten() for k in names])
-    order = torch.argsort(flat, stable=True)
+    state = {"order": None, "calls": 0}
 
     def at(sparsity: float) -> Mask:
+        n_prune = int(round(sparsity * flat.numel()))
         keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-        keep[order[:int(round(sparsity * flat.numel()))]] = False
+        state["calls"] += 1
+        # a GPU sorts fast; NaN needs the sort's order; a second call means a search: sort once
+        if state["order"] is None and (not single or flat.is_cuda or state["calls"] > 1 or torch.isnan(flat).any()):
+            state["order"] = torch.argsort(flat, stable=True)
+        if state["order"] is not None:
+            keep[state["order"][:n_prune]] = False
+        elif n_prune > 0:
+            t = torch.kthvalue(flat, n_prune).values
+            below = flat < t
+            keep[below] = False
+            ties = n_prune - int(below.sum())
+            if ties > 0:  # among scores equal to the threshold, the first ones by position
+                keep[torch.nonzero(flat == t).flatten()[:ties]] = False
         parts = torch.split(keep, [math.prod(sh) for sh in shapes])
         return Mask({k: v.view(sh) for k, v, sh in zip(names, parts, shapes)})
     return at
@@ -58,7 +74,8 @@ def mask_at(scores: dict, base: Mask, sparsity: float, scope: str, structured: b
     if structured:
         return _units_at(scores, base, sparsity, scope)
     if scope == "global":  # already-pruned connections rank first, so they count toward sparsity
-        ranked = global_ranking({k: torch.where(base.layers[k], s.cpu(), -math.inf) for k, s in scores.items()})
+        ranked = global_ranking({k: torch.where(base.layers[k], s.cpu(), -math.inf) for k, s in scores.items()},
+                                single=True)
         m = ranked(sparsity)
         return Mask({k: m.layers[k].cpu() & base.layers[k] for k in scores})
     out = {}
@@ -73,11 +90,12 @@ def mask_at(scores: dict, base: Mask, sparsity: float, scope: str, structured: b
     return Mask(out)
 
 
-def masker(scores: dict, dense: Mask, scope: str, structured: bool):
-    """sparsity -> Mask from fixed scores, starting from the dense model."""
+def masker(scores: dict, dense: Mask, scope: str, structured: bool, single: bool = False):
+    """sparsity -> Mask from fixed scores, starting from the dense model. `single`: it will be
+    asked for one sparsity only (see global_ranking)."""
     if structured or scope != "global":
         return lambda sparsity: mask_at(scores, dense, sparsity, scope, structured)
-    return global_ranking(scores)
+    return global_ranking(scores, single)
 
 
 def _units_at(scores: dict, base: Mask, sparsity: float, scope: str) -> Mask:

@@ -52,13 +52,16 @@ def federation_pss_mb() -> float:
 
 
 class PeakSampler:
-    def __init__(self, every: float = 0.5):
+    """The highest `measure()` (default: federation_pss_mb) seen every `every` seconds."""
+
+    def __init__(self, every: float = 0.5, measure=None):
         self.every, self.peak, self._stop = every, 0.0, threading.Event()
+        self.measure = measure or federation_pss_mb
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, federation_pss_mb())
+            self.peak = max(self.peak, self.measure())
             self._stop.wait(self.every)
 
     def __enter__(self):

@@ -125,14 +125,15 @@ def test_bench_scale_measures_memory_and_writes_its_tables(tmp_path):
     """The scaling benchmark's own parts: the memory sampler sees this process, and the results
     come out as CSV, JSON, Markdown and a PNG (the runs themselves are `fineprune bench-scale`)."""
     import json
-
-    from simulations.scale import PeakSampler, federation_pss_mb, write_results
-
+    import os
     import time
 
-    before = federation_pss_mb()
-    assert before > 10
-    with PeakSampler(every=0.05) as peak:
+    from simulations.scale import PeakSampler, _pss_mb, federation_pss_mb, write_results
+
+    assert federation_pss_mb() > 10
+    mine = lambda: _pss_mb(str(os.getpid()))  # this process alone: other tests' servers come and go
+    before = mine()
+    with PeakSampler(every=0.05, measure=mine) as peak:
         block = b"\x01" * (80 << 20)  # 80 MB more, written (so resident) while sampled
         time.sleep(0.4)
         del block
