@@ -232,3 +232,27 @@ def test_channel_usage_refuses_residual_networks_in_one_line():
     stats, _ = collect_stats(m, torch.rand(2, 3, 32, 32), 2, "cpu")
     with pytest.raises(ValueError, match="channel-usage needs a chain model"):
         compute_scores(m, stats, "channel-usage", 0)
+
+
+def test_kth_value_selection_gives_the_masks_a_stable_sort_gives():
+    """A fixed target selects by k-th value (O(n)) instead of sorting every score; the masks are
+    bit-identical to the stable sort's, with ties, -inf (already pruned) and +inf (protected)."""
+    import math
+
+    from common.select import global_ranking
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        sc = {"a": torch.randint(0, 5, (37, 11), generator=g).float(),
+              "b": torch.randint(0, 50, (300,), generator=g).float()}
+        if trial % 3 == 0:
+            sc["a"][0] = -math.inf
+            sc["b"][:7] = math.inf
+        flat = torch.cat([v.flatten() for v in sc.values()])
+        order = torch.argsort(flat, stable=True)
+        for sp in (0.0, 0.1, 0.33, 0.5, 0.7, 0.99, 1.0):
+            want = torch.ones(flat.numel(), dtype=torch.bool)
+            want[order[:int(round(sp * flat.numel()))]] = False
+            for single in (True, False):
+                m = global_ranking(sc, single=single)(sp)
+                assert torch.equal(torch.cat([m.layers[k].flatten() for k in sc]), want)
