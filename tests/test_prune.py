@@ -181,8 +181,6 @@ def test_output_statistics_only_when_a_scorer_or_rule_needs_them(digits, digits_
 def test_restriction_warns_when_it_removes_a_class_the_model_keeps_half_seeing():
     """A class never the top prediction but with real probability mass on the user's data (a
     confused '7') is removed by the min-frac rule, and the user is told."""
-    import warnings
-
     from common.restrict import doubtful_removals, restricted_classes
 
     logits = torch.full((100, 10), -8.0)
@@ -196,6 +194,18 @@ def test_restriction_warns_when_it_removes_a_class_the_model_keeps_half_seeing()
     assert doubtful_removals(logits, kept, 0.01) == [7]
     logits[:, 7] = -8.0
     assert doubtful_removals(logits, kept, 0.01) == []  # a confident model: nothing to say
+
+
+def test_fine_prune_warns_when_restriction_drops_a_class_the_user_has(_digits_base, digits):
+    """A user with two classes in unequal shares (85 + 15 images) and a min-frac above the rarer
+    one's share: the rarer class is removed, and fine_prune says so."""
+    import copy
+
+    idx = torch.cat([torch.nonzero(digits.y == 4).flatten()[:85], torch.nonzero(digits.y == 9).flatten()[:15]])
+    cfg = PruneConfig(target_sparsity=0.5, restrict_min_frac=0.2, restrict_margin=0.0, recalibrate_bn=False)
+    with pytest.warns(UserWarning, match=r"restrict-outputs removes class index\(es\) \[.*9.*\]"):
+        res = fine_prune(copy.deepcopy(_digits_base), digits.x[idx], cfg)
+    assert 9 not in res.restricted_classes
 
 
 def test_channel_usage_keeps_more_accuracy_than_firing_when_whole_units_go(_digits_base):

@@ -125,7 +125,7 @@ def test_all_pairs_similarity_equals_the_pair_by_pair_estimators(user_masks, _di
     from common.summary import layer_sketch_jaccard
     from server.analysis import similarity
 
-    fp, size, shapes = fingerprint(_digits_base), model_bytes(_digits_base), _shapes(_digits_base)
+    fp, size = fingerprint(_digits_base), model_bytes(_digits_base)
     hist = _hist(_digits_base)
     masks = user_masks + [Mask.dense(_digits_base)]  # a user that pruned nothing: empty sets
     summ = {f"u{i}": build_summary(m, hist, level, fp, size, epsilon=eps, privacy_seed=i) for i, m in enumerate(masks)}
