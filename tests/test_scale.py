@@ -134,9 +134,13 @@ def test_bench_scale_measures_memory_and_writes_its_tables(tmp_path):
     mine = lambda: _pss_mb(str(os.getpid()))  # this process alone: other tests' servers come and go
     before = mine()
     with PeakSampler(every=0.05, measure=mine) as peak:
-        block = b"\x01" * (80 << 20)  # 80 MB more, written (so resident) while sampled
+        import mmap
+
+        block = mmap.mmap(-1, 80 << 20)  # 80 MB of fresh pages (the heap may hold freed, resident ones)
+        for off in range(0, 80 << 20, 4096):
+            block[off] = 1  # touched, so resident
         time.sleep(0.4)
-        del block
+        block.close()
     assert peak.peak > before + 60
     rows = [{"clients": n, "replied": n, "failed": 0, "rejected": 0, "wall_s": 10.0 + n / 100, "peak_pss_mb": 2000,
              "cpu_s_per_client": 0.1, "engine_s_per_client": 0.03, "overhead_s_per_client": 0.07,
