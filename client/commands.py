@@ -11,6 +11,19 @@ def add_parser(sub, name: str, text: str):
      "info": _add_info, "export": _add_export}[name](sub, name, text)
 
 
+def output_file(flag: str, path, model=None, what: str = "the file", itself: str = "the model itself",
+                instead: str = "the output"):
+    """An output path, checked before any work: not a directory, not the model being read."""
+    from pathlib import Path
+
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{flag} {out} is a directory; name {what} to write")
+    if model is not None and out.exists() and out.resolve() == Path(model).resolve():
+        raise ValueError(f"{flag} {out} is {itself}; write {instead} elsewhere")
+    return out
+
+
 def _add_export(sub, name: str, text: str):
     from client.export import FORMATS
 
@@ -23,18 +36,12 @@ def _add_export(sub, name: str, text: str):
 
 
 def cmd_export(args) -> dict:
-    from pathlib import Path
-
     from client.export import FORMATS, export
     from common.checkpoint import load_checkpoint
 
     if args.format not in FORMATS:  # before loading anything
         raise ValueError(f"unknown export format '{args.format}' (choose from: {', '.join(FORMATS)})")
-    out = Path(args.out)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; name the file to write")
-    if out.exists() and out.resolve() == Path(args.model).resolve():
-        raise ValueError(f"--out {out} is the model itself; write the export elsewhere")
+    out = output_file("--out", args.out, args.model, instead="the export")
     model, meta, _ = load_checkpoint(args.model)
     return export(model, meta["features"], args.format, out)
 
@@ -62,8 +69,8 @@ def cmd_evaluate(args) -> dict:
     from pathlib import Path
 
     for flag in ("out", "plot"):
-        if getattr(args, flag) and Path(getattr(args, flag)).is_dir():
-            raise ValueError(f"--{flag} {getattr(args, flag)} is a directory; name the file to write")
+        if getattr(args, flag):
+            output_file(f"--{flag}", getattr(args, flag))
     model, meta, _ = load_checkpoint(args.model)
     models = {"model": (model, meta)}
     if args.baseline:
@@ -171,13 +178,8 @@ def cmd_personalize(args) -> dict:
     from common.forward import resolve_device
     from common.prune import PruneConfig
 
-    from pathlib import Path
-
-    out, model = Path(args.out), Path(args.model)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; name the personalized checkpoint file to write")
-    if out.exists() and model.exists() and out.resolve() == model.resolve():
-        raise ValueError(f"--out {out} is the base model itself; write the personalized model elsewhere")
+    output_file("--out", args.out, args.model, "the personalized checkpoint file", "the base model itself",
+                "the personalized model")
     device = resolve_device(ST.given_options(args, ST.CLI)["device"])
     cfg = PruneConfig.from_settings(ST.given_options(args, ST.PRUNE))
     base, meta, _ = load_checkpoint(args.model)

@@ -16,16 +16,17 @@ from pathlib import Path
 
 import torch
 
+from common.checkpoint import input_shape
 from common.io import atomic_write_bytes
 
 FORMATS = ("onnx", "torchscript")
 
 
 def probe_inputs(features: dict, n: int = 8, seed: int = 0) -> torch.Tensor:
+    """Inputs to compare an export with PyTorch on: quiet noise for audio, pixels in [0, 1]."""
     g = torch.Generator().manual_seed(seed)
-    if features["kind"] == "audio":
-        return 0.1 * torch.randn(n, features["clip_samples"], generator=g)
-    return torch.rand(n, features["channels"], features["image_size"], features["image_size"], generator=g)
+    shape = (n, *input_shape(features))
+    return 0.1 * torch.randn(shape, generator=g) if features["kind"] == "audio" else torch.rand(shape, generator=g)
 
 
 def _onnx_bytes(model: torch.nn.Module, x: torch.Tensor) -> bytes:
@@ -40,12 +41,17 @@ def _onnx_bytes(model: torch.nn.Module, x: torch.Tensor) -> bytes:
         return Path(path).read_bytes()
 
 
-def _onnx_run(data: bytes, x: torch.Tensor) -> torch.Tensor:
+def onnx_session(model: bytes | str):
+    """An onnxruntime CPU session on one thread, from the file's bytes or its path."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def _onnx_run(data: bytes, x: torch.Tensor) -> torch.Tensor:
+    sess = onnx_session(data)
     return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
 
 

@@ -13,9 +13,7 @@ import numpy as np
 import torch
 
 from common import data as D
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
-
+from common.forward import batched_forward
 
 def load_file(path: Path, features: dict) -> torch.Tensor:
     """One input as the model takes it (a WAV resampled and windowed, an image scaled)."""
@@ -41,7 +39,7 @@ def labeled_files(root: str | Path, features: dict, classes: list[str]) -> tuple
         how = "name WAV files {label}_{anything}.wav"
     else:
         for sub in sorted(d for d in root.iterdir() if d.is_dir()):
-            imgs = sorted(q for q in sub.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            imgs = sorted(q for q in sub.rglob("*") if q.suffix.lower() in D.IMAGE_SUFFIXES and q.is_file())
             if sub.name in index:
                 files += imgs
                 labels += [index[sub.name]] * len(imgs)
@@ -55,11 +53,8 @@ def labeled_files(root: str | Path, features: dict, classes: list[str]) -> tuple
     return files, labels
 
 
-@torch.no_grad()
 def predict_proba(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    model.eval()
-    return torch.cat([torch.softmax(model(x[i:i + batch_size]).float(), dim=1)
-                      for i in range(0, len(x), batch_size)])
+    return torch.softmax(batched_forward(model, x, batch_size), dim=1)
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict:

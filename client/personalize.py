@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from common import data as D
-from common.checkpoint import CheckpointError, fingerprint, load_checkpoint, model_meta, save_checkpoint
+from common.checkpoint import (CheckpointError, fingerprint, input_shape, load_checkpoint, model_meta,
+                               save_checkpoint)
 from common.compact import compact
 from common.mask import Mask
 from common.restrict import OutputRestricted, drop_classes
@@ -124,12 +125,6 @@ def load_inputs(path: str | Path, features: dict) -> torch.Tensor:
         x = D.load_unlabeled_dir(path, **features)
     check_inputs(x, features, str(path))
     return x
-
-
-def input_shape(features: dict) -> tuple:
-    if features["kind"] == "audio":
-        return (features["clip_samples"],)
-    return (features["channels"], features["image_size"], features["image_size"])
 
 
 def check_inputs(x: torch.Tensor, features: dict, where: str) -> None:

@@ -87,13 +87,19 @@ def check_model_meta(meta: dict) -> dict:
     return meta
 
 
+def input_shape(features: dict) -> tuple:
+    """One input's shape as the model takes it: samples of a clip, or channels x size x size."""
+    if features["kind"] == "audio":
+        return (features["clip_samples"],)
+    return (features["channels"], features["image_size"], features["image_size"])
+
+
 def check_model_fits(model: nn.Module, meta: dict, where: str) -> None:
     """The built model takes the input its metadata names and gives one output per class: one
     sample through it, so that a checkpoint whose metadata names another task or input size is
     refused here in one line, not deep in a data pass."""
     feat = meta["features"]
-    x = (torch.zeros(1, feat["clip_samples"]) if feat["kind"] == "audio"
-         else torch.zeros(1, feat["channels"], feat["image_size"], feat["image_size"]))
+    x = torch.zeros(1, *input_shape(feat))
     desc = (f"{feat['clip_samples']} samples at {feat['sample_rate']} Hz" if feat["kind"] == "audio"
             else f"{feat['channels']}x{feat['image_size']}x{feat['image_size']} images")
     was_training = model.training

@@ -18,31 +18,26 @@ import copy
 import torch
 import torch.nn as nn
 
+from common.checkpoint import input_shape
 from common.mask import Mask
 from common.models import prunable_layers
-
-
-def _example(features: dict) -> torch.Tensor:
-    if features["kind"] == "audio":
-        return torch.zeros(1, features["clip_samples"])
-    return torch.zeros(1, features["channels"], features["image_size"], features["image_size"])
 
 
 def _graph(model: nn.Module, features: dict):
     import torch_pruning as tp
 
-    return tp.DependencyGraph().build_dependency(model, example_inputs=_example(features))
+    return tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_shape(features)))
 
 
-def removable_channels(model: nn.Module, mask: Mask, features: dict) -> list[tuple[nn.Module, list[int]]]:
-    """(root layer, its channel indices that can go) for every coupled group of channels."""
+def removable_channels(model: nn.Module, mask: Mask, dg) -> list[tuple[nn.Module, list[int]]]:
+    """(root layer, its channel indices that can go) for every coupled group of channels of the
+    dependency graph `dg` built on `model`."""
     import torch_pruning as tp
 
     layers = prunable_layers(model)
     names = {id(m): n for n, m in layers.items()}
     last = list(layers.values())[-1]
     out_fns = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
-    dg = _graph(model, features)
     plan = []
     for group in dg.get_all_groups(ignored_layers=[last], root_module_types=(nn.Conv2d, nn.Linear)):
         root = group[0].dep.target.module
@@ -82,7 +77,7 @@ def compact_graph(model: nn.Module, mask: Mask, features: dict) -> tuple[nn.Modu
     twin_of = dict(zip(model.modules(), twin.modules()))
     import torch_pruning as tp
 
-    for root, idxs in removable_channels(model, mask, features):
+    for root, idxs in removable_channels(model, mask, dg):
         fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
         dg.get_pruning_group(root, fn, idxs).prune()
         dg_twin.get_pruning_group(twin_of[root], fn, idxs).prune(record_history=False)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 FSDD_RATE = 8000
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 MAX_CLIP_FACTOR = 10  # a WAV longer than 10 model windows is refused, not silently cut
 FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
 
@@ -55,7 +56,10 @@ def load_digits() -> Dataset:
     return Dataset(x, torch.tensor(d.target, dtype=torch.long), [str(c) for c in range(10)])
 
 
-def read_wav(path: Path, rate: int, clip_samples: int) -> torch.Tensor:
+def read_wav(path: Path, rate: int, clip_samples: int, cut: list | None = None) -> torch.Tensor:
+    """One clip as the model hears it: mono, at `rate`, padded or cut to `clip_samples`. With
+    `cut` given, a path whose recording was longer than the window is appended to it (the caller
+    warns once for all)."""
     import soundfile as sf
 
     try:
@@ -65,6 +69,8 @@ def read_wav(path: Path, rate: int, clip_samples: int) -> torch.Tensor:
     if len(audio) > MAX_CLIP_FACTOR * clip_samples * sr / rate:  # an hour-long recording is not one utterance
         raise DataError(f"WAV file {path} is {len(audio) / sr:.1f} s long; the model hears "
                         f"{clip_samples / rate:.1f} s clips: cut it into clips first")
+    if cut is not None and len(audio) > clip_samples:
+        cut.append(path)
     wav = torch.from_numpy(audio.mean(axis=1))
     if sr != rate:  # phones record at 16, 44.1 or 48 kHz: resample (band-limited sinc), do not refuse
         if not 1000 <= sr <= 384_000:
@@ -76,12 +82,6 @@ def read_wav(path: Path, rate: int, clip_samples: int) -> torch.Tensor:
     n = min(len(wav), clip_samples)
     out[:n] = wav[:n]  # pad or crop to a fixed clip length
     return out
-
-
-def _frames(path: Path) -> int:
-    import soundfile as sf
-
-    return sf.info(str(path)).frames
 
 
 def load_fsdd(root: str | Path, clip_samples: int = FSDD_RATE, speakers=None) -> Dataset:
@@ -165,8 +165,8 @@ def load_unlabeled_dir(root: str | Path, kind: str, **kw) -> torch.Tensor:
         files = sorted(p for p in root.rglob("*.wav") if p.is_file())  # not a FIFO named a.wav
         if not files:
             raise DataError(f"no .wav files in {root}")
-        x = torch.stack([read_wav(p, kw["sample_rate"], kw["clip_samples"]) for p in files])
-        longer = [p for p in files if _frames(p) > kw["clip_samples"]]
+        longer = []
+        x = torch.stack([read_wav(p, kw["sample_rate"], kw["clip_samples"], longer) for p in files])
         if longer:  # cropped, and said so: the model hears the first window of each
             warnings.warn(f"{len(longer)} of {len(files)} WAV files are longer than the model's "
                           f"{kw['clip_samples'] / kw['sample_rate']:.1f} s window and were cut to their start "
@@ -178,7 +178,7 @@ def load_unlabeled_dir(root: str | Path, kind: str, **kw) -> torch.Tensor:
 
 
 def load_image_files(root: Path, image_size: int, channels: int) -> torch.Tensor:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"}
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
                    and p.is_file())  # a FIFO or device named like an image would block the read
     if not files:
         raise DataError(f"no image files (.png/.jpg/.jpeg/.bmp) in {root}")

@@ -126,17 +126,16 @@ def check_partition(cfg: dict) -> None:
     task = get_task(cfg["task"])
     if task.name != "digits" and not cfg["data-path"]:
         raise D.DataError(f"task '{task.name}' needs a data path (--data or data-path)")
-    ds = task_dataset(cfg["task"], cfg["data-path"])
-    _, pool = vendor_and_pool(cfg["task"], ds, cfg["seed"])
+    sub = _pool(cfg["task"], cfg["data-path"], cfg["seed"])  # the same cached pool the clients use
     n = cfg["num-clients"]
     if cfg["partitioning"] == "speaker":
-        if ds.groups is None:
+        if sub.groups is None:
             raise D.DataError(f"task '{cfg['task']}' has no speakers to partition by")
-        speakers = len(set(ds.groups[pool].tolist()))
+        speakers = len(set(sub.groups.tolist()))
         if n > speakers:
             raise D.DataError(f"{n} speaker clients but only {speakers} speakers in the data")
         return
-    y = ds.y[torch.as_tensor(pool)].numpy()
+    y = sub.y.numpy()
     if cfg["partitioning"] == "sampled":  # users draw independently: only the classes must hold enough
         smallest = min(np.count_nonzero(y == c) for c in np.unique(y))
         if smallest * cfg["classes-min"] < 2:
@@ -145,7 +144,7 @@ def check_partition(cfg: dict) -> None:
     groups = _groups(cfg["task"], cfg["data-path"], cfg["seed"], cfg["partitioning"], n,
                      cfg["classes-min"], cfg["classes-max"], cfg["dirichlet-alpha"])
     if min(len(g) for g in groups) < 2:  # one unlabeled sample and one held out, at the least
-        raise D.DataError(f"{len(pool)} pool samples cannot give each of {n} clients data "
+        raise D.DataError(f"{len(sub)} pool samples cannot give each of {n} clients data "
                           f"({sum(len(g) < 2 for g in groups)} would get fewer than 2); "
                           f"partitioning='sampled' lets users overlap and serves any number")
 

@@ -11,12 +11,14 @@ from common.stats import LayerStats
 SCORERS = {}
 
 
-def register(name: str, structured: bool = False, needs: tuple = ()):
+def register(name: str, structured: bool = False, needs: tuple = (), network: bool = False):
     """`structured`: one score per output unit (whole rows pruned together). `needs`: extra
     statistics the scorer reads: "outputs" (mean activation, firing rate), "classes" (per
-    pseudo-class sums of fully-connected inputs)."""
+    pseudo-class sums of fully-connected inputs). `network`: the scorer sees the whole model,
+    fn(model, stats) -> {layer: one score per output unit} (a layer alone cannot know what its
+    units send on), instead of fn(weight, layer stats, generator)."""
     def deco(fn):
-        fn.structured, fn.needs = structured, frozenset(needs)
+        fn.structured, fn.needs, fn.network = structured, frozenset(needs), network
         SCORERS[name] = fn
         return fn
     return deco
@@ -27,7 +29,7 @@ def _broadcast_inputs(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, *([1] * (w.dim() - 2))).to(w)
 
 
-def _broadcast_outputs(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def broadcast_outputs(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (w.dim() - 1))).to(w).expand_as(w)
 
 
@@ -50,16 +52,10 @@ def usage_share_score(w: torch.Tensor, st: LayerStats, gen=None) -> torch.Tensor
 def firing_score(w: torch.Tensor, st: LayerStats, gen=None) -> torch.Tensor:
     """Whole units ranked by how often they fire for this user (mean activation breaks ties)."""
     rate, act = st.firing_rate(), st.mean_activation()
-    return _broadcast_outputs(rate + 1e-3 * act / (act.max() + 1e-12), w)
+    return broadcast_outputs(rate + 1e-3 * act / (act.max() + 1e-12), w)
 
 
-@register("channel-usage", structured=True)
-def channel_usage_score(w: torch.Tensor, st: LayerStats, gen=None) -> torch.Tensor:
-    """Whole units ranked by the signal they carry to the next layer on this user's data (set by
-    channel_usage_units; a layer alone cannot know it, so this per-layer form is never used)."""
-    raise ValueError("channel-usage scores whole networks: use common.select.compute_scores")
-
-
+@register("channel-usage", structured=True, network=True)
 def channel_usage_units(model, stats) -> dict:
     """Per unit u of each chain layer: sqrt(sum over the next layer's inputs j fed by u of
     (||x_j|| ||W_next[:, j]||)^2), the RMS signal u sends on, measured after its BatchNorm and

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from common.mask import Mask
 from common.models import prunable_layers
-from common.scoring import channel_usage_units, get_scorer
+from common.scoring import broadcast_outputs, get_scorer
 from common.stats import UsageStats
 
 
@@ -19,11 +19,10 @@ def compute_scores(model: nn.Module, stats: UsageStats, scoring: str, seed: int,
     layers = prunable_layers(model)
     last = list(layers)[-1]
     scores = {}
-    units = channel_usage_units(model, stats) if scoring == "channel-usage" else None
+    units = scorer(model, stats) if scorer.network else None
     for name, m in layers.items():
-        if units is not None:  # whole-network scorer: one score per unit from the next layer's view
-            u = units.get(name, torch.zeros(m.weight.shape[0]))
-            s = u.view(-1, *([1] * (m.weight.dim() - 1))).expand_as(m.weight).float()
+        if units is not None:  # one score per unit, broadcast to its incoming connections
+            s = broadcast_outputs(units.get(name, torch.zeros(m.weight.shape[0])), m.weight).float()
         else:
             s = scorer(m.weight.detach(), stats.layers[name], gen).float()
         if (scorer.structured or keep_last) and name == last:

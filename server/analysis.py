@@ -72,10 +72,7 @@ def similarity(summaries: dict[str, Summary]) -> tuple[list[str], np.ndarray, st
         union_total += union
         agreement.append(float(j[off].mean()) if n > 1 else np.nan)
         del j, inter, union
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sim = np.where(union_total > 0, inter_total / np.where(union_total > 0, union_total, 1), 1.0)
-    if method.startswith("estimated (private"):
-        sim = np.clip(sim, 0.0, 1.0)
+    sim = _jaccard(inter_total, union_total, clip=method.startswith("estimated (private"))
     np.fill_diagonal(sim, 1.0)
     return ids, sim, method, (np.array(agreement) if n > 1 else None)
 
@@ -93,11 +90,15 @@ def _bitmap_layer(ss: list[Summary], name: str, eps: float | None):
         inter += block @ block.T
         sizes += block.sum(1)
     union = sizes[:, None] + sizes[None, :] - inter
+    return _jaccard(inter, union, clip=eps is not None), inter, union
+
+
+def _jaccard(inter: np.ndarray, union: np.ndarray, clip: bool) -> np.ndarray:
+    """inter / union, 1 where both sets are empty; clipped to [0, 1] for debiased (private)
+    estimates, which can stray outside it."""
     with np.errstate(invalid="ignore", divide="ignore"):
         j = np.where(union > 0, inter / np.where(union > 0, union, 1), 1.0)
-    if eps is not None:
-        j = np.clip(j, 0.0, 1.0)
-    return j, inter, union
+    return np.clip(j, 0.0, 1.0) if clip else j
 
 
 def _sketch_layer(ss: list[Summary], layer: int):

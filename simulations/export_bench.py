@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from client.export import FORMATS, export, probe_inputs
+from client.export import FORMATS, export, onnx_session, probe_inputs
 from common.checkpoint import load_checkpoint
 from common.io import atomic_write_text
 
@@ -24,11 +24,7 @@ def _runner(fmt: str, path: Path, model):
     if fmt == "torchscript":
         m = torch.jit.load(str(path))
         return lambda x: m(x)
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = onnx_session(str(path))
     name = sess.get_inputs()[0].name
     return lambda x: sess.run(None, {name: x.numpy()})
 
