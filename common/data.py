@@ -69,8 +69,6 @@ def read_wav(path: Path, rate: int, clip_samples: int, cut: list | None = None) 
     if len(audio) > MAX_CLIP_FACTOR * clip_samples * sr / rate:  # an hour-long recording is not one utterance
         raise DataError(f"WAV file {path} is {len(audio) / sr:.1f} s long; the model hears "
                         f"{clip_samples / rate:.1f} s clips: cut it into clips first")
-    if cut is not None and len(audio) > clip_samples:
-        cut.append(path)
     wav = torch.from_numpy(audio.mean(axis=1))
     if sr != rate:  # phones record at 16, 44.1 or 48 kHz: resample (band-limited sinc), do not refuse
         if not 1000 <= sr <= 384_000:
@@ -78,6 +76,8 @@ def read_wav(path: Path, rate: int, clip_samples: int, cut: list | None = None) 
         import torchaudio.functional as AF
 
         wav = AF.resample(wav, int(sr), int(rate))
+    if cut is not None and len(wav) > clip_samples:  # at the model's rate: a 1 s clip at 16 kHz is not cut
+        cut.append(path)
     out = torch.zeros(clip_samples)
     n = min(len(wav), clip_samples)
     out[:n] = wav[:n]  # pad or crop to a fixed clip length

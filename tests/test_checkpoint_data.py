@@ -150,6 +150,23 @@ def test_a_phone_recording_at_another_rate_is_resampled_to_the_models(tmp_path):
         assert (got[200:-200] - want[200:-200]).abs().max() < 0.02, rate  # edges: the filter's ramp
 
 
+def test_only_clips_longer_than_the_window_at_the_models_rate_are_reported_cut(tmp_path):
+    """A 1 s recording at 16 kHz fills an 8 kHz model's 1 s window exactly once resampled; a 2 s
+    one is cut, and said so."""
+    import soundfile as sf
+
+    feats = {"sample_rate": 8000, "clip_samples": 8000}
+    (tmp_path / "one").mkdir()
+    sf.write(tmp_path / "one" / "a.wav", np.zeros(16000, dtype="float32"), 16000)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert D.load_unlabeled_dir(tmp_path / "one", "audio", **feats).shape == (1, 8000)
+    sf.write(tmp_path / "one" / "b.wav", np.zeros(32000, dtype="float32"), 16000)
+    with pytest.warns(UserWarning, match="1 of 2 WAV files are longer"):
+        D.load_unlabeled_dir(tmp_path / "one", "audio", **feats)
+
+
 def test_bad_audio_and_directories(tmp_path):
     import soundfile as sf
 
