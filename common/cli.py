@@ -23,6 +23,7 @@ COMMANDS = {  # name: (module that builds and runs it, one-line help)
     "simulate": ("simulations.commands", "federated personalization on Flower's simulation engine"),
     "bench": ("simulations.commands", "the benchmark: every method on the same users, results.csv/.md and plots"),
     "bench-scale": ("simulations.commands", "federation scaling: wall time, peak memory and cost per client at 10-5,000 clients"),
+    "bench-cost": ("simulations.commands", "what personalization costs, in inference passes, per workload, with where the time goes"),
     "bench-gpu": ("simulations.commands", "engine throughput on a large model (ResNet50, 224x224) on GPU or CPU"),
 }
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 from common import settings as ST
 from common.forward import batched_forward, forward_pass, recalibrate_bn
 from common.heads import imprint_prototypes
-from common.mask import Mask
+from common.mask import Mask, apply_plan
 from common.restrict import (apply_restriction, doubtful_removals, restrict_logits, restricted_classes,
                              restricted_model)
 from common.scoring import get_scorer
@@ -75,12 +75,30 @@ class PruneResult:
     forward_samples: int            # samples pushed through the model, all passes together
     history: list = field(default_factory=list)  # (sparsity, rule value, passed)
     stats: UsageStats | None = None  # usage statistics of the unpruned model on the user's data
+    phases: dict = field(default_factory=dict)  # phase -> wall seconds (where the time went)
 
     def summary(self) -> dict:
         d = asdict(self)
         d.pop("mask")
         d.pop("stats")
         return d
+
+
+class Clock:
+    """Wall seconds per phase of the engine. On a GPU each lap waits for the queued kernels, so a
+    phase is charged for its own work (one synchronize per lap, a handful per personalization)."""
+
+    def __init__(self, device: str):
+        self.cuda = str(device).startswith("cuda")
+        self.phases: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + t - self._t
+        self._t = t
 
 
 @torch.no_grad()
@@ -97,43 +115,52 @@ def collect_stats(model: nn.Module, x: torch.Tensor, batch_size: int, device: st
     return stats, logits
 
 
-def _bn_buffers(model: nn.Module) -> dict:
-    return {k: v.clone() for k, v in model.state_dict().items()
-            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
-
-
 class Probe:
     """Passes over a fixed probe of the user's data with a candidate mask applied to the model's
     state at the start of pruning; counts the samples it pushes through the model and keeps the
     BatchNorm statistics each recalibrating pass estimated, so the mask kept reuses them."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, cfg, device: str, need_stats: bool):
-        self.model, self.cfg, self.device, self.need_stats = model, cfg, device, need_stats
+    def __init__(self, model: nn.Module, x: torch.Tensor, cfg, device: str, need_stats: bool, clock: Clock):
+        self.model, self.cfg, self.device, self.need_stats, self.clock = model, cfg, device, need_stats, clock
         self.pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.probe_samples(len(x))]
         self.x, self.data = x[self.pick], x
-        self.original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # every parameter and buffer beside a copy of its value at the start of pruning: loading
+        # a candidate copies tensor to tensor (load_state_dict's key matching and the module walk
+        # of Mask.apply cost the digits CNN's search about 3 inference passes)
+        state = model.state_dict()
+        self.pairs = [(v, v.clone()) for v in state.values()]
+        self.bn_live = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var",
+                                                                       "num_batches_tracked"))}
+        self.plan = apply_plan(model)
         self.samples = 0
         self.bn = {}  # sparsity -> BatchNorm statistics recalibrated in that probe pass
 
-    def __call__(self, mask: Mask):
+    def __call__(self, mask: Mask, phase: str = "probe passes", sparsity: float | None = None):
         """One pass over the probe with `mask` applied: (logits, stats or None). With
         recalibrate_bn the same pass re-estimates BatchNorm statistics, so the rule judges the
-        model as it will be kept."""
+        model as it will be kept. `sparsity`: the mask's, where the caller counted it already."""
         cfg, model = self.cfg, self.model
         self.load(mask)
         self.samples += len(self.x)
         if cfg.recalibrate_bn:
             lg, st = recalibrate_bn(model, self.x, cfg.batch_size, self.device, hooks=True if self.need_stats else None)
-            self.bn[round(mask.sparsity(), 9)] = _bn_buffers(model)
-            return lg, st
-        if self.need_stats:
+            self.clock.lap(phase)
+            key = round(mask.sparsity() if sparsity is None else sparsity, 9)
+            self.bn[key] = {k: v.clone() for k, v in self.bn_live.items()}
+        elif self.need_stats:
             st, lg = collect_stats(model, self.x, cfg.batch_size, self.device)
-            return lg, st
-        return predict_logits(model, self.x, cfg.batch_size, self.device), None
+            self.clock.lap(phase)
+        else:
+            lg, st = predict_logits(model, self.x, cfg.batch_size, self.device), None
+            self.clock.lap(phase)
+        return lg, st
 
+    @torch.no_grad()
     def load(self, mask: Mask) -> None:
-        self.model.load_state_dict(self.original)
-        mask.apply(self.model)
+        for live, start in self.pairs:
+            live.copy_(start)
+        mask.apply(self.model, self.plan)
+        self.clock.lap("mask apply")
 
     def keep(self, mask: Mask) -> None:
         """Leave the model pruned by `mask`, with the BatchNorm statistics of its probe pass
@@ -144,6 +171,7 @@ class Probe:
             if bn is None:
                 recalibrate_bn(self.model, self.x, self.cfg.batch_size, self.device)
                 self.samples += len(self.x)
+                self.clock.lap("final recalibration")
             else:
                 self.model.load_state_dict(bn, strict=False)
 
@@ -155,6 +183,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     if len(x) == 0:
         raise ValueError("no personalization data: the user's data set is empty")
     t0 = time.perf_counter()
+    clock = Clock(device)
     tick = progress or (lambda *a: None)
     model.to(device).eval()
     scorer = get_scorer(cfg.scoring)
@@ -167,6 +196,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
         logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs, classes=need_classes)
     else:
         stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs, classes=need_classes)
+    clock.lap("statistics pass")
     tick(1, 3, "statistics collected")
     dense = Mask.dense(model)
     restricted = (restricted_classes(logits, cfg.restrict_min_frac, cfg.restrict_margin)
@@ -175,14 +205,18 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
         warnings.warn(f"restrict-outputs removes class index(es) {doubt} although the model gives them "
                       f"{cfg.restrict_min_frac / 2:g} or more mean probability on this user's data; if the user "
                       f"may have them, raise restrict-margin or turn restrict-outputs off", stacklevel=2)
+    clock.lap("restriction")
     scores = compute_scores(model, stats, cfg.scoring, cfg.seed, keep_last=cfg.head == "prototypes")
-    probe = Probe(model, x, cfg, device, need_stats)
+    clock.lap("scores")
+    probe = Probe(model, x, cfg, device, need_stats, clock)
+    clock.lap("mask apply")
     stat_samples = 0
 
     if cfg.target_sparsity is not None or cfg.stop_rule == "none":
         levels = schedule(cfg.step, cfg.max_sparsity, cfg.target_sparsity)
         mask = (masker(scores, dense, cfg.scope, scorer.structured, single=True)(levels[-1])
                 if cfg.target_sparsity != 0 else dense)
+        clock.lap("selection")
         reason = (f"reached target sparsity {cfg.target_sparsity:.3f}" if cfg.target_sparsity is not None
                   else f"reached max sparsity {cfg.max_sparsity:.3f} (stop rule 'none')")
         history = []
@@ -193,23 +227,32 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
         # pass), so the rule measures what pruning changes, not what recalibration changes.
         ref_logits, ref_stats = logits[probe.pick].clone(), stats
         if cfg.recalibrate_bn:
-            ref_logits, probe_stats = probe(dense)
+            # with the restriction's rows pruned, as every candidate is: the same logits once
+            # restricted, and its BatchNorm statistics are then the kept model's when nothing
+            # else may go (no recalibration pass at the end)
+            ref_logits, probe_stats = probe(dense if restricted is None else apply_restriction(model, dense, restricted),
+                                            "reference probe")
             ref_stats = probe_stats if need_stats else stats
         if restricted is not None:
             restrict_logits(ref_logits, restricted)
         rule = make_rule(cfg.stop_rule, cfg.tolerance, ref_logits, ref_stats if need_stats else None)
         mask, reason, history = _search(schedule(cfg.step, cfg.max_sparsity), scores, dense, cfg, rule, probe,
-                                        restricted, tick)
+                                        restricted, tick, clock)
         stat_samples = sum(h.get("stat_samples", 0) for h in history)
     if restricted is not None:
         mask = apply_restriction(model, mask, restricted)
+        clock.lap("selection")
     probe.keep(mask)  # the pruned network, with BatchNorm statistics of this user's data
     fwd = len(x) + probe.samples + stat_samples
     if cfg.head == "prototypes":
         imprint_prototypes(model, x, mask, cfg.batch_size, device)
         fwd += len(x)
+        clock.lap("prototype head")
+    sparsity = mask.sparsity()
+    clock.lap("mask apply")
     tick(3, 3, reason)
-    return PruneResult(mask, mask.sparsity(), reason, restricted, time.perf_counter() - t0, fwd, history, stats)
+    return PruneResult(mask, sparsity, reason, restricted, time.perf_counter() - t0, fwd, history, stats,
+                       clock.phases)
 
 
 def personalized_model(model: nn.Module, result: PruneResult) -> nn.Module:
@@ -217,20 +260,32 @@ def personalized_model(model: nn.Module, result: PruneResult) -> nn.Module:
     return restricted_model(model, result.restricted_classes)
 
 
-def _search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick):
+def _search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clock: Clock):
     """The schedule's step the rule accepts: bisection over the nested masks, or linear."""
     history = []
     structured = get_scorer(cfg.scoring).structured
-    at = masker(scores, dense, cfg.scope, structured)
+    # bisection asks for ~5 sparsities: one k-th value selection each (0.04 s on ResNet18's 11 M
+    # scores) costs less than sorting all scores once (1.3 s); a linear search asks for up to 28
+    masks_at = masker(scores, dense, cfg.scope, structured, single=cfg.search == "bisect")
+
+    def at(level):
+        m = masks_at(level)
+        clock.lap("selection")
+        return m
 
     def check(mask):
-        logits, st = probe(apply_restriction(probe.model, mask, restricted) if restricted is not None else mask)
+        if restricted is not None:
+            mask = apply_restriction(probe.model, mask, restricted)
+        sparsity = mask.sparsity()
+        clock.lap("selection")
+        logits, st = probe(mask, sparsity=sparsity)
         if restricted is not None:
             restrict_logits(logits, restricted)
         v = rule.value(logits, st)
         ok = rule.passes(v)
-        history.append({"sparsity": round(mask.sparsity(), 4), "value": round(v, 4), "passed": ok})
-        tick(2, 3, f"sparsity {mask.sparsity():.2f}: {rule.name}={v:.3f} {'ok' if ok else 'fail'}")
+        clock.lap("stop rule")
+        history.append({"sparsity": round(sparsity, 4), "value": round(v, 4), "passed": ok})
+        tick(2, 3, f"sparsity {sparsity:.2f}: {rule.name}={v:.3f} {'ok' if ok else 'fail'}")
         return ok, v
 
     def failed(v, level):
@@ -267,5 +322,7 @@ def _search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick):
             st, _ = collect_stats(probe.model, probe_x, cfg.batch_size, probe.device,
                                   classes="classes" in get_scorer(cfg.scoring).needs)
             history[-1]["stat_samples"] = len(probe_x)
+            clock.lap("probe passes")
             scores = compute_scores(probe.model, st, cfg.scoring, cfg.seed, keep_last=cfg.head == "prototypes")
+            clock.lap("scores")
     return mask, f"reached max sparsity {cfg.max_sparsity:.3f} within tolerance", history

@@ -40,11 +40,11 @@ def doubtful_removals(logits: torch.Tensor, kept: list[int], min_frac: float) ->
 def apply_restriction(model: nn.Module, mask: Mask, classes: list[int]) -> Mask:
     """Prune the output rows of classes this user never gets; returns the new mask."""
     last = list(prunable_layers(model))[-1]
-    mask = mask.copy()
     drop = torch.ones(mask.layers[last].shape[0], dtype=torch.bool)
     drop[classes] = False
-    mask.layers[last][drop] = False
-    return mask
+    out = mask.layers[last].clone()  # the other layers' tensors are shared, never written
+    out[drop] = False
+    return Mask({**mask.layers, last: out})
 
 
 def restrict_logits(logits: torch.Tensor, classes: list[int]) -> torch.Tensor:

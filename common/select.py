@@ -33,33 +33,64 @@ def compute_scores(model: nn.Module, stats: UsageStats, scoring: str, seed: int,
     return scores
 
 
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """torch.kthvalue(flat, k).values, exactly, in a few linear passes: a strided sample brackets
+    the k-th value, two comparisons count what lies below and inside the bracket, and kthvalue
+    runs on the bracket alone (a few thousand scores; kthvalue on all of ResNet18's 11 M took
+    0.23 s on this CPU). Falls back to the full kthvalue when the bracket misses."""
+    n = flat.numel()
+    if n < 1 << 18:
+        return torch.kthvalue(flat, k).values
+    sample = flat[:: n // 65536]
+    m = sample.numel()
+    q, slack = k / n, 4.0 / m ** 0.5 + 1.0 / m
+    lo = torch.kthvalue(sample, max(1, int((q - slack) * m))).values if q - slack > 0 else None
+    hi = torch.kthvalue(sample, min(m, int((q + slack) * m) + 1)).values if q + slack < 1 else None
+    below = int(torch.count_nonzero(flat < lo)) if lo is not None else 0
+    if lo is None:
+        inside = flat[flat <= hi]
+    elif hi is None:
+        inside = flat[flat >= lo]
+    else:
+        inside = flat[(flat >= lo) & (flat <= hi)]
+    if not (below < k <= below + inside.numel()):
+        return torch.kthvalue(flat, k).values
+    return torch.kthvalue(inside, k - below).values
+
+
 def global_ranking(scores: dict, single: bool = False):
     """sparsity -> Mask from one ranking of every connection of every layer: the lowest-scoring
-    `sparsity` share goes, ties broken by position (what a stable argsort gives). Selection by
-    k-th value, O(n) per call, instead of sorting: a stable argsort of ResNet18's 11 M scores took
-    1.35 s on this CPU, 6.6 inference passes over a user's 32 images at 112x112. `single`: the
-    caller asks for one sparsity (a fixed target): k-th value selection (0.23 s there) instead of
-    the sort; a search asking for several sorts once. Both give the same masks."""
+    `sparsity` share goes, ties broken by position (what a stable argsort gives). `single`: the
+    caller asks for few sparsities (a fixed target, a bisection): each is a k-th value selection,
+    O(n) (kth_smallest: 0.04 s on ResNet18's 11 M scores on this CPU), instead of a stable argsort
+    of every score (1.35 s, 6.6 inference passes over a user's 32 images at 112x112). Otherwise
+    (a linear search) the scores are sorted once and each mask is one comparison with the ranks.
+    Both give the same masks; a GPU, or NaN scores, always sort."""
     names = list(scores)
     shapes = [scores[k].shape for k in names]
     flat = torch.cat([scores[k].flatten() for k in names])
-    state = {"order": None, "calls": 0}
+    # a GPU sorts fast; NaN needs the sort's order (kthvalue does not place it)
+    sort = not single or flat.is_cuda or bool(torch.isnan(flat).any())
+    state = {"rank": None}
 
     def at(sparsity: float) -> Mask:
         n_prune = int(round(sparsity * flat.numel()))
-        keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-        state["calls"] += 1
-        # a GPU sorts fast; NaN needs the sort's order; a second call means a search: sort once
-        if state["order"] is None and (not single or flat.is_cuda or state["calls"] > 1 or torch.isnan(flat).any()):
-            state["order"] = torch.argsort(flat, stable=True)
-        if state["order"] is not None:
-            keep[state["order"][:n_prune]] = False
-        elif n_prune > 0:
-            t = torch.kthvalue(flat, n_prune).values
-            below = flat < t
-            keep[below] = False
-            ties = n_prune - int(below.sum())
-            if ties > 0:  # among scores equal to the threshold, the first ones by position
+        if sort and state["rank"] is None:
+            order = torch.argsort(flat, stable=True)
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(len(order), device=order.device)
+            state["rank"] = rank  # each later mask is one comparison, not a scatter of its pruned share
+        if sort:
+            keep = state["rank"] >= n_prune
+        elif n_prune == 0:
+            keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+        else:
+            t = kth_smallest(flat, n_prune)
+            keep = flat >= t
+            # among scores equal to the threshold, the first ones by position go too
+            # (count_nonzero: a bool tensor's sum() took 56 ms on 11 M entries, this 2.6 ms)
+            ties = n_prune - (flat.numel() - int(torch.count_nonzero(keep)))
+            if ties > 0:
                 keep[torch.nonzero(flat == t).flatten()[:ties]] = False
         parts = torch.split(keep, [math.prod(sh) for sh in shapes])
         return Mask({k: v.view(sh) for k, v, sh in zip(names, parts, shapes)})

@@ -113,8 +113,14 @@ class StatsCollector:
     def _in_hook(st: LayerStats):
         def hook(_mod, args):
             x = args[0].detach()
-            # the norm reduces without materializing x**2 (1.6x faster on big conv inputs)
-            st.in_sq += torch.linalg.vector_norm(x, dim=_per_channel_dims(x)).double().pow(2)
+            # the norm reduces without materializing x**2, over each sample's positions first and
+            # then over samples in float64: a reduction over (N, H, W) at once strides across the
+            # NCHW layout and cost 5-6x as long (ResNet18's 64x56x56 input, 64 images: 9.9 ms
+            # against 1.6 ms, an eighth of the convolution that reads it)
+            if x.dim() > 2:
+                st.in_sq += torch.linalg.vector_norm(x.flatten(2), dim=2).double().pow(2).sum(0)
+            else:
+                st.in_sq += torch.linalg.vector_norm(x, dim=0).double().pow(2)
             st.in_count += x.numel() // x.shape[1]
         return hook
 

@@ -24,6 +24,10 @@ def add_parser(sub, name: str, text: str):
         from simulations import scale
 
         scale.build_parser(sub.add_parser(name, help=text, description=text)).set_defaults(func=scale.main)
+    elif name == "bench-cost":
+        from simulations import bench_cost
+
+        bench_cost.build_parser(sub.add_parser(name, help=text, description=text)).set_defaults(func=bench_cost.main)
     else:
         from simulations import bench_gpu
 

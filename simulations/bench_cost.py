@@ -1,0 +1,250 @@
+"""What personalization costs, in units of one plain inference pass over the same user's data: the
+statistics pass (usage hooks, all hooks, with BatchNorm recalibration), fine-pruning to a fixed
+0.7 and with the default label-free stop, beside one epoch of backprop with labels, and where the
+default's time goes (the engine's phases). Results: cost.json, cost.md, cost.csv, cost.png.
+
+    fineprune bench-cost --fsdd ../shared/data/fsdd --out runs/cost
+
+Each repeat runs every column once, interleaved, and a column reports its median, so load from
+other work on the machine falls on all columns alike. The ResNets carry random weights (no
+ImageNet weights can be downloaded here; --resnet-weights takes a local file): their cost does not
+depend on the weights except through where the stop rule stops, which the table reports.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.checkpoint import load_checkpoint
+from common.forward import recalibrate_bn, resolve_device
+from common.io import atomic_write_png, atomic_write_text
+from common.models import build_model
+from common.prune import PruneConfig, collect_stats, fine_prune, predict_logits
+from common.train import train_supervised
+
+WORKLOADS = ("digits", "kws", "resnet18", "resnet50")
+COLUMNS = ("inference pass", "statistics (usage hooks)", "statistics (all hooks)", "statistics + BatchNorm",
+           "fixed target 0.7", "default (label-free stop)", "backprop, 1 epoch")
+
+
+def _digits(out: Path, seed: int, n: int | None):
+    from simulations.bench_tasks import digits_task
+
+    base, _meta, user = digits_task(out, seed, 10, None)[0]
+    x, y = user.x, user.y
+    return base, x[:n] if n else x, y[:n] if n else y, "digits CNN, one user of the default federation"
+
+
+def _kws(out: Path, seed: int, n: int | None, fsdd: str | None):
+    from common import data as D
+    from common.pretrain import pretrain
+
+    if not fsdd or not Path(fsdd).is_dir():
+        raise ValueError("the kws workload needs --fsdd DIR (the Free Spoken Digit Dataset)")
+    ds = D.load_fsdd(fsdd)
+    speaker = sorted(set(ds.groups.tolist()))[0]
+    ck = out / "bases" / f"fsdd_without_{speaker}_s{seed}_e0.pt"
+    if not ck.is_file():  # the benchmark's leave-one-speaker-out base: this speaker is new to it
+        pretrain("fsdd", ck, seed=seed, exclude_speaker=speaker, ds=ds)
+    base = load_checkpoint(ck)[0]
+    pick = torch.as_tensor((ds.groups == speaker) & (ds.takes >= 5))
+    x, y = ds.x[pick], ds.y[pick]
+    return base, x[:n] if n else x, y[:n] if n else y, f"KWS on FSDD, new speaker {speaker}, takes 5-49"
+
+
+def _resnet(arch: str, seed: int, n: int | None, size: int, weights: str | None):
+    from common import data as D
+
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes=1000, weights_path=weights)  # the ImageNet head
+    ds = D.load_digits()  # real pictures (digits upscaled to size x size, 3 channels), not noise
+    n = n or 64
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds.x), generator=gen)[:n]
+    if n > len(idx):  # more images than digits has: draw the rest again
+        idx = torch.cat([idx, torch.randint(len(ds.x), (n - len(idx),), generator=gen)])
+    x = torch.nn.functional.interpolate(ds.x[idx], size=(size, size), mode="bilinear").repeat(1, 3, 1, 1)
+    return model, x, ds.y[idx], (f"{arch}, {n} digits images upscaled to {size}x{size}, "
+                                 f"{'weights ' + Path(weights).name if weights else 'random weights'}")
+
+
+def load_workload(name: str, out: Path, seed: int = 0, n: int | None = None, fsdd: str | None = None,
+                  size: int = 224, weights: str | None = None):
+    """(base model, unlabeled x, labels for the backprop column, description)."""
+    if name == "digits":
+        return _digits(out, seed, n)
+    if name == "kws":
+        return _kws(out, seed, n, fsdd)
+    if name in ("resnet18", "resnet50"):
+        return _resnet(name, seed, n, size, weights)
+    raise ValueError(f"unknown workload '{name}' (choose from: {', '.join(WORKLOADS)})")
+
+
+def _sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(base, x, y, device: str = "cpu", repeats: int = 3, batch_size: int = 256, log=print) -> dict:
+    """Median seconds per column over `repeats` interleaved rounds, the default's phases and how
+    far its stop rule pruned."""
+    base = base.to(device).eval()
+    res_default = {}
+
+    def default():
+        r = fine_prune(copy.deepcopy(base), x, PruneConfig(batch_size=batch_size), device)
+        res_default.setdefault("runs", []).append(r)
+
+    def bn_stats():
+        # recalibration rewrites the BatchNorm buffers: a copy's, never the base's (the copy is
+        # what fine_prune pays too)
+        recalibrate_bn(copy.deepcopy(base), x, batch_size, device, hooks=False)
+
+    runs = {
+        "inference pass": lambda: predict_logits(base, x, batch_size, device),
+        "statistics (usage hooks)": lambda: collect_stats(base, x, batch_size, device, outputs=False),
+        "statistics (all hooks)": lambda: collect_stats(base, x, batch_size, device, outputs=True),
+        "statistics + BatchNorm": bn_stats,
+        "fixed target 0.7": lambda: fine_prune(copy.deepcopy(base), x,
+                                               PruneConfig(target_sparsity=0.7, batch_size=batch_size), device),
+        "default (label-free stop)": default,
+        "backprop, 1 epoch": lambda: train_supervised(copy.deepcopy(base), x, y, epochs=1, lr=1e-4,
+                                                      batch_size=32, device=device),
+    }
+    predict_logits(base, x[:batch_size], batch_size, device)  # warm-up: allocator, cuDNN autotune
+    # and the optimizer's first step (its lazy imports took 1 s, 600 digits inference passes)
+    train_supervised(copy.deepcopy(base), x[:2], y[:2], epochs=1, batch_size=2, device=device)
+    secs = {k: [] for k in runs}
+    peak = {k: 0.0 for k in runs}
+    cuda = device.startswith("cuda")
+    for r in range(repeats):
+        for k, fn in runs.items():
+            if k == "backprop, 1 epoch" and r > 1:
+                continue  # the slowest column: measured twice at most (the first and second round)
+            _sync(device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():  # restrict-outputs' doubt about a class, once per run
+                warnings.simplefilter("ignore")
+                fn()
+            _sync(device)
+            secs[k].append(time.perf_counter() - t0)
+            if cuda:
+                peak[k] = max(peak[k], torch.cuda.max_memory_allocated() / 2 ** 20)
+        log(f"  round {r + 1}/{repeats}: inference {secs['inference pass'][-1]:.3f} s, default "
+            f"{secs['default (label-free stop)'][-1]:.3f} s")
+    med = {k: statistics.median(v) for k, v in secs.items()}
+    inf = med["inference pass"]
+    runs_d = res_default["runs"]
+    mid = sorted(runs_d, key=lambda r: r.seconds)[len(runs_d) // 2]
+    return {"seconds": med, "x_inference": {k: v / inf for k, v in med.items()},
+            "default_phases_x": {k: v / inf for k, v in sorted(mid.phases.items(), key=lambda kv: -kv[1])},
+            "default_sparsity": mid.sparsity, "default_forward_passes": mid.forward_samples / len(x),
+            "default_probes": len(mid.history), "samples": len(x),
+            "peak_gpu_mb": peak if cuda else None}
+
+
+def to_markdown(results: dict, meta: dict) -> str:
+    lines = [f"Cost in one plain inference pass over the same data (median of {meta['repeats']} interleaved rounds; "
+             f"{meta['device']}, {meta['threads']} thread(s)). 5 epochs of backprop = 5 x the 1-epoch column.", "",
+             "| workload | samples | " + " | ".join(COLUMNS[1:]) + " | default vs 5 epochs backprop |",
+             "|---|---|" + "---|" * (len(COLUMNS)) ]
+    for name, r in results.items():
+        xi = r["x_inference"]
+        cheaper = 5 * xi["backprop, 1 epoch"] / xi["default (label-free stop)"]
+        lines.append(f"| {name} | {r['samples']} | " + " | ".join(f"{xi[c]:.2f}x" for c in COLUMNS[1:])
+                     + f" | {cheaper:.1f}x cheaper |")
+    lines += ["", "Where the default's time goes (x one inference pass; the stop rule's sparsity and probes):", ""]
+    for name, r in results.items():
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in r["default_phases_x"].items() if v >= 0.005)
+        lines.append(f"- **{name}** (sparsity {r['default_sparsity']:.2f}, {r['default_probes']} probes, "
+                     f"{r['default_forward_passes']:.2f} samples' passes): {parts}")
+    lines += ["", "Workloads:", ""] + [f"- {name}: {r['description']}" for name, r in results.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    names = list(results)
+    w = 0.8 / (len(COLUMNS) - 1)
+    for i, c in enumerate(COLUMNS[1:]):
+        ax.bar(np.arange(len(names)) + i * w, [results[n]["x_inference"][c] for n in names], w, label=c)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(1.5, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(np.arange(len(names)) + w * (len(COLUMNS) - 2) / 2, names)
+    ax.set_ylabel("x one inference pass")
+    ax.set_title("Cost of personalization (dashed: the 1.5x target)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="fineprune bench-cost", description=__doc__.splitlines()[0])
+    p.add_argument("--workloads", default="digits,kws,resnet18,resnet50",
+                   help=f"comma-separated, from: {', '.join(WORKLOADS)} (kws needs --fsdd)")
+    p.add_argument("--fsdd", help="Free Spoken Digit Dataset directory (the kws workload)")
+    p.add_argument("--samples", type=int, default=0, help="user's samples per workload (0: the workload's own: "
+                   "digits one user, kws 450 clips, resnets 64 images)")
+    p.add_argument("--size", type=int, default=224, help="ResNet input size (default 224)")
+    p.add_argument("--resnet-weights", help="local weights file for the ResNet workloads (optional)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; each column reports its median")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.add_argument("--out", default="runs/cost")
+    return p
+
+
+def main(args) -> dict:
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if not names or (bad := [w for w in names if w not in WORKLOADS]):
+        raise ValueError(f"unknown workload(s): {', '.join(bad) if names else '(none)'} "
+                         f"(choose from: {', '.join(WORKLOADS)})")
+    if args.repeats < 1 or args.samples < 0 or args.size < 32:
+        raise ValueError("--repeats must be >= 1, --samples >= 0 and --size >= 32")
+    if "kws" in names and not (args.fsdd and Path(args.fsdd).is_dir()):
+        raise ValueError(f"the kws workload needs --fsdd DIR with the Free Spoken Digit Dataset (got {args.fsdd})")
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    results = {}
+    for name in names:
+        log(f"bench-cost: {name} ...")
+        base, x, y, desc = load_workload(name, out, 0, args.samples or None, args.fsdd, args.size,
+                                         args.resnet_weights)
+        results[name] = {**measure(base, x, y, device, args.repeats, log=log), "description": desc}
+    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "threads": torch.get_num_threads(), "repeats": args.repeats}
+    atomic_write_text(out / "cost.json", json.dumps({"meta": meta, "results": results}, indent=2))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["workload", "samples", *(f"{c} (x)" for c in COLUMNS[1:]), "default sparsity", "default probes"])
+    for name, r in results.items():
+        w.writerow([name, r["samples"], *(round(r["x_inference"][c], 3) for c in COLUMNS[1:]),
+                    round(r["default_sparsity"], 4), r["default_probes"]])
+    atomic_write_text(out / "cost.csv", buf.getvalue())
+    md = to_markdown(results, meta)
+    atomic_write_text(out / "cost.md", md)
+    atomic_write_png(out / "cost.png", plot(results))
+    print(md, file=sys.stderr)
+    return {"results": str(out / "cost.md"), "plot": str(out / "cost.png")}
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

@@ -1,0 +1,105 @@
+"""What personalization costs, and that the speed work changed no result: exact k-th value
+selection on inputs big enough for its bracketing path, the engine's report of where its time
+went, no recalibration pass at the end when the reference probe already judged the kept model,
+and `fineprune bench-cost` writing its tables. (The measured ratios are the benchmark's, not
+tests': speed is never asserted here.)"""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from common import data as D
+from common.prune import PruneConfig, fine_prune
+from common.restrict import apply_restriction
+from common.select import global_ranking, kth_smallest
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "sorted", "infinities", "one value"])
+def test_kth_smallest_is_kthvalue_exactly_on_large_inputs(kind):
+    """300,000 scores take the bracketing path (a strided sample, two counts, kthvalue on the
+    bracket); the answer is torch.kthvalue's at every k, the edges included."""
+    g = torch.Generator().manual_seed(1)
+    n = 300_000
+    f = torch.rand(n, generator=g)
+    if kind == "ties":
+        f = (f * 7).floor()
+    elif kind == "sorted":
+        f = torch.sort(f).values
+    elif kind == "infinities":
+        f[: n // 3] = -math.inf
+        f[-n // 5:] = math.inf
+    elif kind == "one value":
+        f = torch.full((n,), 0.25)
+    for k in (1, 2, 17, n // 10, n // 3, n // 3 + 1, n // 2, int(0.7 * n), n - n // 5, n - 1, n):
+        assert torch.equal(kth_smallest(f, k), torch.kthvalue(f, k).values), (kind, k)
+
+
+def test_single_selection_on_large_inputs_gives_the_sorted_ranking_masks():
+    """Fixed targets and bisection select by k-th value; a linear search ranks once by a stable
+    sort. On 300,000 tied scores with -inf (already pruned) both give the same masks."""
+    g = torch.Generator().manual_seed(2)
+    sc = {"a": torch.randint(0, 9, (300, 600), generator=g).float(), "b": torch.randint(0, 3, (20_000,), generator=g).float()}
+    sc["a"][:5] = -math.inf
+    single, ranked = global_ranking(sc, single=True), global_ranking(sc, single=False)
+    for sp in (0.0, 0.05, 0.3, 0.71, 0.95, 1.0):
+        a, b = single(sp), ranked(sp)
+        assert a == b and a.sparsity() == pytest.approx(sp, abs=1e-5)
+
+
+def _user(digits, pool, classes):
+    idx = [i for i in pool if int(digits.y[i]) in classes]
+    return D.make_users(digits, [idx], 0.3, seed=0)[0]
+
+
+def test_the_engine_reports_where_its_time_went(digits, digits_split, digits_base):
+    user = _user(digits, digits_split[1], (0, 3, 8))
+    res = fine_prune(copy.deepcopy(digits_base), user.unlabeled, PruneConfig())
+    assert {"statistics pass", "reference probe", "probe passes", "selection", "mask apply"} <= set(res.phases)
+    assert all(v >= 0 for v in res.phases.values())
+    # the phases are laps of one clock: together they are the whole call, nothing counted twice
+    assert sum(res.phases.values()) == pytest.approx(res.seconds, rel=0.05, abs=2e-3)
+    fixed = fine_prune(copy.deepcopy(digits_base), user.unlabeled, PruneConfig(target_sparsity=0.5))
+    assert "probe passes" not in fixed.phases and "final recalibration" in fixed.phases
+
+
+def test_when_nothing_may_go_the_reference_probe_is_the_kept_model(digits, digits_split, digits_base):
+    """With output restriction the reference probe prunes the restricted rows as every candidate
+    does: its logits are the same once restricted, and when the rule accepts no step its
+    BatchNorm statistics are the kept model's, so no recalibration pass follows."""
+    user = _user(digits, digits_split[1], (0, 3, 8))
+    n = len(user.unlabeled)
+    cfg = PruneConfig(tolerance=0.0, step=0.9, max_sparsity=0.95)  # one 90% step: no digits model keeps every answer
+    res = fine_prune(copy.deepcopy(digits_base), user.unlabeled, cfg)
+    assert res.restricted_classes is not None and not any(h["passed"] for h in res.history)
+    assert res.mask == apply_restriction(digits_base, res.mask.__class__.dense(digits_base), res.restricted_classes)
+    assert res.forward_samples == n + cfg.probe_samples(n) * (1 + len(res.history))
+    assert "final recalibration" not in res.phases
+
+
+def test_bench_cost_writes_its_tables_and_plot(tmp_path):
+    """`fineprune bench-cost` on the digits workload: every column as a ratio to one inference
+    pass, the default's phases, CSV/JSON/Markdown/PNG."""
+    from common.cli import main
+
+    assert main(["bench-cost", "--workloads", "digits", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "cost.json").read_text())["results"]["digits"]
+    assert res["x_inference"]["inference pass"] == 1.0
+    assert all(v > 0 for v in res["x_inference"].values())
+    assert "statistics pass" in res["default_phases_x"] and 0 < res["default_sparsity"] < 1
+    md = (tmp_path / "cost.md").read_text()
+    assert "| digits |" in md and "Where the default's time goes" in md
+    assert (tmp_path / "cost.png").stat().st_size > 5000
+    assert (tmp_path / "cost.csv").read_text().startswith("workload,samples")
+
+
+@pytest.mark.badinput
+def test_bench_cost_refuses_unknown_workloads_and_kws_without_data_in_one_line(tmp_path, capsys):
+    from common.cli import main
+
+    assert main(["bench-cost", "--workloads", "digits,vgg", "--out", str(tmp_path / "x")]) == 2
+    assert main(["bench-cost", "--workloads", "kws", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "unknown workload(s): vgg" in err[0] and "needs --fsdd" in err[1]
+    assert not (tmp_path / "x").exists()
