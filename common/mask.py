@@ -2,7 +2,6 @@
 applied, saved/loaded bit-exactly, compared, counted and compacted into a smaller model."""
 from __future__ import annotations
 
-import io
 import json
 import zlib
 from pathlib import Path

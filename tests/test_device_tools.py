@@ -191,10 +191,65 @@ def test_a_speech_model_exports_with_its_front_end(tmp_path):
         assert np.allclose(got, m(x).numpy(), atol=1e-4)
 
 
+def test_the_lowerable_copy_computes_what_the_model_computes():
+    """What .pte export lowers instead of the model: the log-mel front end's STFT as a strided
+    convolution with the windowed DFT basis, adaptive pools as matrix pools. Same outputs as
+    PyTorch's own modules, for speech (10x25 pooled to 4x4: uneven bins) and for odd sizes."""
+    from client.export import MatrixPool, lowerable
+    from common.models import build_model
+
+    torch.manual_seed(0)
+    m = build_model("kws").eval()
+    x = 0.1 * torch.randn(4, 8000)
+    low = lowerable(m, x)
+    assert not any(isinstance(mod, torch.nn.AdaptiveAvgPool2d) for mod in low.modules())
+    with torch.no_grad():
+        assert torch.allclose(low(x), m(x), atol=1e-4)
+        spec = m.frontend.mel.spectrogram
+        assert torch.allclose(low.frontend.mel.spectrogram(x), spec(x), rtol=1e-4, atol=1e-4 * float(spec(x).max()))
+    for h, w, oh, ow in ((10, 25, 4, 4), (7, 7, 3, 2), (5, 9, 5, 9), (3, 8, 1, 1)):
+        t = torch.randn(2, 3, h, w)
+        assert torch.allclose(MatrixPool((h, w), (oh, ow))(t), torch.nn.functional.adaptive_avg_pool2d(t, (oh, ow)),
+                              atol=1e-6)
+
+
+def test_a_personalized_model_exported_to_executorch_predicts_as_pytorch(setup, tmp_path, capsys):
+    """.pte through XNNPACK (the optional `pte` extra; CI installs only `test`, so this runs where
+    ExecuTorch is installed): the user's photos get the personalized model's predictions, the
+    restriction included."""
+    pytest.importorskip("executorch", reason="ExecuTorch is an optional extra: pip install -e '.[pte]'")
+    from client.export import _pte_run
+
+    d = setup
+    out = tmp_path / "me.pte"
+    assert main(["export", "--model", str(d / "me.pt"), "--format", "pte", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["same_predictions"] and printed["restricted_classes_kept"]
+    model, _, _ = load_checkpoint(d / "me.pt")
+    x = torch.stack([_png(p) for p in sorted((d / "labeled").rglob("*.png"))])
+    with torch.no_grad():
+        want = model(x)
+    got = _pte_run(out.read_bytes(), x)
+    finite = torch.isfinite(want)
+    assert torch.equal(got.argmax(1), want.argmax(1)) and torch.equal(torch.isfinite(got), finite)
+    assert torch.allclose(got[finite], want[finite], atol=1e-4)
+
+
+@pytest.mark.badinput
+def test_pte_export_without_executorch_says_how_to_install_it(setup, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "executorch", None)  # import fails, as where it is not installed
+    capsys.readouterr()
+    assert main(["export", "--model", str(setup / "me.pt"), "--format", "pte", "--out", str(tmp_path / "x.pte")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install -e '.[pte]'" in err[0] and not (tmp_path / "x.pte").exists()
+
+
 @pytest.mark.badinput
 def test_export_bad_input_is_one_line_exit_2_and_writes_nothing(setup, tmp_path, capsys):
     d = setup
-    for argv, msg in ((["--format", "pte"], "unknown export format 'pte'"),
+    for argv, msg in ((["--format", "tflite"], "unknown export format 'tflite'"),
                       (["--format", "onnx", "--out", str(tmp_path)], "is a directory"),
                       (["--format", "onnx", "--model", str(tmp_path / "none.pt")], "not found")):
         full = ["export", "--model", str(d / "me.pt"), "--out", str(tmp_path / "x.onnx")]
