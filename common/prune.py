@@ -6,6 +6,7 @@ restriction (restrict.py), heads (heads.py); the settings come from settings.py.
 search and the probe bookkeeping it needs stay beside the pass that feeds them.)"""
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, make_dataclass
@@ -17,6 +18,7 @@ from common import settings as ST
 from common.forward import batched_forward, forward_pass, recalibrate_bn
 from common.heads import imprint_prototypes
 from common.mask import Mask, apply_plan
+from common.refit import refit_consumers
 from common.restrict import (apply_restriction, doubtful_removals, restrict_logits, restricted_classes,
                              restricted_model)
 from common.scoring import get_scorer
@@ -39,6 +41,9 @@ class _PruneConfigBase:
             raise ValueError("rescore re-scores after every step of a linear search: it needs search 'linear'")
         if self.base_stats and not self.recalibrate_bn:
             raise ValueError("base_stats is an ablation of BatchNorm recalibration: it needs recalibrate_bn")
+        if self.refit and not get_scorer(self.scoring).structured:
+            raise ValueError("refit re-solves the layers that read removed units: it needs a structured scorer "
+                             "(firing, channel-usage)")
         return self
 
     def probe_samples(self, n: int) -> int:
@@ -182,6 +187,9 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     cfg.validate()
     if len(x) == 0:
         raise ValueError("no personalization data: the user's data set is empty")
+    if cfg.refit and not hasattr(model, "prunable_chain"):
+        raise ValueError("refit needs a chain model (smallcnn, kws): in a residual network a channel "
+                         "has several writers")
     t0 = time.perf_counter()
     clock = Clock(device)
     tick = progress or (lambda *a: None)
@@ -197,6 +205,8 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     else:
         stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs, classes=need_classes)
     clock.lap("statistics pass")
+    # refit's target: the unpruned model as adapted by the statistics pass
+    dense_adapted = copy.deepcopy(model) if cfg.refit else None
     tick(1, 3, "statistics collected")
     dense = Mask.dense(model)
     restricted = (restricted_classes(logits, cfg.restrict_min_frac, cfg.restrict_margin)
@@ -244,6 +254,12 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
         clock.lap("selection")
     probe.keep(mask)  # the pruned network, with BatchNorm statistics of this user's data
     fwd = len(x) + probe.samples + stat_samples
+    if cfg.refit:
+        clock.lap("mask apply")
+        fwd += refit_consumers(model, dense_adapted, mask, x, cfg.batch_size, device,
+                               step=lambda name: tick(3, 3, f"refit {name}"))["samples"]
+        del dense_adapted
+        clock.lap("refit")
     if cfg.head == "prototypes":
         imprint_prototypes(model, x, mask, cfg.batch_size, device)
         fwd += len(x)
