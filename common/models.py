@@ -129,5 +129,24 @@ def following_batchnorm(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def reader_links(model: nn.Module) -> list[tuple[str, str]]:
+    """(producer, reader) pairs of prunable layers where the reader is the only layer that reads
+    the producer's units (through its BatchNorm and ReLU): consecutive layers of a chain model;
+    inside each ResNet block, conv1 -> conv2 (and conv2 -> conv3 in a bottleneck). A residual
+    stream channel has several readers and writers and is in no pair."""
+    if hasattr(model, "prunable_chain"):
+        chain = list(model.prunable_chain)
+        return list(zip(chain, chain[1:]))
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    links = []
+    for name, m in model.named_modules():
+        if isinstance(m, BasicBlock):
+            links.append((f"{name}.conv1", f"{name}.conv2"))
+        elif isinstance(m, Bottleneck):
+            links += [(f"{name}.conv1", f"{name}.conv2"), (f"{name}.conv2", f"{name}.conv3")]
+    return links
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

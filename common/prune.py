@@ -7,6 +7,7 @@ search and the probe bookkeeping it needs stay beside the pass that feeds them.)
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, make_dataclass
@@ -18,6 +19,7 @@ from common import settings as ST
 from common.forward import batched_forward, forward_pass, recalibrate_bn
 from common.heads import imprint_prototypes
 from common.mask import Mask, apply_plan
+from common.models import reader_links
 from common.refit import refit_consumers
 from common.restrict import (apply_restriction, doubtful_removals, restrict_logits, restricted_classes,
                              restricted_model)
@@ -187,9 +189,9 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     cfg.validate()
     if len(x) == 0:
         raise ValueError("no personalization data: the user's data set is empty")
-    if cfg.refit and not hasattr(model, "prunable_chain"):
-        raise ValueError("refit needs a chain model (smallcnn, kws): in a residual network a channel "
-                         "has several writers")
+    if cfg.refit and not reader_links(model):
+        raise ValueError("refit needs layers whose units have one reader (a chain model, or the inside "
+                         "of ResNet blocks)")
     t0 = time.perf_counter()
     clock = Clock(device)
     tick = progress or (lambda *a: None)
@@ -217,6 +219,9 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
                       f"may have them, raise restrict-margin or turn restrict-outputs off", stacklevel=2)
     clock.lap("restriction")
     scores = compute_scores(model, stats, cfg.scoring, cfg.seed, keep_last=cfg.head == "prototypes")
+    if cfg.refit:  # only units that refit can make up for go: those with one reader
+        producers = {p for p, _ in reader_links(model)}
+        scores = {k: v if k in producers else torch.full_like(v, math.inf) for k, v in scores.items()}
     clock.lap("scores")
     probe = Probe(model, x, cfg, device, need_stats, clock)
     clock.lap("mask apply")

@@ -8,9 +8,11 @@ user (the reconstruction step of channel pruning, He et al. 2017, done here on o
 unlabeled data). Measured at 50% structured sparsity with `channel-usage`, fixed target, mean /
 worst held-out accuracy: KWS, 6 speakers, 0.557 / 0.42 without refit, 0.883 / 0.70 with it
 (unstructured usage at 0.5: 0.863 / 0.64); digits, 10 users, 0.751 / 0.50 -> 0.993 / 0.949
-(unstructured 0.994 / 0.963). Layers run in chain order, each against the already refit ones
-before it, so errors do not compound. Chain models only (`prunable_chain`): in a residual
-network a channel has several writers and readers.
+(unstructured 0.994 / 0.963). Layers run in order, each against the already refit ones before
+it, so errors do not compound. A layer is refit only where it is the one reader of the removed
+units (common.models.reader_links: a chain model's next layer; inside a ResNet block, conv2 after
+conv1); a residual stream channel has several writers and readers, and the engine does not
+remove those units when refit is on.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 from common.forward import batches
 from common.mask import Mask
-from common.models import prunable_layers
+from common.models import prunable_layers, reader_links
 
 RIDGE = 1e-3  # x the mean diagonal of X^T X: keeps the solve well posed where inputs are collinear
 
@@ -92,15 +94,15 @@ def refit_consumers(model: nn.Module, dense: nn.Module, mask: Mask, x: torch.Ten
     pruned. `step(layer)` is called before each layer (progress; it may raise to cancel). Returns
     {"layers": {layer: residual energy of its fit relative to the target's}, "samples": samples
     pushed through a model (each partial pass counted whole)}."""
-    if not hasattr(model, "prunable_chain"):
-        raise ValueError("refit needs a chain model (smallcnn, kws): in a residual network a channel "
-                         "has several writers")
+    links = reader_links(model)
+    if not links:
+        raise ValueError("refit needs layers whose units have one reader (a chain model, or the "
+                         "inside of ResNet blocks)")
     model.eval()
     dense.eval()
     layers, dlayers = prunable_layers(model), prunable_layers(dense)
-    chain = list(model.prunable_chain)
     dead = mask.dead_units()
-    todo = [(prev, name) for prev, name in zip(chain, chain[1:]) if bool(dead[prev].any())]
+    todo = [(prev, name) for prev, name in links if bool(dead[prev].any())]
     report, samples = {}, 0
     if not todo:
         return {"layers": report, "samples": samples}

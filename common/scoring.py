@@ -57,27 +57,30 @@ def firing_score(w: torch.Tensor, st: LayerStats, gen=None) -> torch.Tensor:
 
 @register("channel-usage", structured=True, network=True)
 def channel_usage_units(model, stats) -> dict:
-    """Per unit u of each chain layer: sqrt(sum over the next layer's inputs j fed by u of
-    (||x_j|| ||W_next[:, j]||)^2), the RMS signal u sends on, measured after its BatchNorm and
-    ReLU, weighted by how strongly the next layer listens. Divided by the layer's median, so one
-    global ranking compares units by their share within their layer. Chain models only
-    (smallcnn, kws): in a residual network a channel of the stream has several writers."""
-    from common.models import prunable_layers
+    """Per unit u of each producer layer: sqrt(sum over the reader's inputs j fed by u of
+    (||x_j|| ||W_reader[:, j]||)^2), the RMS signal u sends on, measured after its BatchNorm and
+    ReLU, weighted by how strongly its one reader listens. Divided by the layer's median, so one
+    global ranking compares units by their share within their layer. Producers are the layers
+    whose units have one reader (common.models.reader_links: a chain model's layers, the inside
+    of ResNet blocks); every other layer's units score +inf and stay."""
+    import math
 
-    if not hasattr(model, "prunable_chain"):
-        raise ValueError("channel-usage needs a chain model (smallcnn, kws); residual channels are "
-                         "coupled across layers")
+    from common.models import prunable_layers, reader_links
+
+    links = reader_links(model)
+    if not links:
+        raise ValueError("channel-usage needs layers whose units have one reader (a chain model, or "
+                         "ResNet blocks)")
     layers = prunable_layers(model)
-    chain = list(model.prunable_chain)
-    out = {}
-    for name, nxt in zip(chain, chain[1:]):
+    out = {name: torch.full((m.weight.shape[0],), math.inf) for name, m in layers.items()}
+    for name, nxt in links:
         units = layers[name].weight.shape[0]
         wn = layers[nxt].weight.detach()
         listen = wn.transpose(0, 1).reshape(wn.shape[1], -1).norm(dim=1)  # per input feature j
         signal = stats.layers[nxt].input_norm().to(listen) * listen
         per = wn.shape[1] // units  # inputs per unit (flattened spatial positions before an fc)
         u = signal.reshape(units, per).pow(2).sum(1).sqrt()
-        out[name] = u / u.median().clamp_min(1e-12)
+        out[name] = (u / u.median().clamp_min(1e-12)).cpu()
     return out
 
 

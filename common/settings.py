@@ -154,7 +154,7 @@ SETTINGS = [
       "much more probable (0: top-1 only)", {RUN, CLIENT, PRUNE}, low=0.0, high=1.0),
     S("refit", False, "structured scorers (firing, channel-usage): after pruning, re-solve each layer that "
       "read a removed unit by least squares so it gives the unpruned adapted model's outputs on the user's "
-      "data (forward passes only, no labels; chain models)", {RUN, CLIENT, PRUNE}),
+      "data (forward passes only, no labels; chain models and the inside of ResNet blocks)", {RUN, CLIENT, PRUNE}),
     S("head", "linear", "prototypes: after pruning, imprint the output layer with T3A prototypes of the user's "
       "pseudo-labelled features (forward only)", {RUN, CLIENT, PRUNE}, choices=("linear", "prototypes")),
     S("batch-size", 256, "samples per forward pass", {RUN, CLIENT, PRUNE}, low=1),

@@ -233,15 +233,23 @@ def test_channel_usage_keeps_more_accuracy_than_firing_when_whole_units_go(_digi
     assert min(acc["channel-usage"]) >= min(acc["firing"])
 
 
-def test_channel_usage_refuses_residual_networks_in_one_line():
-    from common.models import build_model
+def test_channel_usage_in_a_resnet_ranks_only_the_units_with_one_reader():
+    """In a residual network a stream channel has several writers and readers; channel-usage
+    ranks only the inner channels of each block (conv1's outputs, read by conv2 alone) and every
+    other unit scores +inf, so it stays whatever the sparsity."""
+    import math
+
+    from common.models import build_model, reader_links
     from common.prune import collect_stats
     from common.select import compute_scores
 
     m = build_model("resnet18", num_classes=10).eval()
     stats, _ = collect_stats(m, torch.rand(2, 3, 32, 32), 2, "cpu")
-    with pytest.raises(ValueError, match="channel-usage needs a chain model"):
-        compute_scores(m, stats, "channel-usage", 0)
+    scores = compute_scores(m, stats, "channel-usage", 0)
+    inner = {p for p, _ in reader_links(m)}
+    assert len(inner) == 8 and all(k.endswith(".conv1") and k.startswith("layer") for k in inner)
+    for name, s in scores.items():
+        assert torch.isfinite(s).all() if name in inner else (s == math.inf).all(), name
 
 
 def test_kth_value_selection_gives_the_masks_a_stable_sort_gives():

@@ -71,16 +71,50 @@ def test_refit_uses_forward_passes_only(digits, digits_split, digits_base, monke
     assert res.sparsity > 0.25
 
 
+def test_in_a_resnet_refit_removes_only_block_internal_units_and_restores_the_outputs():
+    """In a ResNet only units with one reader go (conv1 inside each block; the residual stream
+    stays), the layer that reads them is refit, the outputs come back toward the unpruned model's,
+    and the dependency-graph compaction is exact and halves the parameters."""
+    from common.compact_graph import compact_graph
+    from common.models import build_model, reader_links
+
+    torch.manual_seed(0)
+    base = build_model("resnet18", num_classes=10).eval()
+    x = torch.rand(24, 3, 32, 32)
+    with torch.no_grad():
+        want = base(x)
+    out = {}
+    import common.prune as engine
+
+    for refit in (False, True):
+        m = copy.deepcopy(base)
+        cfg = PruneConfig(scoring="channel-usage", scope="layer", target_sparsity=0.5, refit=True,
+                          recalibrate_bn=False, restrict_outputs=False)
+        real = engine.refit_consumers
+        if not refit:  # the same mask without its refit
+            engine.refit_consumers = lambda *a, **k: {"samples": 0}
+        try:
+            res = fine_prune(m, x, cfg)
+        finally:
+            engine.refit_consumers = real
+        with torch.no_grad():
+            out[refit] = (float((m(x) - want).pow(2).mean() / want.pow(2).mean()), m, res)
+    m, res = out[True][1], out[True][2]
+    gone = {k for k, v in res.mask.dead_units().items() if v.any()}
+    assert gone == {p for p, _ in reader_links(m)} and all(k.endswith("conv1") for k in gone)
+    assert out[True][0] < 0.5 * out[False][0], (out[True][0], out[False][0])
+    small, _, _ = compact_graph(m, res.mask, {"kind": "image", "image_size": 32, "channels": 3})
+    with torch.no_grad():
+        assert torch.allclose(small(x), m(x), atol=1e-4)
+    assert sum(p.numel() for p in small.parameters()) < 0.6 * sum(p.numel() for p in base.parameters())
+
+
 @pytest.mark.badinput
-def test_refit_without_a_structured_scorer_or_on_a_residual_network_is_refused(tmp_path, capsys):
+def test_refit_without_a_structured_scorer_is_refused_in_one_line(tmp_path, capsys):
     from common.cli import main
-    from common.models import build_model
 
     with pytest.raises(ValueError, match="needs a structured scorer"):
         PruneConfig(refit=True).validate()
-    with pytest.raises(ValueError, match="chain model"):
-        fine_prune(build_model("resnet18", num_classes=10), torch.rand(4, 3, 32, 32),
-                   PruneConfig(scoring="firing", target_sparsity=0.3, refit=True, recalibrate_bn=False))
     assert main(["personalize", "--model", str(tmp_path / "none.pt"), "--data", str(tmp_path), "--out",
                  str(tmp_path / "me.pt"), "--refit"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
