@@ -49,6 +49,7 @@ def _in_shape(layer: nn.Module, units: int) -> tuple:
 
 
 def _outs(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """A layer's output as rows, one per output position, matching _rows."""
     return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1]) if isinstance(layer, nn.Conv2d) else out
 
 
@@ -89,7 +90,7 @@ def _outputs(model: nn.Module, layers: list, x: torch.Tensor, batch_size: int, d
 @torch.no_grad()
 def refit_consumers(model: nn.Module, dense: nn.Module, mask: Mask, x: torch.Tensor, batch_size: int = 256,
                     device: str = "cpu", step=lambda name: None) -> dict:
-    """Refit, in place, every chain layer whose producer lost units under `mask`, to reproduce
+    """Refit, in place, every layer that is the one reader of units `mask` removed, to reproduce
     `dense` (the unpruned model, adapted the same way) on `x`. The layer's own pruned units stay
     pruned. `step(layer)` is called before each layer (progress; it may raise to cancel). Returns
     {"layers": {layer: residual energy of its fit relative to the target's}, "samples": samples
@@ -107,8 +108,8 @@ def refit_consumers(model: nn.Module, dense: nn.Module, mask: Mask, x: torch.Ten
     if not todo:
         return {"layers": report, "samples": samples}
     # the targets of every layer to refit from one pass of the unpruned model (the layers run in
-    # chain order, each on inputs from the already refit ones, so only the pruned model's side
-    # needs a pass per layer: 1 + K passes, not 2K)
+    # order, each on inputs from the already refit ones, so only the pruned model's side needs a
+    # pass per layer: 1 + K passes, not 2K)
     targets = _outputs(dense, [dlayers[name] for _, name in todo], x, batch_size, device)
     samples += len(x)
     for (prev, name), ys in zip(todo, targets):
