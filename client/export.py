@@ -166,12 +166,17 @@ def _pte_bytes(model: torch.nn.Module, x: torch.Tensor) -> bytes:
         warnings.simplefilter("ignore")
         # batch 1, what a device classifies (a dynamic batch lowered, but the runtime kept the
         # example's batch as the input's capacity for the audio model)
-        ep = torch.export.export(lowerable(model, x), (x[:1],))
+        ep = torch.export.export(model, (x[:1],))
         return bytes(lower(ep, partitioner=[partitioner()]).to_executorch().buffer)
 
 
+def pte_method(program: bytes | str):
+    """The `forward` of an ExecuTorch program, from the file's bytes or its path."""
+    return _executorch()[2].get().load_program(program).load_method("forward")
+
+
 def _pte_run(data: bytes, x: torch.Tensor) -> torch.Tensor:
-    method = _executorch()[2].get().load_program(data).load_method("forward")
+    method = pte_method(data)
     return torch.cat([method.execute([row.unsqueeze(0).contiguous()])[0] for row in x])
 
 
@@ -196,9 +201,10 @@ def export(model: torch.nn.Module, features: dict, fmt: str, out: str | Path) ->
         want = model(x)
         # ONNX gets the lowerable copy too: onnxruntime's STFT op made the KWS front end 0.38 ms
         # of a 0.49 ms clip, the strided-convolution spectrogram 0.11 of 0.22 (same logits to 8e-6)
-        make, run = {"onnx": (lambda m, xs: _onnx_bytes(lowerable(m, xs), xs), _onnx_run), "pte": (_pte_bytes, _pte_run),
+        src = model if fmt == "torchscript" else lowerable(model, x)
+        make, run = {"onnx": (_onnx_bytes, _onnx_run), "pte": (_pte_bytes, _pte_run),
                      "torchscript": (lambda m, _x: _script_bytes(m), _script_run)}[fmt]
-        data = make(model, x[:2])
+        data = make(src, x[:2])
         got = run(data, x)
     same = bool((got.argmax(1) == want.argmax(1)).all())
     finite = torch.isfinite(want)

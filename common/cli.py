@@ -19,7 +19,7 @@ COMMANDS = {  # name: (module that builds and runs it, one-line help)
     "evaluate": ("client.commands", "accuracy of a model on labeled examples, per class, with a confusion matrix"),
     "predict": ("client.commands", "classify WAV or image files: one JSON line per file"),
     "info": ("client.commands", "what a checkpoint holds: task, classes, input, sparsity, restriction, fingerprints"),
-    "export": ("client.commands", "write a model as ONNX or TorchScript for runtimes without Python"),
+    "export": ("client.commands", "write a model as ONNX, TorchScript or ExecuTorch .pte for runtimes without Python"),
     "simulate": ("simulations.commands", "federated personalization on Flower's simulation engine"),
     "bench": ("simulations.commands", "the benchmark: every method on the same users, results.csv/.md and plots"),
     "bench-scale": ("simulations.commands", "federation scaling: wall time, peak memory and cost per client at 10-5,000 clients"),

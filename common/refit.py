@@ -41,13 +41,6 @@ def _rows(layer: nn.Module, inp: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"refit supports Conv2d and Linear layers, not {type(layer).__name__}")
 
 
-def _in_shape(layer: nn.Module, units: int) -> tuple:
-    """One sample's input shape up to its spatial size, enough to count features per unit."""
-    if isinstance(layer, nn.Conv2d):
-        return (units, *layer.kernel_size)  # one patch: unfold gives units x kh x kw features
-    return (layer.weight.shape[1],)
-
-
 def _outs(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
     """A layer's output as rows, one per output position, matching _rows."""
     return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1]) if isinstance(layer, nn.Conv2d) else out
@@ -117,9 +110,10 @@ def refit_consumers(model: nn.Module, dense: nn.Module, mask: Mask, x: torch.Ten
         layer = layers[name]
         # only inputs from live units enter the solve (a dead unit's input reads exact zeros):
         # at 50% structured sparsity that halves the unknowns and quarters X^T X
-        units = dead[prev].numel()
-        per = _rows(layer, torch.zeros(1, *_in_shape(layer, units))).shape[1] // units
-        live = (~dead[prev]).repeat_interleave(per).to(device)  # features are unit-major (C, kh, kw)
+        # a row's features are ordered as one output's weights (unit-major: C x kh x kw, or the
+        # C x positions a flatten feeds a fully-connected layer)
+        per = layer.weight[0].numel() // dead[prev].numel()
+        live = (~dead[prev]).repeat_interleave(per).to(device)
         xtx = xty = None
         yty = 0.0
         for a, y in zip(_upto(model, layer, x, batch_size, device), ys):

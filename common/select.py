@@ -69,19 +69,17 @@ def global_ranking(scores: dict, single: bool = False):
     names = list(scores)
     shapes = [scores[k].shape for k in names]
     flat = torch.cat([scores[k].flatten() for k in names])
+    rank = None
     # a GPU sorts fast; NaN needs the sort's order (kthvalue does not place it)
-    sort = not single or flat.is_cuda or bool(torch.isnan(flat).any())
-    state = {"rank": None}
+    if not single or flat.is_cuda or bool(torch.isnan(flat).any()):
+        order = torch.argsort(flat, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order), device=order.device)  # each mask: one comparison
 
     def at(sparsity: float) -> Mask:
         n_prune = int(round(sparsity * flat.numel()))
-        if sort and state["rank"] is None:
-            order = torch.argsort(flat, stable=True)
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(len(order), device=order.device)
-            state["rank"] = rank  # each later mask is one comparison, not a scatter of its pruned share
-        if sort:
-            keep = state["rank"] >= n_prune
+        if rank is not None:
+            keep = rank >= n_prune
         elif n_prune == 0:
             keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
         else:
@@ -122,7 +120,7 @@ def mask_at(scores: dict, base: Mask, sparsity: float, scope: str, structured: b
 
 def masker(scores: dict, dense: Mask, scope: str, structured: bool, single: bool = False):
     """sparsity -> Mask from fixed scores, starting from the dense model. `single`: it will be
-    asked for one sparsity only (see global_ranking)."""
+    asked for few sparsities (a fixed target, a bisection; see global_ranking)."""
     if structured or scope != "global":
         return lambda sparsity: mask_at(scores, dense, sparsity, scope, structured)
     return global_ranking(scores, single)

@@ -100,11 +100,10 @@ def measure(base, x, y, device: str = "cpu", repeats: int = 3, batch_size: int =
     """Median seconds per column over `repeats` interleaved rounds, the default's phases and how
     far its stop rule pruned."""
     base = base.to(device).eval()
-    res_default = {}
+    default_runs = []
 
     def default():
-        r = fine_prune(copy.deepcopy(base), x, PruneConfig(batch_size=batch_size), device)
-        res_default.setdefault("runs", []).append(r)
+        default_runs.append(fine_prune(copy.deepcopy(base), x, PruneConfig(batch_size=batch_size), device))
 
     def bn_stats():
         # recalibration rewrites the BatchNorm buffers: a copy's, never the base's (the copy is
@@ -147,8 +146,7 @@ def measure(base, x, y, device: str = "cpu", repeats: int = 3, batch_size: int =
             f"{secs['default (label-free stop)'][-1]:.3f} s")
     med = {k: statistics.median(v) for k, v in secs.items()}
     inf = med["inference pass"]
-    runs_d = res_default["runs"]
-    mid = sorted(runs_d, key=lambda r: r.seconds)[len(runs_d) // 2]
+    mid = sorted(default_runs, key=lambda r: r.seconds)[len(default_runs) // 2]
     return {"seconds": med, "x_inference": {k: v / inf for k, v in med.items()},
             "default_phases_x": {k: v / inf for k, v in sorted(mid.phases.items(), key=lambda kv: -kv[1])},
             "default_sparsity": mid.sparsity, "default_forward_passes": mid.forward_samples / len(x),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from client.export import FORMATS, export, onnx_session, probe_inputs
+from client.export import FORMATS, export, onnx_session, probe_inputs, pte_method
 from common.checkpoint import load_checkpoint
 from common.io import atomic_write_text
 
@@ -26,9 +26,7 @@ def _runner(fmt: str, path: Path, model):
         m = torch.jit.load(str(path))
         return lambda x: m(x)
     if fmt == "pte":
-        from client.export import _executorch
-
-        method = _executorch()[2].get().load_program(str(path)).load_method("forward")
+        method = pte_method(str(path))
         return lambda x: method.execute([x])
     sess = onnx_session(str(path))
     name = sess.get_inputs()[0].name

@@ -36,7 +36,7 @@ def main() -> dict:
                         pred = m.to(dev).eval()(data[:32].to(dev)).argmax(1).cpu()
                     res[dev] = (r, pred)
                 (a, pa), (b, pb) = res["cpu"], res["cuda"]
-                differ = sum(int((a.mask.layers[k] != b.mask.layers[k]).sum()) for k in a.mask.layers)
+                differ = int(a.mask.hamming(b.mask, normalized=False))
                 out[f"{name} {cfg_name}"] = {"cpu_sparsity": round(a.sparsity, 4), "cuda_sparsity": round(b.sparsity, 4),
                                              "connections_differing": differ, "total": a.mask.total(),
                                              "same_predictions_32": bool(torch.equal(pa, pb)),
