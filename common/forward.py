@@ -9,22 +9,45 @@ from common.models import prunable_layers
 from common.stats import StatsCollector
 
 
-def batches(x: torch.Tensor, batch_size: int):
-    for i in range(0, len(x), batch_size):
-        yield x[i:i + batch_size]
+def batches(x: torch.Tensor, batch_size: int, first: torch.Tensor | None = None):
+    """x in batches of `batch_size`; with `first` (sample indices), those samples come first, in
+    batches of their own, then the rest in order."""
+    if first is None:
+        for i in range(0, len(x), batch_size):
+            yield x[i:i + batch_size]
+        return
+    rest = torch.ones(len(x), dtype=torch.bool)
+    rest[first] = False
+    for part in (first, torch.nonzero(rest).flatten()):
+        for i in range(0, len(part), batch_size):
+            yield x[part[i:i + batch_size]]
+
+
+def _unorder(logits: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
+    """Logits of a pass that took `first` first, back in the order of x."""
+    if first is None:
+        return logits
+    rest = torch.ones(len(logits), dtype=torch.bool)
+    rest[first] = False
+    order = torch.cat([first, torch.nonzero(rest).flatten()])
+    out = torch.empty_like(logits)
+    out[order] = logits
+    return out
 
 
 def forward_pass(model: nn.Module, x: torch.Tensor, batch_size: int, device: str = "cpu",
-                 hooks: bool | None = None, classes: bool = False):
-    """One pass over x in batches, in the model's current mode: (logits on CPU, usage statistics
-    or None). `hooks`: None for no statistics, else whether to collect output statistics too;
-    `classes`: per pseudo-class sums of fully-connected inputs as well."""
+                 hooks: bool | None = None, classes: bool = False, first: torch.Tensor | None = None):
+    """One pass over x in batches, in the model's current mode: (logits on CPU, in the order of x;
+    usage statistics or None). `hooks`: None for no statistics, else whether to collect output
+    statistics too; `classes`: per pseudo-class sums of fully-connected inputs as well; `first`:
+    sample indices that make up the first batches (see batches)."""
     if hooks is None:
-        return torch.cat([model(b.to(device)).float().cpu() for b in batches(x, batch_size)]), None
+        lg = torch.cat([model(b.to(device)).float().cpu() for b in batches(x, batch_size, first)])
+        return _unorder(lg, first), None
     with StatsCollector(model, hooks, classes) as col:
-        logits = torch.cat([model(b.to(device)).float().cpu() for b in batches(x, batch_size)])
+        logits = torch.cat([model(b.to(device)).float().cpu() for b in batches(x, batch_size, first)])
     col.stats.samples = len(x)
-    return logits, col.stats
+    return _unorder(logits, first), col.stats
 
 
 @torch.no_grad()
@@ -51,20 +74,33 @@ def features_and_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: str = "cpu",
-                   hooks: bool | None = None, classes: bool = False):
+                   hooks: bool | None = None, classes: bool = False, first: torch.Tensor | None = None):
     """Re-estimate BatchNorm running statistics on the user's data (forward only). The same pass
     gives the logits (each batch normalized by its own statistics: with one batch, what the
     recalibrated model outputs) and, with `hooks` not None, usage statistics of the recalibrated
-    model (hooks=True: output statistics too); returns (logits, stats)."""
+    model (hooks=True: output statistics too); returns (logits, stats). `first`: see batches."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]
+    seen = [0] * len(bns)
+
+    def weigh(i):
+        # the running statistics average the batches weighted by their samples (momentum None
+        # weighs batches equally: a last batch of 2 counted as much as one of 256)
+        def pre(m, args):
+            b = args[0].shape[0]
+            seen[i] += b
+            m.momentum = b / seen[i]
+        return pre
+
+    handles = [m.register_forward_pre_hook(weigh(i)) for i, m in enumerate(bns)]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None  # cumulative average over all batches
         m.train()
     try:
-        return forward_pass(model, x, batch_size, device, hooks=hooks, classes=classes)
+        return forward_pass(model, x, batch_size, device, hooks=hooks, classes=classes, first=first)
     finally:
+        for h in handles:
+            h.remove()
         for m, mom in zip(bns, saved):
             m.momentum = mom
         model.eval()

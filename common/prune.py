@@ -53,6 +53,10 @@ class _PruneConfigBase:
         pass then costs at most a quarter of a full pass on all but the smallest data sets)."""
         return min(n, self.probe_size or max(32, min(128, n // 4)))
 
+    def probe_pick(self, n: int) -> torch.Tensor:
+        """Which of the user's n samples make up the probe (seeded)."""
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:self.probe_samples(n)]
+
     @classmethod
     def from_settings(cls, values: dict) -> "PruneConfig":
         """From checked settings (common.settings.parse_values), keyed by setting name."""
@@ -127,9 +131,10 @@ class Probe:
     state at the start of pruning; counts the samples it pushes through the model and keeps the
     BatchNorm statistics each recalibrating pass estimated, so the mask kept reuses them."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, cfg, device: str, need_stats: bool, clock: Clock):
+    def __init__(self, model: nn.Module, x: torch.Tensor, pick: torch.Tensor, cfg, device: str, need_stats: bool,
+                 clock: Clock):
         self.model, self.cfg, self.device, self.need_stats, self.clock = model, cfg, device, need_stats, clock
-        self.pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.probe_samples(len(x))]
+        self.pick = pick
         self.x, self.data = x[self.pick], x
         # every parameter and buffer beside a copy of its value at the start of pruning: loading
         # a candidate copies tensor to tensor (load_state_dict's key matching and the module walk
@@ -161,6 +166,12 @@ class Probe:
             lg, st = predict_logits(model, self.x, cfg.batch_size, self.device), None
             self.clock.lap(phase)
         return lg, st
+
+    def reuse_start_bn(self, mask: Mask) -> None:
+        """`mask` keeps the BatchNorm statistics the model had when pruning started (those of the
+        statistics pass, all of the user's data): no probe pass needs to estimate them."""
+        self.bn[round(mask.sparsity(), 9)] = {k: start.clone() for k, (live, start) in
+                                              zip(self.model.state_dict(), self.pairs) if k in self.bn_live}
 
     @torch.no_grad()
     def load(self, mask: Mask) -> None:
@@ -199,11 +210,19 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     scorer = get_scorer(cfg.scoring)
     need_stats = RULES[cfg.stop_rule].needs_stats
     need_outputs, need_classes = "outputs" in scorer.needs or need_stats, "classes" in scorer.needs
+    pick = cfg.probe_pick(len(x))
+    searching = cfg.target_sparsity is None and cfg.stop_rule != "none"
+    # The stop rule's reference is the unpruned model recalibrated on the probe. The statistics
+    # pass gives it for free when the probe makes up its first batches: in train mode each batch
+    # is normalized by its own statistics, so those logits are what a probe pass of the unpruned
+    # model outputs (a rule that reads statistics still needs the probe's own: one probe pass).
+    fold = searching and cfg.recalibrate_bn and not cfg.base_stats and not need_stats
     if cfg.recalibrate_bn and not cfg.base_stats:
         # One pass both adapts BatchNorm to the user and measures usage on the adapted network:
         # under a domain shift the base's own activations mislead the ranking (digits users
         # with their own style, usage at 70% sparsity: 0.712 with base statistics, 0.791 adapted).
-        logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs, classes=need_classes)
+        logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs, classes=need_classes,
+                                       first=pick if fold else None)
     else:
         stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs, classes=need_classes)
     clock.lap("statistics pass")
@@ -223,11 +242,11 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
         producers = {p for p, _ in reader_links(model)}
         scores = {k: v if k in producers else torch.full_like(v, math.inf) for k, v in scores.items()}
     clock.lap("scores")
-    probe = Probe(model, x, cfg, device, need_stats, clock)
+    probe = Probe(model, x, pick, cfg, device, need_stats, clock)
     clock.lap("mask apply")
     stat_samples = 0
 
-    if cfg.target_sparsity is not None or cfg.stop_rule == "none":
+    if not searching:
         levels = schedule(cfg.step, cfg.max_sparsity, cfg.target_sparsity)
         mask = (masker(scores, dense, cfg.scope, scorer.structured, single=True)(levels[-1])
                 if cfg.target_sparsity != 0 else dense)
@@ -238,10 +257,15 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     else:
         # The reference is the unpruned model's own output on the probe, taken from the statistics
         # pass (no extra forward pass); with output restriction, the restricted outputs. With
-        # BatchNorm recalibration it is the unpruned model recalibrated the same way (one probe
-        # pass), so the rule measures what pruning changes, not what recalibration changes.
+        # BatchNorm recalibration it is the unpruned model recalibrated the same way, so the rule
+        # measures what pruning changes, not what recalibration changes: the statistics pass's
+        # first batches (fold), or one probe pass.
         ref_logits, ref_stats = logits[probe.pick].clone(), stats
-        if cfg.recalibrate_bn:
+        if fold:
+            # with nothing but the restriction pruned, the kept model keeps the statistics pass's
+            # BatchNorm statistics (the restriction's rows feed no BatchNorm)
+            probe.reuse_start_bn(dense if restricted is None else apply_restriction(model, dense, restricted))
+        elif cfg.recalibrate_bn:
             # with the restriction's rows pruned, as every candidate is: the same logits once
             # restricted, and its BatchNorm statistics are then the kept model's when nothing
             # else may go (no recalibration pass at the end)

@@ -1,7 +1,8 @@
 """What personalization costs, and that the speed work changed no result: exact k-th value
 selection on inputs big enough for its bracketing path, the engine's report of where its time
-went, no recalibration pass at the end when the reference probe already judged the kept model,
-and `fineprune bench-cost` writing its tables. (The measured ratios are the benchmark's, not
+went, the stop rule's reference taken from the statistics pass (no probe pass of its own), no
+recalibration pass at the end when nothing but the restriction goes, and `fineprune bench-cost`
+writing its tables. (The measured ratios are the benchmark's, not
 tests': speed is never asserted here.)"""
 import copy
 import json
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from common import data as D
+from common.forward import recalibrate_bn
 from common.prune import PruneConfig, fine_prune
 from common.restrict import apply_restriction
 from common.select import global_ranking, kth_smallest
@@ -56,7 +58,8 @@ def _user(digits, pool, classes):
 def test_the_engine_reports_where_its_time_went(digits, digits_split, digits_base):
     user = _user(digits, digits_split[1], (0, 3, 8))
     res = fine_prune(copy.deepcopy(digits_base), user.unlabeled, PruneConfig())
-    assert {"statistics pass", "reference probe", "probe passes", "selection", "mask apply"} <= set(res.phases)
+    assert {"statistics pass", "probe passes", "selection", "mask apply"} <= set(res.phases)
+    assert "reference probe" not in res.phases  # the statistics pass gave it
     assert all(v >= 0 for v in res.phases.values())
     # the phases are laps of one clock: together they are the whole call, nothing counted twice
     assert sum(res.phases.values()) == pytest.approx(res.seconds, rel=0.05, abs=2e-3)
@@ -64,18 +67,73 @@ def test_the_engine_reports_where_its_time_went(digits, digits_split, digits_bas
     assert "probe passes" not in fixed.phases and "final recalibration" in fixed.phases
 
 
-def test_when_nothing_may_go_the_reference_probe_is_the_kept_model(digits, digits_split, digits_base):
-    """With output restriction the reference probe prunes the restricted rows as every candidate
-    does: its logits are the same once restricted, and when the rule accepts no step its
-    BatchNorm statistics are the kept model's, so no recalibration pass follows."""
+def test_when_nothing_may_go_the_kept_model_has_the_statistics_pass_batchnorm(digits, digits_split, digits_base):
+    """When the rule accepts no step, only the restricted output rows go: they feed no
+    BatchNorm, so the kept model keeps the statistics the statistics pass estimated on all of the
+    user's data, and no recalibration pass follows."""
     user = _user(digits, digits_split[1], (0, 3, 8))
     n = len(user.unlabeled)
     cfg = PruneConfig(tolerance=0.0, step=0.9, max_sparsity=0.95)  # one 90% step: no digits model keeps every answer
     res = fine_prune(copy.deepcopy(digits_base), user.unlabeled, cfg)
     assert res.restricted_classes is not None and not any(h["passed"] for h in res.history)
     assert res.mask == apply_restriction(digits_base, res.mask.__class__.dense(digits_base), res.restricted_classes)
-    assert res.forward_samples == n + cfg.probe_samples(n) * (1 + len(res.history))
+    assert res.forward_samples == n + cfg.probe_samples(n) * len(res.history)
     assert "final recalibration" not in res.phases
+    full = copy.deepcopy(digits_base)
+    recalibrate_bn(full, user.unlabeled, 256)
+    kept = copy.deepcopy(digits_base)
+    fine_prune(kept, user.unlabeled, cfg)
+    probe_only = copy.deepcopy(digits_base)
+    recalibrate_bn(probe_only, user.unlabeled[cfg.probe_pick(n)], 256)
+    # the means of all samples (bn2's input was normalized per batch: probe, then the rest)
+    for name, tol in (("bn1", 1e-6), ("bn2", 1e-3)):
+        assert torch.allclose(getattr(kept, name).running_mean, getattr(full, name).running_mean, atol=tol)
+        assert not torch.allclose(getattr(probe_only, name).running_mean, getattr(full, name).running_mean, atol=tol)
+        # the variances average the two batches': the spread between the batch means is left
+        # out, as in any multi-batch recalibration
+        assert torch.allclose(getattr(kept, name).running_var, getattr(full, name).running_var, rtol=0.05)
+
+
+@pytest.mark.parametrize("batch_size", [256, 16])
+def test_the_reference_from_the_statistics_pass_is_what_a_probe_pass_outputs(digits, digits_split, digits_base,
+                                                                           batch_size):
+    """The statistics pass takes the probe first, in batches of its own: in train mode each batch
+    is normalized by its own statistics, so those logits are, bit for bit, what a recalibrating
+    probe pass of the unpruned model outputs, the reference the stop rule needs; the other
+    samples' logits come back in their places."""
+    x = _user(digits, digits_split[1], (0, 3, 8)).unlabeled
+    pick = PruneConfig().probe_pick(len(x))
+    assert 0 < len(pick) < len(x)
+    lg, _ = recalibrate_bn(copy.deepcopy(digits_base), x, batch_size, hooks=False, first=pick)
+    probe_pass, _ = recalibrate_bn(copy.deepcopy(digits_base), x[pick], batch_size)
+    assert torch.equal(lg[pick], probe_pass)
+    rest = torch.ones(len(x), dtype=torch.bool)
+    rest[pick] = False
+    others, _ = recalibrate_bn(copy.deepcopy(digits_base), x[rest], batch_size)
+    assert torch.equal(lg[rest], others)
+
+
+def test_a_rule_that_reads_statistics_still_gets_a_reference_probe(digits, digits_split, digits_base):
+    user = _user(digits, digits_split[1], (0, 3, 8))
+    n = len(user.unlabeled)
+    cfg = PruneConfig(stop_rule="drift", tolerance=0.05)
+    res = fine_prune(copy.deepcopy(digits_base), user.unlabeled, cfg)
+    assert "reference probe" in res.phases
+    assert res.forward_samples == n + cfg.probe_samples(n) * (1 + len(res.history))
+
+
+def test_recalibration_weighs_batches_by_their_samples(digits, digits_base):
+    """The running statistics are those of all the samples, however the batches fall: 70 samples
+    in batches of 64 and 6 give the mean of all 70 (PyTorch's cumulative average, momentum None,
+    weighs the 6 as much as the 64)."""
+    x = digits.x[:70]
+    model = copy.deepcopy(digits_base)
+    recalibrate_bn(model, x, 64)
+    with torch.no_grad():
+        h = digits_base.conv1(x)
+        by_batch = (h[:64].mean((0, 2, 3)) + h[64:].mean((0, 2, 3))) / 2
+    assert torch.allclose(model.bn1.running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    assert not torch.allclose(by_batch, h.mean((0, 2, 3)), atol=1e-3)  # the equal weighting is measurably off
 
 
 def test_bench_cost_writes_its_tables_and_plot(tmp_path):
