@@ -106,6 +106,24 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
         model.eval()
 
 
+def engine_layout(model: nn.Module, device: str):
+    """The memory format the engine runs a model's passes in: channels_last for a convolutional
+    model on the CPU, else None (as given). Measured on this CPU, 1 thread, against the model's
+    own NCHW inference pass: inference 0.54x (digits CNN), 0.73x (KWS), 0.67-0.72x (ResNet18/50
+    at 224); a BatchNorm-recalibrating pass 0.60-0.75x where NCHW takes 0.84-1.39x. Unmeasured on
+    a GPU, so left as given there."""
+    if str(device).startswith("cuda"):
+        return None
+    return torch.channels_last if any(isinstance(m, nn.Conv2d) for m in model.modules()) else None
+
+
+def to_layout(model: nn.Module, fmt) -> nn.Module:
+    """The model's 4-D weights in memory format `fmt` (None: leave as is), in place. The values,
+    and what the model computes, do not change; only the order in memory, and with it which
+    kernels run (float rounding may differ in the last bits)."""
+    return model.to(memory_format=fmt) if fmt is not None else model
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

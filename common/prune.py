@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from common import settings as ST
-from common.forward import batched_forward, forward_pass, recalibrate_bn
+from common.forward import batched_forward, engine_layout, forward_pass, recalibrate_bn, to_layout
 from common.heads import imprint_prototypes
 from common.mask import Mask, apply_plan
 from common.models import reader_links
@@ -207,6 +207,10 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     clock = Clock(device)
     tick = progress or (lambda *a: None)
     model.to(device).eval()
+    # the passes run in the layout fastest here (channels_last for a conv net on the CPU: every
+    # pass 0.54-0.75x of an NCHW one); the model is handed back in its own layout
+    layout = engine_layout(model, device)
+    to_layout(model, layout)
     scorer = get_scorer(cfg.scoring)
     need_stats = RULES[cfg.stop_rule].needs_stats
     need_outputs, need_classes = "outputs" in scorer.needs or need_stats, "classes" in scorer.needs
@@ -216,7 +220,10 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     # pass gives it for free when the probe makes up its first batches: in train mode each batch
     # is normalized by its own statistics, so those logits are what a probe pass of the unpruned
     # model outputs (a rule that reads statistics still needs the probe's own: one probe pass).
-    fold = searching and cfg.recalibrate_bn and not cfg.base_stats and not need_stats
+    # Not when the other samples would end in a batch of one: BatchNorm cannot normalize one
+    # sample by its own statistics where a map is 1x1 (ResNet18's last stage at 32x32 inputs).
+    fold = (searching and cfg.recalibrate_bn and not cfg.base_stats and not need_stats
+            and (len(x) - len(pick)) % cfg.batch_size != 1)
     if cfg.recalibrate_bn and not cfg.base_stats:
         # One pass both adapts BatchNorm to the user and measures usage on the adapted network:
         # under a domain shift the base's own activations mislead the ranking (digits users
@@ -282,6 +289,10 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
         mask = apply_restriction(model, mask, restricted)
         clock.lap("selection")
     probe.keep(mask)  # the pruned network, with BatchNorm statistics of this user's data
+    if layout is not None:
+        to_layout(model, torch.contiguous_format)
+        if dense_adapted is not None:
+            to_layout(dense_adapted, torch.contiguous_format)
     fwd = len(x) + probe.samples + stat_samples
     if cfg.refit:
         clock.lap("mask apply")

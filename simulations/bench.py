@@ -25,6 +25,7 @@ from common import data as D
 from common.checkpoint import fingerprint
 from common.compact import compact
 from common.federation import model_bytes
+from common.forward import engine_layout, to_layout
 from common.models import prunable_layers
 from common.io import atomic_write_csv, atomic_write_text
 from common.prune import PruneConfig, fine_prune, personalized_model
@@ -118,10 +119,13 @@ def run_user(task: str, base, user: BenchUser, measure_memory: bool) -> list[dic
                          bitmap_bytes=len(encode(build_summary(res.mask, hist, "bitmap", fp, size))),
                          peak_mb=(peak_mb("prune", base, user.x, cfg=cfg)
                                   if measure_memory and (method, level) in MEMORY_METHODS else None)))
-    rows += baseline_rows(common, base, user)
+    # the baselines run in the engine's layout too (channels_last for conv nets on the CPU), so the
+    # cost column compares methods, not memory layouts
+    fast = to_layout(copy.deepcopy(base), engine_layout(base, "cpu"))
+    rows += baseline_rows(common, fast, user)
     # the expensive baseline: backprop with the labels a device does not have; in a federation it
     # would upload its weights (or their update), the dense fp32 model
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(fast)
     cost = train_supervised(model, user.x, user.y, epochs=5, lr=5e-4, batch_size=32)
     rows.append(dict(common, method=BACKPROP, level="-", accuracy=accuracy(model, user.heldout_x, user.heldout_y),
                      sparsity=0.0, stop_reason="", seconds=cost["seconds"],

@@ -44,7 +44,7 @@ def to_markdown(res: dict) -> str:
     parts = ", ".join(f"{k} {v:.2f}" for k, v in res["default_phases_x"].items() if v >= 0.005)
     lines += ["", f"The default stopped at sparsity {res['default_sparsity']:.3f} after {res['default_probes']} "
               f"probes; its time in inference passes: {parts}.",
-              f"5 epochs of backprop cost {5 * res['x_inference']['backprop, 1 epoch'] / res['x_inference'][COLUMNS[5]]:.1f}x "
+              f"5 epochs of backprop cost {5 * res['x_inference']['backprop, 1 epoch'] / res['x_inference']['default (label-free stop)']:.1f}x "
               f"the default."]
     return "\n".join(lines) + "\n"
 

@@ -161,3 +161,27 @@ def test_bench_cost_refuses_unknown_workloads_and_kws_without_data_in_one_line(t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "unknown workload(s): vgg" in err[0] and "needs --fsdd" in err[1]
     assert not (tmp_path / "x").exists()
+
+
+def test_a_user_one_sample_past_the_probe_still_personalizes():
+    """33 images, a probe of 32: taking the probe first would leave the 33rd in a batch of its
+    own, which BatchNorm cannot normalize over ResNet18's 1x1 maps at 32x32; the engine then
+    takes a reference probe instead."""
+    from common.models import build_model
+
+    torch.manual_seed(0)
+    x = torch.randn(33, 3, 32, 32)
+    res = fine_prune(build_model("resnet18", num_classes=10), x, PruneConfig())
+    assert "reference probe" in res.phases and res.forward_samples == 33 + 32 * (1 + len(res.history))
+
+
+def test_the_engine_hands_the_model_back_in_its_own_layout(digits, digits_split, digits_base):
+    """Passes run in channels_last on the CPU; the personalized model comes back contiguous,
+    as it came, and predicts what its mask and statistics say."""
+    user = _user(digits, digits_split[1], (0, 3, 8))
+    model = copy.deepcopy(digits_base)
+    res = fine_prune(model, user.unlabeled, PruneConfig(target_sparsity=0.5))
+    assert all(p.is_contiguous() for p in model.parameters())  # conv2's weight in channels_last is not
+    for name, keep in res.mask.layers.items():
+        w = dict(model.named_modules())[name].weight
+        assert not bool(w[~keep].any()) and bool(w[keep].ne(0).any())

@@ -62,3 +62,26 @@ def test_scorer_registry_plugin_and_unknown_name():
         SCORERS.pop("half_magnitude")
     with pytest.raises(ValueError, match="unknown scoring 'nope'"):
         get_scorer("nope")
+
+
+def test_statistics_in_channels_last_equal_those_in_the_models_own_layout():
+    """The engine runs conv nets in channels_last on the CPU; the usage hook reads that layout
+    through a view, and every statistic matches the NCHW pass."""
+    from common.forward import engine_layout, to_layout
+
+    torch.manual_seed(0)
+    m = build_model("resnet18", num_classes=10).eval()
+    x = torch.randn(6, 3, 64, 64)
+    assert engine_layout(m, "cpu") is torch.channels_last and engine_layout(m, "cuda") is None
+    assert engine_layout(nn.Sequential(nn.Linear(4, 2)), "cpu") is None
+    ref, lg = collect_stats(m, x, 4, "cpu", outputs=True)
+    cl = to_layout(build_model("resnet18", num_classes=10).eval(), torch.channels_last)
+    cl.load_state_dict(m.state_dict())
+    assert cl.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    got, lg2 = collect_stats(cl, x, 4, "cpu", outputs=True)
+    assert torch.allclose(lg, lg2, atol=1e-4)
+    for k, r in ref.layers.items():
+        g = got.layers[k]
+        assert r.in_count == g.in_count and r.out_count == g.out_count
+        assert torch.allclose(r.in_sq, g.in_sq, rtol=1e-4, atol=1e-6 * float(r.in_sq.max())), k
+        assert torch.allclose(r.out_sum, g.out_sum, rtol=1e-4, atol=1e-3), k
