@@ -23,7 +23,6 @@ ATTACK_APP = Path(__file__).parent / "attack_app"
 def deployment(tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy")
     dep = Deployment(out, export_digits_users(out, 3), auth=True, intruders=1)
-    killed_at = None
     try:
         dep.start()
         attack = attack_attempts(dep, out)
@@ -35,7 +34,6 @@ def deployment(tmp_path_factory):
             time.sleep(0.5)
         assert got_model.exists(), "supernode-2 never received the base model"
         dep.kill("supernode-2")  # mid-round: it holds the model and is working on its reply
-        killed_at = time.time()
         report = dep.wait(run, timeout=500)
         intruder_exit = dep.procs["intruder-0"].poll()  # before stop(): did it give up by itself?
     finally:

@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from client.device import Device
-from common.checkpoint import fingerprint, load_checkpoint
+from common.checkpoint import load_checkpoint
 from common.federation import DEFAULTS, model_bytes
 from common.io import atomic_write_bytes
 from common.mask import Mask

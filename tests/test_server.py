@@ -1,18 +1,17 @@
 """Server side without Ray: analysis on known masks, and the strategy's handling of good,
 malformed and failed replies in one round."""
-import copy
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from common.checkpoint import fingerprint
 from common.federation import DEFAULTS, model_bytes
 from common.mask import Mask
 from common.models import build_model, prunable_layers
-from common.summary import build_summary, decode, encode, usage_histograms
-from server.analysis import analyze, clusters, consensus
+from common.summary import build_summary, encode, usage_histograms
+from server.analysis import clusters, consensus
 from server.strategy import FinePruneStrategy
 from tests.conftest import FakeGrid
 

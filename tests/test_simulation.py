@@ -1,7 +1,6 @@
 """End to end on Flower's simulation engine (Ray): the default digits federation with a crashing
 client, the report it writes, resuming on restart, and a slimmer shared base in round 2."""
 import json
-from pathlib import Path
 
 import pytest
 
