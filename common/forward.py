@@ -117,6 +117,26 @@ def engine_layout(model: nn.Module, device: str):
     return torch.channels_last if any(isinstance(m, nn.Conv2d) for m in model.modules()) else None
 
 
+@torch.no_grad()
+def settle_layout(model: nn.Module, fmt, sample: torch.Tensor, device: str = "cpu"):
+    """Put the model in memory format `fmt` if it runs there: one eval-mode forward of `sample` (a
+    sample or two) decides. A model whose forward calls .view() on a conv output (fine in NCHW)
+    fails in channels_last; it is put back as it was and None returned. Returns the format used."""
+    if fmt is None:
+        return None
+    to_layout(model, fmt)
+    was_training = model.training
+    try:
+        model.eval()
+        model(sample.to(device))
+        return fmt
+    except RuntimeError:
+        to_layout(model, torch.contiguous_format)
+        return None
+    finally:
+        model.train(was_training)
+
+
 def to_layout(model: nn.Module, fmt) -> nn.Module:
     """The model's 4-D weights in memory format `fmt` (None: leave as is), in place. The values,
     and what the model computes, do not change; only the order in memory, and with it which

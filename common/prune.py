@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from common import settings as ST
-from common.forward import batched_forward, engine_layout, forward_pass, recalibrate_bn, to_layout
+from common.forward import batched_forward, engine_layout, forward_pass, recalibrate_bn, settle_layout, to_layout
 from common.heads import imprint_prototypes
 from common.mask import Mask, apply_plan
 from common.models import reader_links
@@ -208,9 +208,8 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     tick = progress or (lambda *a: None)
     model.to(device).eval()
     # the passes run in the layout fastest here (channels_last for a conv net on the CPU: every
-    # pass 0.54-0.75x of an NCHW one); the model is handed back in its own layout
-    layout = engine_layout(model, device)
-    to_layout(model, layout)
+    # pass 0.54-0.75x of an NCHW one) where the model runs in it; it is handed back in its own
+    layout = settle_layout(model, engine_layout(model, device), x[:2], device)
     scorer = get_scorer(cfg.scoring)
     need_stats = RULES[cfg.stop_rule].needs_stats
     need_outputs, need_classes = "outputs" in scorer.needs or need_stats, "classes" in scorer.needs

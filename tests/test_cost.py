@@ -185,3 +185,28 @@ def test_the_engine_hands_the_model_back_in_its_own_layout(digits, digits_split,
     for name, keep in res.mask.layers.items():
         w = dict(model.named_modules())[name].weight
         assert not bool(w[~keep].any()) and bool(w[keep].ne(0).any())
+
+
+class _ViewNet(torch.nn.Module):
+    """A user's model that flattens with .view(): fine in NCHW, an error in channels_last."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_a_model_that_cannot_run_in_channels_last_is_personalized_in_its_own_layout(digits):
+    torch.manual_seed(0)
+    x = digits.x[:60]
+    model = _ViewNet()
+    twin = copy.deepcopy(model)
+    res = fine_prune(model, x, PruneConfig(target_sparsity=0.5))
+    assert res.sparsity >= 0.5 and all(p.is_contiguous() for p in model.parameters())
+    with pytest.raises(RuntimeError):  # the trial the engine makes before choosing the layout
+        twin.to(memory_format=torch.channels_last)(x[:2])
