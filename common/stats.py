@@ -135,7 +135,10 @@ class StatsCollector:
             y = out.detach()
             dims = _per_channel_dims(y)
             st.out_sum += y.clamp_min(0).sum(dims).double()
-            st.out_fire += (y > 0).sum(dims).double()
+            # counted in int32 (exact: a batch has far fewer than 2^31 positions per channel); a
+            # bool tensor's default int64 sum cost ResNet50 in channels_last about 0.3 of an
+            # inference pass more (all output hooks 0.66-0.76 -> 0.40 passes over the plain pass)
+            st.out_fire += (y > 0).sum(dims, dtype=torch.int32).double()
             st.out_count += y.numel() // y.shape[1]
         return hook
 
