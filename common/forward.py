@@ -9,6 +9,13 @@ from common.models import prunable_layers
 from common.stats import StatsCollector
 
 
+def _first_order(n: int, first: torch.Tensor) -> torch.Tensor:
+    """Sample order of a pass that takes `first` first: those indices, then the rest in order."""
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[first] = False
+    return torch.cat([first, torch.nonzero(rest).flatten()])
+
+
 def batches(x: torch.Tensor, batch_size: int, first: torch.Tensor | None = None):
     """x in batches of `batch_size`; with `first` (sample indices), those samples come first, in
     batches of their own, then the rest in order."""
@@ -16,9 +23,8 @@ def batches(x: torch.Tensor, batch_size: int, first: torch.Tensor | None = None)
         for i in range(0, len(x), batch_size):
             yield x[i:i + batch_size]
         return
-    rest = torch.ones(len(x), dtype=torch.bool)
-    rest[first] = False
-    for part in (first, torch.nonzero(rest).flatten()):
+    order = _first_order(len(x), first)
+    for part in (order[:len(first)], order[len(first):]):
         for i in range(0, len(part), batch_size):
             yield x[part[i:i + batch_size]]
 
@@ -27,11 +33,8 @@ def _unorder(logits: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
     """Logits of a pass that took `first` first, back in the order of x."""
     if first is None:
         return logits
-    rest = torch.ones(len(logits), dtype=torch.bool)
-    rest[first] = False
-    order = torch.cat([first, torch.nonzero(rest).flatten()])
     out = torch.empty_like(logits)
-    out[order] = logits
+    out[_first_order(len(logits), first)] = logits
     return out
 
 

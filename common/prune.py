@@ -126,6 +126,11 @@ def collect_stats(model: nn.Module, x: torch.Tensor, batch_size: int, device: st
     return stats, logits
 
 
+def _bn_key(sparsity: float) -> float:
+    """A mask's key in Probe.bn: its sparsity, rounded so the same mask counted twice matches."""
+    return round(sparsity, 9)
+
+
 class Probe:
     """Passes over a fixed probe of the user's data with a candidate mask applied to the model's
     state at the start of pruning; counts the samples it pushes through the model and keeps the
@@ -140,7 +145,8 @@ class Probe:
         # a candidate copies tensor to tensor (load_state_dict's key matching and the module walk
         # of Mask.apply cost the digits CNN's search about 3 inference passes)
         state = model.state_dict()
-        self.pairs = [(v, v.clone()) for v in state.values()]
+        self.start = {k: v.clone() for k, v in state.items()}
+        self.pairs = [(v, self.start[k]) for k, v in state.items()]
         self.bn_live = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var",
                                                                        "num_batches_tracked"))}
         self.plan = apply_plan(model)
@@ -157,8 +163,8 @@ class Probe:
         if cfg.recalibrate_bn:
             lg, st = recalibrate_bn(model, self.x, cfg.batch_size, self.device, hooks=True if self.need_stats else None)
             self.clock.lap(phase)
-            key = round(mask.sparsity() if sparsity is None else sparsity, 9)
-            self.bn[key] = {k: v.clone() for k, v in self.bn_live.items()}
+            self.bn[_bn_key(mask.sparsity() if sparsity is None else sparsity)] = {
+                k: v.clone() for k, v in self.bn_live.items()}
         elif self.need_stats:
             st, lg = collect_stats(model, self.x, cfg.batch_size, self.device)
             self.clock.lap(phase)
@@ -170,8 +176,7 @@ class Probe:
     def reuse_start_bn(self, mask: Mask) -> None:
         """`mask` keeps the BatchNorm statistics the model had when pruning started (those of the
         statistics pass, all of the user's data): no probe pass needs to estimate them."""
-        self.bn[round(mask.sparsity(), 9)] = {k: start.clone() for k, (live, start) in
-                                              zip(self.model.state_dict(), self.pairs) if k in self.bn_live}
+        self.bn[_bn_key(mask.sparsity())] = {k: self.start[k].clone() for k in self.bn_live}
 
     @torch.no_grad()
     def load(self, mask: Mask) -> None:
@@ -185,7 +190,7 @@ class Probe:
         (one more pass over the probe where it was not probed, e.g. a fixed target)."""
         self.load(mask)
         if self.cfg.recalibrate_bn:
-            bn = self.bn.get(round(mask.sparsity(), 9))
+            bn = self.bn.get(_bn_key(mask.sparsity()))
             if bn is None:
                 recalibrate_bn(self.model, self.x, self.cfg.batch_size, self.device)
                 self.samples += len(self.x)
