@@ -40,11 +40,12 @@ def doubtful_removals(logits: torch.Tensor, kept: list[int], min_frac: float) ->
 def apply_restriction(model: nn.Module, mask: Mask, classes: list[int]) -> Mask:
     """Prune the output rows of classes this user never gets; returns the new mask."""
     last = list(prunable_layers(model))[-1]
-    drop = torch.ones(mask.layers[last].shape[0], dtype=torch.bool)
+    held = mask.held()  # where the mask was made: a GPU candidate stays on the GPU
+    drop = torch.ones(held[last].shape[0], dtype=torch.bool)
     drop[classes] = False
-    out = mask.layers[last].clone()  # the other layers' tensors are shared, never written
-    out[drop] = False
-    return Mask({**mask.layers, last: out})
+    out = held[last].clone()  # the other layers' tensors are shared, never written
+    out[drop.to(out.device)] = False
+    return Mask({**held, last: out})
 
 
 def restrict_logits(logits: torch.Tensor, classes: list[int]) -> torch.Tensor:

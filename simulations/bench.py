@@ -121,7 +121,7 @@ def run_user(task: str, base, user: BenchUser, measure_memory: bool) -> list[dic
                                   if measure_memory and (method, level) in MEMORY_METHODS else None)))
     # the baselines run in the engine's layout too (channels_last for conv nets on the CPU), so the
     # cost column compares methods, not memory layouts
-    fast = to_layout(copy.deepcopy(base), engine_layout(base, "cpu"))
+    fast = to_layout(copy.deepcopy(base), engine_layout(base))
     rows += baseline_rows(common, fast, user)
     # the expensive baseline: backprop with the labels a device does not have; in a federation it
     # would upload its weights (or their update), the dense fp32 model

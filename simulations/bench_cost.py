@@ -106,7 +106,7 @@ def measure(base, x, y, device: str = "cpu", repeats: int = 3, batch_size: int =
     base = base.to(device).eval()
     # the engine runs its passes in its own layout (channels_last for conv nets on the CPU): the
     # statistics columns do too, and one more column times plain inference in that layout
-    eng = to_layout(copy.deepcopy(base), engine_layout(base, device))
+    eng = to_layout(copy.deepcopy(base), engine_layout(base))
     default_runs = []
 
     def default():

@@ -49,4 +49,5 @@ def main() -> dict:
 if __name__ == "__main__":
     r = main()
     if len(sys.argv) > 1:
-        open(sys.argv[1], "w").write(json.dumps(r, indent=2))
+        from common.io import atomic_write_text
+        atomic_write_text(sys.argv[1], json.dumps(r, indent=2))

@@ -65,15 +65,15 @@ def test_scorer_registry_plugin_and_unknown_name():
 
 
 def test_statistics_in_channels_last_equal_those_in_the_models_own_layout():
-    """The engine runs conv nets in channels_last on the CPU; the usage hook reads that layout
-    through a view, and every statistic matches the NCHW pass."""
+    """The engine runs conv nets in channels_last; the usage hook reads that layout through a
+    view, and every statistic matches the NCHW pass."""
     from common.forward import engine_layout, to_layout
 
     torch.manual_seed(0)
     m = build_model("resnet18", num_classes=10).eval()
     x = torch.randn(6, 3, 64, 64)
-    assert engine_layout(m, "cpu") is torch.channels_last and engine_layout(m, "cuda") is None
-    assert engine_layout(nn.Sequential(nn.Linear(4, 2)), "cpu") is None
+    assert engine_layout(m) is torch.channels_last
+    assert engine_layout(nn.Sequential(nn.Linear(4, 2))) is None
     ref, lg = collect_stats(m, x, 4, "cpu", outputs=True)
     cl = to_layout(build_model("resnet18", num_classes=10).eval(), torch.channels_last)
     cl.load_state_dict(m.state_dict())
