@@ -321,6 +321,9 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
         fwd += len(x)
         clock.lap("prototype head")
     sparsity = mask.sparsity()
+    # the result's mask lives on the CPU (one copy back from a GPU): a result kept or sent on
+    # holds no GPU memory
+    mask = Mask(mask.layers)
     clock.lap("mask apply")
     tick(3, 3, reason)
     return PruneResult(mask, sparsity, reason, restricted, time.perf_counter() - t0, fwd, history, stats,

@@ -38,7 +38,9 @@ def test_a_mask_made_on_the_gpu_stays_there_until_read_and_applies_as_the_cpu_co
 
 
 @cuda
-@pytest.mark.parametrize("cfg", [PruneConfig(), PruneConfig(target_sparsity=0.7)], ids=["default", "fixed"])
+@pytest.mark.parametrize("cfg", [PruneConfig(), PruneConfig(target_sparsity=0.7),
+                                 PruneConfig(scoring="channel-usage", target_sparsity=0.5, refit=True),
+                                 PruneConfig(head="prototypes")], ids=["default", "fixed", "refit", "prototypes"])
 def test_personalizing_on_the_gpu_gives_the_cpu_mask(digits, digits_split, digits_base, cfg):
     _, pool = digits_split
     x = digits.x[pool][:64]
@@ -49,3 +51,4 @@ def test_personalizing_on_the_gpu_gives_the_cpu_mask(digits, digits_split, digit
     # may fall either side (2 of 38,160 on digits at a fixed 0.7, measured on an H200)
     assert cpu.mask.hamming(gpu.mask, normalized=False) <= 0.001 * cpu.mask.total()
     assert cpu.forward_samples == gpu.forward_samples
+    assert all(not v.is_cuda for v in gpu.mask.held().values())  # the result holds no GPU memory
