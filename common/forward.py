@@ -55,7 +55,9 @@ def device_batches(x: torch.Tensor, batch_size: int, device: str, first: torch.T
     copied = []
     for sel in _selections(len(x), batch_size, first):
         if len(copied) >= _IN_FLIGHT:
-            copied.pop(0).synchronize()  # that batch's pinned buffer may be reused
+            # the host stays at most _IN_FLIGHT copies ahead: pinned memory stays bounded (the
+            # caching host allocator itself reuses a buffer only once its copy has finished)
+            copied.pop(0).synchronize()
         part = x[sel] if isinstance(sel, slice) else None
         pinned = torch.empty((len(part) if part is not None else len(sel), *x.shape[1:]), dtype=x.dtype,
                              pin_memory=True)
@@ -65,7 +67,7 @@ def device_batches(x: torch.Tensor, batch_size: int, device: str, first: torch.T
             torch.index_select(x, 0, sel, out=pinned)
         b = pinned.to(device, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(b.device))  # the stream the copy went on
         copied.append(done)
         yield b
 
