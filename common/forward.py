@@ -58,12 +58,12 @@ def device_batches(x: torch.Tensor, batch_size: int, device: str, first: torch.T
             # the host stays at most _IN_FLIGHT copies ahead: pinned memory stays bounded (the
             # caching host allocator itself reuses a buffer only once its copy has finished)
             copied.pop(0).synchronize()
-        part = x[sel] if isinstance(sel, slice) else None
-        pinned = torch.empty((len(part) if part is not None else len(sel), *x.shape[1:]), dtype=x.dtype,
-                             pin_memory=True)
-        if part is not None:
+        if isinstance(sel, slice):  # a view of x: one copy into pinned memory
+            part = x[sel]
+            pinned = torch.empty(part.shape, dtype=x.dtype, pin_memory=True)
             pinned.copy_(part)
-        else:
+        else:  # probe-first order: gathered straight into pinned memory
+            pinned = torch.empty((len(sel), *x.shape[1:]), dtype=x.dtype, pin_memory=True)
             torch.index_select(x, 0, sel, out=pinned)
         b = pinned.to(device, non_blocking=True)
         done = torch.cuda.Event()

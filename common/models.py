@@ -148,5 +148,14 @@ def reader_links(model: nn.Module) -> list[tuple[str, str]]:
     return links
 
 
+def require_reader_links(model: nn.Module, what: str) -> list[tuple[str, str]]:
+    """reader_links(model), or one clear error saying that `what` needs such layers."""
+    links = reader_links(model)
+    if not links:
+        raise ValueError(f"{what} needs layers whose units have one reader (a chain model, or the inside "
+                         "of ResNet blocks)")
+    return links
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -19,7 +19,7 @@ from common import settings as ST
 from common.forward import batched_forward, engine_layout, forward_pass, recalibrate_bn, settle_layout, to_layout
 from common.heads import imprint_prototypes
 from common.mask import Mask, apply_plan
-from common.models import reader_links
+from common.models import require_reader_links
 from common.refit import refit_consumers
 from common.restrict import (apply_restriction, doubtful_removals, restrict_logits, restricted_classes,
                              restricted_model)
@@ -216,9 +216,8 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     cfg.validate()
     if len(x) == 0:
         raise ValueError("no personalization data: the user's data set is empty")
-    if cfg.refit and not reader_links(model):
-        raise ValueError("refit needs layers whose units have one reader (a chain model, or the inside "
-                         "of ResNet blocks)")
+    # checked before the statistics pass, not after it in refit_consumers
+    links = require_reader_links(model, "refit") if cfg.refit else []
     t0 = time.perf_counter()
     clock = Clock(device)
     tick = progress or (lambda *a: None)
@@ -262,7 +261,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     clock.lap("restriction")
     scores = compute_scores(model, stats, cfg.scoring, cfg.seed, keep_last=cfg.head == "prototypes")
     if cfg.refit:  # only units that refit can make up for go: those with one reader
-        producers = {p for p, _ in reader_links(model)}
+        producers = {p for p, _ in links}
         scores = {k: v if k in producers else torch.full_like(v, math.inf) for k, v in scores.items()}
     clock.lap("scores")
     probe = Probe(model, x, pick, cfg, device, need_stats, clock)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from common.forward import batches
 from common.mask import Mask
-from common.models import prunable_layers, reader_links
+from common.models import prunable_layers, require_reader_links
 
 RIDGE = 1e-3  # x the mean diagonal of X^T X: keeps the solve well posed where inputs are collinear
 
@@ -88,10 +88,7 @@ def refit_consumers(model: nn.Module, dense: nn.Module, mask: Mask, x: torch.Ten
     pruned. `step(layer)` is called before each layer (progress; it may raise to cancel). Returns
     {"layers": {layer: residual energy of its fit relative to the target's}, "samples": samples
     pushed through a model (each partial pass counted whole)}."""
-    links = reader_links(model)
-    if not links:
-        raise ValueError("refit needs layers whose units have one reader (a chain model, or the "
-                         "inside of ResNet blocks)")
+    links = require_reader_links(model, "refit")
     model.eval()
     dense.eval()
     layers, dlayers = prunable_layers(model), prunable_layers(dense)

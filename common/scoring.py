@@ -65,12 +65,9 @@ def channel_usage_units(model, stats) -> dict:
     of ResNet blocks); every other layer's units score +inf and stay."""
     import math
 
-    from common.models import prunable_layers, reader_links
+    from common.models import prunable_layers, require_reader_links
 
-    links = reader_links(model)
-    if not links:
-        raise ValueError("channel-usage needs layers whose units have one reader (a chain model, or "
-                         "ResNet blocks)")
+    links = require_reader_links(model, "channel-usage")
     layers = prunable_layers(model)
     out = {name: torch.full((m.weight.shape[0],), math.inf) for name, m in layers.items()}
     for name, nxt in links:

@@ -118,8 +118,8 @@ class StatsCollector:
             # NCHW layout and cost 5-6x as long (ResNet18's 64x56x56 input, 64 images: 9.9 ms
             # against 1.6 ms, an eighth of the convolution that reads it)
             if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-                # channels_last (the engine's CPU layout): the same per-sample reduction over a
-                # view as (N, H*W, C); flatten(2) would copy the whole input first
+                # channels_last (the engine's layout for conv nets): the same per-sample reduction
+                # over a view as (N, H*W, C); flatten(2) would copy the whole input first
                 n, c = x.shape[:2]
                 st.in_sq += torch.linalg.vector_norm(x.permute(0, 2, 3, 1).reshape(n, -1, c), dim=1).double().pow(2).sum(0)
             elif x.dim() > 2:

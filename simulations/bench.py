@@ -119,7 +119,7 @@ def run_user(task: str, base, user: BenchUser, measure_memory: bool) -> list[dic
                          bitmap_bytes=len(encode(build_summary(res.mask, hist, "bitmap", fp, size))),
                          peak_mb=(peak_mb("prune", base, user.x, cfg=cfg)
                                   if measure_memory and (method, level) in MEMORY_METHODS else None)))
-    # the baselines run in the engine's layout too (channels_last for conv nets on the CPU), so the
+    # the baselines run in the engine's layout too (channels_last for conv nets), so the
     # cost column compares methods, not memory layouts
     fast = to_layout(copy.deepcopy(base), engine_layout(base))
     rows += baseline_rows(common, fast, user)

@@ -2,7 +2,7 @@
 statistics pass (usage hooks, all hooks, with BatchNorm recalibration), fine-pruning to a fixed
 0.7 and with the default label-free stop, beside one epoch of backprop with labels, and where the
 default's time goes (the engine's phases). The unit is the model's own pass, in its own layout;
-one column gives plain inference in the engine's layout (channels_last for conv nets on the CPU),
+one column gives plain inference in the engine's layout (channels_last for conv nets),
 so each ratio can also be read against the faster pass. Results: cost.json, cost.md, cost.csv,
 cost.png.
 
@@ -104,7 +104,7 @@ def measure(base, x, y, device: str = "cpu", repeats: int = 3, batch_size: int =
     """Median seconds per column over `repeats` interleaved rounds, the default's phases and how
     far its stop rule pruned."""
     base = base.to(device).eval()
-    # the engine runs its passes in its own layout (channels_last for conv nets on the CPU): the
+    # the engine runs its passes in its own layout (channels_last for conv nets): the
     # statistics columns do too, and one more column times plain inference in that layout
     eng = to_layout(copy.deepcopy(base), engine_layout(base))
     default_runs = []

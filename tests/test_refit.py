@@ -119,3 +119,24 @@ def test_refit_without_a_structured_scorer_is_refused_in_one_line(tmp_path, caps
                  str(tmp_path / "me.pt"), "--refit"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "structured scorer" in err[0] and not (tmp_path / "me.pt").exists()
+
+
+def test_refit_and_channel_usage_refuse_a_model_without_single_reader_layers_in_one_clear_error():
+    """A model that is neither a chain model nor ResNet blocks has no unit with one known reader:
+    personalizing with refit, refitting directly and scoring by channel-usage each say so before
+    any pass, naming what needed them."""
+    import torch.nn as nn
+
+    from common.mask import Mask
+    from common.refit import refit_consumers
+    from common.scoring import get_scorer
+
+    m = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    x = torch.randn(8, 1, 8, 8)
+    msg = "needs layers whose units have one reader"
+    with pytest.raises(ValueError, match=f"refit {msg}"):
+        fine_prune(m, x, PruneConfig(scoring="channel-usage", target_sparsity=0.5, refit=True))
+    with pytest.raises(ValueError, match=f"refit {msg}"):
+        refit_consumers(m, m, Mask.dense(m), x)
+    with pytest.raises(ValueError, match=f"channel-usage {msg}"):
+        get_scorer("channel-usage")(m, None)
