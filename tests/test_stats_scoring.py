@@ -64,6 +64,35 @@ def test_scorer_registry_plugin_and_unknown_name():
         get_scorer("nope")
 
 
+@pytest.mark.parametrize("piece", [1 << 18, 100])
+def test_channels_last_statistics_read_in_pieces_equal_the_whole_reduction(monkeypatch, piece):
+    """On the CPU a channels_last activation is reduced a piece of rows at a time (the whole
+    tensor's temporaries cost page faults). However it is cut, even into pieces smaller than one
+    sample's map, every statistic is the one a reduction of the whole tensor gives: the counts
+    exactly, the sums to float rounding."""
+    from common import stats as S
+    from common.forward import to_layout
+
+    torch.manual_seed(1)
+    m = to_layout(build_model("resnet18", num_classes=10).eval(), torch.channels_last)
+    x = torch.randn(5, 3, 48, 48)
+    y = to_layout(nn.Conv2d(3, 8, 3), torch.channels_last)(x).detach()
+    pieces = S._cpu_nhwc_pieces(y)
+    assert pieces is not None and torch.equal(torch.cat(pieces), y.permute(0, 2, 3, 1).reshape(-1, 8))
+    assert S._cpu_nhwc_pieces(y.contiguous()) is None and S._cpu_nhwc_pieces(y[:, :, 0]) is None
+    monkeypatch.setattr(S, "_PIECE", 1 << 30)  # one piece: the whole tensor
+    whole, lg = collect_stats(m, x, 4, "cpu", outputs=True)
+    monkeypatch.setattr(S, "_PIECE", piece)
+    cut, lg2 = collect_stats(m, x, 4, "cpu", outputs=True)
+    assert torch.equal(lg, lg2)
+    assert len(S._cpu_nhwc_pieces(y)) == (1 if piece > 1 << 17 else -(-y.numel() // (piece // 8 * 8)))
+    for k, w in whole.layers.items():
+        c = cut.layers[k]
+        assert torch.equal(w.out_fire, c.out_fire) and w.in_count == c.in_count, k
+        assert torch.allclose(w.in_sq, c.in_sq, rtol=1e-5), k
+        assert torch.allclose(w.out_sum, c.out_sum, rtol=1e-5, atol=1e-6), k
+
+
 def test_statistics_in_channels_last_equal_those_in_the_models_own_layout():
     """The engine runs conv nets in channels_last; the usage hook reads that layout through a
     view, and every statistic matches the NCHW pass."""
