@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -34,35 +35,19 @@ def compute_scores(model: nn.Module, stats: UsageStats, scoring: str, seed: int,
 
 
 def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """torch.kthvalue(flat, k).values, exactly, in a few linear passes: a strided sample brackets
-    the k-th value, two comparisons count what lies below and inside the bracket, and kthvalue
-    runs on the bracket alone (a few thousand scores; kthvalue on all of ResNet18's 11 M took
-    0.23 s on this CPU). Falls back to the full kthvalue when the bracket misses."""
-    n = flat.numel()
-    if n < 1 << 18:
-        return torch.kthvalue(flat, k).values
-    sample = flat[:: n // 65536]
-    m = sample.numel()
-    q, slack = k / n, 4.0 / m ** 0.5 + 1.0 / m
-    lo = torch.kthvalue(sample, max(1, int((q - slack) * m))).values if q - slack > 0 else None
-    hi = torch.kthvalue(sample, min(m, int((q + slack) * m) + 1)).values if q + slack < 1 else None
-    below = int(torch.count_nonzero(flat < lo)) if lo is not None else 0
-    if lo is None:
-        inside = flat[flat <= hi]
-    elif hi is None:
-        inside = flat[flat >= lo]
-    else:
-        inside = flat[(flat >= lo) & (flat <= hi)]
-    if not (below < k <= below + inside.numel()):
-        return torch.kthvalue(flat, k).values
-    return torch.kthvalue(inside, k - below).values
+    """torch.kthvalue(flat, k).values, exactly, for a CPU tensor without NaN: NumPy's introselect
+    (np.partition). Measured on this CPU, 1 thread: 0.026 ms on the digits CNN's 38,160 scores
+    (torch.kthvalue 0.37 ms: five of them were a third of its label-free personalization), 10 ms
+    on ResNet18's 11.7 M (torch.kthvalue 172 ms; a bracket on a strided sample, used until now,
+    45 ms), 28 ms on 25.5 M."""
+    return torch.tensor(np.partition(flat.numpy(), k - 1)[k - 1], dtype=flat.dtype)
 
 
 def global_ranking(scores: dict, single: bool = False):
     """sparsity -> Mask from one ranking of every connection of every layer: the lowest-scoring
     `sparsity` share goes, ties broken by position (what a stable argsort gives). `single`: the
     caller asks for few sparsities (a fixed target, a bisection): each is a k-th value selection,
-    O(n) (kth_smallest: 0.04 s on ResNet18's 11 M scores on this CPU), instead of a stable argsort
+    O(n) (kth_smallest: 0.01 s on ResNet18's 11 M scores on this CPU), instead of a stable argsort
     of every score (1.35 s, 6.6 inference passes over a user's 32 images at 112x112). Otherwise
     (a linear search) the scores are sorted once and each mask is one comparison with the ranks.
     Both give the same masks; a GPU, or NaN scores, always sort."""
