@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 
 from client.device import Device, device_inputs, research_accuracy
 from common.federation import merged_config, model_bytes, records_to_base
+from common.memory import set_memory
 from common.protocol import simulated_user
 
 app = ClientApp()
@@ -69,6 +70,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg["out-dir"] = str(c["out-dir"])
     if "threads" in context.node_config:  # the device's own choice (Ray already gives a simulated client 1)
         torch.set_num_threads(max(1, int(context.node_config["threads"])))
+    if "memory" in context.node_config:  # likewise: keep freed memory for the next pass (common/memory.py)
+        set_memory(str(context.node_config["memory"]))
     return within(cfg["round-timeout"], lambda cancel: _train(msg, context, cfg, cancel))
 
 

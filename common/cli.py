@@ -28,6 +28,10 @@ COMMANDS = {  # name: (module that builds and runs it, one-line help)
 }
 
 
+# commands whose work runs in this process, so that the process's memory policy (--memory) is
+# theirs; a simulation's clients run in Ray's worker processes, which it does not reach
+IN_PROCESS = ("pretrain", "personalize", "evaluate", "predict", "export", "bench", "bench-cost", "bench-gpu")
+
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
@@ -50,6 +54,12 @@ def set_threads(value) -> int:
             raise ValueError(f"--threads must be between 1 and 1024, got {n}")
     torch.set_num_threads(n)
     return n
+
+
+def set_memory(policy: str) -> str:
+    from common.memory import set_memory as choose
+
+    return choose(policy)
 
 
 def user_errors() -> tuple:
@@ -96,6 +106,12 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
                 "--threads", default="auto", metavar="N",
                 help="torch CPU threads (default auto: half the cores, at most 4; 1 on this 2-core box). Small "
                      "models on a busy machine run faster on 1: intra-op threads spin-wait for each other")
+            if name in IN_PROCESS:
+                sub.choices[name].add_argument(
+                    "--memory", default="release", choices=("release", "keep"),
+                    help="keep: freed memory stays in the process for the next pass (Linux, glibc): ResNet50 "
+                         "over 64 images on the CPU 2.1-2.4x faster, no page faults, for 2.7 GB resident instead "
+                         "of a 1.6 GB peak; release (default): the C library's own behaviour")
         else:
             sub.add_parser(name, help=text, add_help=False)
     return p
@@ -108,6 +124,8 @@ def main(argv=None) -> int:
         return main([args.command, "--help"])
     try:
         set_threads(args.threads)
+        if hasattr(args, "memory"):
+            set_memory(args.memory)
         result = args.func(args)
     except user_errors() as exc:
         print(f"fineprune: error: {exc}", file=sys.stderr)

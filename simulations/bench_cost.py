@@ -12,6 +12,9 @@ Each repeat runs every column once, interleaved, and a column reports its median
 other work on the machine falls on all columns alike. The ResNets carry random weights (no
 ImageNet weights can be downloaded here; --resnet-weights takes a local file): their cost does not
 depend on the weights except through where the stop rule stops, which the table reports.
+`--memory keep` (common/memory.py) measures every column without page faults: with the C
+library's default each pass faults its large blocks in again, half of ResNet50's inference pass
+on this CPU, and how much depends on what the process freed before.
 """
 from __future__ import annotations
 
@@ -32,11 +35,14 @@ import torch
 from common.checkpoint import load_checkpoint
 from common.forward import engine_layout, recalibrate_bn, resolve_device, to_layout
 from common.io import atomic_write_png, atomic_write_text
+from common.memory import in_force
 from common.models import build_model
 from common.prune import PruneConfig, collect_stats, fine_prune, predict_logits
 from common.train import train_supervised
 
 WORKLOADS = ("digits", "kws", "resnet18", "resnet50")
+MEMORY_NOTE = {"release": "the C library's default, each pass faults its large blocks in again",
+               "keep": "freed memory kept in the process, no page faults after the first round"}
 COLUMNS = ("inference pass", "inference pass, engine layout", "statistics (usage hooks)", "statistics (all hooks)",
            "statistics + BatchNorm",
            "fixed target 0.7", "default (label-free stop)", "backprop, 1 epoch")
@@ -166,7 +172,8 @@ def measure(base, x, y, device: str = "cpu", repeats: int = 3, batch_size: int =
 
 def to_markdown(results: dict, meta: dict) -> str:
     lines = [f"Cost in one plain inference pass over the same data (median of {meta['repeats']} interleaved rounds; "
-             f"{meta['device']}, {meta['threads']} thread(s)). 5 epochs of backprop = 5 x the 1-epoch column.", "",
+             f"{meta['device']}, {meta['threads']} thread(s), memory {meta.get('memory', 'release')}: "
+             f"{MEMORY_NOTE[meta.get('memory', 'release')]}). 5 epochs of backprop = 5 x the 1-epoch column.", "",
              "| workload | samples | " + " | ".join(COLUMNS[1:]) + " | default vs 5 epochs backprop |",
              "|---|---|" + "---|" * (len(COLUMNS)) ]
     for name, r in results.items():
@@ -238,7 +245,7 @@ def main(args) -> dict:
                                          args.resnet_weights)
         results[name] = {**measure(base, x, y, device, args.repeats, log=log), "description": desc}
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "threads": torch.get_num_threads(), "repeats": args.repeats}
+            "threads": torch.get_num_threads(), "repeats": args.repeats, "memory": in_force()}
     atomic_write_text(out / "cost.json", json.dumps({"meta": meta, "results": results}, indent=2))
     buf = io.StringIO()
     w = csv.writer(buf)

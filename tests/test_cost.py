@@ -1,12 +1,16 @@
 """What personalization costs, and that the speed work changed no result: exact k-th value
-selection on inputs big enough for its bracketing path, the engine's report of where its time
+selection, the engine's report of where its time
 went, the stop rule's reference taken from the statistics pass (no probe pass of its own), no
 recalibration pass at the end when nothing but the restriction goes, and `fineprune bench-cost`
-writing its tables. (The measured ratios are the benchmark's, not
+writing its tables; the study of stop proxies from the statistics pass alone. (The measured ratios are the benchmark's, not
 tests': speed is never asserted here.)"""
 import copy
 import json
 import math
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,8 @@ from common import data as D
 from common.forward import recalibrate_bn
 from common.prune import PruneConfig, fine_prune
 from common.restrict import apply_restriction
+
+ROOT = Path(__file__).resolve().parents[1]
 from common.select import global_ranking, kth_smallest
 
 
@@ -211,3 +217,113 @@ def test_a_model_that_cannot_run_in_channels_last_is_personalized_in_its_own_lay
     assert res.sparsity >= 0.5 and all(p.is_contiguous() for p in model.parameters())
     with pytest.raises(RuntimeError):  # the trial the engine makes before choosing the layout
         twin.to(memory_format=torch.channels_last)(x[:2])
+
+
+def test_stop_proxies_grow_with_sparsity_along_the_schedule(digits, digits_split, digits_base):
+    """simulations.stop_proxy records, for one user, the default's stop, the held-out accuracy
+    at every step and each proxy along the schedule; the masks are nested, so every proxy grows
+    with the sparsity, and the curves, table and plot are written for any set of users."""
+    from simulations import stop_proxy as SP
+
+    user = _user(digits, digits_split[1], (0, 3, 8))
+    r = SP.user_curves(digits_base, user.unlabeled, user.heldout_x, user.heldout_y, step=0.3, max_sparsity=0.9)
+    n = len(r["levels"])
+    assert n == 7 and len(r["accuracy"]) == n and all(len(v) == n for v in r["proxies"].values())
+    for p, v in r["proxies"].items():
+        assert all(b >= a - 1e-12 for a, b in zip(v, v[1:])), p
+    assert r["proxies"]["level (a fixed target)"] == r["levels"] and -1 <= r["stop"] < n
+    assert r["accuracy"][0] > 0.8  # 30% pruned, recalibrated: still the model it was
+    rows = [dict(r, cohort=c, user=c) for c in ("a", "b")]
+    table = SP.summarize(rows)
+    assert set(table) == set(SP.PROXIES) and set(table["energy, worst layer"]["cohorts"]) == {"a", "b"}
+    # the same user in both cohorts: each threshold is that user's own value, so it stops where the rule did
+    assert all(t["within_one_step"] == 1.0 and t["mean_d_accuracy"] == pytest.approx(
+        r["accuracy"][max(r["stop"], 0)] - r["stop_accuracy"]) for t in table.values())
+    assert "| energy, worst layer |" in SP.to_markdown(table, rows)
+    SP.plot(table, rows)
+
+
+def test_leave_one_cohort_out_tells_a_proxy_that_locates_the_stop_from_one_that_does_not():
+    """A proxy that reads the same at every user's stop is found to stop every held-out user
+    there; one whose value at the stop differs by cohort is found to miss, and by how much."""
+    from simulations.stop_proxy import leave_one_cohort_out
+
+    levels = [0.1, 0.2, 0.3, 0.4, 0.5]
+    rows = []
+    for c, stop in (("a", 1), ("b", 3), ("c", 2)):
+        good = [0.5 * (i + 1) / (stop + 1) for i in range(5)]   # 0.5 exactly at the stop
+        rows.append({"cohort": c, "levels": levels, "stop": stop, "stop_accuracy": 0.9,
+                     "accuracy": [0.9 if i <= stop else 0.5 for i in range(5)],
+                     "proxies": {"good": good, "level": levels}})
+    good, level = leave_one_cohort_out(rows, "good"), leave_one_cohort_out(rows, "level")
+    assert all(v["within_one_step"] == 1.0 and v["mean_d_accuracy"] == 0 for v in good.values())
+    # the level learned on a and c (0.2, 0.3: median 0.25) stops b at 0.2 instead of 0.4
+    assert level["b"]["mean_d_sparsity"] == pytest.approx(-0.2) and level["b"]["within_one_step"] == 0.0
+    # learned on b and c (0.4, 0.3): a stops at 0.3 instead of 0.2 and loses 0.4
+    assert level["a"]["mean_d_accuracy"] == pytest.approx(-0.4)
+
+
+@pytest.mark.badinput
+def test_stop_proxy_refuses_unknown_cohorts_and_fsdd_without_data(tmp_path):
+    from simulations import stop_proxy as SP
+
+    p = SP.build_parser()
+    with pytest.raises(ValueError, match="unknown cohort"):
+        SP.main(p.parse_args(["--cohorts", "digits,imagenet", "--out", str(tmp_path / "x")]))
+    with pytest.raises(ValueError, match="need --fsdd"):
+        SP.main(p.parse_args(["--cohorts", "fsdd-loso", "--out", str(tmp_path / "x")]))
+    assert not (tmp_path / "x").exists()
+
+
+_PASSES = """
+import resource, sys, torch
+from common.memory import set_memory, in_force
+torch.set_num_threads(1)
+print(set_memory(sys.argv[1]), in_force())
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1))
+x = torch.randn(4, 3, 256, 256)  # activations of 32 MB, past glibc's largest mmap threshold
+with torch.no_grad():
+    for _ in range(6):
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        net(x)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+"""
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+                    reason="the memory policy is glibc's malloc (Linux)")
+def test_kept_memory_serves_the_next_pass_without_page_faults():
+    """--memory keep: the blocks one pass frees serve the next pass, which faults in no new pages;
+    with the C library's default every pass faults its activations in again (in a child process:
+    the policy is the whole process's)."""
+    runs = {}
+    for policy in ("keep", "release"):
+        out = subprocess.run([sys.executable, "-c", _PASSES, policy], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.split("\n")
+        assert lines[0] == f"{policy} {policy}"
+        runs[policy] = [int(v) for v in lines[1:] if v]
+    keep, release = runs["keep"], runs["release"]
+    assert min(release[1:]) > 10_000  # 3 x 32 MB of 4 KB pages is 24,576 faults a pass
+    assert max(keep[2:]) < min(release[1:]) / 20
+
+
+def test_memory_policy_refuses_what_it_cannot_do(monkeypatch, capsys):
+    """A C library without mallopt (macOS, musl) cannot keep freed memory: asking for it is one
+    clear error, never a silent no-op; 'release' always works; an unknown policy is refused, and
+    only commands that do their work in-process take --memory."""
+    from common import memory
+    from common.cli import main as cli
+
+    monkeypatch.setattr(memory, "_mallopt", lambda: None)
+    with pytest.raises(ValueError, match="needs glibc"):
+        memory.set_memory("keep")
+    assert memory.set_memory("release") == "release" and memory.in_force() == "release"
+    with pytest.raises(ValueError, match="must be one of release, keep"):
+        memory.set_memory("auto")
+    with pytest.raises(SystemExit):  # argparse: an unknown choice, and simulate's clients run in Ray
+        cli(["simulate", "--memory", "keep", "--out", "x"])
+    assert "--memory" in capsys.readouterr().err
+    assert cli(["bench-cost", "--workloads", "vgg", "--memory", "keep", "--out", "x"]) == 2
+    assert "needs glibc" in capsys.readouterr().err
