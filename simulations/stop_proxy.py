@@ -8,7 +8,7 @@ threshold to its median at the agreement stop on the other cohorts and stops the
 cohort's users there. `level` (the sparsity itself: a fixed target learned the same way) is the
 comparison a proxy has to beat. Results: stop_proxy.json, stop_proxy.md, stop_proxy.png.
 
-    python -m simulations.stop_proxy --fsdd ../shared/data/fsdd --out runs/stop_proxy
+    python -m simulations.stop_proxy --fsdd ../shared/data/fsdd --out runs/stop_proxy --bases runs/bench
 """
 from __future__ import annotations
 
@@ -187,6 +187,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--cohorts", default="digits,digits-style,fsdd-loso,fsdd-seen,fsdd-cond,fsdd-few")
     p.add_argument("--users", type=int, default=0, help="at most this many users per cohort (0: all)")
     p.add_argument("--out", default="runs/stop_proxy")
+    p.add_argument("--bases", help="directory whose bases/ holds the pretrained bases (the benchmark's: runs/bench); "
+                                   "default --out, where missing ones are pretrained")
     return p
 
 
@@ -202,7 +204,7 @@ def main(args) -> dict:
     rows, seen, t0 = [], {}, time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # restrict-outputs' doubt about a class, once per run
-        for cohort, base, user in cohort_users(out, args.fsdd, names):
+        for cohort, base, user in cohort_users(Path(args.bases) if args.bases else out, args.fsdd, names):
             if args.users and seen.get(cohort, 0) >= args.users:
                 continue
             seen[cohort] = seen.get(cohort, 0) + 1
