@@ -305,8 +305,10 @@ def test_kept_memory_serves_the_next_pass_without_page_faults():
         assert lines[0] == f"{policy} {policy}"
         runs[policy] = [int(v) for v in lines[1:] if v]
     keep, release = runs["keep"], runs["release"]
-    assert min(release[1:]) > 10_000  # 3 x 32 MB of 4 KB pages is 24,576 faults a pass
-    assert max(keep[2:]) < min(release[1:]) / 20
+    # 3 x 32 MB a pass: 24,576 faults in 4 KB pages, every pass (48 in huge pages where the
+    # kernel always gives them); kept, none from the second pass on
+    assert min(release[1:]) >= 48
+    assert max(keep[2:]) * 20 < min(release[1:])
 
 
 def test_memory_policy_refuses_what_it_cannot_do(monkeypatch, capsys):
