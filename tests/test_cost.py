@@ -311,6 +311,7 @@ def test_kept_memory_serves_the_next_pass_without_page_faults():
     assert max(keep[2:]) * 20 < min(release[1:])
 
 
+@pytest.mark.badinput
 def test_memory_policy_refuses_what_it_cannot_do(monkeypatch, capsys):
     """A C library without mallopt (macOS, musl) cannot keep freed memory: asking for it is one
     clear error, never a silent no-op; 'release' always works; an unknown policy is refused, and
