@@ -63,15 +63,22 @@ def within(seconds: float, work):
     return box["value"]
 
 
+def device_choices(node_config) -> None:
+    """The device's own process-wide choices, from its SuperNode's node config: torch's thread
+    count (Ray already gives a simulated client 1) and whether freed memory stays in the process
+    for the next pass (common/memory.py: 'keep' or 'release')."""
+    if "threads" in node_config:
+        torch.set_num_threads(max(1, int(node_config["threads"])))
+    if "memory" in node_config:
+        set_memory(str(node_config["memory"]))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     c = msg.content["config"]
     cfg = merged_config({k: c[k] for k in c.keys() if k not in ("base-fingerprint", "out-dir", "round")})
     cfg["out-dir"] = str(c["out-dir"])
-    if "threads" in context.node_config:  # the device's own choice (Ray already gives a simulated client 1)
-        torch.set_num_threads(max(1, int(context.node_config["threads"])))
-    if "memory" in context.node_config:  # likewise: keep freed memory for the next pass (common/memory.py)
-        set_memory(str(context.node_config["memory"]))
+    device_choices(context.node_config)
     return within(cfg["round-timeout"], lambda cancel: _train(msg, context, cfg, cancel))
 
 

@@ -330,3 +330,26 @@ def test_memory_policy_refuses_what_it_cannot_do(monkeypatch, capsys):
     assert "--memory" in capsys.readouterr().err
     assert cli(["bench-cost", "--workloads", "vgg", "--memory", "keep", "--out", "x"]) == 2
     assert "needs glibc" in capsys.readouterr().err
+
+
+def test_a_device_chooses_its_threads_and_memory_policy_in_its_node_config(monkeypatch):
+    """A real device's SuperNode node config sets the ClientApp process's thread count and
+    memory policy; a policy the device cannot have is an error, not a silent default."""
+    import torch
+
+    from client import client_app
+    from common import memory
+
+    chosen = []
+    monkeypatch.setattr(client_app, "set_memory", chosen.append)
+    before = torch.get_num_threads()
+    try:
+        client_app.device_choices({"threads": 1, "memory": "keep", "device-name": "phone-1"})
+        assert chosen == ["keep"] and torch.get_num_threads() == 1
+        client_app.device_choices({"device-name": "phone-2"})  # nothing asked: nothing changed
+        assert chosen == ["keep"]
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(client_app, "set_memory", memory.set_memory)
+    with pytest.raises(ValueError, match="must be one of release, keep"):
+        client_app.device_choices({"memory": "all"})
