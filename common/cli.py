@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from common import memory
+
 COMMANDS = {  # name: (module that builds and runs it, one-line help)
     "pretrain": ("server.commands", "train a base model with labels (vendor side) and save a checkpoint"),
     "keygen": ("server.commands", "make the operator's app-signing key pair (Ed25519)"),
@@ -54,12 +56,6 @@ def set_threads(value) -> int:
             raise ValueError(f"--threads must be between 1 and 1024, got {n}")
     torch.set_num_threads(n)
     return n
-
-
-def set_memory(policy: str) -> str:
-    from common.memory import set_memory as choose
-
-    return choose(policy)
 
 
 def user_errors() -> tuple:
@@ -108,7 +104,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
                      "models on a busy machine run faster on 1: intra-op threads spin-wait for each other")
             if name in IN_PROCESS:
                 sub.choices[name].add_argument(
-                    "--memory", default="release", choices=("release", "keep"),
+                    "--memory", default="release", choices=memory.CHOICES,
                     help="keep: freed memory stays in the process for the next pass (Linux, glibc): ResNet50 "
                          "over 64 images on the CPU 2.1-2.4x faster, no page faults, for 2.7 GB resident instead "
                          "of a 1.6 GB peak; release (default): the C library's own behaviour")
@@ -125,7 +121,7 @@ def main(argv=None) -> int:
     try:
         set_threads(args.threads)
         if hasattr(args, "memory"):
-            set_memory(args.memory)
+            memory.set_memory(args.memory)
         result = args.func(args)
     except user_errors() as exc:
         print(f"fineprune: error: {exc}", file=sys.stderr)

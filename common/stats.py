@@ -67,12 +67,16 @@ def _per_channel_dims(t: torch.Tensor) -> list[int]:
 _PIECE = 1 << 18
 
 
+def _nhwc(t: torch.Tensor) -> bool:
+    """An (N, C, H, W) tensor laid out channels_last (and not also plain contiguous)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def _cpu_nhwc_pieces(t: torch.Tensor):
     """A CPU (N, C, H, W) tensor in channels_last as views (rows, C) of its (N*H*W, C) layout,
     about _PIECE elements each, to reduce over rows; None for any other tensor (a GPU reduces it
     whole, in one kernel)."""
-    if (t.dim() != 4 or t.is_cuda or t.is_contiguous()
-            or not t.is_contiguous(memory_format=torch.channels_last)):
+    if t.is_cuda or not _nhwc(t):
         return None
     c = t.shape[1]
     return t.permute(0, 2, 3, 1).reshape(-1, c).split(max(1, _PIECE // c))  # views: no copy
@@ -140,7 +144,7 @@ class StatsCollector:
             if pieces is not None:  # channels_last on the CPU: the squares of a piece at a time
                 for p in pieces:
                     st.in_sq += torch.square(p).sum(0).double()
-            elif x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            elif _nhwc(x):
                 # channels_last on a GPU: the norm over each sample's positions of a view as
                 # (N, H*W, C); flatten(2) would copy the whole input first
                 n, c = x.shape[:2]

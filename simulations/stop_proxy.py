@@ -40,15 +40,20 @@ def _energy(scores: dict, mask: Mask) -> list[float]:
     return out
 
 
-# proxy name -> (scores, mask, sparsity) -> a value that grows with the sparsity (nested masks)
+def _mass_removed(scores: dict, mask: Mask) -> float:
+    return float(sum(s.double()[~mask.layers[k]].sum() for k, s in scores.items())
+                 / sum(s.double().sum() for s in scores.values()))
+
+
+# proxy name -> (the step: scores, mask, sparsity, per-layer energy removed) -> a value that grows
+# with the sparsity (nested masks)
 PROXIES = {
-    "energy, worst layer": lambda sc, m, lv: max(_energy(sc, m)),
-    "energy, layer mean": lambda sc, m, lv: float(np.mean(_energy(sc, m))),
-    "score mass removed": lambda sc, m, lv: float(
-        sum(s.double()[~m.layers[k]].sum() for k, s in sc.items()) / sum(s.double().sum() for s in sc.values())),
-    "signal lost through depth": lambda sc, m, lv: 1.0 - float(np.prod([1 - e ** 0.5 for e in _energy(sc, m)])),
-    "sparsity, worst layer": lambda sc, m, lv: max(1 - float(v.float().mean()) for v in m.layers.values()),
-    "level (a fixed target)": lambda sc, m, lv: lv,
+    "energy, worst layer": lambda sc, m, lv, e: max(e),
+    "energy, layer mean": lambda sc, m, lv, e: float(np.mean(e)),
+    "score mass removed": lambda sc, m, lv, e: _mass_removed(sc, m),
+    "signal lost through depth": lambda sc, m, lv, e: 1.0 - float(np.prod([1 - v ** 0.5 for v in e])),
+    "sparsity, worst layer": lambda sc, m, lv, e: max(1 - float(v.float().mean()) for v in m.layers.values()),
+    "level (a fixed target)": lambda sc, m, lv, e: lv,
 }
 
 
@@ -65,8 +70,9 @@ def user_curves(base, x, hx, hy, step: float = 0.1, max_sparsity: float = 0.95) 
     acc, prox = [], {p: [] for p in PROXIES}
     for lv in levels:
         m = at(lv)
+        energy = _energy(scores, m)  # read by three proxies: computed once per step
         for p, f in PROXIES.items():
-            prox[p].append(f(scores, m, lv))
+            prox[p].append(f(scores, m, lv, energy))
         pruned = copy.deepcopy(base)
         r = fine_prune(pruned, x, PruneConfig(step=step, max_sparsity=max_sparsity, target_sparsity=lv))
         acc.append(accuracy(personalized_model(pruned, r), hx, hy))
