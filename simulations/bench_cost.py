@@ -211,13 +211,57 @@ def plot(results: dict):
     return fig
 
 
+def parse_samples(text: str) -> list[int]:
+    """`--samples`: one count or several, comma-separated, each >= 0 (0: the workload's own)."""
+    try:
+        sizes = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--samples takes whole numbers, comma-separated (got '{text}')") from None
+    if not sizes or any(n < 0 for n in sizes):
+        raise ValueError(f"--samples takes counts >= 0 (0: the workload's own), comma-separated (got '{text}')")
+    return list(dict.fromkeys(sizes))
+
+
+def plot_by_samples(results: dict):
+    """The fixed target, the default and the statistics pass against the user's samples, one
+    line per workload, with the targets (1.2x fixed, 1.5x default) dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    by = {}
+    for r in results.values():
+        by.setdefault(r.get("workload", "?"), []).append(r)
+    styles = {"statistics + BatchNorm": ":", "fixed target 0.7": "--", "default (label-free stop)": "-"}
+    for i, (name, rows) in enumerate(by.items()):
+        rows = sorted(rows, key=lambda r: r["samples"])
+        for col, ls in styles.items():
+            ax.plot([r["samples"] for r in rows], [r["x_inference"][col] for r in rows], ls, marker="o",
+                    color=f"C{i}", label=f"{name}: {col}")
+    ax.axhline(1.2, color="gray", lw=0.8, ls="--")
+    ax.axhline(1.5, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ticks = sorted({r["samples"] for r in results.values()})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("user's samples")
+    ax.set_ylabel("x one inference pass")
+    ax.set_title("Cost against the user's data (gray: 1.5x default, 1.2x fixed target)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="fineprune bench-cost", description=__doc__.splitlines()[0])
     p.add_argument("--workloads", default="digits,kws,resnet18,resnet50",
                    help=f"comma-separated, from: {', '.join(WORKLOADS)} (kws needs --fsdd)")
     p.add_argument("--fsdd", help="Free Spoken Digit Dataset directory (the kws workload)")
-    p.add_argument("--samples", type=int, default=0, help="user's samples per workload (0: the workload's own: "
-                   "digits one user, kws 450 clips, resnets 64 images)")
+    p.add_argument("--samples", default="0", help="user's samples per workload, or several comma-separated (a "
+                   "row each, and cost_by_samples.png): 0 is the workload's own (digits one user, kws 450 clips, "
+                   "resnets 64 images); digits and kws have no more than their user's")
     p.add_argument("--size", type=int, default=224, help="ResNet input size (default 224)")
     p.add_argument("--resnet-weights", help="local weights file for the ResNet workloads (optional)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; each column reports its median")
@@ -231,8 +275,9 @@ def main(args) -> dict:
     if not names or (bad := [w for w in names if w not in WORKLOADS]):
         raise ValueError(f"unknown workload(s): {', '.join(bad) if names else '(none)'} "
                          f"(choose from: {', '.join(WORKLOADS)})")
-    if args.repeats < 1 or args.samples < 0 or args.size < 32:
-        raise ValueError("--repeats must be >= 1, --samples >= 0 and --size >= 32")
+    sizes = parse_samples(args.samples)
+    if args.repeats < 1 or args.size < 32:
+        raise ValueError("--repeats must be >= 1 and --size >= 32")
     if "kws" in names and not (args.fsdd and Path(args.fsdd).is_dir()):
         raise ValueError(f"the kws workload needs --fsdd DIR with the Free Spoken Digit Dataset (got {args.fsdd})")
     device = resolve_device(args.device)
@@ -240,10 +285,17 @@ def main(args) -> dict:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     results = {}
     for name in names:
-        log(f"bench-cost: {name} ...")
-        base, x, y, desc = load_workload(name, out, 0, args.samples or None, args.fsdd, args.size,
-                                         args.resnet_weights)
-        results[name] = {**measure(base, x, y, device, args.repeats, log=log), "description": desc}
+        seen = set()
+        for n in sizes:
+            base, x, y, desc = load_workload(name, out, 0, n or None, args.fsdd, args.size, args.resnet_weights)
+            if len(x) in seen:  # a user with fewer samples than asked: measured once at what it has
+                log(f"bench-cost: {name} has {len(x)} samples, not {n}: measured already")
+                continue
+            seen.add(len(x))
+            key = name if len(sizes) == 1 else f"{name}@{len(x)}"
+            log(f"bench-cost: {key} ({len(x)} samples) ...")
+            results[key] = {**measure(base, x, y, device, args.repeats, log=log), "description": desc,
+                            "workload": name}
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "repeats": args.repeats, "memory": in_force()}
     atomic_write_text(out / "cost.json", json.dumps({"meta": meta, "results": results}, indent=2))
@@ -257,8 +309,12 @@ def main(args) -> dict:
     md = to_markdown(results, meta)
     atomic_write_text(out / "cost.md", md)
     atomic_write_png(out / "cost.png", plot(results))
+    made = {"results": str(out / "cost.md"), "plot": str(out / "cost.png")}
+    if len(sizes) > 1:
+        atomic_write_png(out / "cost_by_samples.png", plot_by_samples(results))
+        made["by_samples"] = str(out / "cost_by_samples.png")
     print(md, file=sys.stderr)
-    return {"results": str(out / "cost.md"), "plot": str(out / "cost.png")}
+    return made
 
 
 if __name__ == "__main__":

@@ -159,14 +159,32 @@ def test_bench_cost_writes_its_tables_and_plot(tmp_path):
     assert (tmp_path / "cost.csv").read_text().startswith("workload,samples")
 
 
+def test_bench_cost_measures_each_user_size_asked_once(tmp_path):
+    """`--samples 16,32,0,500` on digits: a row per size the user has (16, 32 and its own 63;
+    500 is more than it has, so it is not measured twice), and the cost-by-samples plot."""
+    from common.cli import main
+
+    assert main(["bench-cost", "--workloads", "digits", "--samples", "16,32,0,500", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "cost.json").read_text())["results"]
+    assert sorted(res) == ["digits@16", "digits@32", "digits@63"]
+    assert [res[k]["samples"] for k in ("digits@16", "digits@32", "digits@63")] == [16, 32, 63]
+    assert all(r["workload"] == "digits" and r["x_inference"]["inference pass"] == 1.0 for r in res.values())
+    assert "| digits@16 | 16 |" in (tmp_path / "cost.md").read_text()
+    assert (tmp_path / "cost_by_samples.png").stat().st_size > 5000
+
+
 @pytest.mark.badinput
 def test_bench_cost_refuses_unknown_workloads_and_kws_without_data_in_one_line(tmp_path, capsys):
     from common.cli import main
 
     assert main(["bench-cost", "--workloads", "digits,vgg", "--out", str(tmp_path / "x")]) == 2
     assert main(["bench-cost", "--workloads", "kws", "--out", str(tmp_path / "x")]) == 2
+    assert main(["bench-cost", "--workloads", "digits", "--samples", "64,x", "--out", str(tmp_path / "x")]) == 2
+    assert main(["bench-cost", "--workloads", "digits", "--samples", "64,-1", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "unknown workload(s): vgg" in err[0] and "needs --fsdd" in err[1]
+    assert len(err) == 4 and "unknown workload(s): vgg" in err[0] and "needs --fsdd" in err[1]
+    assert "whole numbers" in err[2] and "'64,x'" in err[2] and "counts >= 0" in err[3]
     assert not (tmp_path / "x").exists()
 
 
