@@ -7,6 +7,10 @@ so each ratio can also be read against the faster pass. Results: cost.json, cost
 cost.png.
 
     fineprune bench-cost --fsdd ../shared/data/fsdd --out runs/cost
+    fineprune bench-cost --workloads resnet18 --samples 64,256,1024 --out runs/cost_sizes
+
+Several user sizes give a row each and cost_by_samples.png: the probe is at most 128 samples, so
+the probes' share of the cost falls as a user's data grows.
 
 Each repeat runs every column once, interleaved, and a column reports its median, so load from
 other work on the machine falls on all columns alike. The ResNets carry random weights (no
