@@ -237,7 +237,7 @@ def plot_by_samples(results: dict):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     by = {}
     for r in results.values():
-        by.setdefault(r.get("workload", "?"), []).append(r)
+        by.setdefault(r["workload"], []).append(r)
     styles = {"statistics + BatchNorm": ":", "fixed target 0.7": "--", "default (label-free stop)": "-"}
     for i, (name, rows) in enumerate(by.items()):
         rows = sorted(rows, key=lambda r: r["samples"])

@@ -1,9 +1,9 @@
 """What personalization costs, and that the speed work changed no result: exact k-th value
-selection, the engine's report of where its time
-went, the stop rule's reference taken from the statistics pass (no probe pass of its own), no
-recalibration pass at the end when nothing but the restriction goes, and `fineprune bench-cost`
-writing its tables; the study of stop proxies from the statistics pass alone. (The measured ratios are the benchmark's, not
-tests': speed is never asserted here.)"""
+selection, the engine's report of where its time went, the stop rule's reference taken from the
+statistics pass (no probe pass of its own), no recalibration pass at the end when nothing but the
+restriction goes, `fineprune bench-cost` writing its tables (a row per user size), the memory
+policy, and the study of stop proxies from the statistics pass alone. (The measured ratios are the
+benchmark's, not tests': speed is never asserted here.)"""
 import copy
 import json
 import math
@@ -19,9 +19,9 @@ from common import data as D
 from common.forward import recalibrate_bn
 from common.prune import PruneConfig, fine_prune
 from common.restrict import apply_restriction
+from common.select import global_ranking, kth_smallest
 
 ROOT = Path(__file__).resolve().parents[1]
-from common.select import global_ranking, kth_smallest
 
 
 @pytest.mark.parametrize("n", [300_000, 5_000])
