@@ -24,6 +24,23 @@ def test_gpu_batches_through_pinned_memory_equal_the_cpu_batches(first):
 
 
 @cuda
+def test_batches_copied_on_a_side_stream_give_the_logits_of_data_already_on_the_gpu():
+    """The copies run on a side stream while the model runs: the model must still wait for each
+    batch to arrive, and a batch's memory must not be reused under it (a race here gives wrong
+    logits, more likely the more and the faster the batches)."""
+    import torch.nn as nn
+
+    from common.forward import batched_forward
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    m = m.cuda().eval()
+    x = torch.randn(2000, 3, 64, 64)
+    for _ in range(3):
+        assert torch.equal(batched_forward(m, x, 16, "cuda"), batched_forward(m, x.cuda(), 16, "cuda"))
+
+
+@cuda
 def test_a_mask_made_on_the_gpu_stays_there_until_read_and_applies_as_the_cpu_copy(digits_base):
     torch.manual_seed(0)
     dense = Mask.dense(digits_base)

@@ -114,3 +114,33 @@ def test_statistics_in_channels_last_equal_those_in_the_models_own_layout():
         assert r.in_count == g.in_count and r.out_count == g.out_count
         assert torch.allclose(r.in_sq, g.in_sq, rtol=1e-4, atol=1e-6 * float(r.in_sq.max())), k
         assert torch.allclose(r.out_sum, g.out_sum, rtol=1e-4, atol=1e-3), k
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_statistics_kept_per_batch_and_folded_later_equal_those_added_every_batch(monkeypatch, layout):
+    """On a GPU each hook keeps one reduction per batch and folds them into the sums every few
+    batches and when the pass ends (the hooks' host time is what a GPU pass waits on). The same
+    arithmetic run here on the CPU gives every statistic the per-batch path gives: counts
+    exactly, sums to float64 rounding, also when folding happens mid-pass (every 2 batches of 7)
+    and for fully-connected inputs."""
+    from common import stats as S
+    from common.forward import to_layout
+
+    torch.manual_seed(2)
+    m = build_model("resnet18", num_classes=10).eval()
+    if layout == "channels_last":
+        to_layout(m, torch.channels_last)
+    x = torch.randn(13, 3, 40, 40)
+    now, lg = collect_stats(m, x, 2, "cpu", outputs=True)
+    monkeypatch.setattr(S, "_deferred", lambda t: True)
+    monkeypatch.setattr(S, "_FOLD", 2)
+    folded, lg2 = collect_stats(m, x, 2, "cpu", outputs=True)
+    assert torch.equal(lg, lg2)
+    for k, a in now.layers.items():
+        b = folded.layers[k]
+        assert a.in_count == b.in_count and a.out_count == b.out_count, k
+        assert torch.equal(a.out_fire, b.out_fire), k
+        tol = 1e-12 if layout == "nchw" or k == "fc" else 1e-5
+        assert torch.allclose(a.in_sq, b.in_sq, rtol=tol), k
+        assert torch.allclose(a.out_sum, b.out_sum, rtol=tol, atol=1e-12), k
+    assert now.layers["fc"].in_sq.abs().sum() > 0
