@@ -69,3 +69,35 @@ def test_personalizing_on_the_gpu_gives_the_cpu_mask(digits, digits_split, digit
     assert cpu.mask.hamming(gpu.mask, normalized=False) <= 0.001 * cpu.mask.total()
     assert cpu.forward_samples == gpu.forward_samples
     assert all(not v.is_cuda for v in gpu.mask.held().values())  # the result holds no GPU memory
+
+
+@cuda
+def test_the_fused_output_statistics_on_the_gpu_equal_pytorchs_reductions(monkeypatch):
+    """All hooks on a GPU read each channels_last BatchNorm output once (common/kernels.py): the
+    statistics equal those of PyTorch's reductions on the same GPU, counts exactly."""
+    pytest.importorskip("triton")
+    from common import kernels
+    from common.forward import to_layout
+    from common.models import build_model
+    from common.prune import collect_stats
+
+    torch.manual_seed(0)
+    for shape in [(3, 70, 9, 11), (64, 64, 112, 112), (5, 2048, 7, 7)]:
+        y = torch.randn(shape, device="cuda").contiguous(memory_format=torch.channels_last)
+        rows = kernels.fusable(y)
+        assert rows is not None and rows.data_ptr() == y.data_ptr()  # a view, no copy
+        s, n = kernels.positive_stats(y)  # None (a failure) would fail here, not fall back
+        assert not kernels._failed
+        assert torch.equal(n, (y > 0).sum((0, 2, 3)))
+        assert torch.allclose(s, y.clamp_min(0).double().sum((0, 2, 3)), rtol=1e-5)
+    assert kernels.fusable(torch.randn(4, 3, 5, 5, device="cuda")) is None  # NCHW: PyTorch's
+    m = to_layout(build_model("resnet18", num_classes=10).cuda().eval(), torch.channels_last)
+    x = torch.randn(40, 3, 64, 64)
+    fused, lg = collect_stats(m, x, 16, "cuda", outputs=True)
+    monkeypatch.setattr(kernels, "fusable", lambda y: None)
+    plain, lg2 = collect_stats(m, x, 16, "cuda", outputs=True)
+    assert torch.equal(lg, lg2)
+    for k, a in plain.layers.items():
+        b = fused.layers[k]
+        assert torch.equal(a.out_fire, b.out_fire) and a.out_count == b.out_count, k
+        assert torch.allclose(a.out_sum, b.out_sum, rtol=1e-5, atol=1e-6), k

@@ -144,3 +144,74 @@ def test_statistics_kept_per_batch_and_folded_later_equal_those_added_every_batc
         assert torch.allclose(a.in_sq, b.in_sq, rtol=tol), k
         assert torch.allclose(a.out_sum, b.out_sum, rtol=tol, atol=1e-12), k
     assert now.layers["fc"].in_sq.abs().sum() > 0
+
+
+def test_the_fused_output_statistics_kernel_gives_pytorchs_sums_and_counts():
+    """On a GPU the output hook reads each channels_last activation once, in a Triton kernel.
+    Interpreted here on the CPU: every channel's count of positive values is exact and its sum
+    of them matches PyTorch's, for row and channel counts that fill no tile exactly, with zeros
+    and negatives; a CPU tensor is never sent to it by the hook."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = """
+import torch
+from common.kernels import positive_sum_count
+torch.manual_seed(0)
+for r, c in [(1, 1), (5, 3), (64, 65), (2500, 130), (3, 300)]:
+    y = torch.randn(r, c)
+    y[y.abs() < 0.2] = 0.0
+    s, n = positive_sum_count(y)
+    assert n.dtype == torch.int64 and s.dtype == torch.float64
+    assert torch.equal(n, (y > 0).sum(0)), (r, c)
+    assert torch.allclose(s, y.clamp_min(0).double().sum(0), rtol=1e-6, atol=1e-6), (r, c)
+try:
+    positive_sum_count(torch.randn(4, 3).t())
+    raise SystemExit("a strided tensor was accepted")
+except ValueError:
+    pass
+print("kernel ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0 and "kernel ok" in out.stdout, out.stderr[-2000:]
+    from common import kernels
+    from common.forward import to_layout
+
+    y = to_layout(nn.Conv2d(3, 8, 3), torch.channels_last)(torch.randn(2, 3, 9, 9)).detach()
+    assert kernels.fusable(y) is None  # on the CPU the hook reduces in cache-sized pieces
+
+
+def test_a_fused_kernel_that_cannot_run_is_reported_once_and_the_statistics_still_come(monkeypatch):
+    """Triton needs a working CUDA toolchain where it runs. If the kernel cannot be built or
+    launched, the first attempt warns once, the hook reduces with PyTorch, and the kernel is not
+    tried again in that process. (The GPU is stood in for: the kernel is made to apply on the
+    CPU and to fail.)"""
+    import warnings
+
+    from common import kernels
+
+    torch.manual_seed(3)
+    m = build_model("smallcnn", num_classes=10).eval()
+    x = torch.randn(20, 1, 8, 8)
+    want, _ = collect_stats(m, x, 8, "cpu", outputs=True)
+    calls = []
+
+    def broken(rows):
+        calls.append(rows.shape)
+        raise RuntimeError("ptxas not found")
+
+    monkeypatch.setattr(kernels, "_failed", [])
+    monkeypatch.setattr(kernels, "fusable", lambda y: None if kernels._failed else y.flatten(2).transpose(1, 2))
+    monkeypatch.setattr(kernels, "positive_sum_count", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, _ = collect_stats(m, x, 8, "cpu", outputs=True)
+    assert len(calls) == 1 and len(kernels._failed) == 1
+    assert [str(w.message) for w in caught if "fused output statistics" in str(w.message)] == [
+        "fused output statistics unavailable on this GPU (RuntimeError: ptxas not found); using PyTorch's reductions"]
+    for k, a in want.layers.items():
+        assert torch.equal(a.out_fire, got.layers[k].out_fire) and torch.equal(a.out_sum, got.layers[k].out_sum), k
