@@ -173,6 +173,7 @@ def measure(base, x, y, device: str = "cpu", repeats: int = 3, batch_size: int =
     inf = med["inference pass"]
     mid = sorted(default_runs, key=lambda r: r.seconds)[len(default_runs) // 2]
     return {"seconds": med, "x_inference": {k: v / inf for k, v in med.items()},
+            "rounds_seconds": secs,  # every round, for the spread behind each median
             "default_phases_x": {k: v / inf for k, v in sorted(mid.phases.items(), key=lambda kv: -kv[1])},
             "default_sparsity": mid.sparsity, "default_forward_passes": mid.forward_samples / len(x),
             "default_probes": len(mid.history), "samples": len(x),
