@@ -1,5 +1,7 @@
 """One fused GPU reduction for the output statistics: a single read of an activation laid out as
-rows of channels gives each channel's sum of positive values and count of positive values.
+rows of channels gives each channel's sum of positive values and count of positive values. Which
+activations are such rows, and the view as rows, live here too (the CPU's hooks read the same
+rows a piece at a time).
 
 In PyTorch the output hook takes four passes over every BatchNorm output (the positive part
 written out, its sum, the comparison written out, its count), and its reductions over (N, H, W)
@@ -66,14 +68,23 @@ def positive_sum_count(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sums.sum(0, dtype=torch.float64), counts.sum(0)
 
 
+def is_nhwc(t: torch.Tensor) -> bool:
+    """An (N, C, H, W) tensor laid out channels_last (and not also plain contiguous): its memory
+    is rows (sample, position) of its channels."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last (N, C, H, W) tensor as its (N*H*W, C) rows: a view, no copy."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
 def fusable(y: torch.Tensor) -> torch.Tensor | None:
     """y as (rows, channels) for positive_sum_count where the fused kernel applies (a float32
     CUDA tensor in channels_last, Triton installed and working), else None."""
-    if triton is None or _failed or not y.is_cuda or y.dtype != torch.float32 or y.dim() != 4:
+    if triton is None or _failed or not y.is_cuda or y.dtype != torch.float32 or not is_nhwc(y):
         return None
-    if y.is_contiguous() or not y.is_contiguous(memory_format=torch.channels_last):
-        return None
-    return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])  # a view: no copy
+    return as_rows(y)
 
 
 _failed: list = []  # the error, once the kernel could not be compiled or run in this process

@@ -20,6 +20,11 @@ class MaskError(ValueError):
     pass
 
 
+def _flat(layers: dict) -> torch.Tensor:
+    """Every layer's flags end to end, in the layers' order (one tensor, where they are)."""
+    return torch.cat([v.flatten() for v in layers.values()])
+
+
 def apply_plan(model: nn.Module) -> list:
     """(name, layer, the BatchNorm right after it or None) for each prunable layer: what
     Mask.apply walks."""
@@ -49,7 +54,7 @@ class Mask:
             if not held:
                 self._cpu = {}
                 return self._cpu
-            flat = torch.cat([v.flatten() for v in held.values()]).cpu()
+            flat = _flat(held).cpu()
             parts = flat.split([v.numel() for v in held.values()])
             self._cpu = {k: p.view(v.shape) for (k, v), p in zip(held.items(), parts)}
         return self._cpu
@@ -81,7 +86,7 @@ class Mask:
         if not held:
             return 0
         if held[0].is_cuda:
-            return int(torch.count_nonzero(torch.cat([v.flatten() for v in held])))
+            return int(torch.count_nonzero(_flat(self._held)))
         return int(torch.stack([torch.count_nonzero(v) for v in held]).sum())
 
     def total(self) -> int:
@@ -104,7 +109,7 @@ class Mask:
             raise MaskError("masks belong to different model shapes")
 
     def _flat_pruned(self) -> torch.Tensor:
-        return torch.cat([~v.flatten() for v in self.layers.values()])
+        return ~_flat(self.layers)
 
     def jaccard(self, other: "Mask") -> float:
         """Jaccard similarity of the sets of pruned connections (1.0 when both prune nothing)."""
@@ -159,7 +164,7 @@ class Mask:
     def to_bytes(self) -> bytes:
         """1 bit per connection, zlib-compressed, with a JSON header of names and shapes."""
         header = json.dumps({"layers": [[k, list(v.shape)] for k, v in self.layers.items()]}).encode()
-        bits = np.packbits(torch.cat([v.flatten() for v in self.layers.values()]).numpy())
+        bits = np.packbits(_flat(self.layers).numpy())
         body = zlib.compress(bits.tobytes(), 9)
         return MAGIC + len(header).to_bytes(4, "little") + header + body
 

@@ -68,19 +68,13 @@ def _per_channel_dims(t: torch.Tensor) -> list[int]:
 _PIECE = 1 << 18
 
 
-def _nhwc(t: torch.Tensor) -> bool:
-    """An (N, C, H, W) tensor laid out channels_last (and not also plain contiguous)."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
 def _cpu_nhwc_pieces(t: torch.Tensor):
     """A CPU (N, C, H, W) tensor in channels_last as views (rows, C) of its (N*H*W, C) layout,
     about _PIECE elements each, to reduce over rows; None for any other tensor (a GPU reduces it
     whole, in one kernel)."""
-    if t.is_cuda or not _nhwc(t):
+    if t.is_cuda or not kernels.is_nhwc(t):
         return None
-    c = t.shape[1]
-    return t.permute(0, 2, 3, 1).reshape(-1, c).split(max(1, _PIECE // c))  # views: no copy
+    return kernels.as_rows(t).split(max(1, _PIECE // t.shape[1]))  # views: no copy
 
 
 # On a GPU a statistics pass is partly bound by the host: each torch call a hook makes costs
@@ -101,7 +95,7 @@ def _deferred(t: torch.Tensor) -> bool:
 def _sample_norms(x: torch.Tensor) -> torch.Tensor:
     """(samples or 1, channels): each sample's norm over its positions, per input channel; the
     norm over the batch for an (N, features) input. One reduction, no copy."""
-    if _nhwc(x):  # a view as (N, H*W, C): flatten(2) would copy the whole input first
+    if kernels.is_nhwc(x):  # a view as (N, H*W, C): flatten(2) would copy the whole input first
         n, c = x.shape[:2]
         return torch.linalg.vector_norm(x.permute(0, 2, 3, 1).reshape(n, -1, c), dim=1)
     if x.dim() > 2:
