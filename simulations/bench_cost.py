@@ -110,14 +110,20 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def measure(base, x, y, device: str = "cpu", repeats: int = 3, batch_size: int = 256, log=print) -> dict:
-    """Median seconds per column over `repeats` interleaved rounds, the default's phases and how
-    far its stop rule pruned."""
-    base = base.to(device).eval()
+# --profile's names for the columns (bench-gpu)
+STEP_NAMES = {"inference": "inference pass", "inference-engine": "inference pass, engine layout",
+              "usage": "statistics (usage hooks)", "all-hooks": "statistics (all hooks)",
+              "bn": "statistics + BatchNorm", "fixed": "fixed target 0.7", "default": "default (label-free stop)",
+              "backprop": "backprop, 1 epoch"}
+
+
+def _steps(base, x, y, device: str, batch_size: int, default_runs: list):
+    """(column -> (what it does to a model, the model it gets: made before the clock starts, or
+    None); the base in the engine's layout). `base` is on `device`, in eval mode; the default's
+    results are appended to `default_runs`."""
     # the engine runs its passes in its own layout (channels_last for conv nets): the
     # statistics columns do too, and one more column times plain inference in that layout
     eng = to_layout(copy.deepcopy(base), engine_layout(base))
-    default_runs = []
 
     def fresh():
         return copy.deepcopy(base)
@@ -144,10 +150,24 @@ def measure(base, x, y, device: str = "cpu", repeats: int = 3, batch_size: int =
         "backprop, 1 epoch": (lambda m: train_supervised(m, x, y, epochs=1, lr=1e-4, batch_size=32, device=device),
                               fresh_eng),
     }
+    return runs, eng
+
+
+def _warm_up(base, eng, x, y, device: str, batch_size: int):
+    """Allocator, cuDNN autotune and the optimizer's first step, before anything is timed."""
     predict_logits(eng, x[:batch_size], batch_size, device)
-    predict_logits(base, x[:batch_size], batch_size, device)  # warm-up: allocator, cuDNN autotune
-    # and the optimizer's first step (its lazy imports took 1 s, 600 digits inference passes)
+    predict_logits(base, x[:batch_size], batch_size, device)
+    # the optimizer's first step: its lazy imports took 1 s, 600 digits inference passes
     train_supervised(copy.deepcopy(eng), x[:2], y[:2], epochs=1, batch_size=2, device=device)
+
+
+def measure(base, x, y, device: str = "cpu", repeats: int = 3, batch_size: int = 256, log=print) -> dict:
+    """Median seconds per column over `repeats` interleaved rounds, the default's phases and how
+    far its stop rule pruned."""
+    base = base.to(device).eval()
+    default_runs = []
+    runs, eng = _steps(base, x, y, device, batch_size, default_runs)
+    _warm_up(base, eng, x, y, device, batch_size)
     secs = {k: [] for k in runs}
     peak = {k: 0.0 for k in runs}
     cuda = device.startswith("cuda")
@@ -178,6 +198,60 @@ def measure(base, x, y, device: str = "cpu", repeats: int = 3, batch_size: int =
             "default_sparsity": mid.sparsity, "default_forward_passes": mid.forward_samples / len(x),
             "default_probes": len(mid.history), "samples": len(x),
             "peak_gpu_mb": peak if cuda else None}
+
+
+def parse_steps(text: str) -> list[str]:
+    """--profile's comma-separated step names (STEP_NAMES), checked; [] for an empty text."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if bad := [t for t in names if t not in STEP_NAMES]:
+        raise ValueError(f"unknown step(s) to profile: {', '.join(bad)} (choose from: {', '.join(STEP_NAMES)})")
+    return list(dict.fromkeys(names))
+
+
+def profile(base, x, y, device: str, batch_size: int, names: list[str], rows: int = 40) -> dict:
+    """Each named step run once more under torch.profiler, after a warm-up: name -> {"table": the
+    operators by self time (device time on a GPU, then host time), "ops": the top `rows` as numbers
+    (ms), "seconds": the step's wall time under the profiler, "device_busy_seconds": a GPU's kernel
+    time in it}. What a GPU pass spends beyond its convolutions (a
+    hook's reductions, kernel launches, host waits) shows here, operator by operator."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    base = base.to(device).eval()
+    runs, eng = _steps(base, x, y, device, batch_size, [])
+    _warm_up(base, eng, x, y, device, batch_size)
+    cuda = device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    out = {}
+    for name in names:
+        fn, setup = runs[STEP_NAMES[name]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn(setup() if setup else None)  # this step's own first run: lazy set-up stays out of the profile
+            model = setup() if setup else None
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch_profile(activities=acts) as prof:
+                fn(model)
+                _sync(device)
+            sec = time.perf_counter() - t0
+        avg = prof.key_averages()
+        events = sorted(avg, key=lambda e: -getattr(e, key))
+        # on a GPU the host's side too: a pass whose kernels leave the GPU idle is bound by the
+        # host's launches and hook code, which only the CPU table shows
+        table = avg.table(sort_by=key, row_limit=rows)
+        if cuda:
+            table = (f"By self device time:\n{table}\n\nBy self CPU time (the host):\n"
+                     f"{avg.table(sort_by='self_cpu_time_total', row_limit=rows)}")
+        out[name] = {"seconds": sec,
+                     # the GPU's kernel time over the step's wall time: how busy the host kept it
+                     "device_busy_seconds": sum(e.self_device_time_total for e in avg) / 1e6 if cuda else None,
+                     "table": table,
+                     "ops": [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                              "self_device_ms": e.self_device_time_total / 1e3 if cuda else None}
+                             for e in events[:rows]]}
+    return out
 
 
 def to_markdown(results: dict, meta: dict) -> str:

@@ -1,7 +1,8 @@
 """What personalization costs, and that the speed work changed no result: exact k-th value
 selection, the engine's report of where its time went, the stop rule's reference taken from the
 statistics pass (no probe pass of its own), no recalibration pass at the end when nothing but the
-restriction goes, `fineprune bench-cost` writing its tables (a row per user size), the memory
+restriction goes, `fineprune bench-cost` writing its tables (a row per user size), `fineprune
+bench-gpu --profile` writing each step's operators, the memory
 policy, and the study of stop proxies from the statistics pass alone. (The measured ratios are the
 benchmark's, not tests': speed is never asserted here.)"""
 import copy
@@ -172,6 +173,38 @@ def test_bench_cost_measures_each_user_size_asked_once(tmp_path):
     assert all(r["workload"] == "digits" and r["x_inference"]["inference pass"] == 1.0 for r in res.values())
     assert "| digits@16 | 16 |" in (tmp_path / "cost.md").read_text()
     assert (tmp_path / "cost_by_samples.png").stat().st_size > 5000
+
+
+def test_bench_gpu_profiles_the_steps_it_is_asked_for_and_no_other(tmp_path):
+    """`fineprune bench-gpu --profile usage,inference` (ResNet18 at 32x32 on the CPU): each named
+    step's operators by self time in profile-<step>.txt and bench_gpu.json. The usage hooks'
+    per-channel norms show in the statistics pass's profile and not in the plain pass's, so each
+    profile is of its own step."""
+    from common.cli import main
+
+    assert main(["bench-gpu", "--device", "cpu", "--arch", "resnet18", "--images", "8", "--size", "32",
+                 "--batch-size", "4", "--repeats", "1", "--profile", "usage,inference",
+                 "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert sorted(res["profile"]) == ["inference", "usage"]
+    for step, p in res["profile"].items():
+        assert p["seconds"] > 0 and p["device_busy_seconds"] is None and "table" not in p
+        assert p["ops"] and any(o["op"] == "aten::mkldnn_convolution" or "conv" in o["op"] for o in p["ops"])
+        assert all(a["self_cpu_ms"] >= b["self_cpu_ms"] for a, b in zip(p["ops"], p["ops"][1:]))
+    usage, plain = ((tmp_path / f"profile-{s}.txt").read_text() for s in ("usage", "inference"))
+    assert "aten::linalg_vector_norm" in usage and "aten::linalg_vector_norm" not in plain
+    assert "Profiled statistics (usage hooks)" in (tmp_path / "bench_gpu.md").read_text()
+    assert not list(tmp_path.glob("profile-*.txt.*"))  # no temp file left behind
+
+
+@pytest.mark.badinput
+def test_bench_gpu_refuses_a_step_it_cannot_profile_before_measuring(tmp_path, capsys):
+    from common.cli import main
+
+    assert main(["bench-gpu", "--device", "cpu", "--profile", "usage,all_hooks", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown step(s) to profile: all_hooks" in err[0] and "all-hooks" in err[0]
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.badinput
