@@ -212,8 +212,8 @@ def profile(base, x, y, device: str, batch_size: int, names: list[str], rows: in
     """Each named step run once more under torch.profiler, after a warm-up: name -> {"table": the
     operators by self time (device time on a GPU, then host time), "ops": the top `rows` as numbers
     (ms), "seconds": the step's wall time under the profiler, "device_busy_seconds": a GPU's kernel
-    time in it}. What a GPU pass spends beyond its convolutions (a
-    hook's reductions, kernel launches, host waits) shows here, operator by operator."""
+    time in it}. What a GPU pass spends beyond its convolutions (a hook's reductions, kernel
+    launches, host waits) shows here, operator by operator."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -245,7 +245,7 @@ def profile(base, x, y, device: str, batch_size: int, names: list[str], rows: in
             table = (f"By self device time:\n{table}\n\nBy self CPU time (the host):\n"
                      f"{avg.table(sort_by='self_cpu_time_total', row_limit=rows)}")
         out[name] = {"seconds": sec,
-                     # the GPU's kernel time over the step's wall time: how busy the host kept it
+                     # the GPU's kernel time, against the step's wall time: how busy the host kept it
                      "device_busy_seconds": sum(e.self_device_time_total for e in avg) / 1e6 if cuda else None,
                      "table": table,
                      "ops": [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
