@@ -209,7 +209,8 @@ def parse_steps(text: str) -> list[str]:
 
 
 def profile(base, x, y, device: str, batch_size: int, names: list[str], rows: int = 40) -> dict:
-    """Each named step run once more under torch.profiler, after a warm-up: name -> {"table": the
+    """Each named step run once more under torch.profiler, after a first run of its own (cuDNN's
+    autotune, the allocator, lazy imports stay out of the profile): name -> {"table": the
     operators by self time (device time on a GPU, then host time), "ops": the top `rows` as numbers
     (ms), "seconds": the step's wall time under the profiler, "device_busy_seconds": a GPU's kernel
     time in it}. What a GPU pass spends beyond its convolutions (a hook's reductions, kernel
@@ -218,8 +219,7 @@ def profile(base, x, y, device: str, batch_size: int, names: list[str], rows: in
     from torch.profiler import profile as torch_profile
 
     base = base.to(device).eval()
-    runs, eng = _steps(base, x, y, device, batch_size, [])
-    _warm_up(base, eng, x, y, device, batch_size)
+    runs, _ = _steps(base, x, y, device, batch_size, [])
     cuda = device.startswith("cuda")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
@@ -228,7 +228,7 @@ def profile(base, x, y, device: str, batch_size: int, names: list[str], rows: in
         fn, setup = runs[STEP_NAMES[name]]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fn(setup() if setup else None)  # this step's own first run: lazy set-up stays out of the profile
+            fn(setup() if setup else None)  # the step's own first run
             model = setup() if setup else None
             _sync(device)
             t0 = time.perf_counter()
