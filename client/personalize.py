@@ -37,6 +37,7 @@ class Personalization:
     compacted: bool
     hist: dict = field(default_factory=dict)   # usage histograms for the summary
     history: list = field(default_factory=list)
+    adaptation: dict = field(default_factory=dict)  # BatchNorm mode, head, what the checks saw
     resumed: bool = False
 
     @classmethod
@@ -76,7 +77,7 @@ def personalize(base: torch.nn.Module, meta: dict, x: torch.Tensor, cfg: PruneCo
     if stored is not None:
         return stored
     model = copy.deepcopy(base)
-    res = fine_prune(model, x, cfg, device, progress)
+    res = fine_prune(model, x, cfg, device, progress, base_meta=meta)
     model, mask, arch_kwargs = model.cpu(), res.mask, dict(meta["arch_kwargs"])
     history = None
     if do_compact and not hasattr(model, "prunable_chain"):  # residual graphs: Torch-Pruning's dependency graph
@@ -89,7 +90,7 @@ def personalize(base: torch.nn.Module, meta: dict, x: torch.Tensor, cfg: PruneCo
             model, mask, arch_kwargs = drop_classes(model, mask, meta["arch"], arch_kwargs, res.restricted_classes)
     info = Personalization(key, base_fp, cfg.settings(), res.sparsity, res.stop_reason, res.seconds,
                            res.forward_samples, res.restricted_classes, do_compact,
-                           model_usage_histograms(base, res.stats), res.history)
+                           model_usage_histograms(base, res.stats), res.history, adaptation=res.adaptation)
     new_meta = dict(model_meta(meta), arch_kwargs=arch_kwargs, base_fingerprint=base_fp, compacted=do_compact,
                     personalization=asdict(info), **({"pruning_history": history} if history else {}))
     # 0600: a personalized model records which classes this user has

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.forward import batched_forward, features_and_logits, recalibrate_bn
+from common.adapt import stem_profile
+from common.forward import batched_forward, bn_prior, features_and_logits, recalibrate_bn
 from common.heads import T3AHead, entropy_rows
 
 
@@ -37,11 +38,14 @@ def adabn(base: nn.Module, x: torch.Tensor, batch_size: int = 256) -> Adapted:
 
 
 # ---------------------------------------------------------------- T3A
-def _user_features(base: nn.Module, x: torch.Tensor, batch_size: int, recalibrate: bool):
-    """A copy of the base (recalibrated on x with `recalibrate`: the AdaBN+ variants), and its
-    penultimate features and logits on x; returns (model, feats, logits, last layer, samples)."""
+def _user_features(base: nn.Module, x: torch.Tensor, batch_size: int, recalibrate):
+    """A copy of the base (recalibrated on x with `recalibrate`: True, every layer, the AdaBN+
+    variants; "stem", the input side only), and its penultimate features and logits on x;
+    returns (model, feats, logits, last layer, samples)."""
     model = copy.deepcopy(base)
-    if recalibrate:
+    if recalibrate == "stem":
+        recalibrate_bn(model, x, batch_size, profile=stem_profile(model), prior=bn_prior(model))
+    elif recalibrate:
         recalibrate_bn(model, x, batch_size)
     feats, logits, last = features_and_logits(model, x, batch_size)
     return model, feats, logits, last, len(x) * (2 if recalibrate else 1)
@@ -49,7 +53,8 @@ def _user_features(base: nn.Module, x: torch.Tensor, batch_size: int, recalibrat
 
 def t3a(base: nn.Module, x: torch.Tensor, batch_size: int = 256, filter_k: int = 100,
         recalibrate: bool = False) -> Adapted:
-    """T3A built from the user's unlabeled data; `recalibrate` runs AdaBN first (AdaBN+T3A)."""
+    """T3A built from the user's unlabeled data; `recalibrate` runs AdaBN first (AdaBN+T3A), or
+    "stem" recalibrates the input side only first (stem-BN+T3A: safe under label shift)."""
     t0 = time.perf_counter()
     model, feats, logits, last, fwd = _user_features(base, x, batch_size, recalibrate)
     head = T3AHead(last.weight, last.bias, feats, logits, filter_k)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ class CheckpointError(ValueError):
 
 # What a device needs to rebuild and feed a model: the one list of a checkpoint's model metadata
 MODEL_META = ("arch", "arch_kwargs", "task", "classes", "features")
+# What the vendor may record beside it for the device's adaptation checks (common/adapt.py): optional
+VENDOR_META = ("class_spread", "input_profile")
+VENDOR_LIMITS = {"spread_values": 200_000, "profile_values": 65_536}
 
 
 # What a device accepts from model metadata it did not make (a server's message, a downloaded
@@ -84,7 +88,30 @@ def check_model_meta(meta: dict) -> dict:
     if not (isinstance(classes, list) and len(classes) <= LIMITS["num_classes"]
             and all(isinstance(c, str) and len(c) <= 100 for c in classes)):
         raise CheckpointError("model metadata classes are not a list of short names")
+    _check_vendor_record(meta)
     return meta
+
+
+def _numbers(vals, lo=-math.inf, hi=math.inf) -> bool:
+    return isinstance(vals, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                          and math.isfinite(v) and lo <= v <= hi for v in vals)
+
+
+def _check_vendor_record(meta: dict) -> None:
+    """The optional vendor record: well-typed and bounded (a device allocates what it says)."""
+    spread = meta.get("class_spread")
+    if spread is not None:
+        if not (isinstance(spread, list) and sum(len(v) if isinstance(v, list) else 0 for v in spread)
+                <= VENDOR_LIMITS["spread_values"] and all(_numbers(v, 0.0, 1.0) for v in spread)):
+            raise CheckpointError("model metadata class_spread is not lists of numbers in [0, 1]")
+    prof = meta.get("input_profile")
+    if prof is not None:
+        shape = prof.get("shape") if isinstance(prof, dict) else None
+        ok = (isinstance(shape, list) and 1 <= len(shape) <= 3
+              and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= VENDOR_LIMITS["profile_values"]
+                      for d in shape) and math.prod(shape) <= VENDOR_LIMITS["profile_values"])
+        if not (ok and _numbers(prof.get("values")) and len(prof["values"]) == math.prod(shape)):
+            raise CheckpointError("model metadata input_profile is not a shape and its numbers")
 
 
 def input_shape(features: dict) -> tuple:
@@ -121,7 +148,7 @@ def model_meta(meta: dict) -> dict:
     missing = [k for k in MODEL_META if k not in meta]
     if missing:
         raise CheckpointError(f"checkpoint metadata lacks '{missing[0]}'")
-    return {k: meta[k] for k in MODEL_META}
+    return {k: meta[k] for k in MODEL_META + VENDOR_META if k in meta}
 
 
 def fingerprint(model_or_state) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from common.models import prunable_layers
 from common.stats import StatsCollector
@@ -134,6 +135,29 @@ def batched_forward(model: nn.Module, x: torch.Tensor, batch_size: int = 256, de
     return forward_pass(model, x, batch_size, device)[0]
 
 
+class capture_features:
+    """Within the block, every pass records the penultimate features (the input of the last
+    prunable layer) per batch, on the CPU; .features(first) gives them in the order of x for a
+    pass that took `first` first. The statistics pass gives a head its features for free."""
+
+    def __init__(self, model: nn.Module):
+        self.last = list(prunable_layers(model).values())[-1]
+        self.parts = []
+
+    def __enter__(self):
+        self.parts = []
+        self.handle = self.last.register_forward_pre_hook(
+            lambda _m, args: self.parts.append(args[0].detach().flatten(1).float().cpu()))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        return False
+
+    def features(self, first: torch.Tensor | None = None) -> torch.Tensor:
+        return _unorder(torch.cat(self.parts), first)
+
+
 @torch.no_grad()
 def features_and_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: str = "cpu"):
     """(penultimate features = the input of the last prunable layer, logits, that layer), in
@@ -149,14 +173,87 @@ def features_and_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256
     return torch.cat(feats), logits, last
 
 
+def bn_layers(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def bn_prior(model: nn.Module) -> list:
+    """The model's BatchNorm statistics now (the base's, before any adaptation): what a partial
+    recalibration keeps part of. One (mean, var) pair per BatchNorm layer, in module order."""
+    return [(m.running_mean.detach().clone(), m.running_var.detach().clone()) for m in bn_layers(model)]
+
+
+def explained_weight(mean, var, mu_b, var_b, spread, kappa: float, eps: float = 1e-5):
+    """Per channel, how far its statistics follow the user: the share of their move that the
+    user's class mix cannot explain. `spread` is the channel's between-class share of variance on
+    the vendor's data (eta^2, common.adapt.class_spread): a channel whose mean no class moves
+    follows the user fully; a class-specific one only where its move exceeds kappa x eta^2.
+    move^2 is the squared mean shift plus the squared log-variance change, in base units."""
+    move = (mean - mu_b) ** 2 / (var_b + eps) + torch.log((var + eps) / (var_b + eps)) ** 2
+    return (1 - kappa * spread.to(move) / move.clamp_min(1e-12)).clamp(0, 1)
+
+
+def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: float = 1.0):
+    """A BatchNorm forward that normalizes each batch by the mixture of the base's distribution
+    (weight 1 - w) and the batch's own (weight w): mean (1-w) mu_b + w mu, variance the mixture's,
+    (1-w) var_b + w var + w (1-w) (mu - mu_b)^2, with w per channel where `spread` is given.
+    Layers downstream see the features as the kept model computes them; the batch's own moments
+    are summed, weighted by its samples, into `sums`."""
+    mu_b, var_b = prior
+
+    def forward(x):
+        dims = [d for d in range(x.dim()) if d != 1]
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        n, b = x.numel() // x.shape[1], x.shape[0]
+        sums[0] += b
+        sums[1] = sums[1] + mean * b
+        sums[2] = sums[2] + var * (n / max(n - 1, 1)) * b  # unbiased, as BatchNorm's running_var
+        mean_m, var_m = _mix(mean, var, mu_b.to(mean), var_b.to(var), weight, spread, kappa)
+        return F.batch_norm(x, mean_m, var_m, m.weight, m.bias, False, 0.0, m.eps)
+    return forward
+
+
+def _mix(mean, var, mu_b, var_b, weight: float, spread, kappa: float):
+    w = weight if spread is None else weight * explained_weight(mean, var, mu_b, var_b, spread, kappa)
+    return (1 - w) * mu_b + w * mean, (1 - w) * var_b + w * var + w * (1 - w) * (mean - mu_b) ** 2
+
+
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: str = "cpu",
-                   hooks: bool | None = None, classes: bool = False, first: torch.Tensor | None = None):
+                   hooks: bool | None = None, classes: bool = False, first: torch.Tensor | None = None,
+                   weight: float = 1.0, prior: list | None = None, profile=None, spread: list | None = None,
+                   kappa: float = 1.0):
     """Re-estimate BatchNorm running statistics on the user's data (forward only). The same pass
     gives the logits (each batch normalized by its own statistics: with one batch, what the
     recalibrated model outputs) and, with `hooks` not None, usage statistics of the recalibrated
-    model (hooks=True: output statistics too); returns (logits, stats). `first`: see batches."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model (hooks=True: output statistics too); returns (logits, stats). `first`: see batches.
+
+    A partial recalibration (`weight` < 1, a `profile` or a `spread`): each layer keeps the
+    mixture of the base's statistics (`prior`, from bn_prior; default the model's own now) and the
+    user's, the user's weighted `weight` x profile(i, layers) (layer i's share; default 1) x, with
+    `spread` (one tensor per layer), each channel's explained_weight. The pass normalizes by that
+    mixture, so its logits and usage statistics are the kept model's. weight 1 everywhere is full
+    recalibration (AdaBN), which takes BatchNorm's own train-mode path."""
+    bns = bn_layers(model)
+    if weight < 1.0 or profile is not None or spread is not None:
+        prior = prior if prior is not None else bn_prior(model)
+        sums = [[0, 0.0, 0.0] for _ in bns]
+        ws = [weight * (1.0 if profile is None else float(profile(i, len(bns)))) for i in range(len(bns))]
+        sp = spread if spread is not None else [None] * len(bns)
+        for m, pr, s, w, spr in zip(bns, prior, sums, ws, sp):
+            m.forward = _mixed_forward(m, pr, s, w, spr, kappa)
+        try:
+            out = forward_pass(model, x, batch_size, device, hooks=hooks, classes=classes, first=first)
+        finally:
+            for m in bns:
+                del m.forward
+        for m, (mu_b, var_b), (n, s1, s2), w, spr in zip(bns, prior, sums, ws, sp):
+            if n:
+                mean, var = _mix(s1 / n, s2 / n, mu_b.to(s1), var_b.to(s1), w, spr, kappa)
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+        model.eval()
+        return out
     saved = [m.momentum for m in bns]
     seen = [0] * len(bns)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from common import data as D
 from common import protocol as P
+from common.adapt import vendor_record
 from common.checkpoint import fingerprint, save_checkpoint
 from common.models import build_model
 from common.tasks import get_task, load_task_data, shift_augment
@@ -21,7 +22,7 @@ def pretrain(task_name: str, out, data=None, epochs=None, seed: int = 0, device:
         raise ValueError(f"--vendor-frac must be in (0, 1), got {vendor_frac}")
     task = get_task(task_name)
     ds = ds if ds is not None else load_task_data(task, data)
-    tr, te = indices if indices is not None else P.vendor_indices(task.name, ds, seed, vendor_frac, exclude_speaker)
+    tr, te = training_split(task.name, ds, seed, vendor_frac, exclude_speaker, indices)
     torch.manual_seed(seed)
     kwargs = dict(task.arch_kwargs)
     if task.arch in ("smallcnn", "kws", "resnet18", "resnet50"):
@@ -33,9 +34,31 @@ def pretrain(task_name: str, out, data=None, epochs=None, seed: int = 0, device:
     model = model.cpu()
     acc = accuracy(model, ds.x[te], ds.y[te])
     meta = {"arch": task.arch, "arch_kwargs": kwargs, "task": task.name, "classes": ds.classes,
-            "features": task.features,
+            "features": task.features, **vendor_record(model, ds.x[tr], ds.y[tr]),
             "training": {"epochs": epochs, "seed": seed, "samples": int(len(tr)), "vendor_frac": vendor_frac,
                          "exclude_speaker": exclude_speaker, "test_accuracy": acc, "seconds": cost["seconds"]}}
     save_checkpoint(out, model, meta)
     return {"out": str(out), "task": task.name, "train_samples": int(len(tr)), "test_accuracy": acc,
             "train_seconds": cost["seconds"], "fingerprint": fingerprint(model)}
+
+
+def training_split(task_name: str, ds: D.Dataset, seed: int = 0, vendor_frac: float = 0.5, exclude_speaker=None,
+                   indices=None):
+    """(train, test) indices pretrain uses: `indices` where given, else the vendor's split."""
+    return indices if indices is not None else P.vendor_indices(task_name, ds, seed, vendor_frac, exclude_speaker)
+
+
+def add_vendor_record(path, ds: D.Dataset, train_idx) -> bool:
+    """Give an existing base checkpoint the vendor record a device's adaptation checks read
+    (common/adapt.py), from the data it was trained on; False where it already has one."""
+    import torch
+
+    from common.checkpoint import load_checkpoint
+
+    model, meta, mask = load_checkpoint(path)
+    if "class_spread" in meta and "input_profile" in meta:
+        return False
+    idx = torch.as_tensor(train_idx)
+    meta = dict(meta, **vendor_record(model, ds.x[idx], ds.y[idx]))
+    save_checkpoint(path, model, meta, mask=mask, restricted=meta.get("restricted_classes"))
+    return True

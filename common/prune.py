@@ -14,13 +14,16 @@ from dataclasses import asdict, dataclass, field, make_dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from common import adapt as AD
 from common import settings as ST
-from common.forward import (batched_forward, device_batches, engine_layout, forward_pass, recalibrate_bn,
-                            settle_layout, to_layout)
-from common.heads import imprint_prototypes
+from common.forward import (batched_forward, bn_layers, bn_prior, capture_features, device_batches, engine_layout,
+                            forward_pass, recalibrate_bn, settle_layout, to_layout)
+from common.heads import HEADS as HEAD_WRITERS
+from common.heads import choose_head
 from common.mask import Mask, apply_plan
-from common.models import require_reader_links
+from common.models import prunable_layers, require_reader_links
 from common.refit import refit_consumers
 from common.restrict import (apply_restriction, doubtful_removals, restrict_logits, restricted_classes,
                              restricted_model)
@@ -53,6 +56,11 @@ class _PruneConfigBase:
         """The probe: a quarter of the user's data, at least 32 and at most 128 samples (a probe
         pass then costs at most a quarter of a full pass on all but the smallest data sets)."""
         return min(n, self.probe_size or max(32, min(128, n // 4)))
+
+    def search_bound(self, n: int) -> float:
+        """How far the stop rule may search on a user with n samples: max-sparsity, times
+        n / (n + evidence-samples) (24 samples: 0.41, 60: 0.62, 450: 0.89 of 0.95)."""
+        return self.max_sparsity * (n / (n + self.evidence_samples) if self.evidence_samples else 1.0)
 
     def probe_pick(self, n: int) -> torch.Tensor:
         """Which of the user's n samples make up the probe (seeded)."""
@@ -88,6 +96,7 @@ class PruneResult:
     history: list = field(default_factory=list)  # (sparsity, rule value, passed)
     stats: UsageStats | None = None  # usage statistics of the unpruned model on the user's data
     phases: dict = field(default_factory=dict)  # phase -> wall seconds (where the time went)
+    adaptation: dict = field(default_factory=dict)  # what adapted: BatchNorm mode, head, the checks' values
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -138,8 +147,9 @@ class Probe:
     BatchNorm statistics each recalibrating pass estimated, so the mask kept reuses them."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, pick: torch.Tensor, cfg, device: str, need_stats: bool,
-                 clock: Clock):
+                 clock: Clock, recal: dict | None = None):
         self.model, self.cfg, self.device, self.need_stats, self.clock = model, cfg, device, need_stats, clock
+        self.recal = recal or {}  # how a pass recalibrates (recalibrate_bn's profile and prior): the kept mode
         self.pick = pick
         # the probe lives where the model runs: every candidate's pass reads it again, and a copy
         # to a GPU per pass would cost each probe pass the transfer (38 MB per ResNet50 batch of 64).
@@ -174,7 +184,8 @@ class Probe:
         self.load(mask)
         self.samples += len(self.x)
         if cfg.recalibrate_bn:
-            lg, st = recalibrate_bn(model, self.x, cfg.batch_size, self.device, hooks=True if self.need_stats else None)
+            lg, st = recalibrate_bn(model, self.x, cfg.batch_size, self.device, hooks=True if self.need_stats else None,
+                                    **self.recal)
             self.clock.lap(phase)
             self.bn[_bn_key(mask.sparsity() if sparsity is None else sparsity)] = {
                 k: v.clone() for k, v in self.bn_live.items()}
@@ -207,16 +218,19 @@ class Probe:
         if self.cfg.recalibrate_bn:
             bn = self.bn.get(_bn_key(mask.sparsity()))
             if bn is None:
-                recalibrate_bn(self.model, self.x, self.cfg.batch_size, self.device)
+                recalibrate_bn(self.model, self.x, self.cfg.batch_size, self.device, **self.recal)
                 self.samples += len(self.x)
                 self.clock.lap("final recalibration")
             else:
                 torch._foreach_copy_([self.bn_live[k] for k in bn], list(bn.values()))
 
 
-def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", progress=None) -> PruneResult:
+def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", progress=None,
+               base_meta: dict | None = None) -> PruneResult:
     """Personalize `model` in place on unlabeled inputs `x`. Returns the mask and a report.
-    `progress(done, total, text)` is called as work advances."""
+    `progress(done, total, text)` is called as work advances. `base_meta`: the base checkpoint's
+    metadata, with what its vendor recorded for the device (class spread, input profile; see
+    common/adapt.py); without them the checks fall back to their conservative side."""
     cfg.validate()
     if len(x) == 0:
         raise ValueError("no personalization data: the user's data set is empty")
@@ -234,7 +248,15 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     need_stats = RULES[cfg.stop_rule].needs_stats
     need_outputs, need_classes = "outputs" in scorer.needs or need_stats, "classes" in scorer.needs
     pick = cfg.probe_pick(len(x))
-    searching = cfg.target_sparsity is None and cfg.stop_rule != "none"
+    # inputs unlike anything the base was trained on get no irreversible cut: no pruning, no restriction
+    corr = AD.input_correlation(model, base_meta, x[pick], cfg.batch_size, device)
+    unlike = corr is not None and corr < AD.UNLIKE_BELOW
+    clock.lap("input check")
+    searching = cfg.target_sparsity is None and cfg.stop_rule != "none" and not unlike
+    recalibrating = cfg.recalibrate_bn and not cfg.base_stats and bool(bn_layers(model))
+    mode = cfg.bn_adapt if recalibrating else ("full" if cfg.recalibrate_bn else "none")
+    prior = bn_prior(model) if recalibrating and mode != "full" else None
+    recal = stem_recal(model, prior, AD.spread_for(model, base_meta)) if mode == "stem" else {}
     # The stop rule's reference is the unpruned model recalibrated on the probe. The statistics
     # pass gives it for free when the probe makes up its first batches: in train mode each batch
     # is normalized by its own statistics, so those logits are what a probe pass of the unpruned
@@ -243,41 +265,68 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     # sample by its own statistics where a map is 1x1 (ResNet18's last stage at 32x32 inputs).
     fold = (searching and cfg.recalibrate_bn and not cfg.base_stats and not need_stats
             and (len(x) - len(pick)) % cfg.batch_size != 1)
-    if cfg.recalibrate_bn and not cfg.base_stats:
-        # One pass both adapts BatchNorm to the user and measures usage on the adapted network:
-        # under a domain shift the base's own activations mislead the ranking (digits users
-        # with their own style, usage at 70% sparsity: 0.712 with base statistics, 0.791 adapted).
-        logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs, classes=need_classes,
-                                       first=pick if fold else None)
-    else:
-        stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs, classes=need_classes)
+    first = pick if fold else None
+    with capture_features(model) as cap:
+        if cfg.recalibrate_bn and not cfg.base_stats:
+            # One pass both adapts BatchNorm to the user and measures usage on the adapted network:
+            # under a domain shift the base's own activations mislead the ranking (digits users
+            # with their own style, usage at 70% sparsity: 0.712 with base statistics, 0.791 adapted).
+            logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs, classes=need_classes,
+                                           first=first, **recal)
+        else:
+            stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs, classes=need_classes)
+            first = None
+    feats = cap.features(first)
     clock.lap("statistics pass")
+    info = {"input_correlation": None if corr is None else round(corr, 4), "unlike_base": unlike}
+    extra = 0  # samples pushed through the model by the adaptation check
+    if mode == "auto":
+        mode, recal, check, extra = _check_full(model, x, pick, logits, prior, base_meta, cfg, device)
+        info.update(check)
+        if mode == "stem":  # the statistics pass again, on the model as it is kept
+            with capture_features(model) as cap:
+                logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs,
+                                               classes=need_classes, first=first, **recal)
+            feats = cap.features(first)
+            extra += len(x)
+        clock.lap("adaptation check")
+    info["bn"] = mode
+    # the output layer from the user's features of the unpruned adapted model (the statistics
+    # pass's: no pass of its own), written before pruning so the stop rule judges the model as kept
+    info["head"] = head = choose_head(cfg.head, logits, cfg.prototype_min_support)
+    if head in HEAD_WRITERS:
+        last = list(prunable_layers(model).values())[-1]
+        HEAD_WRITERS[head](last, feats, logits)
+        logits = F.linear(feats, last.weight.detach().float().cpu().flatten(1),
+                          None if last.bias is None else last.bias.detach().float().cpu())
+        clock.lap("head")
     # refit's target: the unpruned model as adapted by the statistics pass
     dense_adapted = copy.deepcopy(model) if cfg.refit else None
     tick(1, 3, "statistics collected")
     dense = Mask.dense(model)
     restricted = (restricted_classes(logits, cfg.restrict_min_frac, cfg.restrict_margin)
-                  if cfg.restrict_outputs else None)
+                  if cfg.restrict_outputs and not unlike else None)
     if restricted is not None and (doubt := doubtful_removals(logits, restricted, cfg.restrict_min_frac)):
         warnings.warn(f"restrict-outputs removes class index(es) {doubt} although the model gives them "
                       f"{cfg.restrict_min_frac / 2:g} or more mean probability on this user's data; if the user "
                       f"may have them, raise restrict-margin or turn restrict-outputs off", stacklevel=2)
     clock.lap("restriction")
-    scores = compute_scores(model, stats, cfg.scoring, cfg.seed, keep_last=cfg.head == "prototypes")
+    scores = compute_scores(model, stats, cfg.scoring, cfg.seed, keep_last=cfg.head != "linear")
     if cfg.refit:  # only units that refit can make up for go: those with one reader
         producers = {p for p, _ in links}
         scores = {k: v if k in producers else torch.full_like(v, math.inf) for k, v in scores.items()}
     clock.lap("scores")
-    probe = Probe(model, x, pick, cfg, device, need_stats, clock)
+    probe = Probe(model, x, pick, cfg, device, need_stats, clock, recal)
     clock.lap("mask apply")
     stat_samples = 0
 
     if not searching:
         levels = schedule(cfg.step, cfg.max_sparsity, cfg.target_sparsity)
         mask = (masker(scores, dense, cfg.scope, scorer.structured, single=True)(levels[-1])
-                if cfg.target_sparsity != 0 else dense)
+                if cfg.target_sparsity != 0 and not unlike else dense)
         clock.lap("selection")
-        reason = (f"reached target sparsity {cfg.target_sparsity:.3f}" if cfg.target_sparsity is not None
+        reason = ("inputs unlike the base's training data: nothing pruned" if unlike
+                  else f"reached target sparsity {cfg.target_sparsity:.3f}" if cfg.target_sparsity is not None
                   else f"reached max sparsity {cfg.max_sparsity:.3f} (stop rule 'none')")
         history = []
     else:
@@ -301,8 +350,8 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
         if restricted is not None:
             restrict_logits(ref_logits, restricted)
         rule = make_rule(cfg.stop_rule, cfg.tolerance, ref_logits, ref_stats if need_stats else None)
-        mask, reason, history = _search(schedule(cfg.step, cfg.max_sparsity), scores, dense, cfg, rule, probe,
-                                        restricted, tick, clock)
+        mask, reason, history = _search(schedule(cfg.step, cfg.search_bound(len(x))), scores, dense, cfg, rule,
+                                        probe, restricted, tick, clock)
         stat_samples = sum(h.get("stat_samples", 0) for h in history)
     if restricted is not None:
         mask = apply_restriction(model, mask, restricted)
@@ -312,17 +361,13 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
         to_layout(model, torch.contiguous_format)
         if dense_adapted is not None:
             to_layout(dense_adapted, torch.contiguous_format)
-    fwd = len(x) + probe.samples + stat_samples
+    fwd = len(x) + probe.samples + stat_samples + extra
     if cfg.refit:
         clock.lap("mask apply")
         fwd += refit_consumers(model, dense_adapted, mask, x, cfg.batch_size, device,
                                step=lambda name: tick(3, 3, f"refit {name}"))["samples"]
         del dense_adapted
         clock.lap("refit")
-    if cfg.head == "prototypes":
-        imprint_prototypes(model, x, mask, cfg.batch_size, device)
-        fwd += len(x)
-        clock.lap("prototype head")
     sparsity = mask.sparsity()
     # the result's mask lives on the CPU (one copy back from a GPU): a result kept or sent on
     # holds no GPU memory
@@ -330,12 +375,59 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     clock.lap("mask apply")
     tick(3, 3, reason)
     return PruneResult(mask, sparsity, reason, restricted, time.perf_counter() - t0, fwd, history, stats,
-                       clock.phases)
+                       clock.phases, info)
+
+
+def _check_full(model, x, pick, logits, prior, base_meta, cfg, device):
+    """bn-adapt auto, after the statistics pass recalibrated every layer: keep that (full) where it
+    predicts, on the probe, no more than SLACK classes beyond what the safe recalibration predicts
+    (the channels the class mix cannot explain, where the checkpoint records the class spread;
+    else the input side only); otherwise keep only the input side recalibrated. Returns (mode, the
+    recalibration keyword arguments of the kept mode, what the check saw, samples passed)."""
+    state = model.state_dict()
+    bufs = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
+    full = {k: v.clone() for k, v in bufs.items()}
+    for m, (mu, var) in zip(bn_layers(model), prior):
+        m.running_mean.copy_(mu)
+        m.running_var.copy_(var)
+    spread = AD.spread_for(model, base_meta)
+    xp = x[pick]
+    if spread is not None:
+        safe, _ = recalibrate_bn(model, xp, cfg.batch_size, device, prior=prior, spread=spread, kappa=AD.KAPPA)
+    else:
+        safe, _ = recalibrate_bn(model, xp, cfg.batch_size, device, prior=prior, profile=AD.stem_profile(model))
+    k_full, k_safe = AD.classes_predicted(logits[pick]), AD.classes_predicted(safe)
+    check = {"classes_full": k_full, "classes_safe": k_safe, "safe_by": "class spread" if spread is not None else "stem"}
+    if k_full <= k_safe + AD.SLACK:
+        for k, v in full.items():
+            bufs[k].copy_(v)
+        return "full", {}, check, len(xp)
+    return "stem", stem_recal(model, prior, spread), check, len(xp)
+
+
+def stem_recal(model, prior, spread) -> dict:
+    """recalibrate_bn's arguments for bn-adapt stem: the input side only, and there, where the
+    checkpoint records the class spread, only the channels the class mix cannot explain (a first
+    layer of a network on feature vectors is class-specific itself)."""
+    kw = dict(profile=AD.stem_profile(model), prior=prior)
+    return dict(kw, spread=spread, kappa=AD.KAPPA) if spread is not None else kw
 
 
 def personalized_model(model: nn.Module, result: PruneResult) -> nn.Module:
     """The model as a device uses it: wrapped so excluded classes can never be predicted."""
     return restricted_model(model, result.restricted_classes)
+
+
+def _back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: str, history):
+    """Where the rule failed, the step `margin` steps below the last that passed: the failing
+    level was found on a probe of 32-128 samples, and the step just before a cliff is where held-out
+    samples flip first (a user of 200 samples: the probe agreed fully at 0.72, the rest of its
+    data 97.5%, held-out accuracy 0.98 -> 0.94)."""
+    i = last_ok - margin
+    if i < 0:
+        return dense, reason + (f"; backed off {margin} step(s): nothing pruned" if margin else ""), history
+    mask = masks[i] if i in masks else at(levels[i])
+    return mask, reason + (f"; backed off {margin} step(s) to {levels[i]:.3f}" if margin else ""), history
 
 
 def _search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clock: Clock):
@@ -384,23 +476,23 @@ def _search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, cl
         if lo < 0:
             return dense, failed(fail_v, levels[0]) + " (nothing pruned)", history
         if hi == len(levels):
-            return masks[lo], f"reached max sparsity {cfg.max_sparsity:.3f} within tolerance", history
-        return masks[lo], failed(fail_v, levels[hi]), history
+            return masks[lo], f"reached the search bound {levels[-1]:.3f} within tolerance", history
+        return _back_off(lo, cfg.stop_margin, masks, at, levels, dense, failed(fail_v, levels[hi]), history)
 
-    mask = dense
-    for level in levels:
+    mask, kept = dense, {}
+    for i, level in enumerate(levels):
         # fixed scores give nested masks; re-scored ones rank what is left of the current mask
         cand = mask_at(scores, mask, level, cfg.scope, structured) if cfg.rescore else at(level)
         ok, v = check(cand)
         if not ok:
-            return mask, failed(v, level), history
-        mask = cand
+            return _back_off(i - 1, cfg.stop_margin, kept, at, levels, dense, failed(v, level), history)
+        mask = kept[i] = cand
         if cfg.rescore:  # usage of the surviving connections, measured in the pruned network
             probe_x = probe.data[:cfg.probe_samples(len(probe.data))]
             st, _ = collect_stats(probe.model, probe_x, cfg.batch_size, probe.device,
                                   classes="classes" in get_scorer(cfg.scoring).needs)
             history[-1]["stat_samples"] = len(probe_x)
             clock.lap("probe passes")
-            scores = compute_scores(probe.model, st, cfg.scoring, cfg.seed, keep_last=cfg.head == "prototypes")
+            scores = compute_scores(probe.model, st, cfg.scoring, cfg.seed, keep_last=cfg.head != "linear")
             clock.lap("scores")
-    return mask, f"reached max sparsity {cfg.max_sparsity:.3f} within tolerance", history
+    return mask, f"reached the search bound {levels[-1]:.3f} within tolerance", history

@@ -135,6 +135,10 @@ SETTINGS = [
       low=1e-3, high=1.0, high_open=True),
     S("stop-rule", "agreement", "label-free rule that ends pruning", {RUN, CLIENT, PRUNE},
       choices=lambda: tuple(__import__("common.stop", fromlist=["RULES"]).RULES)),
+    S("evidence-samples", 32, "a user with n samples is pruned at most max-sparsity x n / (n + this): a probe of a "
+      "dozen samples cannot see what pruning costs (0: no bound)", {RUN, CLIENT, PRUNE}, low=0),
+    S("stop-margin", 1, "where the stop rule failed, keep this many schedule steps below the last that passed "
+      "(a guard against the probe's sampling error)", {RUN, CLIENT, PRUNE}, low=0, high=10),
     S("tolerance", 0.02, "how far the stop rule may degrade (agreement: >= 98% of the probe by default)",
       {RUN, CLIENT, PRUNE}, low=0.0, high=1.0),
     S("search", "bisect", "bisect over the nested schedule, or linear step by step", {RUN, CLIENT, PRUNE},
@@ -145,9 +149,13 @@ SETTINGS = [
       {RUN, CLIENT, PRUNE}, low=0),
     S("recalibrate-bn", True, "re-estimate BatchNorm statistics on the user's data (usage is then measured "
       "on the adapted network)", {RUN, CLIENT, PRUNE}),
+    S("bn-adapt", "auto", "which BatchNorm statistics follow the user: full (every layer, AdaBN), stem (the input "
+      "side only: safe under label shift), auto (full where it predicts no more classes than a recalibration "
+      "of only the channels the class mix cannot explain, else stem)", {RUN, CLIENT, PRUNE},
+      choices=("auto", "full", "stem")),
     S("base-stats", False, "ablation: measure usage on the unadapted base (needs recalibrate-bn)", {RUN, CLIENT, PRUNE}),
-    S("restrict-outputs", True, "classes the adapted model never predicts for this user become impossible",
-      {RUN, CLIENT, PRUNE}),
+    S("restrict-outputs", False, "classes the adapted model never predicts for this user become impossible "
+      "(a hard cut: never for inputs unlike the base's)", {RUN, CLIENT, PRUNE}),
     S("restrict-min-frac", 0.01, "a class stays when predicted for at least this share of the user's samples",
       {RUN, CLIENT, PRUNE}, low=0.0, high=0.5),
     S("restrict-margin", 0.5, "a class also stays as the runner-up of a sample whose top class is less than this "
@@ -155,8 +163,12 @@ SETTINGS = [
     S("refit", False, "structured scorers (firing, channel-usage): after pruning, re-solve each layer that "
       "read a removed unit by least squares so it gives the unpruned adapted model's outputs on the user's "
       "data (forward passes only, no labels; chain models and the inside of ResNet blocks)", {RUN, CLIENT, PRUNE}),
-    S("head", "linear", "prototypes: after pruning, imprint the output layer with T3A prototypes of the user's "
-      "pseudo-labelled features (forward only)", {RUN, CLIENT, PRUNE}, choices=("linear", "prototypes")),
+    S("head", "auto", "the output layer: linear (the base's), prototypes (T3A prototypes of the user's "
+      "pseudo-labelled features, forward only), blend (half each, in logits), auto (prototypes where the user "
+      "gives prototype-min-support samples per class, else blend)", {RUN, CLIENT, PRUNE},
+      choices=("linear", "prototypes", "blend", "auto")),
+    S("prototype-min-support", 10.0, "head auto: samples per class (of the classes the user's data spreads over) "
+      "from which prototypes replace the blend", {RUN, CLIENT, PRUNE}, low=0.0),
     S("batch-size", 256, "samples per forward pass", {RUN, CLIENT, PRUNE}, low=1),
     S("seed", 0, "seed of every random choice (partitions, probes, sketches)", {RUN, CLIENT, PRUNE}, low=0),
     S("device", "auto", "where the engine runs: auto (a GPU when there is one), cpu or cuda", {RUN, CLIENT, CLI},

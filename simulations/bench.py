@@ -31,17 +31,21 @@ from common.io import atomic_write_csv, atomic_write_text
 from common.prune import PruneConfig, fine_prune, personalized_model
 from common.summary import build_summary, encode, model_usage_histograms
 from common.train import accuracy, time_inference, train_supervised
-from simulations.bench_tasks import digits_task, fsdd_loso_task, fsdd_seen_task
+from simulations.bench_tasks import digits_task, fsdd_loso_task, fsdd_seen_task, resnet_few_task
 from simulations.cohorts import BenchUser
 from simulations.peak_memory import peak_mb
-from simulations.bench_report import (BACKPROP, DISC, HEADLINE, LEVELS, SCORERS, WITH_BN, headline,
+from simulations.bench_report import (BACKPROP, DEFAULT, DISC, HEADLINE, LEVELS, SCORERS, WITH_BN, headline,
                                       personalization_table, plot_accuracy_vs_sparsity, plot_compute,
                                       plot_personalization, summarize, to_markdown)
 
-BASELINES = ("adabn", "t3a", "adabn+t3a", "lame", "tent (backprop, no labels)")
-TASKS = ("digits", "fsdd-loso", "fsdd-seen", "digits-style", "fsdd-cond", "fsdd-few")
-MEMORY_METHODS = {("base", "-"), ("bn-recal", "-"), ("usage", "0.7"), ("usage", "stop"), HEADLINE,
+BASELINES = ("adabn", "t3a", "adabn+t3a", "stem-bn+t3a", "lame", "tent (backprop, no labels)")
+TASKS = ("digits", "fsdd-loso", "fsdd-seen", "digits-style", "fsdd-cond", "fsdd-few", "resnet-few")
+MEMORY_METHODS = {("base", "-"), ("bn-recal", "-"), ("usage", "0.7"), ("usage", "stop"), DEFAULT, HEADLINE,
                   (BACKPROP, "-")}
+# every other row names the engine of before the safe default: full recalibration, the base's
+# output layer, no search bound; the default row takes the engine's defaults as they are
+BEFORE = {"scoring": "usage", "recalibrate_bn": False, "restrict_outputs": False, "bn_adapt": "full",
+          "head": "linear", "evidence_samples": 0, "stop_margin": 0}
 
 
 def plan() -> list[tuple[str, str, dict]]:
@@ -70,13 +74,14 @@ def plan() -> list[tuple[str, str, dict]]:
     proto = dict(scoring="discriminative", recalibrate_bn=True, head="prototypes")
     p.append(("discriminative+bn+proto", "0.7", dict(proto, target_sparsity=0.7)))
     p.append(("discriminative+bn+proto", "stop", proto))  # the label-free stop, not a matched control
-    return [(m, lv, {"scoring": "usage", "recalibrate_bn": False, "restrict_outputs": False, **kw}) for m, lv, kw in p]
+    return [(*DEFAULT, {})] + [(m, lv, {**BEFORE, **kw}) for m, lv, kw in p]
 
 
 def baseline_rows(common: dict, base, user: BenchUser) -> list[dict]:
     """The label-free adaptation baselines, scored like every method (no pruning, dense model)."""
     runs = {"adabn": lambda: BL.adabn(base, user.x), "t3a": lambda: BL.t3a(base, user.x),
-            "adabn+t3a": lambda: BL.t3a(base, user.x, recalibrate=True), "lame": lambda: BL.lame(base, user.x),
+            "adabn+t3a": lambda: BL.t3a(base, user.x, recalibrate=True),
+            "stem-bn+t3a": lambda: BL.t3a(base, user.x, recalibrate="stem"), "lame": lambda: BL.lame(base, user.x),
             "tent (backprop, no labels)": lambda: BL.tent(base, user.x)}
     rows = []
     for name in BASELINES:
@@ -91,7 +96,7 @@ def baseline_rows(common: dict, base, user: BenchUser) -> list[dict]:
 
 
 # ---------------------------------------------------------------- one user, every method
-def run_user(task: str, base, user: BenchUser, measure_memory: bool) -> list[dict]:
+def run_user(task: str, base, user: BenchUser, measure_memory: bool, meta: dict | None = None) -> list[dict]:
     base_acc = accuracy(base, user.heldout_x, user.heldout_y)
     infer_s = time_inference(base, user.x)
     n = len(user.x)
@@ -107,7 +112,7 @@ def run_user(task: str, base, user: BenchUser, measure_memory: bool) -> list[dic
             kw = dict(kw, target_sparsity=stops["usage+bn" if method.endswith("+bn") else "usage"])
         cfg = PruneConfig(**kw)
         model = copy.deepcopy(base)
-        res = fine_prune(model, user.x, cfg)
+        res = fine_prune(model, user.x, cfg, base_meta=meta)
         if level == "stop" and "target_sparsity" not in kw:
             stops[method] = round(res.sparsity, 6)
         hist = model_usage_histograms(base, res.stats)
@@ -191,6 +196,8 @@ def run(out: Path, fsdd: str | None, seed: int = 0, digits_users: int = 10, digi
         jobs.append(("digits", lambda: digits_task(out, seed, digits_users, digits_epochs)))
     if "digits-style" in tasks:
         jobs.append(("digits-style", lambda: digits_task(out, seed, digits_users, digits_epochs, style=True)))
+    if "resnet-few" in tasks:
+        jobs.append(("resnet-few", lambda: resnet_few_task(out, seed)))
     if fsdd and any(t.startswith("fsdd") for t in tasks):
         ds = D.load_fsdd(fsdd)
         for name, make in (("fsdd-loso", lambda: fsdd_loso_task(out, ds, seed, fsdd_epochs, log)),
@@ -205,8 +212,8 @@ def run(out: Path, fsdd: str | None, seed: int = 0, digits_users: int = 10, digi
     for task, make in jobs:
         log(f"[{time.perf_counter() - t0:5.0f} s] {task}: pretraining base model(s)")
         users = make()
-        for i, (base, _, user) in enumerate(users):
-            rows += run_user(task, base, user, measure_memory=memory and i == 0)
+        for i, (base, meta, user) in enumerate(users):
+            rows += run_user(task, base, user, measure_memory=memory and i == 0, meta=meta)
             log(f"[{time.perf_counter() - t0:5.0f} s] {task}: user {user.user_id} done ({i + 1}/{len(users)})")
         if task in ("digits", "fsdd-loso", "fsdd-seen"):
             comps += compaction_rows(task, *users[0])

@@ -10,14 +10,18 @@ import torch
 from common import data as D
 from common import protocol as P
 from common.checkpoint import load_checkpoint
-from common.pretrain import pretrain
+from common.pretrain import add_vendor_record, pretrain, training_split
 from simulations import cohorts as CO
 from simulations.cohorts import BenchUser
 
 
 def _cached_pretrain(ck: Path, *args, **kw) -> dict | None:
-    """Pretrain once per benchmark directory: tasks that share a base (and a rerun) reuse it."""
+    """Pretrain once per benchmark directory: tasks that share a base (and a rerun) reuse it. A
+    base from before vendor records gets its record from the same training data."""
     if ck.is_file():
+        task, ds = args[0], kw["ds"]
+        tr, _ = training_split(task, ds, kw.get("seed", 0), 0.5, kw.get("exclude_speaker"), kw.get("indices"))
+        add_vendor_record(ck, ds, tr)
         return None
     return pretrain(*args, **kw)
 
@@ -78,3 +82,59 @@ def fsdd_seen_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log,
     return users
 
 
+
+
+# ---------------------------------------------------------------- few-class users of a BatchNorm-heavy network
+RESNET_SIZE = 32  # input side: ResNet18 trains on the CPU in a few minutes at this size
+
+
+def colour_images(x: torch.Tensor, ink, paper) -> torch.Tensor:
+    """Grey digit images (N, 1, H, W) in [0, 1] as RGB: `ink` where the stroke is, `paper` around it."""
+    ink, paper = torch.tensor(ink).view(1, 3, 1, 1), torch.tensor(paper).view(1, 3, 1, 1)
+    return paper + x * (ink - paper)
+
+
+def resnet_input(x: torch.Tensor, size: int = RESNET_SIZE) -> torch.Tensor:
+    return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def resnet_few_task(out: Path, seed: int, n_users: int = 8, epochs: int = 6):
+    """ResNet18 (BatchNorm after every convolution) trained by the vendor on white-on-black digits
+    at 32x32, RGB; each user holds 2-3 classes (label shift), and every other user writes in a
+    colour of their own (ink and paper drawn per user, never inverted: the covariate shift on top).
+    The few-class users whose statistics full BatchNorm recalibration absorbs."""
+    from common.adapt import vendor_record
+    from common.checkpoint import save_checkpoint
+    from common.models import build_model
+    from common.train import train_supervised
+
+    ds = D.load_digits()
+    ck = out / "bases" / f"resnet18_digits{RESNET_SIZE}_s{seed}_e{epochs}.pt"
+    vendor, pool = P.vendor_and_pool("digits", ds, seed)
+    grey = lambda x: resnet_input(x).repeat(1, 3, 1, 1)  # noqa: E731
+    if not ck.is_file():
+        torch.manual_seed(seed)
+        kw = {"num_classes": 10}
+        model = build_model("resnet18", **kw)
+        train_supervised(model, grey(ds.x[vendor]), ds.y[vendor], epochs=epochs, lr=1e-3, seed=seed)
+        model = model.cpu().eval()
+        meta = {"arch": "resnet18", "arch_kwargs": kw, "task": "digits-rgb32", "classes": ds.classes,
+                "features": {"kind": "image", "image_size": RESNET_SIZE, "channels": 3},
+                **vendor_record(model, grey(ds.x[vendor]), ds.y[vendor])}
+        save_checkpoint(ck, model, meta)
+    base, meta, _ = load_checkpoint(ck)
+    sub = ds.subset(pool)
+    rng = np.random.default_rng(seed + 1)
+    users = []
+    for i, g in enumerate(D.partition_class_subsets(sub.y.numpy(), n_users, (2, 3), seed + 1)):
+        pers, ev = D.split_heldout(np.asarray(g), 0.3, rng)
+        p, e = torch.as_tensor(np.asarray(pers)), torch.as_tensor(np.asarray(ev))
+        if i % 2:
+            ink = rng.uniform(0.5, 1.0, 3).tolist()
+            paper = (rng.uniform(0.0, 0.3, 3)).tolist()
+            look = lambda x, ink=ink, paper=paper: colour_images(resnet_input(x), ink, paper)  # noqa: E731
+            uid = f"user{i}:ink{''.join(f'{v:.1f}' for v in ink)}"
+        else:
+            look, uid = grey, f"user{i}"
+        users.append((base, meta, BenchUser(uid, look(sub.x[p]), sub.y[p], look(sub.x[e]), sub.y[e])))
+    return users

@@ -16,6 +16,15 @@ from common.train import accuracy
 from simulations import cohorts as CO
 
 
+# the engine as it was before the safe default (full recalibration, the base's output layer,
+# restriction, no search bound or back-off): the behaviours these tests pin down
+CLASSIC = dict(bn_adapt="full", head="linear", restrict_outputs=True, evidence_samples=0, stop_margin=0)
+
+
+def classic(**kw):
+    return PruneConfig(**{**CLASSIC, **kw})
+
+
 @pytest.fixture(scope="module")
 def styled_users(digits, digits_split):
     """digits users with their own style (thick strokes, blur, low contrast, rotation)."""
@@ -53,7 +62,7 @@ def test_usage_measured_after_recalibration_prunes_better_under_a_style_shift(di
     for u in styled_users:
         for flag, out in ((False, adapted), (True, base_stats)):
             m = copy.deepcopy(digits_base)
-            r = fine_prune(m, u.x, PruneConfig(scoring="usage", target_sparsity=0.7, recalibrate_bn=True, base_stats=flag,
+            r = fine_prune(m, u.x, classic(scoring="usage", target_sparsity=0.7, recalibrate_bn=True, base_stats=flag,
                                                restrict_outputs=False))
             out.append(accuracy(personalized_model(m, r), u.heldout_x, u.heldout_y))
     assert np.mean(adapted) > np.mean(base_stats) + 0.02
@@ -70,7 +79,7 @@ def test_personalization_and_forward_only_baselines_never_call_backward(digits_b
     u = styled_users[2]
     model = Guarded(copy.deepcopy(digits_base))
     with torch.enable_grad():
-        fine_prune(model, u.x, PruneConfig(recalibrate_bn=True, head="prototypes", restrict_outputs=True))
+        fine_prune(model, u.x, classic(recalibrate_bn=True, head="prototypes", restrict_outputs=True))
         for adapt in (BL.adabn, BL.t3a, BL.lame):
             adapt(Guarded(copy.deepcopy(digits_base)), u.x).predict(u.heldout_x)
         # the guard works: TENT, which is backprop, trips it
@@ -96,7 +105,7 @@ def test_labels_never_reach_the_device(tmp_path, digits, digits_split, digits_ba
     base = tmp_path / "base.pt"
     save_checkpoint(base, digits_base, {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10}, "task": "digits",
                                         "classes": digits.classes, "features": features})
-    cfg = PruneConfig(recalibrate_bn=True, head="prototypes")
+    cfg = classic(recalibrate_bn=True, head="prototypes")
     outs = []
     for label in ("3", "8"):
         x = load_inputs(tmp_path / label, features)
@@ -109,7 +118,7 @@ def test_labels_never_reach_the_device(tmp_path, digits, digits_split, digits_ba
 def test_prototype_head_replaces_the_output_layer_and_keeps_pruned_connections_pruned(digits_base, styled_users):
     u = styled_users[1]
     m = copy.deepcopy(digits_base)
-    r = fine_prune(m, u.x, PruneConfig(target_sparsity=0.7, recalibrate_bn=True, head="prototypes"))
+    r = fine_prune(m, u.x, classic(target_sparsity=0.7, recalibrate_bn=True, head="prototypes"))
     w = m.fc2.weight.detach()
     assert not torch.equal(w, digits_base.fc2.weight.detach() * r.mask.layers["fc2"])
     assert bool((w[~r.mask.layers["fc2"]] == 0).all())
@@ -177,7 +186,7 @@ def test_discriminative_pruning_keeps_adabn_gains_at_70_percent_and_beats_usage(
         adabn.append(_acc(BL.adabn(digits_base, u.x).predict, u))
         for scoring, out in (("discriminative", disc), ("usage", usage)):
             m = copy.deepcopy(digits_base)
-            r = fine_prune(m, u.x, PruneConfig(scoring=scoring, target_sparsity=0.7, recalibrate_bn=True,
+            r = fine_prune(m, u.x, classic(scoring=scoring, target_sparsity=0.7, recalibrate_bn=True,
                                                restrict_outputs=False))
             assert r.sparsity == pytest.approx(0.7, abs=0.01)
             out.append(accuracy(personalized_model(m, r), u.heldout_x, u.heldout_y))
@@ -226,7 +235,7 @@ def test_prototype_head_on_pruned_model_beats_base_and_adabn_for_speakers_in_the
         b.append(accuracy(base, u.heldout_x, u.heldout_y))
         a.append(_acc(BL.adabn(base, u.x).predict, u))
         m = copy.deepcopy(base)
-        r = fine_prune(m, u.x, PruneConfig(scoring="discriminative", target_sparsity=0.7, head="prototypes",
+        r = fine_prune(m, u.x, classic(scoring="discriminative", target_sparsity=0.7, head="prototypes",
                                            restrict_outputs=False))
         p.append(accuracy(personalized_model(m, r), u.heldout_x, u.heldout_y))
     print(f"base {np.mean(b):.3f} adabn {np.mean(a):.3f} pruned+prototypes {np.mean(p):.3f}")
@@ -242,7 +251,7 @@ def test_restriction_after_adaptation_keeps_every_class_a_styled_user_has(digits
     for u in styled_users:
         have = set(u.y.tolist()) | set(u.heldout_y.tolist())
         for name, kw in (("base", dict(base_stats=True, restrict_margin=0.0)), ("adapted", {})):
-            r = fine_prune(copy.deepcopy(digits_base), u.x, PruneConfig(target_sparsity=0.0, **kw))
+            r = fine_prune(copy.deepcopy(digits_base), u.x, classic(target_sparsity=0.0, **kw))
             lost[name] += len(have - set(r.restricted_classes))
     assert lost["adapted"] == 0 < lost["base"]
     pool = digits_split[1]
@@ -250,7 +259,7 @@ def test_restriction_after_adaptation_keeps_every_class_a_styled_user_has(digits
     absent_kept = absent = 0
     for u, g in zip(D.make_users(digits.subset(pool), groups, 0.3, 0), groups):
         have = set(digits.y[pool][g].tolist())
-        r = fine_prune(copy.deepcopy(digits_base), u.unlabeled, PruneConfig(target_sparsity=0.0))
+        r = fine_prune(copy.deepcopy(digits_base), u.unlabeled, classic(target_sparsity=0.0))
         assert have <= set(r.restricted_classes)
         absent += 10 - len(have)
         absent_kept += len(set(r.restricted_classes) - have)

@@ -11,6 +11,15 @@ from common.prune import (PruneConfig, fine_prune, mask_at, personalized_model, 
 from common.train import accuracy
 
 
+# the engine as it was before the safe default (full recalibration, the base's output layer,
+# restriction, no search bound or back-off): the behaviours these tests pin down
+CLASSIC = dict(bn_adapt="full", head="linear", restrict_outputs=True, evidence_samples=0, stop_margin=0)
+
+
+def classic(**kw):
+    return PruneConfig(**{**CLASSIC, **kw})
+
+
 def _user(digits, pool, classes=(0, 3, 8)):
     idx = [i for i in pool if int(digits.y[i]) in classes]
     users = D.make_users(digits, [idx], 0.3, seed=0)
@@ -44,7 +53,7 @@ def test_target_sparsity_forward_only_and_usage_beats_random(digits, digits_spli
     accs = {}
     for scoring in ("usage", "random"):
         model = copy.deepcopy(digits_base)
-        res = fine_prune(model, user.unlabeled, PruneConfig(scoring=scoring, target_sparsity=0.7, recalibrate_bn=False, restrict_outputs=False))
+        res = fine_prune(model, user.unlabeled, classic(scoring=scoring, target_sparsity=0.7, recalibrate_bn=False, restrict_outputs=False))
         assert res.sparsity == pytest.approx(0.7, abs=0.005)
         assert res.stop_reason.startswith("reached target sparsity")
         assert all(p.grad is None for p in model.parameters())  # no backprop anywhere
@@ -59,7 +68,7 @@ def test_stop_rule_protects_behaviour_and_says_why(digits, digits_split, digits_
     user = _user(digits, digits_split[1])
     ref = predict_logits(digits_base, user.unlabeled)
     model = copy.deepcopy(digits_base)
-    cfg = PruneConfig(stop_rule=rule, tolerance=0.05, probe_size=10_000, recalibrate_bn=False, restrict_outputs=False)
+    cfg = classic(stop_rule=rule, tolerance=0.05, probe_size=10_000, recalibrate_bn=False, restrict_outputs=False)
     res = fine_prune(model, user.unlabeled, cfg)
     assert 0 < res.sparsity < 0.95 or "max sparsity" in res.stop_reason
     assert rule in res.stop_reason or "max sparsity" in res.stop_reason
@@ -74,16 +83,16 @@ def test_stop_rule_protects_behaviour_and_says_why(digits, digits_split, digits_
 def test_tighter_tolerance_prunes_less(digits, digits_split, digits_base):
     user = _user(digits, digits_split[1])
     sp = [fine_prune(copy.deepcopy(digits_base), user.unlabeled,
-                     PruneConfig(tolerance=t, search="linear", recalibrate_bn=False, restrict_outputs=False)).sparsity for t in (0.0, 0.2)]
+                     classic(tolerance=t, search="linear", recalibrate_bn=False, restrict_outputs=False)).sparsity for t in (0.0, 0.2)]
     assert sp[0] < sp[1]
 
 
 def test_linear_search_with_rescoring_runs_and_counts_its_passes(digits, digits_split, digits_base):
     user = _user(digits, digits_split[1])
-    res = fine_prune(digits_base, user.unlabeled, PruneConfig(search="linear", rescore=True, tolerance=0.1, recalibrate_bn=False, restrict_outputs=False))
+    res = fine_prune(digits_base, user.unlabeled, classic(search="linear", rescore=True, tolerance=0.1, recalibrate_bn=False, restrict_outputs=False))
     assert res.sparsity > 0.3
     n, steps = len(user.unlabeled), len(res.history)
-    p = PruneConfig(recalibrate_bn=False, restrict_outputs=False).probe_samples(n)
+    p = classic(recalibrate_bn=False, restrict_outputs=False).probe_samples(n)
     # statistics pass + a probe pass per step + statistics re-collected on the probe after each passing step
     assert all(h["stat_samples"] == p for h in res.history if h["passed"])
     assert res.forward_samples == n + p * steps + p * sum(h["passed"] for h in res.history)
@@ -92,9 +101,9 @@ def test_linear_search_with_rescoring_runs_and_counts_its_passes(digits, digits_
 def test_bn_recalibration_matches_user_statistics(digits, digits_split, digits_base):
     user = _user(digits, digits_split[1], classes=(1,))
     off = copy.deepcopy(digits_base)
-    fine_prune(off, user.unlabeled, PruneConfig(target_sparsity=0.0, recalibrate_bn=False, restrict_outputs=False))
+    fine_prune(off, user.unlabeled, classic(target_sparsity=0.0, recalibrate_bn=False, restrict_outputs=False))
     on = copy.deepcopy(digits_base)
-    fine_prune(on, user.unlabeled, PruneConfig(target_sparsity=0.0, recalibrate_bn=True,
+    fine_prune(on, user.unlabeled, classic(target_sparsity=0.0, recalibrate_bn=True,
                                                probe_size=len(user.unlabeled), restrict_outputs=False))
     assert torch.equal(off.bn1.running_mean, digits_base.bn1.running_mean)
     with torch.no_grad():
@@ -106,7 +115,7 @@ def test_bn_recalibration_matches_user_statistics(digits, digits_split, digits_b
 def test_output_restriction_only_predicts_the_users_classes(digits, digits_split, digits_base):
     user = _user(digits, digits_split[1], classes=(2, 5))
     res = fine_prune(digits_base, user.unlabeled,
-                     PruneConfig(target_sparsity=0.5, restrict_outputs=True, restrict_min_frac=0.05, recalibrate_bn=False))
+                     classic(target_sparsity=0.5, restrict_outputs=True, restrict_min_frac=0.05, recalibrate_bn=False))
     assert set(res.restricted_classes) <= {0, 1, 2, 3, 4, 5, 6, 7, 8, 9} and {2, 5} <= set(res.restricted_classes)
     assert len(res.restricted_classes) <= 4
     model = personalized_model(digits_base, res)
@@ -121,9 +130,9 @@ def test_bad_config_and_empty_data_are_clear_errors(digits_base):
                     ({"stop_rule": "x"}, "unknown stop rule"), ({"step": 1.5}, "step"),
                     ({"target_sparsity": 1.0}, "target sparsity")]:
         with pytest.raises(ValueError, match=msg):
-            fine_prune(digits_base, torch.rand(4, 1, 8, 8), PruneConfig(**kw))
+            fine_prune(digits_base, torch.rand(4, 1, 8, 8), classic(**kw))
     with pytest.raises(ValueError, match="empty"):
-        fine_prune(digits_base, torch.rand(0, 1, 8, 8), PruneConfig(recalibrate_bn=False, restrict_outputs=False))
+        fine_prune(digits_base, torch.rand(0, 1, 8, 8), classic(recalibrate_bn=False, restrict_outputs=False))
 
 
 def test_resnet_from_local_weights_file_prunes(tmp_path):
@@ -131,7 +140,7 @@ def test_resnet_from_local_weights_file_prunes(tmp_path):
     torch.save(ref.state_dict(), tmp_path / "r18.pth")
     model = build_model("resnet18", num_classes=5, weights_path=str(tmp_path / "r18.pth"))
     assert torch.equal(model.conv1.weight, ref.conv1.weight)
-    res = fine_prune(model, torch.rand(6, 3, 32, 32), PruneConfig(target_sparsity=0.5, batch_size=3, recalibrate_bn=False, restrict_outputs=False))
+    res = fine_prune(model, torch.rand(6, 3, 32, 32), classic(target_sparsity=0.5, batch_size=3, recalibrate_bn=False, restrict_outputs=False))
     assert res.sparsity == pytest.approx(0.5, abs=0.01)
     with pytest.raises(FileNotFoundError):
         build_model("resnet50", weights_path=str(tmp_path / "missing.pth"))
@@ -142,14 +151,14 @@ def test_resnet_from_local_weights_file_prunes(tmp_path):
 def test_recalibration_rides_on_the_probe_and_pass_accounting(digits, digits_split, digits_base):
     user = _user(digits, digits_split[1])
     n = len(user.unlabeled)
-    cfg = PruneConfig(target_sparsity=0.5, recalibrate_bn=True, restrict_outputs=False)
+    cfg = classic(target_sparsity=0.5, recalibrate_bn=True, restrict_outputs=False)
     p = cfg.probe_samples(n)
-    assert p == max(32, min(128, n // 4)) and PruneConfig(probe_size=10, recalibrate_bn=False, restrict_outputs=False).probe_samples(n) == 10
+    assert p == max(32, min(128, n // 4)) and classic(probe_size=10, recalibrate_bn=False, restrict_outputs=False).probe_samples(n) == 10
     fixed = fine_prune(copy.deepcopy(digits_base), user.unlabeled, cfg)
     assert fixed.forward_samples == n + p  # statistics pass + one recalibration pass over the probe
-    plain = fine_prune(copy.deepcopy(digits_base), user.unlabeled, PruneConfig(recalibrate_bn=False, restrict_outputs=False))
+    plain = fine_prune(copy.deepcopy(digits_base), user.unlabeled, classic(recalibrate_bn=False, restrict_outputs=False))
     model = copy.deepcopy(digits_base)
-    recal = fine_prune(model, user.unlabeled, PruneConfig(recalibrate_bn=True, restrict_outputs=False))
+    recal = fine_prune(model, user.unlabeled, classic(recalibrate_bn=True, restrict_outputs=False))
     # with the stop rule, recalibration happens inside the probe passes; the reference (the
     # unpruned model recalibrated the same way) comes from the statistics pass, which takes the
     # probe first
@@ -171,7 +180,7 @@ def test_output_statistics_only_when_a_scorer_or_rule_needs_them(digits, digits_
     user = _user(digits, digits_split[1])
     lean, _ = collect_stats(digits_base, user.unlabeled, 64, "cpu", outputs=False)
     assert lean.layers["conv1"].out_count == 0 and lean.layers["conv1"].in_count > 0
-    res = fine_prune(copy.deepcopy(digits_base), user.unlabeled, PruneConfig(scoring="firing", scope="layer",
+    res = fine_prune(copy.deepcopy(digits_base), user.unlabeled, classic(scoring="firing", scope="layer",
                                                                               target_sparsity=0.3, recalibrate_bn=False, restrict_outputs=False))
     assert res.stats.layers["conv1"].out_count > 0
     # firing prunes whole units: every row is either fully kept or fully pruned
@@ -203,7 +212,7 @@ def test_fine_prune_warns_when_restriction_drops_a_class_the_user_has(_digits_ba
     import copy
 
     idx = torch.cat([torch.nonzero(digits.y == 4).flatten()[:85], torch.nonzero(digits.y == 9).flatten()[:15]])
-    cfg = PruneConfig(target_sparsity=0.5, restrict_min_frac=0.2, restrict_margin=0.0, recalibrate_bn=False)
+    cfg = classic(target_sparsity=0.5, restrict_min_frac=0.2, restrict_margin=0.0, recalibrate_bn=False)
     with pytest.warns(UserWarning, match=r"restrict-outputs removes class index\(es\) \[.*9.*\]"):
         res = fine_prune(copy.deepcopy(_digits_base), digits.x[idx], cfg)
     assert 9 not in res.restricted_classes
@@ -226,7 +235,7 @@ def test_channel_usage_keeps_more_accuracy_than_firing_when_whole_units_go(_digi
         u = simulated_user(cfg, pid, 10)
         for scoring in acc:
             m = copy.deepcopy(_digits_base)
-            res = fine_prune(m, u.unlabeled, PruneConfig(scoring=scoring, target_sparsity=0.3, scope="layer",
+            res = fine_prune(m, u.unlabeled, classic(scoring=scoring, target_sparsity=0.3, scope="layer",
                                                          restrict_outputs=False, recalibrate_bn=False))
             assert 0.25 < res.sparsity < 0.35
             acc[scoring].append(accuracy(m, u.heldout_x, u.heldout_y))
