@@ -34,7 +34,8 @@ from common.train import accuracy, time_inference, train_supervised
 from simulations.bench_tasks import digits_task, fsdd_loso_task, fsdd_seen_task, resnet_few_task
 from simulations.cohorts import BenchUser
 from simulations.peak_memory import peak_mb
-from simulations.bench_report import (BACKPROP, DEFAULT, DISC, HEADLINE, LEVELS, SCORERS, WITH_BN, headline,
+from simulations.bench_report import (BACKPROP, DEFAULT, DISC, HEADLINE, LEVELS, PREVIOUS_DEFAULT, SCORERS, WITH_BN,
+                                      headline,
                                       personalization_table, plot_accuracy_vs_sparsity, plot_compute,
                                       plot_personalization, summarize, to_markdown)
 
@@ -44,8 +45,7 @@ MEMORY_METHODS = {("base", "-"), ("bn-recal", "-"), ("usage", "0.7"), ("usage", 
                   (BACKPROP, "-")}
 # every other row names the engine of before the safe default: full recalibration, the base's
 # output layer, no search bound; the default row takes the engine's defaults as they are
-BEFORE = {"scoring": "usage", "recalibrate_bn": False, "restrict_outputs": False, "bn_adapt": "full",
-          "head": "linear", "evidence_samples": 0, "stop_margin": 0}
+BEFORE = {**PREVIOUS_DEFAULT, "scoring": "usage", "recalibrate_bn": False, "restrict_outputs": False}
 
 
 def plan() -> list[tuple[str, str, dict]]:

@@ -43,13 +43,14 @@ from common.memory import in_force
 from common.models import build_model
 from common.prune import PruneConfig, collect_stats, fine_prune, predict_logits
 from common.train import train_supervised
+from simulations.bench_report import PREVIOUS_DEFAULT
 
 WORKLOADS = ("digits", "kws", "resnet18", "resnet50")
 MEMORY_NOTE = {"release": "the C library's default, each pass faults its large blocks in again",
                "keep": "freed memory kept in the process, no page faults after the first round"}
 COLUMNS = ("inference pass", "inference pass, engine layout", "statistics (usage hooks)", "statistics (all hooks)",
            "statistics + BatchNorm",
-           "fixed target 0.7", "default (label-free stop)", "backprop, 1 epoch")
+           "fixed target 0.7", "default (label-free stop)", "previous default", "backprop, 1 epoch")
 
 
 def _digits(out: Path, seed: int, n: int | None):
@@ -114,6 +115,7 @@ def _sync(device: str):
 STEP_NAMES = {"inference": "inference pass", "inference-engine": "inference pass, engine layout",
               "usage": "statistics (usage hooks)", "all-hooks": "statistics (all hooks)",
               "bn": "statistics + BatchNorm", "fixed": "fixed target 0.7", "default": "default (label-free stop)",
+              "previous-default": "previous default",
               "backprop": "backprop, 1 epoch"}
 
 
@@ -146,6 +148,9 @@ def _steps(base, x, y, device: str, batch_size: int, default_runs: list):
                                                   device), fresh),
         "default (label-free stop)": (lambda m: default_runs.append(
             fine_prune(m, x, PruneConfig(batch_size=batch_size), device)), fresh),
+        # the engine's default before the safe one, timed in the same rounds
+        "previous default": (lambda m: fine_prune(m, x, PruneConfig(**PREVIOUS_DEFAULT, batch_size=batch_size),
+                                                  device), fresh),
         # backprop in the engine's layout too: the comparison is between methods, not layouts
         "backprop, 1 epoch": (lambda m: train_supervised(m, x, y, epochs=1, lr=1e-4, batch_size=32, device=device),
                               fresh_eng),

@@ -39,12 +39,14 @@ from server.analysis import analyze
 EPSILONS = (None, 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.1)  # None: exact bitmaps, no privacy mode
 
 
-def personalized_masks(base, ds: D.Dataset, idx: np.ndarray, n_users: int, seed: int):
+def personalized_masks(base, ds: D.Dataset, idx: np.ndarray, n_users: int, seed: int, restrict: bool = True):
     """(mask, usage histograms, set of classes held) for users cut from ds[idx], each pruned with
-    the device's default settings on its unlabeled data."""
+    the device's default settings on its unlabeled data. `restrict`: with output restriction,
+    which prunes the output rows of the classes a user lacks: the class-inference attack's worst
+    case (the default leaves it off, and exact masks then carry no class rows)."""
     from common.federation import prune_settings  # the device's own settings, as in the federation
 
-    cfg = prune_settings(DEFAULTS)
+    cfg = prune_settings(dict(DEFAULTS, **{"restrict-outputs": restrict}))
     sub = ds.subset(idx)
     out = []
     for g in D.partition_class_subsets(sub.y.numpy(), n_users, (DEFAULTS["classes-min"], DEFAULTS["classes-max"]),
@@ -120,7 +122,8 @@ def compare(exact: dict, est: dict, exact_analysis: dict, est_analysis: dict, ep
             "jaccard_mae": float(jac_err.mean()), "jaccard_max_error": float(jac_err.max())}
 
 
-def run(out: Path, n_users: int = 30, n_shadow: int = 30, seed: int = 0, epsilons=EPSILONS, log=print) -> list[dict]:
+def run(out: Path, n_users: int = 30, n_shadow: int = 30, seed: int = 0, epsilons=EPSILONS, log=print,
+        restrict: bool = True) -> list[dict]:
     t0 = time.perf_counter()
     ds = D.load_digits()
     ck = out / "digits_base.pt"
@@ -128,8 +131,8 @@ def run(out: Path, n_users: int = 30, n_shadow: int = 30, seed: int = 0, epsilon
     base, meta, _ = load_checkpoint(ck)
     vendor, pool = P.vendor_and_pool("digits", ds, seed)
     log(f"[{time.perf_counter() - t0:4.0f} s] fine-pruning {n_users} users and {n_shadow} shadow users")
-    users = personalized_masks(base, ds, pool, n_users, seed)
-    shadow = personalized_masks(base, ds, vendor, n_shadow, seed + 1)  # the server's own, from vendor data
+    users = personalized_masks(base, ds, pool, n_users, seed, restrict)
+    shadow = personalized_masks(base, ds, vendor, n_shadow, seed + 1, restrict)  # the server's own, from vendor data
     shapes = {n: tuple(m.weight.shape) for n, m in prunable_layers(base).items()}
     exact, _ = through_the_wire(users, base, None, seed)
     exact_analysis = analyze(exact, shapes, DEFAULTS["consensus-quorum"], DEFAULTS["cluster-threshold"])

@@ -19,7 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from simulations.bench_report import PREVIOUS_DEFAULT as BEFORE  # noqa: E402
 METHODS = {  # name: engine settings (fixed targets: equal sparsity across users)
+    "default": None,  # the engine's defaults as they are, at the label-free stop
+    "previous default": BEFORE,
     "unstructured usage 0.5": dict(target_sparsity=0.5),
     "unstructured usage 0.5, no BN recalibration": dict(target_sparsity=0.5, recalibrate_bn=False),
     "firing 0.5, no BN recalibration": dict(scoring="firing", target_sparsity=0.5, recalibrate_bn=False),
@@ -58,14 +61,16 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--reps", type=int, default=30, help="latency repetitions per model")
     p.add_argument("--out", required=True)
+    p.add_argument("--methods", default="", help="comma-separated method names to run (default: all)")
     a = p.parse_args(argv)
+    methods = {k: v for k, v in METHODS.items() if not a.methods or k in a.methods.split(",")}
     warnings.simplefilter("ignore")
     from client.export import _onnx_bytes, onnx_session
     from common.compact_graph import compact_graph
     from common.federation import merged_config
     from common.models import build_model
     from common.protocol import simulated_user, task_dataset, vendor_train_test
-    from common.prune import PruneConfig, fine_prune
+    from common.prune import PruneConfig, fine_prune, personalized_model
     from common.train import accuracy, train_supervised
 
     torch.manual_seed(0)
@@ -77,6 +82,9 @@ def main(argv=None) -> dict:
     t0 = time.time()
     train_supervised(base, up(ds.x[tr]), ds.y[tr], epochs=a.epochs, lr=1e-3, device=dev)
     base = base.eval()
+    from common.adapt import vendor_record
+
+    vendor = vendor_record(base, up(ds.x[tr]), ds.y[tr])  # what the vendor records for the device's checks
     out = {"size": size, "epochs": a.epochs, "train_seconds": round(time.time() - t0, 1),
            "vendor_test_accuracy": accuracy(base, up(ds.x[te]), ds.y[te], device=dev), "users": []}
     print(f"trained in {out['train_seconds']} s; vendor test accuracy {out['vendor_test_accuracy']:.3f}", flush=True)
@@ -87,19 +95,24 @@ def main(argv=None) -> dict:
         x, hx, hy = up(u.unlabeled), up(u.heldout_x), u.heldout_y
         row = {"user": pid, "classes": sorted(set(u.heldout_y.tolist())), "base": accuracy(base, hx, hy, device=dev)}
         compacts = {}
-        for name, kw in METHODS.items():
+        for name, kw in methods.items():
             m = copy.deepcopy(base)
+            if kw is None or name == "previous default":
+                r = fine_prune(m, x, PruneConfig(**(kw or {})), dev, base_meta=vendor)
+                row[name] = accuracy(personalized_model(m, r), hx, hy, device=dev)
+                row[name + ": sparsity"] = round(r.sparsity, 4)
+                continue
             kw = dict(kw)
             if kw.pop("skip_refit", False):  # the same mask without its refit: the ablation
                 import common.prune as engine
 
                 real, engine.refit_consumers = engine.refit_consumers, lambda *a, **k: {"samples": 0}
                 try:
-                    r = fine_prune(m, x, PruneConfig(restrict_outputs=False, **kw), dev)
+                    r = fine_prune(m, x, PruneConfig(**{**BEFORE, "restrict_outputs": False, **kw}), dev)
                 finally:
                     engine.refit_consumers = real
             else:
-                r = fine_prune(m, x, PruneConfig(restrict_outputs=False, **kw), dev)
+                r = fine_prune(m, x, PruneConfig(**{**BEFORE, "restrict_outputs": False, **kw}), dev)
             row[name] = accuracy(m, hx, hy, device=dev)
             row[name + ": sparsity"] = round(r.sparsity, 4)
             if kw.get("scoring") in STRUCTURED:
@@ -127,7 +140,7 @@ def main(argv=None) -> dict:
             print(json.dumps(out["latency_ms_batch1_1thread"]), flush=True)
         out["users"].append(row)
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    keys = ["base", *METHODS]
+    keys = ["base", *methods]
     out["mean"] = {k: round(sum(r[k] for r in out["users"]) / len(out["users"]), 3) for k in keys}
     out["worst"] = {k: round(min(r[k] for r in out["users"]), 3) for k in keys}
     print("mean", out["mean"], "\nworst", out["worst"], flush=True)

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from common import baselines as BL
 from common import data as D
+from simulations.bench_report import PREVIOUS_DEFAULT
 from common.prune import PruneConfig, fine_prune, personalized_model
 from common.scoring import get_scorer
 from common.train import accuracy
@@ -18,7 +19,7 @@ from simulations import cohorts as CO
 
 # the engine as it was before the safe default (full recalibration, the base's output layer,
 # restriction, no search bound or back-off): the behaviours these tests pin down
-CLASSIC = dict(bn_adapt="full", head="linear", restrict_outputs=True, evidence_samples=0, stop_margin=0)
+CLASSIC = PREVIOUS_DEFAULT
 
 
 def classic(**kw):

@@ -18,6 +18,7 @@ import torch
 
 from common import data as D
 from common.forward import recalibrate_bn
+from simulations.bench_report import PREVIOUS_DEFAULT
 from common.prune import PruneConfig, fine_prune
 from common.restrict import apply_restriction
 from common.select import global_ranking, kth_smallest
@@ -81,7 +82,8 @@ def test_when_nothing_may_go_the_kept_model_has_the_statistics_pass_batchnorm(di
     user's data, and no recalibration pass follows."""
     user = _user(digits, digits_split[1], (0, 3, 8))
     n = len(user.unlabeled)
-    cfg = PruneConfig(tolerance=0.0, step=0.9, max_sparsity=0.95)  # one 90% step: no digits model keeps every answer
+    # one 90% step: no digits model keeps every answer (the engine of before the safe default)
+    cfg = PruneConfig(**PREVIOUS_DEFAULT, tolerance=0.0, step=0.9, max_sparsity=0.95)
     res = fine_prune(copy.deepcopy(digits_base), user.unlabeled, cfg)
     assert res.restricted_classes is not None and not any(h["passed"] for h in res.history)
     assert res.mask == apply_restriction(digits_base, res.mask.__class__.dense(digits_base), res.restricted_classes)
@@ -124,7 +126,7 @@ def test_the_reference_from_the_statistics_pass_is_what_a_probe_pass_outputs(dig
 def test_a_rule_that_reads_statistics_still_gets_a_reference_probe(digits, digits_split, digits_base):
     user = _user(digits, digits_split[1], (0, 3, 8))
     n = len(user.unlabeled)
-    cfg = PruneConfig(stop_rule="drift", tolerance=0.05)
+    cfg = PruneConfig(**PREVIOUS_DEFAULT, stop_rule="drift", tolerance=0.05)
     res = fine_prune(copy.deepcopy(digits_base), user.unlabeled, cfg)
     assert "reference probe" in res.phases
     assert res.forward_samples == n + cfg.probe_samples(n) * (1 + len(res.history))
@@ -229,8 +231,13 @@ def test_a_user_one_sample_past_the_probe_still_personalizes():
 
     torch.manual_seed(0)
     x = torch.randn(33, 3, 32, 32)
-    res = fine_prune(build_model("resnet18", num_classes=10), x, PruneConfig())
+    res = fine_prune(build_model("resnet18", num_classes=10), x, PruneConfig(**PREVIOUS_DEFAULT))
     assert "reference probe" in res.phases and res.forward_samples == 33 + 32 * (1 + len(res.history))
+    # the default's adaptation check adds a probe pass, and where it keeps only the input side
+    # recalibrated, the statistics pass again
+    res = fine_prune(build_model("resnet18", num_classes=10), x, PruneConfig())
+    extra = 32 + (33 if res.adaptation["bn"] == "stem" else 0)
+    assert "reference probe" in res.phases and res.forward_samples == 33 + extra + 32 * (1 + len(res.history))
 
 
 def test_the_engine_hands_the_model_back_in_its_own_layout(digits, digits_split, digits_base):

@@ -29,8 +29,9 @@ def setup(tmp_path_factory, digits):
         sub = d / "labeled" / str(int(digits.y[i]))
         sub.mkdir(parents=True, exist_ok=True)
         Image.fromarray((digits.x[i, 0].numpy() * 255).astype("uint8")).save(sub / f"img{i}.png")
+    # with output restriction (off by default): what info, evaluate and export must carry through
     assert main(["personalize", "--model", str(d / "base.pt"), "--data", str(d / "photos"),
-                 "--out", str(d / "me.pt")]) == 0
+                 "--out", str(d / "me.pt"), "--restrict-outputs"]) == 0
     return d
 
 

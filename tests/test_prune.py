@@ -6,6 +6,7 @@ import torch
 from common import data as D
 from common.mask import Mask
 from common.models import build_model
+from simulations.bench_report import PREVIOUS_DEFAULT
 from common.prune import (PruneConfig, fine_prune, mask_at, personalized_model, predict_logits,
                           schedule)
 from common.train import accuracy
@@ -13,7 +14,7 @@ from common.train import accuracy
 
 # the engine as it was before the safe default (full recalibration, the base's output layer,
 # restriction, no search bound or back-off): the behaviours these tests pin down
-CLASSIC = dict(bn_adapt="full", head="linear", restrict_outputs=True, evidence_samples=0, stop_margin=0)
+CLASSIC = PREVIOUS_DEFAULT
 
 
 def classic(**kw):

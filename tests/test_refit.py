@@ -89,7 +89,7 @@ def test_in_a_resnet_refit_removes_only_block_internal_units_and_restores_the_ou
     for refit in (False, True):
         m = copy.deepcopy(base)
         cfg = PruneConfig(scoring="channel-usage", scope="layer", target_sparsity=0.5, refit=True,
-                          recalibrate_bn=False, restrict_outputs=False)
+                          recalibrate_bn=False, restrict_outputs=False, head="linear")  # the outputs: the base's
         real = engine.refit_consumers
         if not refit:  # the same mask without its refit
             engine.refit_consumers = lambda *a, **k: {"samples": 0}

@@ -4,15 +4,19 @@ import json
 
 import pytest
 
+from simulations.bench_report import PREVIOUS_DEFAULT
 from simulations.simulate import simulate
 
 
 @pytest.fixture(scope="module")
 def crash_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim")
+    # the engine of before the safe default: its users' masks agree enough for a slim base of 3
+    # (with today's default one of the three masks is an outlier and the slim base is skipped)
+    engine = {k.replace("_", "-"): v for k, v in PREVIOUS_DEFAULT.items()}
     report = simulate({"task": "digits", "num-clients": 4, "min-clients": 2, "out-dir": str(out),
                        "summary-level": "bitmap", "crash-clients": "2", "num-rounds": 2, "slim-base": True,
-                       "slim-min-clients": 3})
+                       "slim-min-clients": 3, **engine})
     return out, report
 
 
