@@ -118,6 +118,7 @@ def classes_predicted(logits: torch.Tensor, min_frac: float = 0.05) -> int:
 # ---------------------------------------------------------------- the per-user decision
 UNLIKE_BELOW = 0.3  # average input correlated below this with the vendor's: unlike the base's inputs
 KAPPA = 3.0         # a channel follows the user where its move exceeds KAPPA x its class spread
+CHECK_SAMPLES = 64  # the check's pass: at most this many of the probe's samples
 SLACK = 2           # full recalibration may predict this many more classes than the safe one (chosen
                     # leave-one-cohort-out: docs/adapt_study/loco.md)
 

@@ -202,12 +202,16 @@ def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: floa
     mu_b, var_b = prior
 
     def forward(x):
-        dims = [d for d in range(x.dim()) if d != 1]
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        # the batch's statistics from BatchNorm's own kernel (torch.var_mean over a channels_last
+        # map took 6x as long on this CPU), with its output: the layer's where it follows the batch
+        out, mean, invstd = torch.native_batch_norm(x, m.weight, m.bias, None, None, True, 0.0, m.eps)
+        var = (invstd.pow(-2) - m.eps).clamp_min(0)
         n, b = x.numel() // x.shape[1], x.shape[0]
         sums[0] += b
         sums[1] = sums[1] + mean * b
         sums[2] = sums[2] + var * (n / max(n - 1, 1)) * b  # unbiased, as BatchNorm's running_var
+        if weight == 1.0 and spread is None:
+            return out
         mean_m, var_m = _mix(mean, var, mu_b.to(mean), var_b.to(var), weight, spread, kappa)
         return F.batch_norm(x, mean_m, var_m, m.weight, m.bias, False, 0.0, m.eps)
     return forward
@@ -240,13 +244,20 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
         sums = [[0, 0.0, 0.0] for _ in bns]
         ws = [weight * (1.0 if profile is None else float(profile(i, len(bns)))) for i in range(len(bns))]
         sp = spread if spread is not None else [None] * len(bns)
-        for m, pr, s, w, spr in zip(bns, prior, sums, ws, sp):
-            m.forward = _mixed_forward(m, pr, s, w, spr, kappa)
+        # a layer that keeps the base's statistics runs BatchNorm's own eval forward on them
+        follows = [w > 0 for w in ws]
+        for m, pr, s, w, spr, f in zip(bns, prior, sums, ws, sp, follows):
+            if f:
+                m.forward = _mixed_forward(m, pr, s, w, spr, kappa)
+            else:
+                m.running_mean.copy_(pr[0])
+                m.running_var.copy_(pr[1])
         try:
             out = forward_pass(model, x, batch_size, device, hooks=hooks, classes=classes, first=first)
         finally:
-            for m in bns:
-                del m.forward
+            for m, f in zip(bns, follows):
+                if f:
+                    del m.forward
         for m, (mu_b, var_b), (n, s1, s2), w, spr in zip(bns, prior, sums, ws, sp):
             if n:
                 mean, var = _mix(s1 / n, s2 / n, mu_b.to(s1), var_b.to(s1), w, spr, kappa)

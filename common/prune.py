@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from common import adapt as AD
 from common import settings as ST
 from common.forward import (batched_forward, bn_layers, bn_prior, capture_features, device_batches, engine_layout,
-                            forward_pass, recalibrate_bn, settle_layout, to_layout)
+                            features_and_logits, forward_pass, recalibrate_bn, settle_layout, to_layout)
 from common.heads import HEADS as HEAD_WRITERS
 from common.heads import choose_head
 from common.mask import Mask, apply_plan
@@ -197,6 +197,12 @@ class Probe:
             self.clock.lap(phase)
         return lg, st
 
+    def alias_bn(self, mask: Mask, like: Mask) -> None:
+        """`mask` keeps the BatchNorm statistics the probe pass of `like` estimated."""
+        src = self.bn.get(_bn_key(like.sparsity()))
+        if src is not None:
+            self.bn[_bn_key(mask.sparsity())] = src
+
     def reuse_start_bn(self, mask: Mask) -> None:
         """`mask` keeps the BatchNorm statistics the model had when pruning started (those of the
         statistics pass, all of the user's data): no probe pass needs to estimate them."""
@@ -255,8 +261,13 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     searching = cfg.target_sparsity is None and cfg.stop_rule != "none" and not unlike
     recalibrating = cfg.recalibrate_bn and not cfg.base_stats and bool(bn_layers(model))
     mode = cfg.bn_adapt if recalibrating else ("full" if cfg.recalibrate_bn else "none")
+    spread = AD.spread_for(model, base_meta) if recalibrating else None
+    if mode == "auto" and spread is None:
+        # a base without the vendor's record of its classes: nothing tells a class mix from a
+        # shift, so the safe side, with no check to pay for
+        mode = "stem"
     prior = bn_prior(model) if recalibrating and mode != "full" else None
-    recal = stem_recal(model, prior, AD.spread_for(model, base_meta)) if mode == "stem" else {}
+    recal = stem_recal(model, prior, spread) if mode == "stem" else {}
     # The stop rule's reference is the unpruned model recalibrated on the probe. The statistics
     # pass gives it for free when the probe makes up its first batches: in train mode each batch
     # is normalized by its own statistics, so those logits are what a probe pass of the unpruned
@@ -278,12 +289,14 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
             first = None
     feats = cap.features(first)
     clock.lap("statistics pass")
-    info = {"input_correlation": None if corr is None else round(corr, 4), "unlike_base": unlike}
+    info = {"input_correlation": None if corr is None else round(corr, 4), "unlike_base": unlike,
+            "vendor_record": spread is not None}
     extra = 0  # samples pushed through the model by the adaptation check
     if mode == "auto":
-        mode, recal, check, extra = _check_full(model, x, pick, logits, prior, base_meta, cfg, device)
+        mode, recal, check, extra = _check_full(model, x, pick, logits, prior, spread, cfg, device)
         info.update(check)
-        if mode == "stem":  # the statistics pass again, on the model as it is kept
+        if mode == "stem":  # the statistics pass again, on the model as it is kept: usage measured on
+            # the network whose class mix full recalibration absorbed ranks the wrong connections
             with capture_features(model) as cap:
                 logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs,
                                                classes=need_classes, first=first, **recal)
@@ -357,6 +370,15 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
         mask = apply_restriction(model, mask, restricted)
         clock.lap("selection")
     probe.keep(mask)  # the pruned network, with BatchNorm statistics of this user's data
+    if head == "prototypes" and not searching and mask is not dense:
+        # a fixed target never let a rule judge the prototypes on the pruned features: rebuilt on
+        # them (one more pass; a 70% target moves the features far from the unpruned model's)
+        feats, logits2, last = features_and_logits(model, x, cfg.batch_size, device)
+        HEAD_WRITERS[head](last, feats, logits2)
+        with torch.no_grad():  # the restriction's rows stay pruned
+            last.weight.mul_(mask.layers[list(prunable_layers(model))[-1]].to(last.weight))
+        extra += len(x)
+        clock.lap("head")
     if layout is not None:
         to_layout(model, torch.contiguous_format)
         if dense_adapted is not None:
@@ -378,26 +400,23 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
                        clock.phases, info)
 
 
-def _check_full(model, x, pick, logits, prior, base_meta, cfg, device):
+def _check_full(model, x, pick, logits, prior, spread, cfg, device):
     """bn-adapt auto, after the statistics pass recalibrated every layer: keep that (full) where it
-    predicts, on the probe, no more than SLACK classes beyond what the safe recalibration predicts
-    (the channels the class mix cannot explain, where the checkpoint records the class spread;
-    else the input side only); otherwise keep only the input side recalibrated. Returns (mode, the
-    recalibration keyword arguments of the kept mode, what the check saw, samples passed)."""
+    predicts, on the probe, no more than SLACK classes beyond what a recalibration of only the
+    channels the class mix cannot explain predicts (the checkpoint's class spread); otherwise keep
+    only the input side recalibrated. Returns (mode, the recalibration keyword arguments of the
+    kept mode, what the check saw, samples passed)."""
     state = model.state_dict()
     bufs = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
     full = {k: v.clone() for k, v in bufs.items()}
     for m, (mu, var) in zip(bn_layers(model), prior):
         m.running_mean.copy_(mu)
         m.running_var.copy_(var)
-    spread = AD.spread_for(model, base_meta)
+    pick = pick[:AD.CHECK_SAMPLES]  # a class the user has shows in 64 samples; the check costs at most that
     xp = x[pick]
-    if spread is not None:
-        safe, _ = recalibrate_bn(model, xp, cfg.batch_size, device, prior=prior, spread=spread, kappa=AD.KAPPA)
-    else:
-        safe, _ = recalibrate_bn(model, xp, cfg.batch_size, device, prior=prior, profile=AD.stem_profile(model))
+    safe, _ = recalibrate_bn(model, xp, cfg.batch_size, device, prior=prior, spread=spread, kappa=AD.KAPPA)
     k_full, k_safe = AD.classes_predicted(logits[pick]), AD.classes_predicted(safe)
-    check = {"classes_full": k_full, "classes_safe": k_safe, "safe_by": "class spread" if spread is not None else "stem"}
+    check = {"classes_full": k_full, "classes_safe": k_safe}
     if k_full <= k_safe + AD.SLACK:
         for k, v in full.items():
             bufs[k].copy_(v)
@@ -418,7 +437,7 @@ def personalized_model(model: nn.Module, result: PruneResult) -> nn.Module:
     return restricted_model(model, result.restricted_classes)
 
 
-def _back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: str, history):
+def _back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: str, history, probe=None):
     """Where the rule failed, the step `margin` steps below the last that passed: the failing
     level was found on a probe of 32-128 samples, and the step just before a cliff is where held-out
     samples flip first (a user of 200 samples: the probe agreed fully at 0.72, the rest of its
@@ -426,8 +445,16 @@ def _back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason:
     i = last_ok - margin
     if i < 0:
         return dense, reason + (f"; backed off {margin} step(s): nothing pruned" if margin else ""), history
+    # a level the search probed already (passing: every probed level below the last that passed
+    # did) one step further down costs no probe pass of its own to keep
+    probed = [k for k in masks if i - 1 <= k <= i]
+    i = max(probed) if probed else i
     mask = masks[i] if i in masks else at(levels[i])
-    return mask, reason + (f"; backed off {margin} step(s) to {levels[i]:.3f}" if margin else ""), history
+    if probe is not None and i not in masks and last_ok in masks:
+        # a step below the last that passed, never probed: it keeps that step's BatchNorm
+        # statistics (10% of the remaining weights apart) rather than pay a probe pass for its own
+        probe.alias_bn(mask, masks[last_ok])
+    return mask, reason + (f"; backed off to {levels[i]:.3f}" if margin else ""), history
 
 
 def _search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clock: Clock):
@@ -477,7 +504,7 @@ def _search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, cl
             return dense, failed(fail_v, levels[0]) + " (nothing pruned)", history
         if hi == len(levels):
             return masks[lo], f"reached the search bound {levels[-1]:.3f} within tolerance", history
-        return _back_off(lo, cfg.stop_margin, masks, at, levels, dense, failed(fail_v, levels[hi]), history)
+        return _back_off(lo, cfg.stop_margin, masks, at, levels, dense, failed(fail_v, levels[hi]), history, probe)
 
     mask, kept = dense, {}
     for i, level in enumerate(levels):
@@ -485,7 +512,7 @@ def _search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, cl
         cand = mask_at(scores, mask, level, cfg.scope, structured) if cfg.rescore else at(level)
         ok, v = check(cand)
         if not ok:
-            return _back_off(i - 1, cfg.stop_margin, kept, at, levels, dense, failed(v, level), history)
+            return _back_off(i - 1, cfg.stop_margin, kept, at, levels, dense, failed(v, level), history, probe)
         mask = kept[i] = cand
         if cfg.rescore:  # usage of the surviving connections, measured in the pruned network
             probe_x = probe.data[:cfg.probe_samples(len(probe.data))]

@@ -151,7 +151,8 @@ SETTINGS = [
       "on the adapted network)", {RUN, CLIENT, PRUNE}),
     S("bn-adapt", "auto", "which BatchNorm statistics follow the user: full (every layer, AdaBN), stem (the input "
       "side only: safe under label shift), auto (full where it predicts no more classes than a recalibration "
-      "of only the channels the class mix cannot explain, else stem)", {RUN, CLIENT, PRUNE},
+      "of only the channels the class mix cannot explain, else stem; stem for a base without the vendor's "
+      "record)", {RUN, CLIENT, PRUNE},
       choices=("auto", "full", "stem")),
     S("base-stats", False, "ablation: measure usage on the unadapted base (needs recalibrate-bn)", {RUN, CLIENT, PRUNE}),
     S("restrict-outputs", False, "classes the adapted model never predicts for this user become impossible "

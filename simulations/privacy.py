@@ -46,7 +46,10 @@ def personalized_masks(base, ds: D.Dataset, idx: np.ndarray, n_users: int, seed:
     case (the default leaves it off, and exact masks then carry no class rows)."""
     from common.federation import prune_settings  # the device's own settings, as in the federation
 
-    cfg = prune_settings(dict(DEFAULTS, **{"restrict-outputs": restrict}))
+    # with restriction, the base's output layer ranked with the rest (head linear): the setting the
+    # privacy numbers were measured in; a rebuilt head keeps the last layer whole but for the
+    # restricted rows, which randomized response then cannot hide (see docs/privacy/privacy.md)
+    cfg = prune_settings(dict(DEFAULTS, **({"restrict-outputs": True, "head": "linear"} if restrict else {})))
     sub = ds.subset(idx)
     out = []
     for g in D.partition_class_subsets(sub.y.numpy(), n_users, (DEFAULTS["classes-min"], DEFAULTS["classes-max"]),

@@ -26,6 +26,7 @@ import torch
 from common.io import atomic_write_png, atomic_write_text
 from common.mask import Mask
 from common.prune import PruneConfig, fine_prune, personalized_model
+from simulations.bench_report import PREVIOUS_DEFAULT
 from common.select import compute_scores, masker, schedule
 from common.train import accuracy
 
@@ -60,7 +61,7 @@ PROXIES = {
 def user_curves(base, x, hx, hy, step: float = 0.1, max_sparsity: float = 0.95) -> dict:
     """The default's stop and accuracy; accuracy and every proxy at each step of the schedule."""
     levels = schedule(step, max_sparsity)
-    cfg = PruneConfig(step=step, max_sparsity=max_sparsity)
+    cfg = PruneConfig(**PREVIOUS_DEFAULT, step=step, max_sparsity=max_sparsity)  # the engine this study measured
     model = copy.deepcopy(base)
     res = fine_prune(model, x, cfg)
     stop_acc = accuracy(personalized_model(model, res), hx, hy)
@@ -74,7 +75,8 @@ def user_curves(base, x, hx, hy, step: float = 0.1, max_sparsity: float = 0.95) 
         for p, f in PROXIES.items():
             prox[p].append(f(scores, m, lv, energy))
         pruned = copy.deepcopy(base)
-        r = fine_prune(pruned, x, PruneConfig(step=step, max_sparsity=max_sparsity, target_sparsity=lv))
+        r = fine_prune(pruned, x, PruneConfig(**PREVIOUS_DEFAULT, step=step, max_sparsity=max_sparsity,
+                                              target_sparsity=lv))
         acc.append(accuracy(personalized_model(pruned, r), hx, hy))
     # the step the rule kept (the restriction's rows add a little sparsity on top of it)
     stop = max([i for i, lv in enumerate(levels) if lv <= res.sparsity + 1e-6], default=-1)

@@ -233,11 +233,11 @@ def test_a_user_one_sample_past_the_probe_still_personalizes():
     x = torch.randn(33, 3, 32, 32)
     res = fine_prune(build_model("resnet18", num_classes=10), x, PruneConfig(**PREVIOUS_DEFAULT))
     assert "reference probe" in res.phases and res.forward_samples == 33 + 32 * (1 + len(res.history))
-    # the default's adaptation check adds a probe pass, and where it keeps only the input side
-    # recalibrated, the statistics pass again
+    # the default, on a base without the vendor's record: the input side only, from the start, with
+    # no check to pay for
     res = fine_prune(build_model("resnet18", num_classes=10), x, PruneConfig())
-    extra = 32 + (33 if res.adaptation["bn"] == "stem" else 0)
-    assert "reference probe" in res.phases and res.forward_samples == 33 + extra + 32 * (1 + len(res.history))
+    assert res.adaptation["bn"] == "stem" and not res.adaptation["vendor_record"]
+    assert "reference probe" in res.phases and res.forward_samples == 33 + 32 * (1 + len(res.history))
 
 
 def test_the_engine_hands_the_model_back_in_its_own_layout(digits, digits_split, digits_base):
