@@ -9,8 +9,9 @@ user, decided per user without labels, and whether the user's inputs look like t
   (ResNet18 users holding 2-3 classes: 0.98 -> 0.49); recalibrating only the channels whose move
   the class mix cannot explain does not.
 - The check: full recalibration is kept when it predicts no more of the classes than that safe
-  recalibration does (one class of slack); otherwise only the input side (the BatchNorm layers up
-  to the first with several channels) follows the user.
+  recalibration does (two classes of slack) and agrees with it on most of the probe; otherwise
+  only the input side (the BatchNorm layers up to the first with several channels) follows the
+  user.
 - A user whose average input is anti-correlated with the base's (inverted contrast, swapped
   colours, another sample rate) is told so in one line; nothing irreversible is done for them."""
 from __future__ import annotations
@@ -118,6 +119,8 @@ def classes_predicted(logits: torch.Tensor, min_frac: float = 0.05) -> int:
 # ---------------------------------------------------------------- the per-user decision
 UNLIKE_BELOW = 0.3  # average input correlated below this with the vendor's: unlike the base's inputs
 KAPPA = 3.0         # a channel follows the user where its move exceeds KAPPA x its class spread
+AGREE = 0.8         # ... and agrees with it on at least this share of the probe (benchmark users whose full
+                    # recalibration helps: 0.83 and above; few-class ResNet users it collapses: 0.34-0.89)
 CHECK_SAMPLES = 64  # the check's pass: at most this many of the probe's samples
 SLACK = 2           # full recalibration may predict this many more classes than the safe one (chosen
                     # leave-one-cohort-out: docs/adapt_study/loco.md)

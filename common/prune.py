@@ -401,10 +401,10 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
 
 
 def _check_full(model, x, pick, logits, prior, spread, cfg, device):
-    """bn-adapt auto, after the statistics pass recalibrated every layer: keep that (full) where it
-    predicts, on the probe, no more than SLACK classes beyond what a recalibration of only the
-    channels the class mix cannot explain predicts (the checkpoint's class spread); otherwise keep
-    only the input side recalibrated. Returns (mode, the recalibration keyword arguments of the
+    """bn-adapt auto, after the statistics pass recalibrated every layer: keep that (full) where, on
+    the probe, it predicts no more than SLACK classes beyond what a recalibration of only the
+    channels the class mix cannot explain predicts (the checkpoint's class spread), and agrees with
+    it on at least AGREE of the samples; otherwise keep only the input side recalibrated. Returns (mode, the recalibration keyword arguments of the
     kept mode, what the check saw, samples passed)."""
     state = model.state_dict()
     bufs = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
@@ -416,8 +416,9 @@ def _check_full(model, x, pick, logits, prior, spread, cfg, device):
     xp = x[pick]
     safe, _ = recalibrate_bn(model, xp, cfg.batch_size, device, prior=prior, spread=spread, kappa=AD.KAPPA)
     k_full, k_safe = AD.classes_predicted(logits[pick]), AD.classes_predicted(safe)
-    check = {"classes_full": k_full, "classes_safe": k_safe}
-    if k_full <= k_safe + AD.SLACK:
+    agree = float((logits[pick].argmax(1) == safe.argmax(1)).float().mean())
+    check = {"classes_full": k_full, "classes_safe": k_safe, "agreement": round(agree, 4)}
+    if k_full <= k_safe + AD.SLACK and agree >= AD.AGREE:
         for k, v in full.items():
             bufs[k].copy_(v)
         return "full", {}, check, len(xp)

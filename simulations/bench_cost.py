@@ -53,11 +53,17 @@ COLUMNS = ("inference pass", "inference pass, engine layout", "statistics (usage
            "fixed target 0.7", "default (label-free stop)", "previous default", "backprop, 1 epoch")
 
 
+# a workload's base -> its checkpoint's metadata, with the vendor record the default's checks read
+# (the ResNets carry random weights: no record, so the default adapts their input side only)
+VENDOR: dict = {}
+
+
 def _digits(out: Path, seed: int, n: int | None):
     from simulations.bench_tasks import digits_task
 
-    base, _meta, user = digits_task(out, seed, 10, None)[0]
+    base, meta, user = digits_task(out, seed, 10, None)[0]
     x, y = user.x, user.y
+    VENDOR[id(base)] = meta
     return base, x[:n] if n else x, y[:n] if n else y, "digits CNN, one user of the default federation"
 
 
@@ -72,7 +78,8 @@ def _kws(out: Path, seed: int, n: int | None, fsdd: str | None):
     ck = out / "bases" / f"fsdd_without_{speaker}_s{seed}_e0.pt"
     if not ck.is_file():  # the benchmark's leave-one-speaker-out base: this speaker is new to it
         pretrain("fsdd", ck, seed=seed, exclude_speaker=speaker, ds=ds)
-    base = load_checkpoint(ck)[0]
+    base, meta, _ = load_checkpoint(ck)
+    VENDOR[id(base)] = meta
     pick = torch.as_tensor((ds.groups == speaker) & (ds.takes >= 5))
     x, y = ds.x[pick], ds.y[pick]
     return base, x[:n] if n else x, y[:n] if n else y, f"KWS on FSDD, new speaker {speaker}, takes 5-49"
@@ -147,7 +154,7 @@ def _steps(base, x, y, device: str, batch_size: int, default_runs: list):
         "fixed target 0.7": (lambda m: fine_prune(m, x, PruneConfig(target_sparsity=0.7, batch_size=batch_size),
                                                   device), fresh),
         "default (label-free stop)": (lambda m: default_runs.append(
-            fine_prune(m, x, PruneConfig(batch_size=batch_size), device)), fresh),
+            fine_prune(m, x, PruneConfig(batch_size=batch_size), device, base_meta=VENDOR.get(id(base)))), fresh),
         # the engine's default before the safe one, timed in the same rounds
         "previous default": (lambda m: fine_prune(m, x, PruneConfig(**PREVIOUS_DEFAULT, batch_size=batch_size),
                                                   device), fresh),

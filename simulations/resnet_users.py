@@ -61,9 +61,9 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--reps", type=int, default=30, help="latency repetitions per model")
     p.add_argument("--out", required=True)
-    p.add_argument("--methods", default="", help="comma-separated method names to run (default: all)")
+    p.add_argument("--methods", default="", help="method names to run, separated by ';' (default: all)")
     a = p.parse_args(argv)
-    methods = {k: v for k, v in METHODS.items() if not a.methods or k in a.methods.split(",")}
+    methods = {k: v for k, v in METHODS.items() if not a.methods or k in a.methods.split(";")}
     warnings.simplefilter("ignore")
     from client.export import _onnx_bytes, onnx_session
     from common.compact_graph import compact_graph
@@ -83,8 +83,15 @@ def main(argv=None) -> dict:
     train_supervised(base, up(ds.x[tr]), ds.y[tr], epochs=a.epochs, lr=1e-3, device=dev)
     base = base.eval()
     from common.adapt import vendor_record
+    from common.checkpoint import save_checkpoint
 
     vendor = vendor_record(base, up(ds.x[tr]), ds.y[tr])  # what the vendor records for the device's checks
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    save_checkpoint(Path(a.out) / "base.pt", base.cpu(), {"arch": "resnet18", "arch_kwargs": {"num_classes": 10},
+                                                          "task": "digits-rgb", "classes": ds.classes, **vendor,
+                                                          "features": {"kind": "image", "image_size": size,
+                                                                       "channels": 3}})
+    base = base.to(dev)
     out = {"size": size, "epochs": a.epochs, "train_seconds": round(time.time() - t0, 1),
            "vendor_test_accuracy": accuracy(base, up(ds.x[te]), ds.y[te], device=dev), "users": []}
     print(f"trained in {out['train_seconds']} s; vendor test accuracy {out['vendor_test_accuracy']:.3f}", flush=True)
@@ -101,6 +108,7 @@ def main(argv=None) -> dict:
                 r = fine_prune(m, x, PruneConfig(**(kw or {})), dev, base_meta=vendor)
                 row[name] = accuracy(personalized_model(m, r), hx, hy, device=dev)
                 row[name + ": sparsity"] = round(r.sparsity, 4)
+                row[name + ": adaptation"] = r.adaptation
                 continue
             kw = dict(kw)
             if kw.pop("skip_refit", False):  # the same mask without its refit: the ablation
