@@ -1,9 +1,12 @@
-"""Which label-free adaptation is safe and best, measured per user before any pruning: BatchNorm
-recalibrated partially (the user's statistics weighted w, the base's 1 - w), the output layer
-kept or replaced by T3A prototypes shrunk toward the base's rows (K: how many supports a base row
-counts as), and the user's class frequencies estimated by EM as a logit offset (Dirichlet
-strength a), on every bench cohort and the few-class ResNet18 users. Held-out labels score only.
-Writes one row per user x recipe (study.csv, study.json) and prints the cohort means.
+"""Which label-free adaptation is safe and best, measured per user before any pruning, on every
+bench cohort and the few-class ResNet18 users (held-out labels score only): BatchNorm recalibrated
+fully, on the input side only (stem), or per channel where the class mix cannot explain the move
+(spread-3: kappa 3), with the base's output layer, T3A's prototypes or their blend; then the
+check's thresholds chosen leave-one-cohort-out (loco.md). Writes one row per user x recipe
+(study.csv, study.json). The refuted recipes of docs/personalization.md came from the same code
+with a wider grid: WEIGHTS (0, 0.25, 0.5, 0.75, 1: a mixture with the base's statistics), HEADS
+with T3A's base rows counted K = 5 or 20 times (T3AHead's prior_weight), PRIORS with EM's class
+frequencies (heads.label_shift_prior, strength 1 or 5).
 
     python -m simulations.adapt_study --fsdd ../shared/data/fsdd --out runs/study
 """
@@ -28,18 +31,18 @@ from common.heads import T3AHead, label_shift_prior
 from common.io import atomic_write_csv, atomic_write_text
 from simulations import bench_tasks as BT
 
-WEIGHTS = (0.0, 1.0)
-PROFILES = {"all": None, "stem": "stem"}  # study_hypotheses below lists what else was measured
+WEIGHTS = (0.0, 1.0)                      # the user's share of each layer's statistics
+PROFILES = {"all": None, "stem": "stem"}  # which layers take it
+HEADS = {"linear": None, "t3a": 1.0, "lens": "lens"}  # lens: the blend head; a number: T3A with K
+PRIORS = {"none": None}                   # or {"em-a5": 5.0}: EM's class frequencies as an offset
 
 
 def stem_profile(model, extra: int = 0):
     """The BatchNorm layers up to the first one with more than one channel (+ `extra` more)."""
-    from common.forward import bn_layers
-    bns = bn_layers(model)
-    first = next((i for i, m in enumerate(bns) if m.num_features > 1), 0)
-    return lambda i, L: float(i <= first + extra)
-HEADS = {"linear": None, "t3a": 1.0, "lens": "lens"}
-PRIORS = {"none": None}
+    from common.adapt import stem_count
+
+    n = stem_count(model) + extra
+    return lambda i, _layers: float(i < n)
 
 
 def cohorts(out: Path, fsdd: str | None, names):

@@ -25,7 +25,6 @@ def run(clients: int, out: Path, overrides: dict | None = None) -> dict:
     from common.checkpoint import load_checkpoint
     from common.pretrain import pretrain
     from common.protocol import simulated_user, task_dataset, vendor_train_test
-    from common.restrict import restricted_model
     from common.train import accuracy
 
     cfg = merged_config({}, dict(overrides or {}, **{"num-clients": clients}))

@@ -62,6 +62,7 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=30, help="latency repetitions per model")
     p.add_argument("--out", required=True)
     p.add_argument("--methods", default="", help="method names to run, separated by ';' (default: all)")
+    p.add_argument("--base", help="the base.pt an earlier run of this script wrote: its users again, no training")
     a = p.parse_args(argv)
     methods = {k: v for k, v in METHODS.items() if not a.methods or k in a.methods.split(";")}
     warnings.simplefilter("ignore")
@@ -78,19 +79,21 @@ def main(argv=None) -> dict:
     up = lambda x: F.interpolate(x, size=size, mode="bilinear").repeat(1, 3, 1, 1)  # noqa: E731
     ds = task_dataset("digits", "")
     tr, te = vendor_train_test("digits", ds, 0)
-    base = build_model("resnet18", num_classes=10)
-    t0 = time.time()
-    train_supervised(base, up(ds.x[tr]), ds.y[tr], epochs=a.epochs, lr=1e-3, device=dev)
-    base = base.eval()
     from common.adapt import vendor_record
-    from common.checkpoint import save_checkpoint
+    from common.checkpoint import load_checkpoint, save_checkpoint
 
-    vendor = vendor_record(base, up(ds.x[tr]), ds.y[tr])  # what the vendor records for the device's checks
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    save_checkpoint(Path(a.out) / "base.pt", base.cpu(), {"arch": "resnet18", "arch_kwargs": {"num_classes": 10},
-                                                          "task": "digits-rgb", "classes": ds.classes, **vendor,
-                                                          "features": {"kind": "image", "image_size": size,
-                                                                       "channels": 3}})
+    t0 = time.time()
+    if a.base:  # a base this script trained before (its base.pt): the users again, no training
+        base, vendor, _ = load_checkpoint(a.base)
+    else:
+        base = build_model("resnet18", num_classes=10)
+        train_supervised(base, up(ds.x[tr]), ds.y[tr], epochs=a.epochs, lr=1e-3, device=dev)
+        base = base.eval()
+        vendor = vendor_record(base, up(ds.x[tr]), ds.y[tr])  # what the vendor records for the device's checks
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        save_checkpoint(Path(a.out) / "base.pt", base.cpu(), {
+            "arch": "resnet18", "arch_kwargs": {"num_classes": 10}, "task": "digits-rgb", "classes": ds.classes,
+            **vendor, "features": {"kind": "image", "image_size": size, "channels": 3}})
     base = base.to(dev)
     out = {"size": size, "epochs": a.epochs, "train_seconds": round(time.time() - t0, 1),
            "vendor_test_accuracy": accuracy(base, up(ds.x[te]), ds.y[te], device=dev), "users": []}

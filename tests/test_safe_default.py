@@ -15,6 +15,7 @@ from common.prune import PruneConfig, fine_prune, personalized_model
 from common.train import accuracy, train_supervised
 from simulations import cohorts as CO
 from simulations.bench_report import PREVIOUS_DEFAULT
+from tests.test_adaptation import Guarded
 
 BEFORE = PREVIOUS_DEFAULT  # every BatchNorm layer recalibrated, the base's output layer, restriction
 K, D = 10, 16
@@ -125,22 +126,11 @@ def test_inputs_unlike_the_base_get_one_line_and_no_restriction_or_pruning(tmp_p
     assert load_checkpoint(tmp_path / "me2.pt")[1]["personalization"]["sparsity"] > 0
 
 
-class NoBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise AssertionError("backward was called")
-
-
 def test_the_default_runs_no_backward_pass_and_takes_no_labels(gaussian_task):
     import inspect
 
     base, meta, sample = gaussian_task
-    guarded = nn.Sequential(*([nn.Identity()] + list(copy.deepcopy(base))))
-    guarded[0].forward = lambda x: NoBackward.apply(x.requires_grad_(True) if not x.requires_grad else x)
+    guarded = Guarded(copy.deepcopy(base))  # asking for a gradient of the input raises
     xu, _ = sample([0, 3], 64, torch.Generator().manual_seed(2))
     with torch.enable_grad():
         r = fine_prune(guarded, xu, PruneConfig(), base_meta=meta)
