@@ -28,6 +28,7 @@ from common import data as D
 from common import protocol as P
 from common.checkpoint import fingerprint, load_checkpoint
 from common.federation import DEFAULTS, model_bytes
+from simulations.bench_report import PREVIOUS_DEFAULT
 from common.io import atomic_write_csv, atomic_write_png, atomic_write_text
 from common.models import prunable_layers
 from common.pretrain import pretrain
@@ -46,10 +47,11 @@ def personalized_masks(base, ds: D.Dataset, idx: np.ndarray, n_users: int, seed:
     case (the default leaves it off, and exact masks then carry no class rows)."""
     from common.federation import prune_settings  # the device's own settings, as in the federation
 
-    # with restriction, the base's output layer ranked with the rest (head linear): the setting the
-    # privacy numbers were measured in; a rebuilt head keeps the last layer whole but for the
-    # restricted rows, which randomized response then cannot hide (see docs/privacy/privacy.md)
-    cfg = prune_settings(dict(DEFAULTS, **({"restrict-outputs": True, "head": "linear"} if restrict else {})))
+    # with restriction: the engine the privacy numbers were measured with (the previous default:
+    # the base's output layer ranked with the rest); a rebuilt head keeps the last layer whole but
+    # for the restricted rows, which randomized response then cannot hide (docs/privacy/privacy.md)
+    before = {k.replace("_", "-"): v for k, v in PREVIOUS_DEFAULT.items()}
+    cfg = prune_settings(dict(DEFAULTS, **(before if restrict else {})))
     sub = ds.subset(idx)
     out = []
     for g in D.partition_class_subsets(sub.y.numpy(), n_users, (DEFAULTS["classes-min"], DEFAULTS["classes-max"]),

@@ -9,6 +9,7 @@ import torch
 
 from common import data as D
 from common.compact import compact
+from simulations.bench_report import PREVIOUS_DEFAULT
 from common.prune import PruneConfig, fine_prune
 from common.train import accuracy
 
@@ -26,8 +27,11 @@ def pruned(digits, digits_split, _digits_base):
     out = {}
     for refit in (False, True):
         m = copy.deepcopy(_digits_base)
-        res = fine_prune(m, user.unlabeled, PruneConfig(scoring="channel-usage", scope="layer",
-                                                         target_sparsity=0.5, restrict_outputs=False, refit=refit))
+        # the engine of before the safe default (full recalibration, the base's output layer): the
+        # safe default's input-side recalibration and rebuilt head recover most of this user alone
+        res = fine_prune(m, user.unlabeled, PruneConfig(**{**PREVIOUS_DEFAULT, "restrict_outputs": False},
+                                                         scoring="channel-usage", scope="layer",
+                                                         target_sparsity=0.5, refit=refit))
         out[refit] = (m, res)
     return user, out
 
