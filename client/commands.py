@@ -188,10 +188,12 @@ def cmd_personalize(args) -> dict:
     if info.adaptation.get("unlike_base"):
         import sys
 
+        from common.checkpoint import describe_input
+
         print(f"fineprune: warning: these inputs do not look like the ones the model was trained on (their average "
               f"correlates {info.adaptation['input_correlation']:+.2f} with the vendor's, e.g. dark ink on white "
               f"where the model saw white on black, other colours or another sample rate): nothing was pruned or "
-              f"restricted; check what the model expects ({_expects(meta['features'])})", file=sys.stderr)
+              f"restricted; check what the model expects ({describe_input(meta['features'])})", file=sys.stderr)
     report = {"out": str(args.out), **{k: v for k, v in asdict(info).items() if k not in ("hist", "settings")},
               "layer_sparsity": mask.layer_sparsity(), "file_bytes": os.path.getsize(args.out)}
     if args.report:
@@ -199,9 +201,3 @@ def cmd_personalize(args) -> dict:
         atomic_write_text(args.report, json.dumps(report, indent=2))
     return report
 
-
-def _expects(features: dict) -> str:
-    if features.get("kind") == "audio":
-        return f"mono audio at {features.get('sample_rate')} Hz, {features.get('clip_samples')} samples a clip"
-    return (f"{features.get('channels')}-channel images, {features.get('image_size')}x{features.get('image_size')}"
-            f" pixels")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from common.forward import bn_layers
 from common.models import prunable_layers
+from common.stats import eta_squared
 
 PROFILE_SIDE = 8  # an input profile is pooled to at most this many positions per side
 
@@ -58,16 +59,7 @@ def class_spread(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size:
     finally:
         for h in handles:
             h.remove()
-    out = []
-    for s1, s2, cnt in acc:
-        seen = cnt > 0
-        p = cnt[seen] / cnt.sum()
-        mu_c = s1[seen] / cnt[seen, None]
-        mu = (p[:, None] * mu_c).sum(0)
-        between = (p[:, None] * (mu_c - mu) ** 2).sum(0)
-        total = (s2.sum(0) / cnt.sum() - mu ** 2).clamp_min(1e-12)
-        out.append((between / total).clamp(0, 1))
-    return out
+    return [eta_squared(s1, cnt, s2.sum(0)) for s1, s2, cnt in acc]
 
 
 def input_profile(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
@@ -181,8 +173,7 @@ def _lowest_correlation(user: torch.Tensor, vendor: torch.Tensor) -> float | Non
     # user holds; the mean of a feature vector moves with the class mix itself
     if user.shape != vendor.shape or user.dim() != 3:
         return None
-    u, v = (t.reshape(t.shape[0], -1) if t.dim() == 3 else t.reshape(1, -1) for t in (user, vendor))
-    corrs = [float(torch.corrcoef(torch.stack([a, b]))[0, 1]) for a, b in zip(u, v)
+    corrs = [float(torch.corrcoef(torch.stack([a, b]))[0, 1]) for a, b in zip(user.flatten(1), vendor.flatten(1))
              if b.numel() >= 4 and float(b.std()) > 1e-6 and float(a.std()) > 1e-6]
     return min(corrs) if corrs else None
 

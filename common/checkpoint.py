@@ -127,8 +127,7 @@ def check_model_fits(model: nn.Module, meta: dict, where: str) -> None:
     refused here in one line, not deep in a data pass."""
     feat = meta["features"]
     x = torch.zeros(1, *input_shape(feat))
-    desc = (f"{feat['clip_samples']} samples at {feat['sample_rate']} Hz" if feat["kind"] == "audio"
-            else f"{feat['channels']}x{feat['image_size']}x{feat['image_size']} images")
+    desc = describe_input(feat)
     was_training = model.training
     try:
         with torch.no_grad():
@@ -141,6 +140,13 @@ def check_model_fits(model: nn.Module, meta: dict, where: str) -> None:
     if y.shape[-1] != len(meta["classes"]):
         raise CheckpointError(f"{where}: the model has {y.shape[-1]} outputs but its metadata names "
                               f"{len(meta['classes'])} classes")
+
+
+def describe_input(features: dict) -> str:
+    """One input as a person would say it: samples and rate of a clip, or channels and size."""
+    if features["kind"] == "audio":
+        return f"{features['clip_samples']} samples at {features['sample_rate']} Hz"
+    return f"{features['channels']}x{features['image_size']}x{features['image_size']} images"
 
 
 def model_meta(meta: dict) -> dict:

@@ -177,6 +177,13 @@ def bn_layers(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def load_bn_stats(bns: list, stats: list) -> None:
+    """Set BatchNorm layers' running statistics to (mean, var) pairs as bn_prior returns them."""
+    for m, (mean, var) in zip(bns, stats):
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+
+
 def bn_prior(model: nn.Module) -> list:
     """The model's BatchNorm statistics now (the base's, before any adaptation): what a partial
     recalibration keeps part of. One (mean, var) pair per BatchNorm layer, in module order."""
@@ -250,8 +257,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
             if f:
                 m.forward = _mixed_forward(m, pr, s, w, spr, kappa)
             else:
-                m.running_mean.copy_(pr[0])
-                m.running_var.copy_(pr[1])
+                load_bn_stats([m], [pr])
         try:
             out = forward_pass(model, x, batch_size, device, hooks=hooks, classes=classes, first=first)
         finally:

@@ -9,7 +9,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-
 def entropy_rows(logits: torch.Tensor) -> torch.Tensor:
     p = F.softmax(logits, 1)
     return -(p * F.log_softmax(logits, 1)).sum(1)
@@ -21,10 +20,7 @@ class T3AHead:
     code) plus the user's features, of which each class keeps its `filter_k` lowest-entropy ones."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, feats: torch.Tensor,
-                 logits: torch.Tensor, filter_k: int = 100, prior_weight: float = 1.0):
-        """`prior_weight`: how many of the user's supports each old weight row counts as. T3A's
-        own is 1; more shrinks a class's prototype toward the base's row when the user gave it
-        few supports, and lets it follow the user's features when they gave many."""
+                 logits: torch.Tensor, filter_k: int = 100):
         w = weight.detach().float().cpu()
         warm_logits = w @ w.T + (0 if bias is None else bias.detach().float().cpu())
         sup = torch.cat([w, feats.float()])
@@ -37,34 +33,10 @@ class T3AHead:
                 idx = idx[torch.argsort(ent[idx], stable=True)[:filter_k]]
             keep[idx] = True
         onehot = F.one_hot(labels[keep], w.shape[0]).float()
-        support_w = torch.ones(len(sup))
-        support_w[:w.shape[0]] = prior_weight
-        onehot = onehot * support_w[keep, None]
         self.weight = F.normalize(F.normalize(sup[keep], dim=1).T @ onehot, dim=0)  # (d, C)
 
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
         return feats.float() @ self.weight
-
-
-
-def label_shift_prior(logits: torch.Tensor, strength: float = 1.0, iters: int = 100) -> torch.Tensor:
-    """The user's class frequencies, estimated without labels by EM on the model's outputs
-    (Saerens, Latinne & Decaestecker 2002: the model's posteriors re-weighted by the new prior
-    until the prior is the mean posterior), with a symmetric Dirichlet of `strength` pseudo-samples
-    per class: the estimate moves from the uniform prior as far as the user's data carries it.
-    Returns log(prior / uniform), a per-class logit offset (0 where the data says nothing)."""
-    p = F.softmax(logits.float(), 1)
-    n, c = p.shape
-    pi = torch.full((c,), 1.0 / c)
-    for _ in range(iters):
-        q = p * pi
-        q = q / q.sum(1, keepdim=True).clamp_min(1e-30)
-        new = (q.sum(0) + strength) / (n + strength * c)
-        if torch.allclose(new, pi, atol=1e-6):
-            pi = new
-            break
-        pi = new
-    return torch.log(pi * c)
 
 
 def spread_classes(logits: torch.Tensor) -> float:

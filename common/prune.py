@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from common import adapt as AD
 from common import settings as ST
 from common.forward import (batched_forward, bn_layers, bn_prior, capture_features, device_batches, engine_layout,
-                            features_and_logits, forward_pass, recalibrate_bn, settle_layout, to_layout)
+                            features_and_logits, forward_pass, load_bn_stats, recalibrate_bn, settle_layout,
+                            to_layout)
 from common.heads import HEADS as HEAD_WRITERS
 from common.heads import choose_head
 from common.mask import Mask, apply_plan
@@ -406,12 +407,8 @@ def _check_full(model, x, pick, logits, prior, spread, cfg, device):
     channels the class mix cannot explain predicts (the checkpoint's class spread), and agrees with
     it on at least AGREE of the samples; otherwise keep only the input side recalibrated. Returns (mode, the recalibration keyword arguments of the
     kept mode, what the check saw, samples passed)."""
-    state = model.state_dict()
-    bufs = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
-    full = {k: v.clone() for k, v in bufs.items()}
-    for m, (mu, var) in zip(bn_layers(model), prior):
-        m.running_mean.copy_(mu)
-        m.running_var.copy_(var)
+    bns, full = bn_layers(model), bn_prior(model)  # the statistics pass's, kept to restore
+    load_bn_stats(bns, prior)
     pick = pick[:AD.CHECK_SAMPLES]  # a class the user has shows in 64 samples; the check costs at most that
     xp = x[pick]
     safe, _ = recalibrate_bn(model, xp, cfg.batch_size, device, prior=prior, spread=spread, kappa=AD.KAPPA)
@@ -419,8 +416,7 @@ def _check_full(model, x, pick, logits, prior, spread, cfg, device):
     agree = float((logits[pick].argmax(1) == safe.argmax(1)).float().mean())
     check = {"classes_full": k_full, "classes_safe": k_safe, "agreement": round(agree, 4)}
     if k_full <= k_safe + AD.SLACK and agree >= AD.AGREE:
-        for k, v in full.items():
-            bufs[k].copy_(v)
+        load_bn_stats(bns, full)
         return "full", {}, check, len(xp)
     return "stem", stem_recal(model, prior, spread), check, len(xp)
 
@@ -438,7 +434,7 @@ def personalized_model(model: nn.Module, result: PruneResult) -> nn.Module:
     return restricted_model(model, result.restricted_classes)
 
 
-def _back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: str, history, probe=None):
+def _back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: str, history, probe: Probe):
     """Where the rule failed, the step `margin` steps below the last that passed: the failing
     level was found on a probe of 32-128 samples, and the step just before a cliff is where held-out
     samples flip first (a user of 200 samples: the probe agreed fully at 0.72, the rest of its
@@ -451,7 +447,7 @@ def _back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason:
     probed = [k for k in masks if i - 1 <= k <= i]
     i = max(probed) if probed else i
     mask = masks[i] if i in masks else at(levels[i])
-    if probe is not None and i not in masks and last_ok in masks:
+    if i not in masks and last_ok in masks:
         # a step below the last that passed, never probed: it keeps that step's BatchNorm
         # statistics (10% of the remaining weights apart) rather than pay a probe pass for its own
         probe.alias_bn(mask, masks[last_ok])

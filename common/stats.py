@@ -11,6 +11,19 @@ from common import kernels
 from common.models import following_batchnorm, prunable_layers
 
 
+def eta_squared(cls_sum: torch.Tensor, cls_count: torch.Tensor, sq_sum: torch.Tensor) -> torch.Tensor:
+    """Per feature, the correlation ratio: the variance between the classes' means over the total
+    variance, in [0, 1] (0 where a feature does not vary). `cls_sum`: (classes, features) sums per
+    class, `cls_count`: samples per class, `sq_sum`: (features,) sum of squares over all samples."""
+    n = cls_count.sum()
+    mean = cls_sum.sum(0) / n
+    total = (sq_sum / n - mean ** 2).clamp_min(0)
+    seen = cls_count > 0
+    mu_c = cls_sum[seen] / cls_count[seen, None]
+    between = ((cls_count[seen, None] / n) * (mu_c - mean) ** 2).sum(0)
+    return torch.where(total > 1e-12, (between / total.clamp_min(1e-12)).clamp(0, 1), torch.zeros_like(total))
+
+
 @dataclass
 class LayerStats:
     in_sq: torch.Tensor          # sum over samples/positions of x_j^2, per input feature/channel
@@ -37,13 +50,7 @@ class LayerStats:
         them); None where per-class sums were not collected."""
         if self.cls_sum is None or self.in_count == 0:
             return None
-        n = self.cls_count.sum()
-        mean = self.cls_sum.sum(0) / n
-        total = (self.in_sq / n - mean ** 2).clamp_min(0)
-        seen = self.cls_count > 0
-        mu_c = self.cls_sum[seen] / self.cls_count[seen, None]
-        between = ((self.cls_count[seen, None] / n) * (mu_c - mean) ** 2).sum(0)
-        return torch.where(total > 1e-12, (between / total.clamp_min(1e-12)).clamp(0, 1), torch.zeros_like(total))
+        return eta_squared(self.cls_sum, self.cls_count, self.in_sq)
 
 
 @dataclass

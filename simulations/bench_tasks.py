@@ -20,7 +20,8 @@ def _cached_pretrain(ck: Path, *args, **kw) -> dict | None:
     base from before vendor records gets its record from the same training data."""
     if ck.is_file():
         task, ds = args[0], kw["ds"]
-        tr, _ = training_split(task, ds, kw.get("seed", 0), 0.5, kw.get("exclude_speaker"), kw.get("indices"))
+        tr, _ = training_split(task, ds, kw.get("seed", 0), kw.get("vendor_frac", 0.5), kw.get("exclude_speaker"),
+                               kw.get("indices"))
         add_vendor_record(ck, ds, tr)
         return None
     return pretrain(*args, **kw)

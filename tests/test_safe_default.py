@@ -114,7 +114,7 @@ def test_inputs_unlike_the_base_get_one_line_and_no_restriction_or_pruning(tmp_p
     assert main(["personalize", "--model", str(base), "--data", str(tmp_path / "mine.npy"), "--out",
                  str(tmp_path / "me.pt"), "--restrict-outputs"]) == 0
     err = [ln for ln in capsys.readouterr().err.splitlines() if "do not look like" in ln]
-    assert len(err) == 1 and "nothing was pruned or restricted" in err[0] and "1-channel images, 8x8" in err[0]
+    assert len(err) == 1 and "nothing was pruned or restricted" in err[0] and "1x8x8 images" in err[0]
     _, meta, mask = load_checkpoint(tmp_path / "me.pt")
     assert meta["restricted_classes"] is None
     assert meta["personalization"]["sparsity"] == 0 and mask.sparsity() == 0
