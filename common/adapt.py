@@ -8,10 +8,11 @@ user, decided per user without labels, and whether the user's inputs look like t
   room moves channels no class mix explains. Full recalibration (AdaBN) absorbs the class mix
   (ResNet18 users holding 2-3 classes: 0.98 -> 0.49); recalibrating only the channels whose move
   the class mix cannot explain does not.
-- The check: full recalibration is kept when it predicts no more of the classes than that safe
-  recalibration does (two classes of slack) and agrees with it on most of the probe; otherwise
-  only the input side (the BatchNorm layers up to the first with several channels) follows the
-  user.
+- The check: full recalibration is kept when the layers past the input side moved beyond what
+  the class mix explains (deep_shift), and it predicts no more of the classes than that safe
+  recalibration does (two classes of slack) and agrees with it on most of the user's samples;
+  otherwise only the input side (the BatchNorm layers up to the first with several channels)
+  follows the user.
 - A user whose average input is anti-correlated with the base's (inverted contrast, swapped
   colours, another sample rate) is told so in one line; nothing irreversible is done for them."""
 from __future__ import annotations
@@ -113,9 +114,25 @@ UNLIKE_BELOW = 0.3  # average input correlated below this with the vendor's: unl
 KAPPA = 3.0         # a channel follows the user where its move exceeds KAPPA x its class spread
 AGREE = 0.8         # ... and agrees with it on at least this share of the probe (benchmark users whose full
                     # recalibration helps: 0.83 and above; few-class ResNet users it collapses: 0.34-0.89)
-CHECK_SAMPLES = 64  # the check's pass: at most this many of the probe's samples
+DEEP_SHIFT = 0.1    # full recalibration needs the layers past the input side to move beyond their class mix:
+                    # at least this mean explained weight (chosen leave-one-cohort-out: docs/adapt_study/deep_shift.md)
+CHECK_SAMPLES = 64  # the check's pass: at most this many of the user's samples
 SLACK = 2           # full recalibration may predict this many more classes than the safe one (chosen
                     # leave-one-cohort-out: docs/adapt_study/loco.md)
+
+
+def deep_shift(full: list, prior: list, spread: list, n_stem: int, kappa: float = KAPPA) -> float | None:
+    """How far the BatchNorm layers past the input side moved beyond what the user's class mix
+    explains: the mean over their channels of explained_weight, full recalibration's statistics
+    (`full`) against the base's (`prior`); None for a network with no such layer. A user holding
+    a few classes of the base's own kind of input moves them little (ResNet18 users of 2-3 classes:
+    0.015-0.055, full recalibration costs them 7-81 points); a new room, voice or style moves them
+    much (0.18-0.85 on the benchmark's speech and styled users, where full recalibration gains)."""
+    from common.forward import explained_weight
+
+    ws = [explained_weight(mu, var, mb.to(mu), vb.to(var), sp, kappa)
+          for (mu, var), (mb, vb), sp in list(zip(full, prior, spread))[n_stem:]]
+    return float(torch.cat(ws).mean()) if ws else None
 
 
 class _Enough(Exception):
