@@ -7,8 +7,9 @@ Two commands, used with the SuperNode in `--isolation process` mode:
     fineprune-superexec --trusted-keys operator.pub --insecure --runtime-api-address 127.0.0.1:9094
 
 `fineprune-superexec` is Flower's own SuperExec, except that it launches each ClientApp through
-`fineprune-clientapp`, which is Flower's own `flwr-clientapp` with one check added before the FAB is
-installed: its signature. An unsigned or tampered app is never unpacked or imported; the SuperLink
+`fineprune-clientapp`, which is Flower's own `flwr-clientapp` with checks added before the FAB is
+installed: its signature, and that the run's app id, version and hash (from which Flower builds the
+directory it installs into and imports from) are the signed FAB's own. An unsigned or tampered app is never unpacked or imported; the SuperLink
 gets Flower's usual error reply for a ClientApp that failed, and the device logs one line saying
 why. The SuperExec talks to the SuperNode on loopback only.
 """
@@ -50,12 +51,31 @@ def guarded_install(install, trusted):
     return install_verified
 
 
+def guarded_pull(pull, trusted):
+    """Flower's pull_task_input, followed by the signature check and the run's binding to it: the
+    run's fab_id, fab_version and FAB hash, from which Flower builds the directory it installs into
+    and imports from, must be the signed FAB's own (common.appsign.check_run_binding)."""
+    from common.appsign import AppSignatureError, check_run_binding, verify_fab
+
+    def pull_verified(*args, **kwargs):
+        message, context, run, fab = pull(*args, **kwargs)
+        try:
+            verify_fab(fab.content, trusted)
+            check_run_binding(fab.content, fab.hash_str, run.fab_id, run.fab_version)
+        except AppSignatureError as exc:
+            print(f"{GUARDED_COMMAND}: {exc}; nothing from it was installed or run", file=sys.stderr, flush=True)
+            raise
+        return message, context, run, fab
+    return pull_verified
+
+
 def clientapp_main() -> None:
     """`fineprune-clientapp`: flwr-clientapp with the signature check."""
     trusted = _trusted_from_env()  # no keys, no app: checked before anything is pulled
     import flwr.supernode.runtime.run_clientapp as run_module
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
+    run_module.pull_task_input = guarded_pull(run_module.pull_task_input, trusted)
     run_module.install_from_fab = guarded_install(run_module.install_from_fab, trusted)
     flwr_clientapp()
 

@@ -17,7 +17,9 @@ import base64
 import hashlib
 import io
 import json
+import re
 import shutil
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -31,6 +33,8 @@ SIGNATURE_FILE = "fineprune-signature.json"  # .json: Flower's FAB builder inclu
 FLOWER_MANIFEST = ".info/CONTENT"
 MAX_FAB_BYTES = 64 << 20  # Flower's own FAB limit is smaller; never inflate more than this
 MAX_FILES = 10_000
+MAX_SIGNATURE_BYTES = 1024  # sign_app's signature file is about 200 bytes
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # a publisher, app name or version: no path in it
 
 
 class AppSignatureError(ValueError):
@@ -86,8 +90,9 @@ def _manifest(files: dict[str, bytes]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def _fab_files(fab: bytes) -> dict[str, bytes]:
-    """Every file Flower would extract from the FAB, read with bounded inflation."""
+def _fab_files(fab: bytes, directories: bool = True) -> dict[str, bytes]:
+    """Every file Flower would extract from the FAB, read with bounded inflation; `directories`
+    False: a directory entry (extracted, never signed) refuses the FAB."""
     if len(fab) > MAX_FAB_BYTES:
         raise AppSignatureError("too-large", f"FAB of {len(fab)} bytes")
     try:
@@ -100,6 +105,8 @@ def _fab_files(fab: bytes) -> dict[str, bytes]:
     files = {}
     for info in infos:
         if info.is_dir():
+            if not directories:
+                raise AppSignatureError("unsigned-entry", f"directory entry {info.filename[:80]!r}: nothing signs it")
             continue
         name = info.filename
         if name.startswith("/") or ".." in Path(name).parts or "\\" in name:
@@ -135,17 +142,26 @@ def sign_app(app_dir: str | Path, private_key: str | Path, out_dir: str | Path) 
 
 
 def verify_fab(fab: bytes, trusted: dict[str, ed25519.Ed25519PublicKey]) -> str:
-    """The key id that signed this FAB, or AppSignatureError. Nothing from the FAB is executed."""
-    files = _fab_files(fab)
+    """The key id that signed this FAB, or AppSignatureError. Nothing from the FAB is executed.
+    Every byte that would be installed is signed: no directory entries of its own, Flower's
+    manifest lists exactly the signed files, and the signature file is the three fields sign_app
+    writes, nothing more."""
+    files = _fab_files(fab, directories=False)
     raw = files.pop(SIGNATURE_FILE, None)
-    files.pop(FLOWER_MANIFEST, None)
+    manifest = files.pop(FLOWER_MANIFEST, None)
     if raw is None:
         raise AppSignatureError("unsigned", f"the app carries no {SIGNATURE_FILE}")
+    if len(raw) > MAX_SIGNATURE_BYTES:
+        raise AppSignatureError("bad-signature-file", f"{len(raw)} bytes, more than a signature takes")
     try:
-        sig = json.loads(raw[:4096])
+        sig = json.loads(raw)
+        if not isinstance(sig, dict) or set(sig) != {"key_id", "files", "signature"}:
+            raise ValueError("not exactly key_id, files and signature")
         kid, signature = str(sig["key_id"]), base64.b64decode(sig["signature"], validate=True)
     except (ValueError, KeyError, TypeError) as exc:
         raise AppSignatureError("bad-signature-file", str(exc)[:200]) from None
+    if manifest is not None and _listed(manifest) - set(files) - {SIGNATURE_FILE}:
+        raise AppSignatureError("unsigned-entry", "Flower's manifest lists files the operator did not sign")
     if kid not in trusted:
         raise AppSignatureError("untrusted-key", f"signed by {kid[:40]!r}, not a key this device trusts")
     try:
@@ -153,3 +169,37 @@ def verify_fab(fab: bytes, trusted: dict[str, ed25519.Ed25519PublicKey]) -> str:
     except InvalidSignature:
         raise AppSignatureError("bad-signature", "the files are not the ones the operator signed") from None
     return kid
+
+
+def _listed(manifest: bytes) -> set:
+    """The paths Flower's .info/CONTENT lists (lines "path,hash,size")."""
+    return {line.split(",", 1)[0] for line in manifest.decode("utf-8", "replace").splitlines() if line.strip()}
+
+
+def fab_identity(fab: bytes) -> tuple[str, str]:
+    """(fab_id, version) as the FAB's own pyproject.toml names them (publisher/name): what a device
+    may install and import the app under. AppSignatureError if they are not plain names."""
+    raw = _fab_files(fab).get("pyproject.toml")
+    try:
+        cfg = tomllib.loads(raw.decode()) if raw is not None else None
+        publisher, name = cfg["tool"]["flwr"]["app"]["publisher"], cfg["project"]["name"]
+        version = cfg["project"]["version"]
+    except (TypeError, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        raise AppSignatureError("bad-metadata", "the app's pyproject.toml names no publisher, name and version") from None
+    for v in (publisher, name, version):
+        if not isinstance(v, str) or not NAME.fullmatch(v):
+            raise AppSignatureError("bad-metadata", f"{str(v)[:60]!r} is not a plain name")
+    return f"{publisher}/{name}", version
+
+
+def check_run_binding(fab: bytes, fab_hash: str, fab_id: str, fab_version: str) -> None:
+    """The run's fields that Flower builds the install and import path from must be the verified
+    FAB's own: its hash, and the id and version its signed pyproject.toml gives. A SuperLink that
+    sends a genuinely signed FAB with fab_version '<v>.<hash>/../../<dir>' would otherwise make the
+    device import code from a directory the attacker prepared."""
+    if fab_hash != hashlib.sha256(fab).hexdigest():
+        raise AppSignatureError("run-mismatch", "the run's FAB hash is not the hash of the FAB received")
+    want = fab_identity(fab)
+    if (fab_id, fab_version) != want:
+        raise AppSignatureError("run-mismatch", f"the run names app {str(fab_id)[:80]!r} version "
+                                                f"{str(fab_version)[:80]!r}, the signed app is {want[0]!r} {want[1]!r}")

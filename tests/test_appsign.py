@@ -127,3 +127,51 @@ def test_gateway_answers_403_without_forwarding():
         assert r.status_code == 403
         assert c.post("/v1/control/list-runs").status_code == 403
     assert app.state.counts == {"forwarded": 0, "refused": 2}
+
+
+def _pull(fab: bytes, **crafted):
+    """Flower's pull_task_input as a SuperLink answers it: the Run fields it sets (crafted or the
+    signed app's own) and the FAB with its hash."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from common.appsign import fab_identity
+
+    fab_id, version = fab_identity(fab)
+    run = SimpleNamespace(fab_id=crafted.get("fab_id", fab_id), fab_version=crafted.get("fab_version", version))
+    art = SimpleNamespace(content=fab, hash_str=crafted.get("hash_str", hashlib.sha256(fab).hexdigest()))
+    return lambda *a, **k: ("message", "context", run, art)
+
+
+def test_a_signed_app_under_a_crafted_fab_version_imports_nothing(signed):
+    """A SuperLink without the key sends the operator's genuinely signed FAB with fab_version set
+    to a path out of Flower's app directory (where Flower installs and imports the ClientApp)."""
+    from client.guard import guarded_pull
+    from common.appsign import fab_identity
+
+    fab = signed["fab"]
+    _, version = fab_identity(fab)
+    assert guarded_pull(_pull(fab), signed["trusted"])()[2].fab_version == version
+    for crafted in (dict(fab_version=f"{version}.deadbeef/../../tmp/attacker/x"), dict(fab_version="9.9.9"),
+                    dict(fab_id="mallory/app"), dict(hash_str="0" * 64)):
+        with pytest.raises(AppSignatureError) as e:
+            guarded_pull(_pull(fab, **crafted), signed["trusted"])()
+        assert e.value.kind == "run-mismatch", crafted
+
+
+def test_unsigned_bytes_inside_a_signed_fab_are_refused(signed):
+    import json
+
+    fab = signed["fab"]
+    sig = json.loads(zipfile.ZipFile(io.BytesIO(fab)).read("fineprune-signature.json"))
+    padded = _edit(fab, "fineprune-signature.json", json.dumps({**sig, "pad": "A" * (1 << 20)}).encode())
+    src, out = zipfile.ZipFile(io.BytesIO(fab)), io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for info in src.infolist():
+            z.writestr(info, src.read(info))
+        z.writestr(zipfile.ZipInfo("payload/"), b"")
+    for bad in (padded, out.getvalue(),
+                _edit(fab, "fineprune-signature.json", json.dumps({**sig, "pad": 1}).encode())):
+        with pytest.raises(AppSignatureError) as e:
+            verify_fab(bad, signed["trusted"])
+        assert e.value.kind in ("bad-signature-file", "unsigned-entry")
