@@ -116,7 +116,7 @@ AGREE = 0.8         # ... and agrees with it on at least this share of the probe
                     # recalibration helps: 0.83 and above; few-class ResNet users it collapses: 0.34-0.89)
 DEEP_SHIFT = 0.1    # full recalibration needs the layers past the input side to move beyond their class mix:
                     # at least this mean explained weight (leave-one-cohort-out: docs/adapt_study/loco.md)
-CHECK_SAMPLES = 64  # the check's pass: at most this many of the user's samples
+CHECK_SAMPLES = 64  # the check's pass: at most this many of the probe's samples
 SLACK = 2           # full recalibration may predict this many more classes than the safe one (chosen
                     # leave-one-cohort-out: docs/adapt_study/loco.md)
 

@@ -63,11 +63,9 @@ class _PruneConfigBase:
         n / (n + evidence-samples) (24 samples: 0.41, 60: 0.62, 450: 0.89 of 0.95)."""
         return self.max_sparsity * (n / (n + self.evidence_samples) if self.evidence_samples else 1.0)
 
-    def probe_pick(self, n: int, size: int | None = None) -> torch.Tensor:
-        """Which of the user's n samples make up the probe (seeded); `size` others than the probe's
-        take the same order, so the probe is a prefix of any larger pick."""
-        k = self.probe_samples(n) if size is None else size
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:k]
+    def probe_pick(self, n: int) -> torch.Tensor:
+        """Which of the user's n samples make up the probe (seeded)."""
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:self.probe_samples(n)]
 
     @classmethod
     def from_settings(cls, values: dict) -> "PruneConfig":
@@ -301,7 +299,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
             "vendor_record": spread is not None}
     extra = 0  # samples pushed through the model by the adaptation check
     if mode == "auto":
-        mode, recal, check, extra = _check_full(model, x, logits, prior, spread, cfg, device)
+        mode, recal, check, extra = _check_full(model, x, pick, logits, prior, spread, cfg, device)
         info.update(check)
         if mode == "stem":  # the statistics pass again, on the model as it is kept: usage measured on
             # the network whose class mix full recalibration absorbed ranks the wrong connections
@@ -408,10 +406,10 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
                        clock.phases, info)
 
 
-def _check_full(model, x, logits, prior, spread, cfg, device):
+def _check_full(model, x, pick, logits, prior, spread, cfg, device):
     """bn-adapt auto, after the statistics pass recalibrated every layer: keep that (full) where the
     layers past the input side moved beyond their class mix (deep_shift at least DEEP_SHIFT) and, on
-    up to CHECK_SAMPLES of the user's samples, it predicts no more than SLACK classes beyond what a recalibration of only the
+    the probe (at most CHECK_SAMPLES of it), it predicts no more than SLACK classes beyond what a recalibration of only the
     channels the class mix cannot explain predicts (the checkpoint's class spread), and agrees with
     it on at least AGREE of the samples; otherwise keep only the input side recalibrated. Returns
     (mode, the recalibration keyword arguments of the kept mode, what the check saw, samples passed)."""
@@ -423,9 +421,7 @@ def _check_full(model, x, logits, prior, spread, cfg, device):
         # no covariate shift past the input side to follow: nothing full recalibration could gain
         # there but the class mix, and no check pass to pay for
         return "stem", stem_recal(model, prior, spread), check, 0
-    # a class the user has shows in 64 samples; the check costs at most that. The probe may be
-    # smaller (32 of a user's 76): the check reads 64 of the user's samples where there are
-    pick = cfg.probe_pick(len(x), AD.CHECK_SAMPLES)
+    pick = pick[:AD.CHECK_SAMPLES]  # a class the user has shows in 64 samples; the check costs at most that
     xp = x[pick]
     safe, _ = recalibrate_bn(model, xp, cfg.batch_size, device, prior=prior, spread=spread, kappa=AD.KAPPA)
     k_full, k_safe = AD.classes_predicted(logits[pick]), AD.classes_predicted(safe)
