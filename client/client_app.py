@@ -73,13 +73,37 @@ def device_choices(node_config) -> None:
         set_memory(str(node_config["memory"]))
 
 
+def _privacy(device, cfg: dict, context: Context) -> float | None:
+    """The epsilon of this device's summary: the device's own limit (node config
+    max-privacy-epsilon, not the server's) decides, see Device.privacy."""
+    max_eps = context.node_config.get("max-privacy-epsilon")
+    return device.privacy(cfg["privacy-epsilon"] or None, None if max_eps is None else float(max_eps))
+
+
+class DeviceError(RuntimeError):
+    """What a private device tells the server when its work fails: the kind of failure only, no
+    message (a message can name the user's files: the path of a corrupt photo)."""
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     c = msg.content["config"]
     cfg = merged_config({k: c[k] for k in c.keys() if k not in ("base-fingerprint", "out-dir", "round")})
     cfg["out-dir"] = str(c["out-dir"])
     device_choices(context.node_config)
-    return within(cfg["round-timeout"], lambda cancel: _train(msg, context, cfg, cancel))
+    private = context.node_config.get("max-privacy-epsilon") is not None or bool(cfg["privacy-epsilon"])
+    return quiet_errors(lambda: within(cfg["round-timeout"], lambda cancel: _train(msg, context, cfg, cancel)),
+                        private)
+
+
+def quiet_errors(work, private: bool):
+    """work(); where the device is private, a failure reaches the server as its kind only."""
+    try:
+        return work()
+    except Exception as exc:
+        if not private:
+            raise
+        raise DeviceError(f"{type(exc).__name__} on a private device (details stay on the device)") from None
 
 
 def _check(cancel: threading.Event):
@@ -114,10 +138,8 @@ def _train(msg: Message, context: Context, cfg: dict, cancel: threading.Event) -
         user_id = name
     mask, info = device.personalize(base, meta, base_fp, x, cfg, progress=lambda *a: _check(cancel))
     _check(cancel)
-    epsilon = cfg["privacy-epsilon"] or None
-    max_eps = context.node_config.get("max-privacy-epsilon")  # the device's own limit, not the server's
-    payload = device.upload(mask, info, cfg["summary-level"], base_fp, model_bytes(base), cfg["seed"], epsilon,
-                            None if max_eps is None else float(max_eps))
+    epsilon = _privacy(device, cfg, context)
+    payload = device.upload(mask, info, cfg["summary-level"], base_fp, model_bytes(base), cfg["seed"], epsilon)
 
     reply = RecordDict({
         "summary": ConfigRecord({"data": payload, "level": cfg["summary-level"]}),

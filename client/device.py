@@ -2,6 +2,7 @@
 storage, fine-prune on its own unlabeled data, and build the mask summary it may upload."""
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import torch
@@ -64,24 +65,52 @@ class Device:
         return personalize(base, dict(meta, base_fingerprint=base_fp), x, prune_settings(cfg), self.personal_path,
                            resolve_device(cfg["device"]), progress=progress)
 
+    def privacy(self, requested: float | None, max_epsilon: float | None) -> float | None:
+        """The epsilon this device's summaries are randomized at. None (not private) only where the
+        device sets no max-privacy-epsilon and has never been asked for privacy. A device with its
+        own limit is private whatever the server asks (epsilon 0 gets the device's own) and never
+        above its limit. The first epsilon used is kept on the device: a server that asks again
+        with another epsilon gets the same noisy bits, not a second, independent report."""
+        if max_epsilon is not None and requested is not None and requested > max_epsilon:
+            raise PermissionError(f"the server asks for privacy epsilon {requested:g}; this device allows at most "
+                                  f"{max_epsilon:g} (node config max-privacy-epsilon)")
+        path = self.root / "privacy-epsilon"
+        try:
+            kept = float(path.read_text())
+            if 0 < kept <= (max_epsilon if max_epsilon is not None else kept):
+                return kept
+        except (OSError, ValueError):
+            pass
+        eps = requested if requested is not None else max_epsilon
+        if eps is not None:
+            atomic_write_bytes(path, repr(float(eps)).encode(), private=True)
+        return eps
+
+    def privacy_key(self) -> bytes:
+        """This device's secret for permanent randomized response (32 random bytes, kept private)."""
+        path = self.root / "privacy-key"
+        try:
+            key = path.read_bytes()
+            if len(key) == 32:
+                return key
+        except OSError:
+            pass
+        key = secrets.token_bytes(32)
+        atomic_write_bytes(path, key, private=True)
+        return key
+
     def upload(self, mask: Mask, info: Personalization, level: str, base_fp: str, model_size: int, seed: int,
-               epsilon: float | None = None, max_epsilon: float | None = None) -> bytes:
-        """The summary this device uploads. A private one is randomized once per personalization,
-        whatever epsilon the server asks for later, and stored: every later upload repeats the same
-        noisy bits (memoized randomized response), so a server can neither average fresh noise
-        away over rounds nor collect fresh noise by asking for a slightly different epsilon.
-        `max_epsilon` (the device's own node config): a server asking for weaker privacy is refused."""
+               epsilon: float | None = None) -> bytes:
+        """The summary this device uploads; `epsilon` from Device.privacy. A private one is
+        randomized by permanent randomized response keyed by this device's secret: however the
+        server varies its request (settings, a nudged base, rounds), the same mask gives the same
+        noisy bits, so fresh noise cannot be collected and voted away."""
         if epsilon is None:
             return summary_bytes(mask, info, level, base_fp, model_size, seed)
-        if max_epsilon is not None and epsilon > max_epsilon:
-            raise PermissionError(f"the server asks for privacy epsilon {epsilon:g}; this device allows at most "
-                                  f"{max_epsilon:g} (node config max-privacy-epsilon)")
-        path = self.root / f"private-summary-{info.key}.bin"
-        if path.exists():
-            return path.read_bytes()
-        data = summary_bytes(mask, info, level, base_fp, model_size, seed, epsilon)
-        atomic_write_bytes(path, data, private=True)
-        return data
+        if level != "bitmap":
+            raise PermissionError(f"this device sends only private bitmap summaries; the server asks for '{level}'")
+        return encode(build_summary(mask, info.hist, level, base_fp, model_size, seed, epsilon=epsilon,
+                                    privacy_key=self.privacy_key()))
 
     def personalized_model(self):
         model, meta, _ = load_checkpoint(self.personal_path)

@@ -8,6 +8,7 @@ prune frequencies (the consensus), per-layer sparsity and pairwise intersections
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 
@@ -42,6 +43,25 @@ def randomize(mask: Mask, epsilon: float, seed: int | None = None) -> Mask:
     for name, kept in mask.layers.items():
         flip = torch.from_numpy(rng.random(kept.shape) < flip_p)
         out[name] = kept ^ flip
+    return Mask(out)
+
+
+def permanent_randomize(mask: Mask, epsilon: float, key: bytes) -> Mask:
+    """Randomized response that is the same every time it is asked (RAPPOR's permanent randomized
+    response): whether bit i is reported truthfully when it is b is decided once, by the device's
+    secret `key`, i and b alone. Asking again, with other settings, another base of the same
+    architecture or another epsilon the device allows, gives the same noisy bit for the same true
+    bit: a server cannot collect fresh noise to vote it away. (Independent draws for b = 0 and
+    b = 1: a bit that really changes is not revealed by two reports either.)"""
+    keep = keep_probability(check_epsilon(epsilon))
+    out = {}
+    for name, kept in mask.layers.items():
+        draws = []
+        for b in (0, 1):
+            seed = int.from_bytes(hashlib.sha256(key + f"|{name}|{b}".encode()).digest()[:16], "big")
+            draws.append(torch.from_numpy(np.random.default_rng(seed).random(kept.shape) < keep))
+        truthful = torch.where(kept, draws[1], draws[0])
+        out[name] = torch.where(truthful, kept, ~kept)
     return Mask(out)
 
 

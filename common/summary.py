@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from common.mask import Mask
-from common.privacy import check_epsilon, randomize
+from common.privacy import check_epsilon, permanent_randomize, randomize
 
 MAGIC = b"FPSUM\x01"
 FORMAT_VERSION = 1
@@ -123,15 +123,18 @@ def model_usage_histograms(model, stats) -> list[list[int]]:
 
 def build_summary(mask: Mask, hist: list[list[int]], level: str, fingerprint: str, model_bytes: int,
                   seed: int = 0, sketch_frac: float = 0.003, epsilon: float | None = None,
-                  privacy_seed: int | None = None) -> Summary:
-    """`epsilon`: private mode (bitmap level only); `privacy_seed` makes its noise repeatable
-    (tests); without it the noise comes from the OS."""
+                  privacy_seed: int | None = None, privacy_key: bytes | None = None) -> Summary:
+    """`epsilon`: private mode (bitmap level only). `privacy_key` (a device's secret): permanent
+    randomized response, the same noisy bits however often it is asked; else `privacy_seed` makes
+    its noise repeatable (tests), and without either the noise comes from the OS."""
     if level not in LEVELS:
         raise ValueError(f"unknown summary level '{level}' (choose from: {', '.join(LEVELS)})")
     if epsilon is not None:
         if level != "bitmap":
             raise ValueError(f"private summaries (privacy epsilon) need summary level 'bitmap', not '{level}'")
-        mask, hist = randomize(mask, epsilon, privacy_seed), None
+        mask = (permanent_randomize(mask, epsilon, privacy_key) if privacy_key is not None
+                else randomize(mask, epsilon, privacy_seed))
+        hist = None
     layers = list(mask.layers.values())
     s = Summary(level, fingerprint, [int((~m).sum()) for m in layers], hist, epsilon=epsilon)
     if level == "sketch":

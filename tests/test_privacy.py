@@ -181,14 +181,14 @@ def test_device_repeats_its_noisy_bits_instead_of_drawing_fresh_noise(tmp_path, 
     fp = dev.store_base(_digits_base, meta)
     x = digits.x[digits.y == 5][:60]
     mask, info = dev.personalize(_digits_base, meta, fp, x, DEFAULTS)
-    first = dev.upload(mask, info, "bitmap", fp, model_bytes(_digits_base), 0, epsilon=1.0)
+    first = dev.upload(mask, info, "bitmap", fp, model_bytes(_digits_base), 0, epsilon=dev.privacy(1.0, None))
     mask2, info2 = dev.personalize(_digits_base, meta, fp, x, DEFAULTS)  # a later round: resumed
     assert info2.resumed
-    assert dev.upload(mask2, info2, "bitmap", fp, model_bytes(_digits_base), 0, epsilon=1.0) == first
+    assert dev.upload(mask2, info2, "bitmap", fp, model_bytes(_digits_base), 0, epsilon=dev.privacy(1.0, None)) == first
     # a server that asks for a slightly different epsilon gets the same noisy bits, no fresh noise
     # (before: a majority vote over 25 runs at epsilons 1e-5 apart recovered 99.3% of the mask)
     for eps in (1.00001, 2.0):
-        assert dev.upload(mask2, info2, "bitmap", fp, model_bytes(_digits_base), 0, epsilon=eps) == first
+        assert dev.upload(mask2, info2, "bitmap", fp, model_bytes(_digits_base), 0, epsilon=dev.privacy(eps, None)) == first
     exact = dev.upload(mask, info, "bitmap", fp, model_bytes(_digits_base), 0)
     assert decode(exact, fp, _shapes(_digits_base)).bitmap == mask
 
@@ -209,6 +209,72 @@ def test_private_mode_sends_nothing_but_the_noisy_summary_and_a_device_caps_epsi
     assert private["prune_seconds"] == round(private["prune_seconds"])
     assert {"sparsity", "num_samples"} <= set(reply_metrics(info, 100, 60, private=False))
     with pytest.raises(PermissionError, match="allows at most 1"):
-        dev.upload(mask, info, "bitmap", fp, model_bytes(_digits_base), 0, epsilon=4.0, max_epsilon=1.0)
-    assert not list(tmp_path.glob("private-summary-*"))  # refused before anything was randomized
+        dev.privacy(4.0, 1.0)
+    assert not (tmp_path / "privacy-epsilon").exists()  # refused before anything was randomized
 
+
+def _private_device(tmp_path, base, x, **settings):
+    from client.device import Device
+    from common.federation import DEFAULTS
+
+    meta = {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10}, "task": "digits",
+            "classes": [str(i) for i in range(10)], "features": {"kind": "image", "image_size": 8, "channels": 1}}
+    dev = Device(tmp_path)
+    fp = dev.store_base(base, meta)
+    mask, info = dev.personalize(base, meta, fp, x, dict(DEFAULTS, **settings))
+    return dev, fp, mask, info
+
+
+@pytest.mark.security
+def test_a_private_device_asked_for_no_privacy_still_sends_only_noisy_bits(tmp_path, _digits_base, digits):
+    """max-privacy-epsilon 1 and a server asking for privacy-epsilon 0: before, the exact bitmap
+    (equal to the personal mask) went out."""
+    dev, fp, mask, info = _private_device(tmp_path, _digits_base, digits.x[:60])
+    eps = dev.privacy(None, 1.0)
+    assert eps == 1.0
+    s = decode(dev.upload(mask, info, "bitmap", fp, model_bytes(_digits_base), 0, eps), fp, _shapes(_digits_base),
+               epsilon=1.0)
+    assert s.epsilon == 1.0 and s.hist is None and s.bitmap != mask
+    with pytest.raises(PermissionError, match="only private bitmap"):
+        dev.upload(mask, info, "sketch", fp, model_bytes(_digits_base), 0, eps)
+
+
+@pytest.mark.security
+def test_varying_the_request_or_nudging_the_base_collects_no_fresh_noise(tmp_path, _digits_base, digits):
+    """15 rounds that changed only batch-size (or nudged a BatchNorm buffer by 1e-7) gave 15 fresh
+    noisy copies of the same mask; a majority vote recovered 97% of its bits."""
+    x = digits.x[:60]
+    uploads = []
+    for bs in (256, 128, 64):
+        dev, fp, mask, info = _private_device(tmp_path, _digits_base, x, **{"batch-size": bs})
+        sent = dev.upload(mask, info, "bitmap", fp, model_bytes(_digits_base), 0, dev.privacy(None, 1.0))
+        uploads.append((mask, decode(sent, fp, _shapes(_digits_base), epsilon=1.0)))
+    same = [b for m, b in uploads if m == uploads[0][0]]
+    assert len(same) >= 2 and all(b.bitmap == same[0].bitmap for b in same)
+    nudged = copy.deepcopy(_digits_base)
+    with torch.no_grad():
+        next(m for m in nudged.modules() if hasattr(m, "running_mean")).running_mean[0] += 1e-7
+    dev, fp2, mask2, info2 = _private_device(tmp_path, nudged, x)
+    assert fp2 != fingerprint(_digits_base)
+    sent = dev.upload(uploads[0][0], info2, "bitmap", fp2, model_bytes(nudged), 0, dev.privacy(None, 1.0))
+    assert decode(sent, fp2, _shapes(nudged), epsilon=1.0).bitmap == uploads[0][1].bitmap  # the same mask, the same noise
+    # and the noise is still randomized response at epsilon 1: about 27% of the bits flipped
+    flipped = sum(int((a != b).sum()) for a, b in zip(uploads[0][0].layers.values(),
+                                                       uploads[0][1].bitmap.layers.values()))
+    total = sum(a.numel() for a in uploads[0][0].layers.values())
+    assert 0.2 < flipped / total < 0.34
+
+
+@pytest.mark.security
+def test_a_private_devices_error_reply_names_no_file():
+    from client.client_app import DeviceError, quiet_errors
+    from common.data import DataError
+
+    def broken():
+        raise DataError("cannot read /home/alice/photos/2026-11-30 clinic visit.png: truncated")
+
+    with pytest.raises(DeviceError) as e:
+        quiet_errors(broken, private=True)
+    assert "alice" not in str(e.value) and "clinic" not in str(e.value) and "DataError" in str(e.value)
+    with pytest.raises(DataError, match="alice"):  # a device that is not private says what failed
+        quiet_errors(broken, private=False)
