@@ -2,6 +2,7 @@
 unlabeled data, keeps the personalized model locally and replies with a mask summary only."""
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
@@ -92,8 +93,20 @@ def train(msg: Message, context: Context) -> Message:
     cfg["out-dir"] = str(c["out-dir"])
     device_choices(context.node_config)
     private = context.node_config.get("max-privacy-epsilon") is not None or bool(cfg["privacy-epsilon"])
-    return quiet_errors(lambda: within(cfg["round-timeout"], lambda cancel: _train(msg, context, cfg, cancel)),
-                        private)
+    t0 = time.monotonic()
+    reply = quiet_errors(lambda: within(cfg["round-timeout"], lambda cancel: _train(msg, context, cfg, cancel)),
+                         private)
+    if private:
+        whole_seconds(reply, t0)
+    return reply
+
+
+def whole_seconds(reply: Message, t0: float) -> None:
+    """A private device's reply leaves a whole number of seconds after its work began, stamped with
+    that time: its timing says no more than its prune_seconds, which is rounded to the second."""
+    elapsed = time.monotonic() - t0
+    time.sleep(math.ceil(elapsed) - elapsed if elapsed > 0 else 0.0)
+    reply.metadata.created_at = time.time()
 
 
 def quiet_errors(work, private: bool):

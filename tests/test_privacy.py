@@ -278,3 +278,23 @@ def test_a_private_devices_error_reply_names_no_file():
     assert "alice" not in str(e.value) and "clinic" not in str(e.value) and "DataError" in str(e.value)
     with pytest.raises(DataError, match="alice"):  # a device that is not private says what failed
         quiet_errors(broken, private=False)
+
+
+@pytest.mark.security
+def test_a_private_reply_tells_its_time_only_to_the_second(identity):
+    """prune_seconds is rounded in private mode; the reply's own creation time was not."""
+    import time
+
+    from flwr.app import Message, RecordDict
+
+    from client.client_app import whole_seconds
+
+    instr = Message(RecordDict(), dst_node_id=1, message_type="train")
+    instr.metadata.__dict__["_message_id"] = instr.object_id
+    for took in (0.05, 0.3, 1.4):
+        reply = Message(RecordDict(), reply_to=instr)
+        t0 = time.monotonic() - took
+        whole_seconds(reply, t0)
+        elapsed = time.monotonic() - t0
+        assert abs(elapsed - round(elapsed)) < 0.03 and round(elapsed) >= 1
+        assert abs(reply.metadata.created_at - time.time()) < 0.03
