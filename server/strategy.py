@@ -34,6 +34,7 @@ class FinePruneStrategy(Strategy):
         self.nodes_with_base: dict[int, str] = {}
         self._sent: dict[int, bool] = {}  # node -> whether this round's message carried the base
         self._out: list[Message] = []     # this round's messages (Flower sets their ids when it sends them)
+        self._claims: dict[str, set] = {}  # client id -> the authenticated nodes that ever claimed it
         self.epsilon = cfg["privacy-epsilon"] if cfg["privacy-epsilon"] > 0 else None
         self._set_base(base, meta)
 
@@ -94,6 +95,7 @@ class FinePruneStrategy(Strategy):
         # an error reply made by the SuperLink (e.g. "node unavailable") comes from the SuperLink's
         # own node id: the message it answers tells which node it stands for
         dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in self._out}
+        replied, accepted = set(), []
         for msg in replies:
             nid = msg.metadata.src_node_id
             if nid not in self._sent:
@@ -112,9 +114,17 @@ class FinePruneStrategy(Strategy):
                 continue
             if self._sent.get(nid):
                 self.nodes_with_base[nid] = self.fp
-            if row["id"] in summaries:
-                rejected.append({"node": nid, "reason": f"duplicate client id {row['id']}", "kind": "duplicate"})
+            if nid in replied:
+                rejected.append({"node": nid, "reason": f"duplicate reply from node {nid}", "kind": "duplicate"})
                 continue
+            replied.add(nid)
+            self._claims.setdefault(row["id"], set()).add(nid)
+            accepted.append((nid, row, summ))
+        # a client id is bound to the node that sent it: one claimed by several nodes (one of them
+        # impersonating another) is shown with each node's id, so no claim pushes another out
+        for nid, row, summ in accepted:
+            if len(self._claims[row["id"]]) > 1:
+                row["id"], row["id_claimed_by_nodes"] = f"{row['id']}@{nid}", len(self._claims[row["id"]])
             rows.append(row)
             summaries[row["id"]] = summ
         for nid in set(self._sent) - answered:
@@ -168,6 +178,8 @@ class FinePruneStrategy(Strategy):
         if extra or content.array_records:
             raise SummaryError(f"reply carries more than a summary: {sorted(extra) or 'arrays'}", "extra-content")
         summ = decode(data, self.fp, self.shapes, self.max_summary_bytes, self.epsilon, self.sketch_bins)
+        if summ.level != self.cfg["summary-level"]:  # a valid summary of another level wipes the analysis
+            raise SummaryError(f"summary level '{summ.level}' is not the run's '{self.cfg['summary-level']}'", "level")
         sizes = [math.prod(v) for v in self.shapes.values()]
         sparsity = sum(pruned_per_layer(summ, sizes)) / sum(sizes)
         m = dict(metrics)

@@ -147,7 +147,8 @@ BAD_REPLIES = {  # name: (metric changes or a builder, expected reason, kind)
     "NaN accuracy": ({"accuracy_personalized": float("nan")}, "NaN or infinite", "metrics"),
     "oversized payload": ("oversized", "exceeds the limit", "size"),
     "not a summary": ("garbage", "bad magic", "format"),
-    "duplicate client id": ("duplicate", "duplicate client id", "duplicate"),
+    "second reply from one node": ("duplicate", "duplicate reply from node", "duplicate"),
+    "valid summary of another level": ("other-level", "is not the run's 'bitmap'", "level"),
 }
 
 
@@ -165,7 +166,12 @@ def test_bad_reply_is_rejected_counted_and_the_round_goes_on(identity, tmp_path,
         bad = _good_reply(strat, msgs[1], "u1")
         bad.content["summary"]["data"] = b"\x00" * 100
     elif change == "duplicate":
-        bad = _good_reply(strat, msgs[1], "u0")
+        bad = _good_reply(strat, msgs[0], "u1")
+    elif change == "other-level":  # before: accepted, and the round lost similarity, clusters and consensus
+        bad = _good_reply(strat, msgs[1], "u1")
+        hist = usage_histograms({n: m.weight.abs() for n, m in prunable_layers(strat.base).items()})
+        bad.content["summary"]["data"] = encode(build_summary(Mask.dense(strat.base), hist, "stats", strat.fp,
+                                                              model_bytes(strat.base)))
     else:
         bad = _good_reply(strat, msgs[1], "u1", **change)
     strat.aggregate_train(1, [good, bad])
@@ -262,3 +268,20 @@ def test_work_that_outlives_the_round_is_abandoned_and_the_client_returns():
     assert within(5, lambda cancel: 42) == 42
     with pytest.raises(ZeroDivisionError):
         within(5, lambda cancel: 1 / 0)
+
+
+@pytest.mark.security
+def test_a_node_claiming_an_honest_peers_client_id_pushes_no_one_out(identity, tmp_path):
+    """Before, the first reply under an id won and the honest device was rejected as a duplicate."""
+    strat = _strategy(tmp_path, 3)
+    msgs = _pushed(list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(3))))
+    impostor, honest, other = (_good_reply(strat, msgs[1], "alice"), _good_reply(strat, msgs[0], "alice"),
+                               _good_reply(strat, msgs[2], "bob"))
+    strat.aggregate_train(1, [impostor, honest, other])
+    rnd = strat.rounds[0]
+    assert rnd["rejected"] == []
+    ids = {c["id"]: c["node"] for c in rnd["clients"]}
+    assert ids == {"alice@1": 1, "alice@2": 2, "bob": 3}  # each claim shown with the node that made it
+    msgs2 = _pushed(list(strat.configure_train(2, ArrayRecord(), ConfigRecord(), FakeGrid(3))))
+    strat.aggregate_train(2, [_good_reply(strat, msgs2[0], "alice")])  # the impostor is gone next round
+    assert [c["id"] for c in strat.rounds[1]["clients"]] == ["alice@1"]  # the id stays bound to its node
