@@ -106,15 +106,15 @@ def to_markdown(report: dict) -> str:
                   "| client | sparsity | upload bytes | upload / model | prune s | acc base | acc personal | stop |",
                   "|---|---|---|---|---|---|---|---|"]
         for c in rnd["clients"]:
-            lines.append(f"| {c['id']} | {c['sparsity']:.3f} | {c['upload_bytes']} | {c['upload_fraction']:.4%} | "
-                         f"{c['prune_seconds']:.2f} | {_fmt(c.get('accuracy_base'))} | "
-                         f"{_fmt(c.get('accuracy_personalized'))} | {c['stop_reason'][:60]} |")
+            lines.append(f"| {md_text(c['id'])} | {c['sparsity']:.3f} | {c['upload_bytes']} | "
+                         f"{c['upload_fraction']:.4%} | {c['prune_seconds']:.2f} | {_fmt(c.get('accuracy_base'))} | "
+                         f"{_fmt(c.get('accuracy_personalized'))} | {md_text(c['stop_reason'], 60)} |")
         lines += ["", f"- accepted {len(rnd['clients'])}, rejected {len(rnd['rejected'])} {rnd['incidents']['rejected']}, "
                       f"failed {len(rnd['failed'])} {rnd['incidents']['failed']}"]
         for r in rnd["rejected"] + rnd["failed"]:
-            lines.append(f"  - node {r['node']}: {r['reason']}")
+            lines.append(f"  - node {r['node']}: {md_text(r['reason'])}")
         lines += [f"- similarity: {a['similarity_method']}; mean pairwise Jaccard {_fmt(a['mean_pairwise_similarity'])}",
-                  f"- clusters: {a['clusters']}",
+                  f"- clusters: {md_text(a['clusters'], 2000)}",
                   f"- consensus (q={a['consensus_quorum']}) sparsity: {_fmt(a['consensus_sparsity'])}; "
                   f"pruned by all, upper bound: {_fmt(a['consensus_all_upper_bound'])}"]
         if "layer_agreement" in a:
@@ -127,6 +127,18 @@ def to_markdown(report: dict) -> str:
 
 def _fmt(v):
     return "-" if v is None else f"{v:.3f}"
+
+
+_MD_SPECIAL = set("\\`*_{}[]()#+-.!|$~:")
+_HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}
+
+
+def md_text(value, limit: int = 300) -> str:
+    """Text a device gave (an id, a reason, an error), safe in Markdown and in the HTML it renders
+    to: one line, control characters gone, HTML's specials as entities, every Markdown special
+    (tables, links, emphasis, code, math) backslash-escaped. Shows as the characters it holds."""
+    text = "".join(ch if ch.isprintable() else " " for ch in str(value))[:limit]
+    return "".join(_HTML.get(ch) or ("\\" + ch if ch in _MD_SPECIAL else ch) for ch in text)
 
 
 def earlier_reports(out: Path) -> list[dict]:

@@ -277,6 +277,8 @@ def _short_reason(text: str) -> str:
     """The useful line of a remote traceback: the exception's own message."""
     text = str(text or "unknown error")
     if "Message:" in text:
-        return text.rsplit("Message:", 1)[1].strip().splitlines()[0][:300]
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else "unknown error"
+        line = text.rsplit("Message:", 1)[1].strip().splitlines()[0][:300]
+    else:
+        lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+        line = lines[-1][:300] if lines else "unknown error"
+    return "".join(ch if ch.isprintable() else " " for ch in line)  # no terminal escapes reach a log

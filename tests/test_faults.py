@@ -285,3 +285,23 @@ def test_a_node_claiming_an_honest_peers_client_id_pushes_no_one_out(identity, t
     msgs2 = _pushed(list(strat.configure_train(2, ArrayRecord(), ConfigRecord(), FakeGrid(3))))
     strat.aggregate_train(2, [_good_reply(strat, msgs2[0], "alice")])  # the impostor is gone next round
     assert [c["id"] for c in strat.rounds[1]["clients"]] == ["alice@1"]  # the id stays bound to its node
+
+
+@pytest.mark.security
+def test_markup_in_a_devices_error_reason_is_shown_as_text_in_the_report(identity, tmp_path):
+    """An error reply's reason landed verbatim in report.md: a table cell broken by '|', an HTML
+    image with onerror, a javascript: link, $math$ and a terminal escape."""
+    from server.report import to_markdown
+
+    strat = _strategy(tmp_path, 2)
+    msgs = _pushed(list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(2))))
+    evil = ("boom | <img src=x onerror=alert(1)> [click](javascript:alert(1)) $\\frac{a}{b}$ "
+            "**bold** `code` \x1b[31mred")
+    failed = Message(Error(code=1, reason=f"ClientApp raised: {evil}"), reply_to=msgs[1])
+    strat.aggregate_train(1, [_good_reply(strat, msgs[0], "u_0"), failed])
+    md = to_markdown({"config": strat.cfg, "rounds": strat.rounds})
+    line = next(ln for ln in md.splitlines() if ln.startswith("  - node 2"))
+    for raw in ("<img", "](javascript", "$\\frac", "**bold**", "`code`", "\x1b", " | "):
+        assert raw not in line, (raw, line)
+    assert "onerror=alert" in line and "javascript" in line  # still readable as text
+    assert "| u\\_0 |" in md  # device ids in the table too
