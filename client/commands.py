@@ -17,8 +17,10 @@ def output_file(flag: str, path, model=None, what: str = "the file", itself: str
     from pathlib import Path
 
     out = Path(path)
-    if out.is_dir():
-        raise ValueError(f"{flag} {out} is a directory; name {what} to write")
+    if out.is_dir() or str(path).endswith(("/", "\\")):
+        raise ValueError(f"{flag} {path} is a directory; name {what} to write")
+    if out.parent != Path("") and not out.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the directory {out.parent} does not exist")
     if model is not None and out.exists() and out.resolve() == Path(model).resolve():
         raise ValueError(f"{flag} {out} is {itself}; write {instead} elsewhere")
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -118,19 +119,42 @@ def load_inputs(path: str | Path, features: dict) -> torch.Tensor:
     path = Path(path)
     if path.is_file() and path.suffix in (".npy", ".pt"):
         try:
-            arr = np.load(path) if path.suffix == ".npy" else torch.load(path, weights_only=True)
+            with warnings.catch_warnings():  # torch warns about a sparse tensor's invariants as it loads one
+                warnings.simplefilter("ignore")
+                arr = np.load(path) if path.suffix == ".npy" else torch.load(path, weights_only=True)
         except Exception as exc:
             raise D.DataError(f"unreadable input array {path}: {str(exc).splitlines()[0][:200]}") from None
-        x = torch.as_tensor(np.asarray(arr), dtype=torch.float32)
+        x = _numeric_array(arr, path)
     else:
         x = D.load_unlabeled_dir(path, **features)
     check_inputs(x, features, str(path))
     return x
 
 
+def _numeric_array(arr, path: Path) -> torch.Tensor:
+    """A loaded .npy/.pt object as a float tensor, or DataError: it must be a dense array of numbers
+    with a sample axis (not a dict, text, a sparse or structured array, or a single number)."""
+    if isinstance(arr, torch.Tensor):
+        if arr.layout != torch.strided:
+            raise D.DataError(f"input array {path} is a {arr.layout} tensor; save a dense one")
+        if arr.is_complex() or not (arr.is_floating_point() or arr.dtype in (torch.int8, torch.int16, torch.int32,
+                                                                            torch.int64, torch.uint8, torch.bool)):
+            raise D.DataError(f"input array {path} holds {arr.dtype} values, not real numbers")
+        x = arr.detach().to(torch.float32)
+    elif isinstance(arr, np.ndarray):
+        if arr.dtype.kind not in "biuf":
+            raise D.DataError(f"input array {path} holds {arr.dtype} values, not numbers")
+        x = torch.from_numpy(np.array(arr, dtype=np.float32))
+    else:
+        raise D.DataError(f"{path} holds a {type(arr).__name__}, not an array of model inputs")
+    if x.dim() == 0:
+        raise D.DataError(f"input array {path} is a single number, not samples of model inputs")
+    return x
+
+
 def check_inputs(x: torch.Tensor, features: dict, where: str) -> None:
     want = input_shape(features)
-    if len(x) == 0:
+    if x.dim() == 0 or len(x) == 0:
         raise D.DataError(f"no samples in {where}")
     if tuple(x.shape[1:]) != want:
         raise D.DataError(f"inputs in {where} have shape {tuple(x.shape[1:])}, the model expects {want}")

@@ -122,7 +122,11 @@ def sign_app(app_dir: str | Path, private_key: str | Path, out_dir: str | Path) 
     then write those files plus the signature to `out_dir`, the app to `flwr run`."""
     from flwr.cli.build import build_fab_from_disk
 
-    key = serialization.load_ssh_private_key(Path(private_key).read_bytes(), password=None)
+    try:
+        key = serialization.load_ssh_private_key(Path(private_key).read_bytes(), password=None)
+    except (TypeError, ValueError) as exc:  # a passphrase-protected key is a TypeError
+        raise ValueError(f"{private_key} is not an unencrypted OpenSSH private key "
+                         f"({str(exc).splitlines()[0][:120]}); fineprune keygen makes one") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise ValueError(f"{private_key} is not an Ed25519 private key")
     files = {p: b for p, b in _fab_files(build_fab_from_disk(Path(app_dir).resolve())).items()

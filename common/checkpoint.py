@@ -34,7 +34,8 @@ VENDOR_LIMITS = {"spread_values": 200_000, "profile_values": 65_536}
 
 # What a device accepts from model metadata it did not make (a server's message, a downloaded
 # checkpoint): every size bounded before anything is allocated, no paths on this device named.
-LIMITS = {"widths": 4096, "num_classes": 10_000, "n_mels": 256, "image_size": 1024, "seconds": 30}
+LIMITS = {"widths": 4096, "num_classes": 10_000, "n_mels": 256, "image_size": 1024, "seconds": 30,
+          "checkpoint_bytes": 1 << 30}
 ARCH_KEYS = {"smallcnn": {"num_classes", "widths", "in_channels", "image_size"},
              "kws": {"num_classes", "widths", "sample_rate", "n_mels", "clip_samples"},
              "resnet18": {"num_classes"}, "resnet50": {"num_classes"}}
@@ -221,12 +222,31 @@ def _dense_state(blob: dict, mask: Mask | None, model: nn.Module) -> dict:
     return state
 
 
+def _check_expansion(path: Path) -> None:
+    """Before torch reads it: what the checkpoint's entries expand to stays within
+    LIMITS['checkpoint_bytes'], and no entry is compressed (torch.save stores tensors as they are;
+    a deflated entry is a bomb: 2.1 MB on disk made 2 GB in memory)."""
+    import zipfile
+
+    try:
+        infos = zipfile.ZipFile(path).infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip: torch's legacy format or garbage, which torch.load refuses or reads as stored
+    total = sum(i.file_size for i in infos)
+    if total > LIMITS["checkpoint_bytes"]:
+        raise CheckpointError(f"checkpoint {path} expands to {total} bytes, more than the "
+                              f"{LIMITS['checkpoint_bytes']} a model may take")
+    if any(i.compress_type != zipfile.ZIP_STORED and i.file_size > 4 * i.compress_size + (64 << 10) for i in infos):
+        raise CheckpointError(f"checkpoint {path} holds compressed entries that expand far beyond their size")
+
+
 def load_checkpoint(path, device: str = "cpu"):
     """Return (model, meta, mask). The model is wrapped in OutputRestricted when the checkpoint
     restricts its outputs; the mask (if any) is already applied."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_expansion(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -240,6 +260,9 @@ def load_checkpoint(path, device: str = "cpu"):
     check_model_meta(blob)  # a checkpoint may come from anywhere: sizes bounded before building
     mask = None
     if blob.get("mask") is not None:
+        if not (isinstance(blob["mask"], torch.Tensor) and blob["mask"].dtype == torch.uint8
+                and blob["mask"].dim() == 1):
+            raise CheckpointError(f"checkpoint {path}: its mask is not a byte string")
         try:
             mask = Mask.from_bytes(blob["mask"].numpy().tobytes())
         except MaskError as exc:
@@ -264,7 +287,12 @@ def load_checkpoint(path, device: str = "cpu"):
     meta = {k: v for k, v in blob.items() if k not in ("state_dict", "mask", "kept_weights")}
     model = model.to(device).eval()
     if blob.get("restricted_classes"):
-        cls = list(blob["restricted_classes"])
+        cls = blob["restricted_classes"]
+        if not (isinstance(cls, (list, tuple)) and all(isinstance(c, int) and not isinstance(c, bool)
+                                                       and 0 <= c < len(meta["classes"]) for c in cls)
+                and len(set(cls)) == len(cls)):
+            raise CheckpointError(f"checkpoint {path}: restricted_classes is not a list of distinct class indices")
+        cls = list(cls)
         n_out = list(prunable_layers(model).values())[-1].weight.shape[0]
         inner_index = cls if n_out == len(meta["classes"]) else list(range(len(cls)))
         model = OutputRestricted(model, cls, len(meta["classes"]), inner_index).to(device).eval()

@@ -19,6 +19,15 @@ def _add_keygen(sub, name: str, text: str):
 def cmd_keygen(args) -> dict:
     from common.appsign import load_public_keys, make_signing_key
 
+    from pathlib import Path
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a directory for the key pair")
+    if "/" in args.name or args.name in ("", ".", ".."):
+        raise ValueError(f"--name {args.name!r} is not a file name")
+    for p in (Path(args.out) / args.name, Path(args.out) / f"{args.name}.pub"):
+        if p.exists():
+            raise ValueError(f"{p} exists already: a key is never overwritten (choose another --out or --name)")
     paths = make_signing_key(args.out, args.name)
     (kid,) = load_public_keys(paths["public"])
     return {"private": str(paths["private"]), "public": str(paths["public"]), "key_id": kid}
@@ -46,6 +55,8 @@ def cmd_sign_app(args) -> dict:
         raise ValueError("--out must be a directory outside the app (it is replaced)")
     if not Path(args.key).is_file():
         raise FileNotFoundError(f"--key {args.key} does not exist")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a directory for the signed app")
     return sign_app(app, args.key, out)
 
 

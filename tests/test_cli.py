@@ -95,7 +95,30 @@ def bad_files(tmp_path_factory, base_ckpt):
     sf.write(d / "rate" / "a.wav", np.zeros(400, dtype="float32"), 500)
     (d / "badwav").mkdir()
     (d / "badwav" / "a.wav").write_bytes(b"RIFF....WAVEjunk")
+    # arrays that are not a batch of numbers (each an internal error before)
+    np.save(d / "zero_d.npy", np.array(3.0))
+    torch.save(torch.tensor(3.0), d / "zero_d.pt")
+    torch.save({"x": torch.zeros(5, 1, 8, 8)}, d / "dict.pt")
+    torch.save("photos", d / "str.pt")
+    torch.save(torch.zeros(5, 64).to_sparse(), d / "sparse.pt")
+    np.save(d / "structured.npy", np.zeros(5, dtype=[("a", "f4"), ("b", "i4")]))
+    # checkpoints whose mask or restriction is not what it says
+    blob = torch.load(base_ckpt, weights_only=True)
+    torch.save({**blob, "mask": "all of it"}, d / "strmask.pt")
+    torch.save({**blob, "restricted_classes": [1.5]}, d / "badrestrict.pt")
+    _deflated(base_ckpt, d / "bomb.pt")
     return d
+
+
+def _deflated(src, dst, pad: int = 64 << 20):
+    """The checkpoint with one extra entry of `pad` zero bytes, deflated (a few KB on disk)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        names = zin.namelist()
+        for n in names:
+            zout.writestr(zin.getinfo(n), zin.read(n))
+        zout.writestr(names[0].split("/")[0] + "/pad", b"\0" * pad, compress_type=zipfile.ZIP_DEFLATED)
 
 
 BAD_CLI_CASES = {  # name: (arguments with {d} = the bad files, {b} = the base, {u} = photos), message
@@ -116,6 +139,16 @@ BAD_CLI_CASES = {  # name: (arguments with {d} = the bad files, {b} = the base, 
     "unknown stop rule": (["--model", "{b}", "--data", "{u}", "--stop-rule", "x"], "unknown stop rule"),
     "unknown device": (["--model", "{b}", "--data", "{u}", "--device", "tpu"], "unknown device"),
     "bad target sparsity": (["--model", "{b}", "--data", "{u}", "--target-sparsity", "1.5"], "target sparsity"),
+    "0-d .npy array": (["--model", "{b}", "--data", "{d}/zero_d.npy"], "single number"),
+    "0-d .pt tensor": (["--model", "{b}", "--data", "{d}/zero_d.pt"], "single number"),
+    "dict in a .pt": (["--model", "{b}", "--data", "{d}/dict.pt"], "holds a dict, not an array"),
+    "text in a .pt": (["--model", "{b}", "--data", "{d}/str.pt"], "holds a str, not an array"),
+    "sparse tensor": (["--model", "{b}", "--data", "{d}/sparse.pt"], "save a dense one"),
+    "structured array": (["--model", "{b}", "--data", "{d}/structured.npy"], "values, not numbers"),
+    "mask that is text": (["--model", "{d}/strmask.pt", "--data", "{u}"], "its mask is not a byte string"),
+    "restriction [1.5]": (["--model", "{d}/badrestrict.pt", "--data", "{u}"], "restricted_classes is not"),
+    "deflated bomb": (["--model", "{d}/bomb.pt", "--data", "{u}"], "expand far beyond their size"),
+    "--out a new directory": (["--model", "{b}", "--data", "{u}", "--out", "{d}/newdir/"], "is a directory"),
 }
 
 
@@ -126,12 +159,13 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(tmp_path, bad_files, 
     args = [a.format(d=bad_files, b=base_ckpt, u=user_dir) for a in args]
     out = tmp_path / "out.pt"
     out.write_bytes(b"the user's previous model")  # must survive a failed run untouched
-    r = run_cli("personalize", *args, "--out", out)
+    r = run_cli("personalize", *args, *(() if "--out" in args else ("--out", out)))
     assert r.returncode == 2, (args, r.stderr)
     assert "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("fineprune: error:") and msg in lines[0], r.stderr
     assert out.read_bytes() == b"the user's previous model"
+    assert not (bad_files / "newdir").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]  # no temp files
 
 
@@ -300,3 +334,36 @@ def test_threads_is_set_deliberately_and_bad_counts_are_refused(tmp_path, base_c
         torch.set_num_threads(before)
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fineprune")]
     assert len(err) == 3 and all("--threads must be" in line for line in err)
+
+
+@pytest.mark.badinput
+def test_key_and_signing_mistakes_give_one_line_and_overwrite_nothing(tmp_path):
+    """A passphrase-protected key, a file given as --out, and a key that exists already."""
+    locked = tmp_path / "locked"
+    locked.write_text(LOCKED_KEY)
+    a_file = tmp_path / "a-file"
+    a_file.write_bytes(b"keep me")
+    app = Path(__file__).parent / "attack_app"
+    r = run_cli("keygen", "--out", tmp_path / "keys")
+    assert r.returncode == 0
+    key = (tmp_path / "keys" / "operator").read_bytes()
+    for args, msg in ((["keygen", "--out", a_file], "is a file, not a directory"),
+                      (["keygen", "--out", tmp_path / "keys"], "exists already"),
+                      (["sign-app", "--app", app, "--key", locked, "--out", tmp_path / "s"], "not an unencrypted"),
+                      (["sign-app", "--app", app, "--key", tmp_path / "keys" / "operator", "--out", a_file],
+                       "is a file, not a directory")):
+        r = run_cli(*args)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], (args, r.stderr)
+    assert a_file.read_bytes() == b"keep me" and (tmp_path / "keys" / "operator").read_bytes() == key
+
+
+LOCKED_KEY = """-----BEGIN OPENSSH PRIVATE KEY-----
+b3BlbnNzaC1rZXktdjEAAAAACmFlczI1Ni1jdHIAAAAGYmNyeXB0AAAAGAAAABBq/3cjLz
+obBidKTH8GjL7pAAAAEAAAAAEAAAAzAAAAC3NzaC1lZDI1NTE5AAAAIDwfjd1f4dA4siME
+gNlle8KDBby7sVgfaNUY1iT0asAcAAAAkKnUGahHSlF3lB+VoBYBk+GTpgaIlIyHt2sNlq
+jrZLy64cr4ZJxCbY1J1R02m43Q7RDveepBALtopggmAN4UT6pQAD3L8yKiT+JBr88U0mL9
+/2Sg2/yCu+YixkhoaSeftv0wulAgWhQfqNx58kacMFu19Gd1nly+/yoPt+PJBmmsoK2koE
+JEOgwTA7PTascyhw==
+-----END OPENSSH PRIVATE KEY-----
+"""  # ssh-keygen -t ed25519 -N secret (a throwaway key; bcrypt is not installed to make one)
