@@ -17,11 +17,16 @@ authentication headers included). Any reverse proxy can do the same job (README:
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
 import sys
 
 ALLOWED_PREFIXES = ("/v1/fleet/",)
 ALLOWED_EXACT = ("/health", "/v1/health")
 MAX_BODY = 512 << 20  # a ResNet50 base is ~100 MB; anything far above is not a Fleet message
+# what one connection, one client address and everyone together may hold open (slowloris: 1,007
+# half-sent requests filled the file descriptors, and a device's request then failed)
+LIMITS = {"header_seconds": 10.0, "body_idle_seconds": 15.0, "connections": 512, "per_client": 32}
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length", "content-encoding"}
 
@@ -34,14 +39,85 @@ def allowed(method: str, path: str) -> bool:
     return method == "POST" and path.startswith(ALLOWED_PREFIXES)
 
 
-def make_app(upstream: str, upstream_ca: str | None):
+async def _bounded_body(request, idle_seconds: float):
+    """The request's body, read chunk by chunk: None as soon as it is declared or grows past
+    MAX_BODY (a 700 MB body took the gateway from 43 MB to 1,380 MB before it said 413), False
+    where the client stops sending for idle_seconds."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+        return None
+    chunks, size, stream = [], 0, request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), idle_seconds)
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except asyncio.TimeoutError:
+            return False
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+
+
+def guarded_protocol(limits: dict):
+    """uvicorn's HTTP/1.1 protocol with the caps it lacks: a connection beyond the global or the
+    per-address cap is closed at once, and one whose request headers are not complete within
+    header_seconds (of opening, or of its last response) is closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    per_host = collections.Counter()
+
+    class Guarded(H11Protocol):
+        _host = None
+        _timer = None
+
+        def connection_made(self, transport):
+            host = (transport.get_extra_info("peername") or ("?",))[0]
+            if len(self.connections) >= limits["connections"] or per_host[host] >= limits["per_client"]:
+                transport.abort()
+                return
+            self._host = host
+            per_host[host] += 1
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self):
+            self._timer = self.loop.call_later(limits["header_seconds"], self._headers_too_slow)
+
+        def _headers_too_slow(self):
+            if self.cycle is None or self.cycle.response_complete:  # no request under way: headers unfinished
+                self.transport.abort()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if self._timer is not None:
+                self._timer.cancel()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc):
+            if self._host is None:
+                return  # refused at the door
+            per_host[self._host] -= 1
+            if per_host[self._host] <= 0:
+                del per_host[self._host]
+            if self._timer is not None:
+                self._timer.cancel()
+            super().connection_lost(exc)
+
+    return Guarded
+
+
+def make_app(upstream: str, upstream_ca: str | None, limits: dict | None = None, scheme: str = "https"):
     import httpx
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import PlainTextResponse, Response
     from starlette.routing import Route
 
-    client = httpx.AsyncClient(base_url=f"https://{upstream}", verify=upstream_ca or True, timeout=None)
+    limits = {**LIMITS, **(limits or {})}
+    client = httpx.AsyncClient(base_url=f"{scheme}://{upstream}", verify=upstream_ca or True, timeout=None)
     counts = {"forwarded": 0, "refused": 0}
 
     async def relay(request: Request):
@@ -52,10 +128,13 @@ def make_app(upstream: str, upstream_ca: str | None):
             print(f"gateway: refused {request.method} {path[:120]!r} from "
                   f"{request.client.host if request.client else '?'}", file=sys.stderr, flush=True)
             return PlainTextResponse("only the Fleet API is served here\n", status_code=403)
-        body = await request.body()
-        if len(body) > MAX_BODY:
+        body = await _bounded_body(request, limits["body_idle_seconds"])
+        if body is None:
             counts["refused"] += 1
-            return PlainTextResponse("request too large\n", status_code=413)
+            return PlainTextResponse("request too large\n", status_code=413, headers={"connection": "close"})
+        if body is False:
+            counts["refused"] += 1
+            return PlainTextResponse("request body too slow\n", status_code=408, headers={"connection": "close"})
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         r = await client.request(request.method, path, params=request.query_params, content=body,
                                  headers=headers)
@@ -88,7 +167,8 @@ def main(argv=None) -> None:
     host, port = _host_port(a.listen, "--listen")
     _host_port(a.upstream, "--upstream")
     uvicorn.run(make_app(a.upstream, a.upstream_ca), host=host, port=port, ssl_certfile=a.ssl_certfile,
-                ssl_keyfile=a.ssl_keyfile, log_level="warning")
+                ssl_keyfile=a.ssl_keyfile, log_level="warning", http=guarded_protocol(LIMITS),
+                timeout_keep_alive=5)
 
 
 if __name__ == "__main__":
