@@ -20,6 +20,8 @@ import os
 import sys
 
 TRUSTED_KEYS_ENV = "FINEPRUNE_TRUSTED_KEYS"
+APP_STATE_ENV = "FINEPRUNE_APP_STATE"  # the newest signing run per app (replays of older ones are refused)
+DEFAULT_APP_STATE = "~/.local/state/fineprune/app-serials.json"
 GUARDED_COMMAND = "fineprune-clientapp"
 
 
@@ -35,38 +37,42 @@ def _trusted_from_env():
         raise SystemExit(f"{GUARDED_COMMAND}: error: {exc}") from None
 
 
-def guarded_install(install, trusted):
-    """Flower's install_from_fab, preceded by the signature check."""
-    from common.appsign import AppSignatureError, verify_fab
+def _serials():
+    from common.appsign import SerialStore
+
+    return SerialStore(os.path.expanduser(os.environ.get(APP_STATE_ENV) or DEFAULT_APP_STATE))
+
+
+def guarded(pull, install, trusted, seen=None):
+    """Flower's pull_task_input and install_from_fab, with the checks between them: before the FAB
+    is installed, its signature, that the run's app id, version and FAB hash (from which Flower
+    builds the directory it installs into and imports from) are the signed FAB's own
+    (common.appsign.check_run_binding), and that it is no older signing of an app this device
+    already ran (`seen`, a SerialStore). Refused at install, where Flower still answers the server
+    with its usual error reply (a failure inside the pull leaves it no message to answer)."""
+    from common.appsign import AppSignatureError, check_run_binding, verify_fab
+
+    pulled = {}
+
+    def pull_remembered(*args, **kwargs):
+        message, context, run, fab = pull(*args, **kwargs)
+        pulled.update(run=run, hash=fab.hash_str)
+        return message, context, run, fab
 
     def install_verified(fab_file, *args, **kwargs):
         data = fab_file if isinstance(fab_file, bytes) else open(fab_file, "rb").read()
         try:
             kid = verify_fab(data, trusted)
+            if "run" not in pulled:
+                raise AppSignatureError("run-mismatch", "no run came with this app")
+            check_run_binding(data, pulled["hash"], pulled["run"].fab_id, pulled["run"].fab_version)
+            verify_fab(data, trusted, seen if seen is not None else _serials())
         except AppSignatureError as exc:
             print(f"{GUARDED_COMMAND}: {exc}; nothing from it was installed or run", file=sys.stderr, flush=True)
             raise
         print(f"{GUARDED_COMMAND}: app signed by {kid}, running it", file=sys.stderr, flush=True)
         return install(fab_file, *args, **kwargs)
-    return install_verified
-
-
-def guarded_pull(pull, trusted):
-    """Flower's pull_task_input, followed by the signature check and the run's binding to it: the
-    run's fab_id, fab_version and FAB hash, from which Flower builds the directory it installs into
-    and imports from, must be the signed FAB's own (common.appsign.check_run_binding)."""
-    from common.appsign import AppSignatureError, check_run_binding, verify_fab
-
-    def pull_verified(*args, **kwargs):
-        message, context, run, fab = pull(*args, **kwargs)
-        try:
-            verify_fab(fab.content, trusted)
-            check_run_binding(fab.content, fab.hash_str, run.fab_id, run.fab_version)
-        except AppSignatureError as exc:
-            print(f"{GUARDED_COMMAND}: {exc}; nothing from it was installed or run", file=sys.stderr, flush=True)
-            raise
-        return message, context, run, fab
-    return pull_verified
+    return pull_remembered, install_verified
 
 
 def clientapp_main() -> None:
@@ -75,8 +81,8 @@ def clientapp_main() -> None:
     import flwr.supernode.runtime.run_clientapp as run_module
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
-    run_module.pull_task_input = guarded_pull(run_module.pull_task_input, trusted)
-    run_module.install_from_fab = guarded_install(run_module.install_from_fab, trusted)
+    run_module.pull_task_input, run_module.install_from_fab = guarded(
+        run_module.pull_task_input, run_module.install_from_fab, trusted)
     flwr_clientapp()
 
 
@@ -87,6 +93,9 @@ def superexec_main(argv=None) -> None:
                                 epilog="Other options are flower-superexec's.")
     p.add_argument("--trusted-keys", required=True,
                    help="file of the operator's OpenSSH Ed25519 public keys (one per line)")
+    p.add_argument("--app-state", default=DEFAULT_APP_STATE,
+                   help="file where the device keeps the newest signing it ran per app; an older signed "
+                        f"version of an app is then refused (default {DEFAULT_APP_STATE})")
     ours, rest = p.parse_known_args(argv)
     if any(a == "--executor" or a.startswith("--executor=") for a in rest):
         p.error("--executor: only Flower's local subprocess executor is guarded")
@@ -97,6 +106,7 @@ def superexec_main(argv=None) -> None:
     except ValueError as exc:
         p.exit(2, f"fineprune-superexec: error: {exc}\n")
     os.environ[TRUSTED_KEYS_ENV] = os.path.abspath(ours.trusted_keys)  # inherited by each ClientApp
+    os.environ[APP_STATE_ENV] = os.path.abspath(os.path.expanduser(ours.app_state))
     from flwr.supercore.cli.flower_superexec import flower_superexec
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
 

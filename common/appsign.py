@@ -8,8 +8,10 @@ inside the FAB as one more JSON file, and the device's ClientApp launcher (clien
 it against the operator's public key before Flower installs or imports anything from the FAB.
 
 What is signed: the sorted lines "path,sha256" of every file in the FAB except Flower's own
-manifest (.info/CONTENT) and the signature file. The device recomputes them from the zip entries
-it would extract, so a file added, removed or changed anywhere in the FAB fails verification.
+manifest (.info/CONTENT) and the signature file, and the signing's serial number (its time in
+microseconds). The device recomputes the lines from the zip entries it would extract, so a file
+added, removed or changed anywhere in the FAB fails verification; it keeps the newest serial it
+ran per app, so a replayed older signing of an app the operator re-signed is refused.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import io
 import json
 import re
 import shutil
+import time
 import tomllib
 import zipfile
 from pathlib import Path
@@ -137,15 +140,21 @@ def sign_app(app_dir: str | Path, private_key: str | Path, out_dir: str | Path) 
     for p, b in files.items():
         (out / p).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / p, b)
-    signature = key.sign(_manifest(files))
+    serial = time.time_ns() // 1000  # microseconds: later signings of the operator's apps sign a larger one
+    signature = key.sign(_signed_bytes(files, serial))
     kid = key_id(key.public_key())
     atomic_write_bytes(out / SIGNATURE_FILE, json.dumps(
-        {"key_id": kid, "files": len(files),
+        {"key_id": kid, "files": len(files), "serial": serial,
          "signature": base64.b64encode(signature).decode()}, indent=2).encode())
-    return {"app": str(out), "key_id": kid, "files": len(files)}
+    return {"app": str(out), "key_id": kid, "files": len(files), "serial": serial}
 
 
-def verify_fab(fab: bytes, trusted: dict[str, ed25519.Ed25519PublicKey]) -> str:
+def _signed_bytes(files: dict[str, bytes], serial: int) -> bytes:
+    """What the operator's key signs: the files and the signing's serial number."""
+    return _manifest(files) + f"serial:{serial}\n".encode()
+
+
+def verify_fab(fab: bytes, trusted: dict[str, ed25519.Ed25519PublicKey], seen: "SerialStore | None" = None) -> str:
     """The key id that signed this FAB, or AppSignatureError. Nothing from the FAB is executed.
     Every byte that would be installed is signed: no directory entries of its own, Flower's
     manifest lists exactly the signed files, and the signature file is the three fields sign_app
@@ -159,9 +168,12 @@ def verify_fab(fab: bytes, trusted: dict[str, ed25519.Ed25519PublicKey]) -> str:
         raise AppSignatureError("bad-signature-file", f"{len(raw)} bytes, more than a signature takes")
     try:
         sig = json.loads(raw)
-        if not isinstance(sig, dict) or set(sig) != {"key_id", "files", "signature"}:
-            raise ValueError("not exactly key_id, files and signature")
+        if not isinstance(sig, dict) or set(sig) != {"key_id", "files", "serial", "signature"}:
+            raise ValueError("not exactly key_id, files, serial and signature")
         kid, signature = str(sig["key_id"]), base64.b64decode(sig["signature"], validate=True)
+        serial = sig["serial"]
+        if isinstance(serial, bool) or not isinstance(serial, int) or not 0 <= serial < 1 << 63:
+            raise ValueError("serial is not a signing number")
     except (ValueError, KeyError, TypeError) as exc:
         raise AppSignatureError("bad-signature-file", str(exc)[:200]) from None
     if manifest is not None and _listed(manifest) - set(files) - {SIGNATURE_FILE}:
@@ -169,10 +181,40 @@ def verify_fab(fab: bytes, trusted: dict[str, ed25519.Ed25519PublicKey]) -> str:
     if kid not in trusted:
         raise AppSignatureError("untrusted-key", f"signed by {kid[:40]!r}, not a key this device trusts")
     try:
-        trusted[kid].verify(signature, _manifest(files))
+        trusted[kid].verify(signature, _signed_bytes(files, serial))
     except InvalidSignature:
         raise AppSignatureError("bad-signature", "the files are not the ones the operator signed") from None
+    if seen is not None:
+        seen.check_and_record(kid, fab_identity(fab)[0], serial)
     return kid
+
+
+class SerialStore:
+    """The newest signing this device has run, per operator key and app: an older signed FAB of
+    the same app (a replay of a version the operator replaced) is refused. Kept in one small JSON
+    file on the device, written atomically."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def _load(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def check_and_record(self, kid: str, fab_id: str, serial: int) -> None:
+        data = self._load()
+        key = f"{kid} {fab_id}"
+        newest = data.get(key, -1)
+        if isinstance(newest, int) and serial < newest:
+            raise AppSignatureError("replayed", f"{fab_id} signed at serial {serial}, older than the {newest} this "
+                                                "device already ran: the operator replaced it")
+        if serial != newest:
+            data[key] = serial
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, json.dumps(data, indent=1).encode(), private=True)
 
 
 def _listed(manifest: bytes) -> set:

@@ -68,15 +68,20 @@ def test_an_inflation_bomb_is_refused_before_inflating(signed):
     assert e.value.kind == "too-large"
 
 
-def test_the_device_installs_nothing_from_an_unsigned_app(signed):
-    from client.guard import guarded_install
+def test_the_device_installs_nothing_from_an_unsigned_app(signed, tmp_path):
+    from common.appsign import SerialStore
 
     installed = []
-    install = guarded_install(lambda fab, **kw: installed.append(fab), signed["trusted"])
-    with pytest.raises(AppSignatureError):
-        install(build_fab_from_disk(ATTACK_APP), skip_prompt=True)
-    assert installed == []
-    install(signed["fab"], skip_prompt=True)
+    seen = SerialStore(tmp_path / "serials.json")
+    for fab in (build_fab_from_disk(ATTACK_APP), signed["fab"]):
+        pull, install = _guarded(fab, signed["trusted"], seen, lambda f, **kw: installed.append(f))
+        pull()
+        if fab is signed["fab"]:
+            install(fab, skip_prompt=True)
+        else:
+            with pytest.raises(AppSignatureError):
+                install(fab, skip_prompt=True)
+            assert installed == []
     assert installed == [signed["fab"]]
 
 
@@ -143,19 +148,32 @@ def _pull(fab: bytes, **crafted):
     return lambda *a, **k: ("message", "context", run, art)
 
 
-def test_a_signed_app_under_a_crafted_fab_version_imports_nothing(signed):
+def _guarded(fab, trusted, seen, install=lambda f, **kw: "installed", **crafted):
+    """The guarded pull and install of fineprune-clientapp for one task carrying `fab`."""
+    from client.guard import guarded
+
+    return guarded(_pull(fab, **crafted), install, trusted, seen)
+
+
+def _run(fab, trusted, seen, **crafted):
+    """One task through the guard: the pull, then the install of the FAB it brought."""
+    pull, install = _guarded(fab, trusted, seen, **crafted)
+    pull()
+    return install(fab, skip_prompt=True)
+
+
+def test_a_signed_app_under_a_crafted_fab_version_imports_nothing(signed, tmp_path):
     """A SuperLink without the key sends the operator's genuinely signed FAB with fab_version set
     to a path out of Flower's app directory (where Flower installs and imports the ClientApp)."""
-    from client.guard import guarded_pull
-    from common.appsign import fab_identity
+    from common.appsign import SerialStore, fab_identity
 
-    fab = signed["fab"]
+    fab, seen = signed["fab"], SerialStore(tmp_path / "serials.json")
     _, version = fab_identity(fab)
-    assert guarded_pull(_pull(fab), signed["trusted"])()[2].fab_version == version
+    assert _run(fab, signed["trusted"], seen) == "installed"
     for crafted in (dict(fab_version=f"{version}.deadbeef/../../tmp/attacker/x"), dict(fab_version="9.9.9"),
                     dict(fab_id="mallory/app"), dict(hash_str="0" * 64)):
         with pytest.raises(AppSignatureError) as e:
-            guarded_pull(_pull(fab, **crafted), signed["trusted"])()
+            _run(fab, signed["trusted"], seen, **crafted)
         assert e.value.kind == "run-mismatch", crafted
 
 
@@ -175,3 +193,24 @@ def test_unsigned_bytes_inside_a_signed_fab_are_refused(signed):
         with pytest.raises(AppSignatureError) as e:
             verify_fab(bad, signed["trusted"])
         assert e.value.kind in ("bad-signature-file", "unsigned-entry")
+
+
+def test_an_older_signing_of_an_app_is_refused_once_a_newer_one_ran(signed, tmp_path):
+    """Before: an old signed FAB still verified after the operator signed a new version."""
+    import json
+
+    from common.appsign import SerialStore
+
+    sign_app(ATTACK_APP, signed["dir"] / "keys" / "operator", tmp_path / "v2")  # the operator signs again, later
+    old, new = signed["fab"], build_fab_from_disk(tmp_path / "v2")
+    seen = SerialStore(tmp_path / "state" / "serials.json")
+    for fab in (old, new, new):  # the device ran the first signing, then the new one (twice)
+        assert _run(fab, signed["trusted"], seen) == "installed"
+    with pytest.raises(AppSignatureError) as e:
+        _run(old, signed["trusted"], seen)  # a SuperLink replays the old one
+    assert e.value.kind == "replayed"
+    sig = json.loads(zipfile.ZipFile(io.BytesIO(old)).read("fineprune-signature.json"))
+    with pytest.raises(AppSignatureError) as e:  # the serial is signed: raising it breaks the signature
+        verify_fab(_edit(old, "fineprune-signature.json", json.dumps({**sig, "serial": sig["serial"] + 10**12}).encode()),
+                   signed["trusted"])
+    assert e.value.kind == "bad-signature"

@@ -130,6 +130,7 @@ class Deployment:
             if self.signed:  # the device's own executor: it runs only apps signed with this key
                 self._spawn(f"{name}-exec", [
                     _bin("fineprune-superexec"), "--trusted-keys", str(self.operator_key["public"]),
+                    "--app-state", str(device / "app-serials.json"),
                     "--insecure", "--runtime-api-address", f"127.0.0.1:{appio}"])
         time.sleep(3)
         for name in (n for n, _, reg in nodes if reg):
