@@ -1,10 +1,13 @@
 """The device's gate: only apps signed by the operator run here (common/appsign.py says why Flower's
 own verification does not cover locally built apps).
 
-Two commands, used with the SuperNode in `--isolation process` mode:
+Two commands, used with the SuperNode in `--isolation process` mode and one secret file (32 random
+bytes, mode 0600) that both hold, so that only this executor takes the device's tasks:
 
-    flower-supernode ... --isolation process --clientappio-api-address 127.0.0.1:9094
-    fineprune-superexec --trusted-keys operator.pub --insecure --runtime-api-address 127.0.0.1:9094
+    flower-supernode ... --isolation process --clientappio-api-address 127.0.0.1:9094 \
+        --superexec-auth-secret-file exec.secret
+    fineprune-superexec --trusted-keys operator.pub --superexec-auth-secret-file exec.secret \
+        --insecure --runtime-api-address 127.0.0.1:9094
 
 `fineprune-superexec` is Flower's own SuperExec, except that it launches each ClientApp through
 `fineprune-clientapp`, which is Flower's own `flwr-clientapp` with checks added before the FAB is
@@ -96,9 +99,23 @@ def superexec_main(argv=None) -> None:
     p.add_argument("--app-state", default=DEFAULT_APP_STATE,
                    help="file where the device keeps the newest signing it ran per app; an older signed "
                         f"version of an app is then refused (default {DEFAULT_APP_STATE})")
+    p.add_argument("--superexec-auth-secret-file", required=True,
+                   help="the secret the SuperNode was started with (flower-supernode "
+                        "--superexec-auth-secret-file): only an executor holding it takes the device's tasks, "
+                        "not any local process that reaches the SuperNode's runtime API; the file must be "
+                        "readable by its owner only")
     ours, rest = p.parse_known_args(argv)
     if any(a == "--executor" or a.startswith("--executor=") for a in rest):
         p.error("--executor: only Flower's local subprocess executor is guarded")
+    secret = ours.superexec_auth_secret_file
+    try:
+        st = os.stat(secret)
+    except OSError as exc:
+        p.exit(2, f"fineprune-superexec: error: --superexec-auth-secret-file {secret}: {exc.strerror}\n")
+    if st.st_mode & 0o077 or st.st_size < 16:
+        p.exit(2, f"fineprune-superexec: error: --superexec-auth-secret-file {secret} must hold at least 16 "
+                  "random bytes, readable by its owner only (chmod 600)\n")
+    rest = [*rest, "--superexec-auth-secret-file", secret]
     from common.appsign import load_public_keys
 
     try:

@@ -89,11 +89,35 @@ def test_guarded_executor_refuses_to_start_without_valid_trusted_keys(tmp_path, 
     from client.guard import superexec_main
 
     (tmp_path / "keys.pub").write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ== x\n")
-    for argv in (["--trusted-keys", str(tmp_path / "none.pub")], ["--trusted-keys", str(tmp_path / "keys.pub")]):
+    secret, shared = tmp_path / "exec.secret", tmp_path / "shared.secret"
+    secret.write_bytes(b"s" * 32)
+    secret.chmod(0o600)
+    shared.write_bytes(b"s" * 32)
+    shared.chmod(0o644)
+    for argv in (["--trusted-keys", str(tmp_path / "none.pub"), "--superexec-auth-secret-file", str(secret)],
+                 ["--trusted-keys", str(tmp_path / "keys.pub"), "--superexec-auth-secret-file", str(secret)]):
         with pytest.raises(SystemExit) as e:
             superexec_main([*argv, "--insecure", "--runtime-api-address", "127.0.0.1:1"])
         assert e.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("secret", ["none", "world-readable"])
+def test_guarded_executor_needs_a_private_secret_shared_with_its_supernode(tmp_path, capsys, signed, secret):
+    """Without one, any local process could take the device's tasks with Flower's plain executor."""
+    from client.guard import superexec_main
+
+    pub = signed["dir"] / "keys" / "operator.pub"
+    argv = ["--trusted-keys", str(pub), "--insecure", "--runtime-api-address", "127.0.0.1:1"]
+    if secret == "world-readable":
+        f = tmp_path / "exec.secret"
+        f.write_bytes(b"s" * 32)
+        f.chmod(0o644)
+        argv += ["--superexec-auth-secret-file", str(f)]
+    with pytest.raises(SystemExit) as e:
+        superexec_main(argv)
+    assert e.value.code == 2
+    assert "superexec-auth-secret-file" in capsys.readouterr().err
 
 
 @pytest.mark.badinput

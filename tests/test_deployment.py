@@ -22,7 +22,7 @@ ATTACK_APP = Path(__file__).parent / "attack_app"
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy")
-    dep = Deployment(out, export_digits_users(out, 3), auth=True, intruders=1)
+    dep = Deployment(out, export_digits_users(out, 3), auth=True, intruders=1, rogue_executor=True)
     try:
         dep.start()
         attack = attack_attempts(dep, out)
@@ -67,6 +67,16 @@ def test_unsigned_app_never_runs_on_a_device(deployment):
     for i in range(3):
         assert "app refused (unsigned)" in dep.log(f"supernode-{i}-exec")
     assert "app signed by fp-" in dep.log("supernode-0-exec")  # the operator's app did run
+
+
+def test_a_rogue_executor_on_a_device_never_gets_a_task(deployment):
+    """Any local process could start Flower's plain executor against a SuperNode's runtime API, take
+    its tasks and run an unsigned app. The SuperNode and the guarded executor share a secret now."""
+    out, dep, report, _, _ = deployment
+    rogue = dep.log("rogue-exec")
+    assert "Start `flwr-clientapp`" not in rogue and "flwr-clientapp" not in rogue.replace("flower-superexec", "")
+    assert "SuperExec authentication failed" in dep.log("supernode-0")  # it tried, and the SuperNode said no
+    assert "supernode-0" in {c["id"] for c in report["clients"]}  # its guarded executor took the task
 
 
 def test_round_completes_over_tls_without_the_device_that_disconnected(deployment):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 from common.appsign import make_signing_key, sign_app
+from common.io import atomic_write_bytes
 from simulations.deploy.certs import make_certs, make_node_key
 
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -65,8 +67,8 @@ class Deployment:
     SuperNodes try to join with keys nobody registered."""
 
     def __init__(self, out: Path, data_dirs: list[Path], auth: bool = True, intruders: int = 0,
-                 signed: bool = True):
-        self.signed = signed
+                 signed: bool = True, rogue_executor: bool = False):
+        self.signed, self.rogue_executor, self.appio = signed, rogue_executor, {}
         self.out = out
         self.data_dirs = data_dirs
         self.auth = auth
@@ -122,16 +124,26 @@ class Deployment:
                 auth_args = ["--auth-supernode-private-key", str(keys["private"])]
             device = self.out / name / "device"
             appio = free_port()
+            self.appio[name] = appio
+            secret = self.out / "node-keys" / f"{name}.exec-secret"
+            if self.signed:  # shared by the SuperNode and its guarded executor only (0600)
+                secret.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(secret, secrets.token_bytes(32), private=True)
             self._spawn(name, [
                 _bin("flower-supernode"), "--root-certificates", str(certs["ca"]),
                 "--superlink", f"127.0.0.1:{self.public_port}", "--host", "127.0.0.1", "--port", str(appio),
-                *(["--isolation", "process"] if self.signed else []),
+                *(["--isolation", "process", "--superexec-auth-secret-file", str(secret)] if self.signed else []),
                 *auth_args, "--node-config", f"device-dir='{device}' data-dir='{data}' device-name='{name}'"])
             if self.signed:  # the device's own executor: it runs only apps signed with this key
                 self._spawn(f"{name}-exec", [
                     _bin("fineprune-superexec"), "--trusted-keys", str(self.operator_key["public"]),
-                    "--app-state", str(device / "app-serials.json"),
+                    "--superexec-auth-secret-file", str(secret), "--app-state", str(device / "app-serials.json"),
                     "--insecure", "--runtime-api-address", f"127.0.0.1:{appio}"])
+        if self.signed and self.rogue_executor:
+            # a local process without the secret that reaches supernode-0's runtime API with Flower's
+            # own, unguarded executor: it must never get a task
+            self._spawn("rogue-exec", [_bin("flower-superexec"), "--insecure", "--plugin-type", "clientapp",
+                                       "--runtime-api-address", f"127.0.0.1:{self.appio['supernode-0']}"])
         time.sleep(3)
         for name in (n for n, _, reg in nodes if reg):
             if self.procs[name].poll() is not None:
