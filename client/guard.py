@@ -53,7 +53,7 @@ def guarded(pull, install, trusted, seen=None):
     (common.appsign.check_run_binding), and that it is no older signing of an app this device
     already ran (`seen`, a SerialStore). Refused at install, where Flower still answers the server
     with its usual error reply (a failure inside the pull leaves it no message to answer)."""
-    from common.appsign import AppSignatureError, check_run_binding, verify_fab
+    from common.appsign import AppSignatureError, check_run_binding, verified_install
 
     pulled = {}
 
@@ -62,20 +62,13 @@ def guarded(pull, install, trusted, seen=None):
         pulled.update(run=run, hash=fab.hash_str)
         return message, context, run, fab
 
-    def install_verified(fab_file, *args, **kwargs):
-        data = fab_file if isinstance(fab_file, bytes) else open(fab_file, "rb").read()
-        try:
-            kid = verify_fab(data, trusted)
-            if "run" not in pulled:
-                raise AppSignatureError("run-mismatch", "no run came with this app")
-            check_run_binding(data, pulled["hash"], pulled["run"].fab_id, pulled["run"].fab_version)
-            verify_fab(data, trusted, seen if seen is not None else _serials())
-        except AppSignatureError as exc:
-            print(f"{GUARDED_COMMAND}: {exc}; nothing from it was installed or run", file=sys.stderr, flush=True)
-            raise
-        print(f"{GUARDED_COMMAND}: app signed by {kid}, running it", file=sys.stderr, flush=True)
-        return install(fab_file, *args, **kwargs)
-    return pull_remembered, install_verified
+    def binding(data: bytes) -> None:
+        if "run" not in pulled:
+            raise AppSignatureError("run-mismatch", "no run came with this app")
+        check_run_binding(data, pulled["hash"], pulled["run"].fab_id, pulled["run"].fab_version)
+
+    return pull_remembered, verified_install(install, trusted, seen if seen is not None else _serials(),
+                                             GUARDED_COMMAND, binding)
 
 
 def clientapp_main() -> None:

@@ -249,3 +249,25 @@ def check_run_binding(fab: bytes, fab_hash: str, fab_id: str, fab_version: str) 
     if (fab_id, fab_version) != want:
         raise AppSignatureError("run-mismatch", f"the run names app {str(fab_id)[:80]!r} version "
                                                 f"{str(fab_version)[:80]!r}, the signed app is {want[0]!r} {want[1]!r}")
+
+
+def verified_install(install, trusted: dict, seen: "SerialStore", who: str, binding=None):
+    """Flower's install_from_fab, preceded by the checks: the operator's signature, `binding()`
+    (raises AppSignatureError where the run's fields are not the FAB's own; None: Flower builds
+    the path from the FAB's own metadata) and no replay of an older signing (`seen`). A refused
+    app is never unpacked; one line on stderr says why, under `who`."""
+    import sys
+
+    def install_verified(fab_file, *args, **kwargs):
+        data = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
+        try:
+            kid = verify_fab(data, trusted)
+            if binding is not None:
+                binding(data)
+            verify_fab(data, trusted, seen)
+        except AppSignatureError as exc:
+            print(f"{who}: {exc}; nothing from it was installed or run", file=sys.stderr, flush=True)
+            raise
+        print(f"{who}: app signed by {kid}, running it", file=sys.stderr, flush=True)
+        return install(fab_file, *args, **kwargs)
+    return install_verified

@@ -46,7 +46,9 @@ def attack_attempts(dep, out) -> dict:
     res = {"register": dep.flwr("supernode", "register", str(node_key["public"]), federation="public"),
            "run_public": dep.flwr("run", str(ATTACK_APP), "--stream", federation="public")}
     # the Control API reached from the server itself, with an app nobody signed
-    res["run_local"] = dep.flwr("run", str(ATTACK_APP), "--stream", federation="deploy", timeout=240)
+    # and a ServerApp that reads the operator's signing key (on this account in this test's layout)
+    res["run_local"] = dep.flwr("run", str(ATTACK_APP), "--stream", "-c",
+                                f"steal='{dep.operator_key['private']}'", federation="deploy", timeout=240)
     return res
 
 
@@ -58,14 +60,18 @@ def test_attacker_with_the_public_address_cannot_register_a_node_or_start_a_run(
     assert "No SuperNode found" not in dep.log("gateway")
 
 
-def test_unsigned_app_never_runs_on_a_device(deployment):
+def test_an_unsigned_run_started_on_the_server_runs_nowhere(deployment):
+    """With the Control API (an account on the server), the attacker starts an unsigned app whose
+    ServerApp reads the operator's signing key. Before: it ran with the SuperLink's file access,
+    read the key, could sign its own app for every device. Now the ServerApp is refused unsigned,
+    so nothing of it runs on the server, and no device is even asked."""
     out, dep, _, _, attack = deployment
     printed = attack["run_local"].stdout + attack["run_local"].stderr
-    assert "ATTACK loot" not in printed
-    assert printed.count("ATTACK refused") == 3, printed[-2000:]
+    assert "ATTACK" not in printed, printed[-2000:]  # neither the key read nor any device's reply
+    assert "app refused (unsigned)" in printed + dep.log("superlink"), printed[-2000:]
     assert not list(out.rglob("pwned.txt"))  # the attacker's ClientApp never wrote its file
     for i in range(3):
-        assert "app refused (unsigned)" in dep.log(f"supernode-{i}-exec")
+        assert "app refused" not in dep.log(f"supernode-{i}-exec")  # no device got its task at all
     assert "app signed by fp-" in dep.log("supernode-0-exec")  # the operator's app did run
 
 

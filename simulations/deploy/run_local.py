@@ -6,8 +6,11 @@ of the operator-signed app. Used by the deployment test and as a how-to. The sec
   (server/gateway.py), so the Control API (`flwr run`, `flwr supernode register`) is reachable
   only from the server itself;
 - SuperNode authentication on: only public keys the operator registered may join;
+- the SuperLink is fineprune-superlink (server/guard.py): a ServerApp runs only if the operator
+  signed it, so an unsigned run started through the Control API never runs on the server;
 - every device runs its ClientApps through fineprune-superexec (client/guard.py): only apps
-  signed with the operator's Ed25519 key (`fineprune sign-app`) are installed and run;
+  signed with the operator's Ed25519 key (`fineprune sign-app`) are installed and run, and only
+  that executor (holding the SuperNode's SuperExec secret) takes the device's tasks;
 - each SuperNode has its own device storage and data directory.
 
     python -m simulations.deploy.run_local --out /tmp/deploy --supernodes 2
@@ -16,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -91,8 +94,12 @@ class Deployment:
         # Flower 1.42 serves the Fleet, Control and Runtime APIs on one HTTPS port, the Control API
         # without authentication: that port stays on loopback, the devices get the gateway's
         self.port, self.public_port = free_port(), free_port()
+        if self.signed:  # the operator signs elsewhere; the server holds only the public key
+            self.operator_key = make_signing_key(self.out / "operator-key", "operator")
+        guard = (["fineprune-superlink", "--trusted-keys", str(self.operator_key["public"]),
+                  "--app-state", str(self.out / "server-app-serials.json")] if self.signed else ["flower-superlink"])
         self._spawn("superlink", [
-            _bin("flower-superlink"), "--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
+            _bin(guard[0]), *guard[1:], "--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
             "--ssl-keyfile", str(certs["key"]), "--host", "127.0.0.1", "--port", str(self.port),
             "--disable-runtime-dependency-installation", "--database", str(self.out / "state.db"),
             *(["--enable-supernode-auth"] if self.auth else [])])
@@ -109,7 +116,6 @@ class Deployment:
             "--ssl-keyfile", str(certs["key"]), "--upstream-ca", str(certs["ca"])])
         self._wait_for_port(self.public_port, "gateway")
         if self.signed:
-            self.operator_key = make_signing_key(self.out / "operator-key", "operator")
             self.app = Path(sign_app(APP_DIR, self.operator_key["private"], self.out / "signed-app")["app"])
         else:
             self.app = APP_DIR

@@ -1,5 +1,6 @@
 """The attacker's app (tests only): the ClientApp drops a file in the device's data folder and sends
-back the folder's listing; the ServerApp prints what came back."""
+back the folder's listing; the ServerApp first tries to read a file of the server's (run config
+`steal`, e.g. the operator's signing key), then prints what came back."""
 import os
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -20,6 +21,10 @@ def steal(msg: Message, context: Context) -> Message:
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
+    steal = str(context.run_config.get("steal", ""))
+    if steal and os.path.exists(steal):
+        with open(steal, "rb") as f:
+            print(f"ATTACK read {steal}: {len(f.read())} bytes", flush=True)
     nodes = list(grid.get_node_ids())
     msgs = [Message(RecordDict({"c": ConfigRecord({})}), dst_node_id=n, message_type="train") for n in nodes]
     for reply in grid.send_and_receive(msgs, timeout=60):
