@@ -29,6 +29,11 @@ def merged_config(run_config: dict, overrides: dict | None = None) -> dict:
         check_epsilon(cfg["privacy-epsilon"])
         if cfg["summary-level"] != "bitmap":
             raise ValueError(f"privacy-epsilon needs summary-level 'bitmap', not '{cfg['summary-level']}'")
+        if cfg["slim-base"]:
+            # sybils that prune a chosen set make "pruned by a quorum" read back one device's mask
+            # on it (README: what the slim base reveals): nothing of it in a private run
+            raise ValueError("slim-base is off in private runs (privacy-epsilon > 0): colluding devices could "
+                             "read one device's mask back from it")
     prune_settings(cfg)  # invalid engine combinations fail here, before any client runs
     return cfg
 

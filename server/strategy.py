@@ -212,6 +212,9 @@ class FinePruneStrategy(Strategy):
         return row, summ
 
     def _slim_base(self, summaries, record) -> ArrayRecord | None:
+        if self.epsilon is not None:  # merged_config refuses it; a strategy built around it still derives none
+            record["slim_base"] = {"skipped": "private run: no slim base"}
+            return None
         bitmaps = {k: s.bitmap for k, s in summaries.items() if s.bitmap is not None}
         if not bitmaps or len(bitmaps) != len(summaries):
             record["slim_base"] = {"skipped": "needs summary-level bitmap from every client"}
