@@ -67,7 +67,11 @@ def input_profile(model: nn.Module, x: torch.Tensor, batch_size: int = 256, devi
     """The average input of the model's first layer (for audio models, the spectrogram after its
     own front end), pooled to at most PROFILE_SIDE x PROFILE_SIDE per channel: (C, h, w), or
     (features,) for a fully-connected first layer."""
-    mean = first_layer_mean(model, x, batch_size, device)
+    return pooled_profile(first_layer_mean(model, x, batch_size, device))
+
+
+def pooled_profile(mean: torch.Tensor) -> torch.Tensor:
+    """An average first-layer input as a profile: pooled to at most PROFILE_SIDE per side."""
     if mean.dim() == 3:
         mean = F.adaptive_avg_pool2d(mean.unsqueeze(0), (min(PROFILE_SIDE, mean.shape[1]),
                                                          min(PROFILE_SIDE, mean.shape[2])))[0]
@@ -173,6 +177,36 @@ def input_correlation(model: nn.Module, meta: dict | None, x: torch.Tensor, batc
     if vendor is None:
         return None
     return _lowest_correlation(input_profile(model, x, batch_size, device), vendor)
+
+
+class FirstLayerInputs:
+    """The sum of the first prunable layer's inputs over the passes it is open for: a hook on a
+    pass the engine runs anyway (its statistics pass), so the input check costs no pass."""
+
+    def __init__(self, model: nn.Module):
+        self.layer = next(iter(prunable_layers(model).values()))
+        self.total, self.n = None, 0
+
+    def _hook(self, _m, args):
+        h = args[0].detach().float()
+        self.total = h.sum(0) if self.total is None else self.total + h.sum(0)
+        self.n += h.shape[0]
+
+    def __enter__(self):
+        self._handle = self.layer.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+    def correlation(self, meta: dict | None) -> float | None:
+        """input_correlation of the inputs seen (the lowest over channels; per-channel affine
+        normalization before the first layer, as a train-mode BatchNorm on a spectrogram, leaves it
+        unchanged); None without a vendor profile or without inputs."""
+        vendor = _vendor_profile(meta)
+        if vendor is None or not self.n:
+            return None
+        return _lowest_correlation(pooled_profile((self.total / self.n).cpu()), vendor)
 
 
 def _vendor_profile(meta: dict | None) -> torch.Tensor | None:

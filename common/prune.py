@@ -260,11 +260,8 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     need_stats = RULES[cfg.stop_rule].needs_stats
     need_outputs, need_classes = "outputs" in scorer.needs or need_stats, "classes" in scorer.needs
     pick = cfg.probe_pick(len(x))
-    # inputs unlike anything the base was trained on get no irreversible cut: no pruning, no restriction
-    corr = AD.input_correlation(model, base_meta, x[pick], cfg.batch_size, device)
-    unlike = corr is not None and corr < AD.UNLIKE_BELOW
-    clock.lap("input check")
-    searching = cfg.target_sparsity is None and cfg.stop_rule != "none" and not unlike
+    # the stop rule's search, unless the statistics pass finds inputs unlike the base's (below)
+    searching = cfg.target_sparsity is None and cfg.stop_rule != "none"
     recalibrating = cfg.recalibrate_bn and not cfg.base_stats and bool(bn_layers(model))
     mode = cfg.bn_adapt if recalibrating else ("full" if cfg.recalibrate_bn else "none")
     spread = AD.spread_for(model, base_meta) if recalibrating else None
@@ -283,7 +280,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     fold = (searching and cfg.recalibrate_bn and not cfg.base_stats and not need_stats
             and (len(x) - len(pick)) % cfg.batch_size != 1)
     first = pick if fold else None
-    with capture_features(model) as cap:
+    with capture_features(model) as cap, AD.FirstLayerInputs(model) as inputs:
         if cfg.recalibrate_bn and not cfg.base_stats:
             # One pass both adapts BatchNorm to the user and measures usage on the adapted network:
             # under a domain shift the base's own activations mislead the ranking (digits users
@@ -295,6 +292,11 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
             first = None
     feats = cap.features(first)
     clock.lap("statistics pass")
+    # inputs unlike anything the base was trained on get no irreversible cut: no pruning, no
+    # restriction (their average, against the vendor's, from the statistics pass: no pass of its own)
+    corr = inputs.correlation(base_meta)
+    unlike = corr is not None and corr < AD.UNLIKE_BELOW
+    searching = searching and not unlike
     info = {"input_correlation": None if corr is None else round(corr, 4), "unlike_base": unlike,
             "vendor_record": spread is not None}
     extra = 0  # samples pushed through the model by the adaptation check
