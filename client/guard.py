@@ -29,15 +29,9 @@ GUARDED_COMMAND = "fineprune-clientapp"
 
 
 def _trusted_from_env():
-    from common.appsign import load_public_keys
+    from common.appsign import trusted_keys_from_env
 
-    path = os.environ.get(TRUSTED_KEYS_ENV)
-    if not path:
-        raise SystemExit(f"{GUARDED_COMMAND}: error: {TRUSTED_KEYS_ENV} is not set; refusing to run any app")
-    try:
-        return load_public_keys(path)
-    except ValueError as exc:
-        raise SystemExit(f"{GUARDED_COMMAND}: error: {exc}") from None
+    return trusted_keys_from_env(TRUSTED_KEYS_ENV, GUARDED_COMMAND)
 
 
 def _serials():

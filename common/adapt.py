@@ -32,10 +32,10 @@ PROFILE_SIDE = 8  # an input profile is pooled to at most this many positions pe
 
 # ---------------------------------------------------------------- vendor side (labels allowed)
 @torch.no_grad()
-def class_spread(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> list:
-    """Per BatchNorm layer and channel, the share of the channel's variance over the vendor's data
-    (eval mode, samples and positions) that lies between the classes' means: eta^2 in [0, 1].
-    What a user holding a few of the classes can move the channel's statistics by."""
+def class_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> list:
+    """Per BatchNorm layer, over the vendor's data in eval mode: per class, the sums of each
+    channel's per-sample mean and mean square (over positions), and the class's sample count:
+    [(sum_mean (K, C), sum_square (K, C), count (K,)), ...]."""
     bns = bn_layers(model)
     n_cls = int(y.max()) + 1
     acc = [None] * len(bns)
@@ -60,7 +60,14 @@ def class_spread(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size:
     finally:
         for h in handles:
             h.remove()
-    return [eta_squared(s1, cnt, s2.sum(0)) for s1, s2, cnt in acc]
+    return acc
+
+
+def class_spread(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> list:
+    """Per BatchNorm layer and channel, the share of the channel's variance over the vendor's data
+    (eval mode, samples and positions) that lies between the classes' means: eta^2 in [0, 1].
+    What a user holding a few of the classes can move the channel's statistics by."""
+    return [eta_squared(s1, cnt, s2.sum(0)) for s1, s2, cnt in class_sums(model, x, y, batch_size)]
 
 
 def input_profile(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:

@@ -271,3 +271,17 @@ def verified_install(install, trusted: dict, seen: "SerialStore", who: str, bind
         print(f"{who}: app signed by {kid}, running it", file=sys.stderr, flush=True)
         return install(fab_file, *args, **kwargs)
     return install_verified
+
+
+def trusted_keys_from_env(env: str, who: str) -> dict:
+    """The operator's public keys from the file an environment variable names (set by the guarded
+    executor that launched this process), or SystemExit: no keys, no app."""
+    import os
+
+    path = os.environ.get(env)
+    if not path:
+        raise SystemExit(f"{who}: error: {env} is not set; refusing to run any app")
+    try:
+        return load_public_keys(path)
+    except ValueError as exc:
+        raise SystemExit(f"{who}: error: {exc}") from None

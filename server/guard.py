@@ -25,15 +25,9 @@ SERVEREXEC_COMMAND = "fineprune-serverexec"
 
 
 def _trusted():
-    from common.appsign import SerialStore, load_public_keys
+    from common.appsign import SerialStore, trusted_keys_from_env
 
-    path = os.environ.get(TRUSTED_KEYS_ENV)
-    if not path:
-        raise SystemExit(f"{SERVERAPP_COMMAND}: error: {TRUSTED_KEYS_ENV} is not set; refusing to run any app")
-    try:
-        keys = load_public_keys(path)
-    except ValueError as exc:
-        raise SystemExit(f"{SERVERAPP_COMMAND}: error: {exc}") from None
+    keys = trusted_keys_from_env(TRUSTED_KEYS_ENV, SERVERAPP_COMMAND)
     return keys, SerialStore(os.path.expanduser(os.environ.get(APP_STATE_ENV) or DEFAULT_APP_STATE))
 
 

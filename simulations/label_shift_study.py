@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from common import data as D
 from common import protocol as P
-from common.adapt import AGREE, KAPPA, SLACK, classes_predicted, spread_for, stem_profile
+from common.adapt import AGREE, KAPPA, SLACK, class_sums, classes_predicted, spread_for, stem_profile
 from common.forward import bn_layers, bn_prior, features_and_logits, recalibrate_bn
 from common.heads import HEADS as WRITERS
 from common.pretrain import training_split
@@ -29,24 +29,10 @@ from simulations import bench_tasks as BT
 from simulations.adapt_study import cohorts, resnet64_users
 
 
-@torch.no_grad()
-def class_moments(model, x, y, bs=256):
-    bns = bn_layers(model); K = int(y.max()) + 1; acc = [None]*len(bns); cur = {}
-    def hook(i):
-        def pre(_m, args):
-            h = args[0].float()
-            per = h.mean(tuple(range(2, h.dim()))) if h.dim() > 2 else h
-            sq = (h**2).mean(tuple(range(2, h.dim()))) if h.dim() > 2 else h**2
-            oh = F.one_hot(cur["y"], K).float()
-            s = [oh.T @ per, oh.T @ sq, oh.sum(0)]
-            acc[i] = s if acc[i] is None else [a+b for a, b in zip(acc[i], s)]
-        return pre
-    hs = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(bns)]
-    model.eval()
-    for i in range(0, len(x), bs):
-        cur["y"] = y[i:i+bs]; model(x[i:i+bs])
-    for h in hs: h.remove()
-    return [(s1/c[:, None].clamp_min(1), s2/c[:, None].clamp_min(1)) for s1, s2, c in acc]
+def class_moments(model, x, y):
+    """Per BatchNorm layer: each class's mean and mean square per channel (the vendor's data)."""
+    return [(s1 / c[:, None].clamp_min(1), s2 / c[:, None].clamp_min(1)) for s1, s2, c in class_sums(model, x, y)]
+
 
 @torch.no_grad()
 def mixcomp(model, x, moments, pi, prior, amin=0.0):
