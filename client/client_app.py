@@ -106,7 +106,11 @@ def whole_seconds(reply: Message, t0: float) -> None:
     that time: its timing says no more than its prune_seconds, which is rounded to the second."""
     elapsed = time.monotonic() - t0
     time.sleep(math.ceil(elapsed) - elapsed if elapsed > 0 else 0.0)
-    reply.metadata.created_at = time.time()
+    now = time.time()
+    # the reply still expires when the message it answers does (Flower drops a reply whose
+    # created_at + ttl outlives the instruction's)
+    reply.metadata.ttl = max(reply.metadata.ttl - (now - reply.metadata.created_at), 0.0)
+    reply.metadata.created_at = now
 
 
 def quiet_errors(work, private: bool):

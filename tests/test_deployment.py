@@ -7,6 +7,7 @@ every device refuses it and nothing of it runs. Then the operator's signed run: 
 devices join; an unregistered one is refused; one registered device is killed mid-round (after it
 got the model) and the round completes without it. Then everything is stopped."""
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +37,11 @@ def deployment(tmp_path_factory):
         dep.kill("supernode-2")  # mid-round: it holds the model and is working on its reply
         report = dep.wait(run, timeout=500)
         intruder_exit = dep.procs["intruder-0"].poll()  # before stop(): did it give up by itself?
+        # then a malicious SuperLink (as the devices see it) sends the operator's signed app under
+        # a crafted fab_version that points Flower's import path at the attacker's own directory
+        dep.replace_gateway([sys.executable, "-m", "tests.evil_link", "--attacker-dir", str(out / "attacker")])
+        dep.wait(dep.launch("num-clients=2 min-clients=1 research-accuracy=false summary-level='bitmap' "
+                            "round-timeout=120.0"), timeout=300)
     finally:
         dep.stop()
     return out, dep, report, intruder_exit, attack
@@ -73,6 +79,16 @@ def test_an_unsigned_run_started_on_the_server_runs_nowhere(deployment):
     for i in range(3):
         assert "app refused" not in dep.log(f"supernode-{i}-exec")  # no device got its task at all
     assert "app signed by fp-" in dep.log("supernode-0-exec")  # the operator's app did run
+
+
+def test_a_malicious_superlinks_crafted_fab_version_imports_nothing(deployment):
+    """The signature does not cover the Run's fields, and Flower imports the ClientApp from a path
+    built from fab_version: the device checks they are the signed FAB's own before installing."""
+    out, dep, _, _, _ = deployment
+    assert list((out / "attacker").glob("x.*/evil.py"))  # the attacker prepared its directory
+    for i in (0, 1):
+        assert "app refused (run-mismatch)" in dep.log(f"supernode-{i}-exec")
+    assert not list(out.rglob("evil-imported.txt"))  # its code was never imported
 
 
 def test_a_rogue_executor_on_a_device_never_gets_a_task(deployment):

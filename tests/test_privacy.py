@@ -293,8 +293,11 @@ def test_a_private_reply_tells_its_time_only_to_the_second(identity):
     instr.metadata.__dict__["_message_id"] = instr.object_id
     for took in (0.05, 0.3, 1.4):
         reply = Message(RecordDict(), reply_to=instr)
+        expires = reply.metadata.created_at + reply.metadata.ttl
         t0 = time.monotonic() - took
         whole_seconds(reply, t0)
+        # the reply expires when it did before (Flower drops one that outlives the instruction)
+        assert abs(reply.metadata.created_at + reply.metadata.ttl - expires) < 1e-6
         elapsed = time.monotonic() - t0
         assert abs(elapsed - round(elapsed)) < 0.03 and round(elapsed) >= 1
         assert abs(reply.metadata.created_at - time.time()) < 0.03

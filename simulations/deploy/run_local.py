@@ -110,11 +110,7 @@ class Deployment:
             f'root-certificates = "{certs["ca"]}"\n\n'
             f'[superlink.public]\naddress = "127.0.0.1:{self.public_port}"\nroot-certificates = "{certs["ca"]}"\n')
         self._wait_for_superlink()
-        self._spawn("gateway", [
-            sys.executable, "-m", "server.gateway", "--listen", f"127.0.0.1:{self.public_port}",
-            "--upstream", f"127.0.0.1:{self.port}", "--ssl-certfile", str(certs["cert"]),
-            "--ssl-keyfile", str(certs["key"]), "--upstream-ca", str(certs["ca"])])
-        self._wait_for_port(self.public_port, "gateway")
+        self.replace_gateway([sys.executable, "-m", "server.gateway"])
         if self.signed:
             self.app = Path(sign_app(APP_DIR, self.operator_key["private"], self.out / "signed-app")["app"])
         else:
@@ -207,6 +203,18 @@ class Deployment:
 
     def run(self, run_config: str, timeout: float = 600) -> dict:
         return self.wait(self.launch(run_config), timeout)
+
+    def replace_gateway(self, command: list[str]):
+        """(Re)start what the devices reach at the public address: `command` (the gateway's module,
+        or a test's stand-in for a malicious SuperLink) with the gateway's options."""
+        if "gateway" in self.procs and self.procs["gateway"].poll() is None:
+            self.procs["gateway"].terminate()
+            self.procs["gateway"].wait(timeout=15)
+        certs = self.certs
+        self._spawn("gateway", [*command, "--listen", f"127.0.0.1:{self.public_port}",
+                                "--upstream", f"127.0.0.1:{self.port}", "--ssl-certfile", str(certs["cert"]),
+                                "--ssl-keyfile", str(certs["key"]), "--upstream-ca", str(certs["ca"])])
+        self._wait_for_port(self.public_port, "gateway")
 
     def kill(self, name: str):
         """Pull the plug on one process (a SuperNode and the ClientApp it runs): no goodbye."""
