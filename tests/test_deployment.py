@@ -39,9 +39,10 @@ def deployment(tmp_path_factory):
         intruder_exit = dep.procs["intruder-0"].poll()  # before stop(): did it give up by itself?
         # then a malicious SuperLink (as the devices see it) sends the operator's signed app under
         # a crafted fab_version that points Flower's import path at the attacker's own directory
-        dep.replace_gateway([sys.executable, "-m", "tests.evil_link", "--attacker-dir", str(out / "attacker")])
+        dep.replace_gateway([sys.executable, "-m", "tests.evil_link", "--attacker-dir", str(out / "attacker")],
+                            name="evil-link")
         dep.wait(dep.launch("num-clients=2 min-clients=1 research-accuracy=false summary-level='bitmap' "
-                            "round-timeout=120.0"), timeout=300)
+                            "round-timeout=120.0", name="evil-run"), timeout=300, name="evil-run")
     finally:
         dep.stop()
     return out, dep, report, intruder_exit, attack
@@ -77,7 +78,7 @@ def test_an_unsigned_run_started_on_the_server_runs_nowhere(deployment):
     assert "app refused (unsigned)" in printed + dep.log("superlink"), printed[-2000:]
     assert not list(out.rglob("pwned.txt"))  # the attacker's ClientApp never wrote its file
     for i in range(3):
-        assert "app refused" not in dep.log(f"supernode-{i}-exec")  # no device got its task at all
+        assert "app refused (unsigned)" not in dep.log(f"supernode-{i}-exec")  # no device got its task at all
     assert "app signed by fp-" in dep.log("supernode-0-exec")  # the operator's app did run
 
 

@@ -181,15 +181,16 @@ class Deployment:
             time.sleep(1)
         raise RuntimeError(f"could not register {public_key}: {r.stdout[-500:]} {r.stderr[-500:]}")
 
-    def launch(self, run_config: str) -> subprocess.Popen:
-        """Start `flwr run` of the (signed) app against the SuperLink; `wait` collects the report."""
+    def launch(self, run_config: str, name: str = "server") -> subprocess.Popen:
+        """Start `flwr run` of the (signed) app against the SuperLink, its report in out/`name` and
+        its output in out/flwr-run-`name`.log; `wait` collects the report."""
         cmd = [_bin("flwr"), "run", str(self.app), "deploy", "--stream", "-c",
-               f"out-dir='{self.out / 'server'}' {run_config}"]
-        return subprocess.Popen(cmd, stdout=open(self.out / "flwr-run.log", "w"), stderr=subprocess.STDOUT,
-                                env=self.env)
+               f"out-dir='{self.out / name}' {run_config}"]
+        log = self.out / ("flwr-run.log" if name == "server" else f"flwr-run-{name}.log")
+        return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=self.env)
 
-    def wait(self, run: subprocess.Popen, timeout: float = 600) -> dict:
-        report = self.out / "server" / "report.json"
+    def wait(self, run: subprocess.Popen, timeout: float = 600, name: str = "server") -> dict:
+        report = self.out / name / "report.json"
         try:
             run.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -204,17 +205,19 @@ class Deployment:
     def run(self, run_config: str, timeout: float = 600) -> dict:
         return self.wait(self.launch(run_config), timeout)
 
-    def replace_gateway(self, command: list[str]):
+    def replace_gateway(self, command: list[str], name: str = "gateway"):
         """(Re)start what the devices reach at the public address: `command` (the gateway's module,
-        or a test's stand-in for a malicious SuperLink) with the gateway's options."""
-        if "gateway" in self.procs and self.procs["gateway"].poll() is None:
-            self.procs["gateway"].terminate()
-            self.procs["gateway"].wait(timeout=15)
+        or a test's stand-in for a malicious SuperLink, logged as `name`) with the gateway's options."""
+        old = getattr(self, "front", None)
+        if old is not None and self.procs[old].poll() is None:
+            self.procs[old].terminate()
+            self.procs[old].wait(timeout=15)
         certs = self.certs
-        self._spawn("gateway", [*command, "--listen", f"127.0.0.1:{self.public_port}",
-                                "--upstream", f"127.0.0.1:{self.port}", "--ssl-certfile", str(certs["cert"]),
-                                "--ssl-keyfile", str(certs["key"]), "--upstream-ca", str(certs["ca"])])
-        self._wait_for_port(self.public_port, "gateway")
+        self._spawn(name, [*command, "--listen", f"127.0.0.1:{self.public_port}",
+                           "--upstream", f"127.0.0.1:{self.port}", "--ssl-certfile", str(certs["cert"]),
+                           "--ssl-keyfile", str(certs["key"]), "--upstream-ca", str(certs["ca"])])
+        self.front = name
+        self._wait_for_port(self.public_port, name)
 
     def kill(self, name: str):
         """Pull the plug on one process (a SuperNode and the ClientApp it runs): no goodbye."""
