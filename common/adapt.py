@@ -10,7 +10,7 @@ user, decided per user without labels, and whether the user's inputs look like t
   the class mix cannot explain does not.
 - The check: full recalibration is kept when the layers past the input side moved beyond what
   the class mix explains (deep_shift), and it predicts no more of the classes than that safe
-  recalibration does (two classes of slack) and agrees with it on most of the user's samples;
+  recalibration does (two classes of slack) and agrees with it on most of the probe;
   otherwise only the input side (the BatchNorm layers up to the first with several channels)
   follows the user.
 - A user whose average input is anti-correlated with the base's (inverted contrast, swapped
@@ -137,8 +137,8 @@ def deep_shift(full: list, prior: list, spread: list, n_stem: int, kappa: float 
     explains: the mean over their channels of explained_weight, full recalibration's statistics
     (`full`) against the base's (`prior`); None for a network with no such layer. A user holding
     a few classes of the base's own kind of input moves them little (ResNet18 users of 2-3 classes:
-    0.015-0.055, full recalibration costs them 7-81 points); a new room, voice or style moves them
-    much (0.18-0.85 on the benchmark's speech and styled users, where full recalibration gains)."""
+    0.015-0.068, full recalibration costs them 7-81 points); a new room, voice or style moves them
+    much (0.18-0.88 on the benchmark's speech and styled users, where full recalibration gains)."""
     from common.forward import explained_weight
 
     ws = [explained_weight(mu, var, mb.to(mu), vb.to(var), sp, kappa)

@@ -261,10 +261,11 @@ def verified_install(install, trusted: dict, seen: "SerialStore", who: str, bind
     def install_verified(fab_file, *args, **kwargs):
         data = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
         try:
-            kid = verify_fab(data, trusted)
+            # one verification; a genuine signing's serial is recorded even where the run's fields
+            # then prove crafted (it is the operator's, and an older one stays refused either way)
+            kid = verify_fab(data, trusted, seen)
             if binding is not None:
                 binding(data)
-            verify_fab(data, trusted, seen)
         except AppSignatureError as exc:
             print(f"{who}: {exc}; nothing from it was installed or run", file=sys.stderr, flush=True)
             raise
