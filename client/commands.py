@@ -45,7 +45,7 @@ def cmd_export(args) -> dict:
         raise ValueError(f"unknown export format '{args.format}' (choose from: {', '.join(FORMATS)})")
     out = output_file("--out", args.out, args.model, instead="the export")
     model, meta, _ = load_checkpoint(args.model)
-    return export(model, meta["features"], args.format, out)
+    return export(model, meta["features"], args.format, out, meta["classes"])
 
 
 def _add_evaluate(sub, name: str, text: str):
@@ -92,12 +92,23 @@ def cmd_evaluate(args) -> dict:
     if args.plot:
         plot_confusion(results, Path(args.plot))
     return {k: v for k, v in out.items() if k != "results"} | {
-        "per_class": {k: {c: r["accuracy"] for c, r in res["per_class"].items()} for k, res in results.items()}}
+        "per_class": {k: {c: r["accuracy"] for c, r in res["per_class"].items()} for k, res in results.items()},
+        "confusion": {k: _present_confusion(res["confusion"]) for k, res in results.items()}}
+
+
+def _present_confusion(cm: dict) -> dict:
+    """The confusion matrix over the classes that occur (as a label or a prediction): rows are the
+    true class, columns the predicted one."""
+    rows = cm["rows_true_cols_predicted"]
+    keep = [i for i in range(len(rows)) if sum(rows[i]) or sum(r[i] for r in rows)]
+    return {"classes": [cm["classes"][i] for i in keep],
+            "rows_true_cols_predicted": [[rows[i][j] for j in keep] for i in keep]}
 
 
 def _add_predict(sub, name: str, text: str):
     pp = sub.add_parser(name, help=text, description=text + ". One JSON line per file.")
-    pp.add_argument("--model", required=True, help="checkpoint (base or personalized)")
+    pp.add_argument("--model", required=True, help="checkpoint (base or personalized), or an ONNX file that "
+                    "`fineprune export` wrote (run in onnxruntime, classes and input from its metadata)")
     pp.add_argument("files", nargs="+", metavar="FILE", help="WAV or image files")
     pp.add_argument("--top", type=int, default=1, help="classes to list per file (default 1)")
     pp.set_defaults(func=cmd_predict)
@@ -115,13 +126,28 @@ def cmd_predict(args):
 
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
-    model, meta, _ = load_checkpoint(args.model)
     paths = [Path(f) for f in args.files]
+    if Path(args.model).suffix == ".onnx":
+        from client.export import onnx_metadata, onnx_session
+
+        if not Path(args.model).is_file():
+            raise FileNotFoundError(f"ONNX file not found: {args.model}")
+        classes, features = onnx_metadata(args.model)
+        meta = {"classes": classes, "features": features}
+        sess = onnx_session(args.model)
+
+        def proba_of(x):
+            return torch.softmax(torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]), 1)
+    else:
+        model, meta, _ = load_checkpoint(args.model)
+
+        def proba_of(x):
+            return predict_proba(model, x)
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"{p} is not a file")
     x = torch.stack([load_file(p, meta["features"]) for p in paths])  # all checked before any output
-    proba = predict_proba(model, x)
+    proba = proba_of(x)
     for p, pr in zip(paths, proba):
         top = torch.topk(pr, min(args.top, len(pr)))
         row = {"file": str(p), "class": meta["classes"][int(top.indices[0])],
@@ -151,8 +177,12 @@ def cmd_info(args) -> dict:
     return {"file": str(args.checkpoint), "bytes": os.path.getsize(args.checkpoint), "task": meta["task"],
             "arch": meta["arch"], "arch_kwargs": meta["arch_kwargs"], "classes": meta["classes"],
             "input": meta["features"], "parameters": sum(p.numel() for p in inner.parameters()),
-            "sparsity": None if mask is None else round(mask.sparsity(), 4),
-            "restricted_classes": None if not restricted else [meta["classes"][i] for i in restricted],
+            # against the base, as `personalize` reported it: a compacted model's own mask counts only
+            # what is left after whole units were removed
+            "sparsity": pers["sparsity"] if pers.get("sparsity") is not None else
+            (None if mask is None else round(mask.sparsity(), 4)),
+            "compacted": bool(meta.get("compacted")),
+            "kept_classes": None if not restricted else [meta["classes"][i] for i in restricted],
             "fingerprint": fingerprint(inner),
             "base_fingerprint": meta.get("base_fingerprint") or pers.get("base_fingerprint"),
             "fineprune_version": meta.get("fineprune_version"), "format_version": meta.get("version")}
@@ -196,7 +226,10 @@ def cmd_personalize(args) -> dict:
               f"correlates {info.adaptation['input_correlation']:+.2f} with the vendor's, e.g. dark ink on white "
               f"where the model saw white on black, other colours or another sample rate): nothing was pruned or "
               f"restricted; check what the model expects ({describe_input(meta['features'])})", file=sys.stderr)
-    report = {"out": str(args.out), **{k: v for k, v in asdict(info).items() if k not in ("hist", "settings")},
+    report = {"out": str(args.out), **{k: v for k, v in asdict(info).items()
+                                       if k not in ("hist", "settings", "restricted_classes")},
+              "kept_classes": None if info.restricted_classes is None else  # names, as `info` shows them
+              [meta["classes"][i] for i in info.restricted_classes],
               "layer_sparsity": mask.layer_sparsity(), "file_bytes": os.path.getsize(args.out)}
     if args.report:
         from common.io import atomic_write_text

@@ -127,6 +127,51 @@ def _onnx_bytes(model: torch.nn.Module, x: torch.Tensor) -> bytes:
         return Path(path).read_bytes()
 
 
+def input_doc(features: dict) -> str:
+    """What the exported model takes and gives, in words: written into the file itself."""
+    if features["kind"] == "audio":
+        took = (f"'input': float32 (N, {features['clip_samples']}) mono waveform at {features['sample_rate']} Hz "
+                f"in [-1, 1] ({features['clip_samples'] / features['sample_rate']:.2f} s; shorter clips zero-padded "
+                f"at the end, longer ones cut to their start)")
+    else:
+        took = (f"'input': float32 (N, {features['channels']}, {features['image_size']}, {features['image_size']}) "
+                f"pixels in [0, 1], {'grayscale' if features['channels'] == 1 else 'RGB'}, as the training images")
+    return (f"{took}; 'logits': float32 (N, classes), the class order in metadata 'classes' "
+            f"(-inf for classes the personalization excluded)")
+
+
+def with_metadata(data: bytes, features: dict, classes: list | None) -> bytes:
+    """The ONNX file with its classes and input described in the model's own metadata
+    (metadata_props 'classes' and 'input' as JSON, doc_string in words), so that a runtime can
+    label its outputs without fineprune."""
+    import json
+
+    import onnx
+
+    proto = onnx.load_from_string(data)
+    proto.doc_string = "fineprune personalized model. " + input_doc(features)
+    props = {"classes": json.dumps(list(classes or [])), "input": json.dumps(features),
+             "producer": "fineprune"}
+    del proto.metadata_props[:]
+    for k, v in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    return proto.SerializeToString()
+
+
+def onnx_metadata(path: str | Path) -> tuple[list[str], dict]:
+    """(classes, input features) from an ONNX file fineprune exported, or ValueError."""
+    import json
+
+    sess = onnx_session(str(path))
+    props = sess.get_modelmeta().custom_metadata_map
+    try:
+        return json.loads(props["classes"]), json.loads(props["input"])
+    except (KeyError, ValueError):
+        raise ValueError(f"{path} carries no fineprune metadata (classes, input): export it with "
+                         f"`fineprune export`") from None
+
+
 def onnx_session(model: bytes | str):
     """An onnxruntime CPU session on one thread, from the file's bytes or its path."""
     import onnxruntime as ort
@@ -180,9 +225,9 @@ def _pte_run(data: bytes, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([method.execute([row.unsqueeze(0).contiguous()])[0] for row in x])
 
 
-def _script_bytes(model: torch.nn.Module) -> bytes:
+def _script_bytes(model: torch.nn.Module, extra: dict | None = None) -> bytes:
     buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(model), buf)
+    torch.jit.save(torch.jit.script(model), buf, _extra_files=extra or {})
     return buf.getvalue()
 
 
@@ -190,7 +235,7 @@ def _script_run(data: bytes, x: torch.Tensor) -> torch.Tensor:
     return torch.jit.load(io.BytesIO(data))(x)
 
 
-def export(model: torch.nn.Module, features: dict, fmt: str, out: str | Path) -> dict:
+def export(model: torch.nn.Module, features: dict, fmt: str, out: str | Path, classes: list | None = None) -> dict:
     """Write `model` to `out` in `fmt` (atomically) after checking that the file gives the same
     predictions as PyTorch; returns sizes and the agreement measured."""
     if fmt not in FORMATS:
@@ -202,8 +247,13 @@ def export(model: torch.nn.Module, features: dict, fmt: str, out: str | Path) ->
         # ONNX gets the lowerable copy too: onnxruntime's STFT op made the KWS front end 0.38 ms
         # of a 0.49 ms clip, the strided-convolution spectrogram 0.11 of 0.22 (same logits to 8e-6)
         src = model if fmt == "torchscript" else lowerable(model, x)
-        make, run = {"onnx": (_onnx_bytes, _onnx_run), "pte": (_pte_bytes, _pte_run),
-                     "torchscript": (lambda m, _x: _script_bytes(m), _script_run)}[fmt]
+        import json
+
+        described = {"classes": list(classes or []), "input": features, "doc": input_doc(features)}
+        make, run = {"onnx": (lambda m, x2: with_metadata(_onnx_bytes(m, x2), features, classes), _onnx_run),
+                     "pte": (_pte_bytes, _pte_run),
+                     "torchscript": (lambda m, _x: _script_bytes(m, {"fineprune.json": json.dumps(described)}),
+                                     _script_run)}[fmt]
         data = make(src, x[:2])
         got = run(data, x)
     same = bool((got.argmax(1) == want.argmax(1)).all())
@@ -214,7 +264,7 @@ def export(model: torch.nn.Module, features: dict, fmt: str, out: str | Path) ->
     atomic_write_bytes(out, data)
     return {"out": str(out), "format": fmt, "bytes": len(data), "max_abs_logit_diff": diff,
             "same_predictions": same, "restricted_classes_kept": bool((~finite).any()),
-            "input": features, "note": _note(fmt, features)}
+            "input": features, "input_description": input_doc(features), "note": _note(fmt, features)}
 
 
 def _note(fmt: str, features: dict) -> str:

@@ -18,6 +18,7 @@ why. The SuperExec talks to the SuperNode on loopback only.
 """
 from __future__ import annotations
 
+from common.cli import first_sentence
 import argparse
 import os
 import sys
@@ -79,7 +80,7 @@ def clientapp_main() -> None:
 def superexec_main(argv=None) -> None:
     """`fineprune-superexec --trusted-keys FILE [flower-superexec options]`."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="fineprune-superexec", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="fineprune-superexec", description=first_sentence(__doc__),
                                 epilog="Other options are flower-superexec's.")
     p.add_argument("--trusted-keys", required=True,
                    help="file of the operator's OpenSSH Ed25519 public keys (one per line)")

@@ -244,6 +244,8 @@ def load_checkpoint(path, device: str = "cpu"):
     """Return (model, meta, mask). The model is wrapped in OutputRestricted when the checkpoint
     restricts its outputs; the mask (if any) is already applied."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; give the checkpoint file itself (e.g. {path}/base.pt)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     _check_expansion(path)

@@ -9,6 +9,7 @@ import errno
 import importlib
 import json
 import os
+import re
 import sys
 
 from common import memory
@@ -35,6 +36,13 @@ COMMANDS = {  # name: (module that builds and runs it, one-line help)
 IN_PROCESS = ("pretrain", "personalize", "evaluate", "predict", "export", "bench", "bench-cost", "bench-gpu")
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def first_sentence(doc: str) -> str:
+    """A module docstring's first sentence, whole (for `--help`), however it is wrapped."""
+    text = " ".join(doc.split())
+    m = re.search(r"\.(\s|$)", text)
+    return text[:m.start() + 1] if m else text
 
 
 def auto_threads() -> int:
@@ -73,6 +81,8 @@ def progress_bar(desc: str):
     state = {}
 
     def update(done, total, text=""):
+        if state.get("closed"):
+            return
         if "bar" not in state:
             state["bar"] = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
         bar = state["bar"]
@@ -82,7 +92,12 @@ def progress_bar(desc: str):
         bar.refresh()
         if done >= total:
             bar.close()
+            state["closed"] = True
     return update
+
+
+class RunFailed(RuntimeError):
+    """The command ran as asked, but its work did not happen (no device replied): exit 1."""
 
 
 def build_parser(argv=None) -> argparse.ArgumentParser:
@@ -100,7 +115,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
             importlib.import_module(module).add_parser(sub, name, text)
             sub.choices[name].add_argument(
                 "--threads", default="auto", metavar="N",
-                help="torch CPU threads (default auto: half the cores, at most 4; 1 on this 2-core box). Small "
+                help="torch CPU threads (default auto: half the cores, at most 4; 1 on a 2-core machine). Small "
                      "models on a busy machine run faster on 1: intra-op threads spin-wait for each other")
             if name in IN_PROCESS:
                 sub.choices[name].add_argument(
@@ -113,9 +128,27 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     return p
 
 
+def parse(parser: argparse.ArgumentParser, argv: list) -> argparse.Namespace:
+    """argparse, except that an unknown option names the command it was given to and the options
+    of that command it resembles (`--sparsity` -> `--target-sparsity`)."""
+    import difflib
+
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    sub = parser._subparsers._group_actions[0].choices.get(getattr(args, "command", None)) if parser._subparsers else None
+    known = [o for a in (sub or parser)._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for word in (e.split("=", 1)[0] for e in extra if e.startswith("--")):
+        close = [o for o in known if word[2:] and word[2:] in o] or difflib.get_close_matches(word, known, n=2, cutoff=0.6)
+        if close:
+            hints.append(f"{word}: did you mean {' or '.join(close[:3])}?")
+    (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+    args = parse(build_parser(argv), argv)
     if not hasattr(args, "func"):  # a command whose module was not loaded: only for --help of it
         return main([args.command, "--help"])
     try:
@@ -126,6 +159,9 @@ def main(argv=None) -> int:
     except user_errors() as exc:
         print(f"fineprune: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"fineprune: error: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
         if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:  # the machine's fault: disk full...
             where = f" writing {exc.filename}" if exc.filename else ""

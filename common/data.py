@@ -159,12 +159,18 @@ def load_imagefolder(root: str | Path, image_size: int = 224, classes=None) -> D
 def load_unlabeled_dir(root: str | Path, kind: str, **kw) -> torch.Tensor:
     """Inputs only, for the edge device: a directory of WAV files (speech) or images."""
     root = Path(root)
+    if root.is_file():
+        raise DataError(f"{root} is a file; --data takes a directory of the user's "
+                        f"{'WAV' if kind == 'audio' else 'image'} files (or one .npy/.pt array of model inputs)")
     if not root.is_dir():
         raise DataError(f"data directory not found: {root}")
     if kind == "audio":
         files = sorted(p for p in root.rglob("*.wav") if p.is_file())  # not a FIFO named a.wav
         if not files:
-            raise DataError(f"no .wav files in {root}")
+            images = sum(1 for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            raise DataError(f"no .wav files in {root}: this is a speech model (WAV clips, {kw['sample_rate']} Hz, "
+                            f"{kw['clip_samples'] / kw['sample_rate']:.1f} s)"
+                            + (f"; the folder holds {images} images: is this the right model?" if images else ""))
         longer = []
         x = torch.stack([read_wav(p, kw["sample_rate"], kw["clip_samples"], longer) for p in files])
         if longer:  # cropped, and said so: the model hears the first window of each
@@ -181,7 +187,10 @@ def load_image_files(root: Path, image_size: int, channels: int) -> torch.Tensor
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
                    and p.is_file())  # a FIFO or device named like an image would block the read
     if not files:
-        raise DataError(f"no image files (.png/.jpg/.jpeg/.bmp) in {root}")
+        wavs = sum(1 for p in root.rglob("*.wav"))
+        raise DataError(f"no image files (.png/.jpg/.jpeg/.bmp) in {root}: this is an image model "
+                        f"({image_size}x{image_size}, {channels} channel{'s' if channels > 1 else ''})"
+                        + (f"; the folder holds {wavs} WAV files: is this the right model?" if wavs else ""))
     colour = []
     out = [load_image(p, image_size, channels, colour) for p in files]
     if colour:

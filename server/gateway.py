@@ -16,6 +16,7 @@ authentication headers included). Any reverse proxy can do the same job (README:
 """
 from __future__ import annotations
 
+from common.cli import first_sentence
 import argparse
 import asyncio
 import collections
@@ -155,7 +156,7 @@ def _host_port(text: str, what: str) -> tuple[str, int]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m server.gateway", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m server.gateway", description=first_sentence(__doc__))
     p.add_argument("--listen", required=True, help="public HOST:PORT the devices connect to")
     p.add_argument("--upstream", required=True, help="the SuperLink's loopback HOST:PORT")
     p.add_argument("--ssl-certfile", required=True, help="server certificate (PEM) the devices verify")

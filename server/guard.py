@@ -13,6 +13,7 @@ device either. The signing key itself belongs on another machine or account (REA
 """
 from __future__ import annotations
 
+from common.cli import first_sentence
 import argparse
 import os
 import sys
@@ -65,7 +66,7 @@ def serverexec_main() -> None:
 def superlink_main(argv=None) -> None:
     """`fineprune-superlink --trusted-keys FILE [flower-superlink options]`."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="fineprune-superlink", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="fineprune-superlink", description=first_sentence(__doc__),
                                 epilog="Other options are flower-superlink's.")
     p.add_argument("--trusted-keys", required=True,
                    help="file of the operator's OpenSSH Ed25519 public keys: only apps they signed run here")

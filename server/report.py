@@ -108,7 +108,7 @@ def to_markdown(report: dict) -> str:
         for c in rnd["clients"]:
             lines.append(f"| {md_text(c['id'])} | {c['sparsity']:.3f} | {c['upload_bytes']} | "
                          f"{c['upload_fraction']:.4%} | {c['prune_seconds']:.2f} | {_fmt(c.get('accuracy_base'))} | "
-                         f"{_fmt(c.get('accuracy_personalized'))} | {md_text(c['stop_reason'], 60)} |")
+                         f"{_fmt(c.get('accuracy_personalized'))} | {md_text(c['stop_reason'], 200)} |")
         lines += ["", f"- accepted {len(rnd['clients'])}, rejected {len(rnd['rejected'])} {rnd['incidents']['rejected']}, "
                       f"failed {len(rnd['failed'])} {rnd['incidents']['failed']}"]
         for r in rnd["rejected"] + rnd["failed"]:
@@ -122,6 +122,34 @@ def to_markdown(report: dict) -> str:
         if "slim_base" in rnd:
             lines.append(f"- slim shared base: {rnd['slim_base']}")
         lines.append("")
+    return "\n".join(lines)
+
+
+def run_summary(report: dict) -> str:
+    """The few lines a person reads when a run ends: who replied, what it did to held-out accuracy
+    (simulation with research-accuracy only), sparsity, and where the report is."""
+    clients = report.get("clients") or []
+    failed, rejected = report.get("failed") or [], report.get("rejected") or []
+    asked = report.get("config", {}).get("num-clients", "?")
+    lines = [f"clients: {len(clients)} replied, {len(failed)} failed, {len(rejected)} rejected "
+             f"(of {asked} asked, {len(report.get('rounds') or [])} round(s), {report.get('wall_seconds', 0):.0f} s)"]
+    pairs = [(c["accuracy_base"], c["accuracy_personalized"]) for c in clients
+             if c.get("accuracy_base") is not None and c.get("accuracy_personalized") is not None]
+    if pairs:
+        deltas = [b - a for a, b in pairs]
+        worse = sum(d < -1e-9 for d in deltas)
+        better = sum(d > 1e-9 for d in deltas)
+        lines.append(f"held-out accuracy: base {sum(a for a, _ in pairs) / len(pairs):.3f} -> personalized "
+                     f"{sum(b for _, b in pairs) / len(pairs):.3f}; worst user {min(deltas):+.3f}, "
+                     f"{worse} worse / {len(pairs) - worse - better} same / {better} better")
+    if clients:
+        sp = sorted(c["sparsity"] for c in clients)
+        lines.append(f"sparsity: mean {sum(sp) / len(sp):.2f} (min {sp[0]:.2f}, max {sp[-1]:.2f})")
+    else:
+        lines.append("no device did the work: see the failed and rejected reasons in report.md")
+    files = report.get("files") or {}
+    if files.get("json"):
+        lines.append(f"report: {files['json']} (report.md and PNG plots beside it)")
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ from common.federation import merged_config
 from common.protocol import task_dataset, vendor_train_test
 from common.restrict import OutputRestricted
 from common.pretrain import pretrain
-from server.report import earlier_reports, flatten_rounds, write_report
+from server.report import earlier_reports, flatten_rounds, run_summary, write_report
 from server.strategy import FinePruneStrategy
 
 app = ServerApp()
@@ -67,7 +67,12 @@ def run_server(grid: Grid, run_config: dict, overrides: dict | None = None) -> d
     report["wall_seconds"] = time.time() - t0
     report.update(flatten_rounds(strategy.rounds))
     report["finished"] = True  # the run's last word: whoever waits on it (fineprune simulate) may stop it
+    idle = not any(r["clients"] for r in strategy.rounds)
+    if idle:
+        report["error"] = "no device did the work"
     paths = write_report(out, report)
-    log(INFO, "fineprune report: %s (and report.md, PNG plots) in %s", paths["json"], out)
-    print(f"fineprune report: {paths['json']}", flush=True)
+    print(run_summary(dict(report, files={k: str(v) for k, v in paths.items()})), flush=True)
+    if idle:  # Flower marks the run failed; `flwr list` shows it
+        raise RuntimeError(f"no device did the work in any round ({len(report['failed'])} failed, "
+                           f"{len(report['rejected'])} rejected); see {paths['markdown']}")
     return report

@@ -11,6 +11,7 @@ measured with this script as of commit 6008969, which had them.
 """
 from __future__ import annotations
 
+from common.cli import first_sentence
 import argparse
 import copy
 import itertools
@@ -122,7 +123,7 @@ def user_rows(cohort: str, base, meta: dict, user) -> list[dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=first_sentence(__doc__))
     p.add_argument("--fsdd")
     p.add_argument("--out", default="runs/study")
     p.add_argument("--cohorts", default="digits,digits-style,resnet-few,fsdd-loso,fsdd-seen,fsdd-cond,fsdd-few,"

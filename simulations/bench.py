@@ -9,6 +9,7 @@ compaction.csv, accuracy_vs_sparsity.png and compute.png.
 """
 from __future__ import annotations
 
+from common.cli import first_sentence
 import argparse
 import copy
 import io
@@ -236,7 +237,7 @@ def run(out: Path, fsdd: str | None, seed: int = 0, digits_users: int = 10, digi
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="fineprune bench", description=__doc__.splitlines()[0])
+    p = p or argparse.ArgumentParser(prog="fineprune bench", description=first_sentence(__doc__))
     p.add_argument("--fsdd", help="FSDD directory (e.g. ../shared/data/fsdd); without it, digits only")
     p.add_argument("--out", default="runs/bench", help="directory for results.csv/.md/.json and plots")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of: " + ", ".join(TASKS))

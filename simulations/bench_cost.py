@@ -22,6 +22,7 @@ on this CPU, and how much depends on what the process freed before.
 """
 from __future__ import annotations
 
+from common.cli import first_sentence
 import argparse
 import copy
 import csv
@@ -351,7 +352,7 @@ def plot_by_samples(results: dict):
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="fineprune bench-cost", description=__doc__.splitlines()[0])
+    p = p or argparse.ArgumentParser(prog="fineprune bench-cost", description=first_sentence(__doc__))
     p.add_argument("--workloads", default="digits,kws,resnet18,resnet50",
                    help=f"comma-separated, from: {', '.join(WORKLOADS)} (kws needs --fsdd)")
     p.add_argument("--fsdd", help="Free Spoken Digit Dataset directory (the kws workload)")

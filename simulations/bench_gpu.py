@@ -15,6 +15,7 @@ table says where it stopped and how many probes it took).
 """
 from __future__ import annotations
 
+from common.cli import first_sentence
 import argparse
 import json
 import sys
@@ -64,7 +65,7 @@ def to_markdown(res: dict) -> str:
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="fineprune bench-gpu", description=__doc__.splitlines()[0])
+    p = p or argparse.ArgumentParser(prog="fineprune bench-gpu", description=first_sentence(__doc__))
     p.add_argument("--arch", default="resnet50", help="resnet50 (default) or resnet18")
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--size", type=int, default=224)

@@ -10,11 +10,13 @@ def add_parser(sub, name: str, text: str):
         sm = sub.add_parser(name, help=text, description=text)
         sm.add_argument("--task", default="digits", help=f"one of: {', '.join(TASKS)} (default digits)")
         sm.add_argument("--clients", type=int, default=10, help="number of simulated devices (default 10)")
-        sm.add_argument("--out", required=True, help="directory for report.json, report.md, plots, device storage")
+        sm.add_argument("--out", help="directory for report.json, report.md, plots, device storage "
+                        "(default: ~/fineprune-runs/<time>)")
         sm.add_argument("--data", help="dataset directory (fsdd, speechcommands, imagefolder)")
         sm.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="any run-config key of pyproject.toml, e.g. --set summary-level=bitmap")
-        sm.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+        sm.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs as they come")
+        sm.add_argument("--json", action="store_true", help="print the run's outcome as JSON instead of the summary")
         sm.set_defaults(func=cmd_simulate)
     elif name == "bench":
         from simulations import bench
@@ -37,7 +39,15 @@ def add_parser(sub, name: str, text: str):
 def cmd_simulate(args) -> dict:
     from simulations.simulate import simulate
 
-    overrides = {"task": args.task, "num-clients": args.clients, "out-dir": args.out}
+    import sys
+    from datetime import datetime
+    from pathlib import Path
+
+    from common.cli import RunFailed, progress_bar
+    from server.report import run_summary
+
+    out = args.out or str(Path.home() / "fineprune-runs" / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    overrides = {"task": args.task, "num-clients": args.clients, "out-dir": out}
     for item in args.set or []:
         if "=" not in item:
             raise ValueError(f"--set expects KEY=VALUE, got '{item}'")
@@ -45,7 +55,15 @@ def cmd_simulate(args) -> dict:
         overrides[k.strip()] = v.strip()
     if args.data:
         overrides["data-path"] = args.data
-    report = simulate(overrides, verbose=args.verbose)
+    bar = None if args.verbose else progress_bar("devices personalized")
+    print(f"fineprune: a federation of {args.clients} simulated devices ({args.task}); report in {out}",
+          file=sys.stderr, flush=True)
+    report = simulate(overrides, verbose=args.verbose, progress=bar)
+    if not args.json:
+        print(run_summary(report))
+        if not report["clients"]:
+            raise RunFailed("no device did the work (report.md lists why)")
+        return None
     a = report["analysis"] or {}
     return {"report": report["files"]["json"], "clients": len(report["clients"]),
             "failed": len(report["failed"]), "rejected": len(report["rejected"]),

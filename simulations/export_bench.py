@@ -6,6 +6,7 @@ run (ratios, not absolute times, carry across machines).
 """
 from __future__ import annotations
 
+from common.cli import first_sentence
 import argparse
 import importlib.util
 import json
@@ -68,7 +69,7 @@ def measure(models: dict, out: Path, batch: int = 1, reps: int = 200) -> list[di
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=first_sentence(__doc__))
     p.add_argument("--base", required=True)
     p.add_argument("--personal", required=True)
     p.add_argument("--out", required=True)

@@ -7,6 +7,7 @@ in minutes, not for federating (the engine is Flower's: simulations/simulate.py)
 """
 from __future__ import annotations
 
+from common.cli import first_sentence
 import argparse
 import json
 import sys
@@ -55,7 +56,7 @@ def run(clients: int, out: Path, overrides: dict | None = None) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=first_sentence(__doc__))
     p.add_argument("--clients", default="10,50")
     p.add_argument("--out", default="runs/fedcheck")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE run-config override")

@@ -6,6 +6,7 @@ collect their reports into one table (grid.csv, grid.md).
 """
 from __future__ import annotations
 
+from common.cli import first_sentence
 import argparse
 import itertools
 from pathlib import Path
@@ -64,7 +65,7 @@ def write_table(out: Path, rows: list[dict]) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=first_sentence(__doc__))
     p.add_argument("--out", required=True)
     p.add_argument("--set", action="append", help="fixed run-config KEY=VALUE (repeatable)")
     p.add_argument("--vary", action="append", help="KEY=V1,V2,... (repeatable; all combinations run)")

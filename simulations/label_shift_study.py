@@ -10,6 +10,7 @@ prototypes (held-out labels score only); one JSON line per user.
     python -m simulations.label_shift_study digits,digits-style,resnet-few,resnet18-64 \
         --fsdd ../shared/data/fsdd --resnet64 runs/resnet_users64/base.pt > runs/label_shift.jsonl
 """
+from common.cli import first_sentence
 import argparse
 import copy
 import json
@@ -117,7 +118,7 @@ def run_user(cohort, base, meta, u, vx, vy, mom_cache):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=first_sentence(__doc__))
     p.add_argument("cohorts", help="comma-separated: the bench's cohorts and resnet18-64")
     p.add_argument("--fsdd", default="../shared/data/fsdd")
     p.add_argument("--resnet64", default="runs/resnet_users64/base.pt",

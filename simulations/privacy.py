@@ -14,6 +14,7 @@ privacy.png.
 """
 from __future__ import annotations
 
+from common.cli import first_sentence
 import argparse
 import copy
 import json
@@ -216,7 +217,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=first_sentence(__doc__))
     p.add_argument("--out", default="runs/privacy")
     p.add_argument("--users", type=int, default=30)
     p.add_argument("--shadow-users", type=int, default=30)

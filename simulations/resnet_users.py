@@ -9,6 +9,7 @@ onnxruntime, base and compact interleaved). Training wants a GPU (--device cuda)
 """
 from __future__ import annotations
 
+from common.cli import first_sentence
 import argparse
 import copy
 import json
@@ -54,7 +55,7 @@ def _latency_ms(fns: dict, x: torch.Tensor, reps: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=first_sentence(__doc__))
     p.add_argument("--device", default="cpu")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--users", type=int, default=6)

@@ -1,12 +1,16 @@
 """Run the federated personalization on Flower's simulation engine from Python or the console
 script (`fineprune simulate --task digits --clients 4 --out DIR`), the supported way in Flower
-1.42: `flwr run` of this app against Flower's own local SuperLink in simulation mode, which it
-starts when none answers (runtime dependency installation off: this environment has them)."""
+1.42: `flwr run` of this app against a local SuperLink in simulation mode (runtime dependency
+installation off: this environment has them). The SuperLink is this run's own, on free loopback
+ports, and is stopped when the run ends: it never serves another user's run, and nothing of it
+outlives the command."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import signal
+import socket
 import re
 import subprocess
 import sys
@@ -28,8 +32,66 @@ def _toml(v) -> str:
     return json.dumps(str(v))  # a TOML basic string
 
 
-def simulate(overrides: dict, backend_cpus: int = 1, verbose: bool = False, timeout: float | None = None) -> dict:
-    """Returns the report dict (also written to <out-dir>/report.json)."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalSuperLink:
+    """Flower's own `flower-superlink` in simulation mode, started as `flwr run` starts its local
+    one, but on free ports and owned by this process: `stop` ends it and what it started."""
+
+    def __init__(self, home: Path, env: dict):
+        self.http, self.control, self.fleet = _free_port(), _free_port(), _free_port()
+        home.mkdir(parents=True, exist_ok=True)
+        self.log = home / "superlink.log"
+        self.env = dict(env, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(self.http),
+                        FLWR_LOCAL_CONTROL_API_PORT=str(self.control))
+        cmd = [os.path.join(env["PATH"].split(os.pathsep)[0], "flower-superlink"), "--insecure", "--simulation",
+               "--isolation", "subprocess", "--control-api-address", f"127.0.0.1:{self.control}",
+               "--fleet-api-address", f"127.0.0.1:{self.fleet}", "--host", "127.0.0.1", "--port", str(self.http),
+               "--log-file", str(self.log), "--database", str(home / "state.db")]
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.time() + 60
+        while not self._healthy():
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"the local SuperLink did not start; see {self.log}")
+            time.sleep(0.2)
+
+    def _healthy(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.http}/health", timeout=0.4).is_success
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM to the SuperLink's process group (it and the simulation it runs), SIGKILL after 15 s."""
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            if self.proc.poll() is not None:
+                break
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # helpers in the group that outlived the leader (the simulation process, Ray)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def simulate(overrides: dict, backend_cpus: int = 1, verbose: bool = False, timeout: float | None = None,
+             progress=None) -> dict:
+    """Returns the report dict (also written to <out-dir>/report.json). `progress(done, total)`, if
+    given, hears how many simulated devices have personalized so far."""
     if importlib.util.find_spec("ray") is None:  # Flower's simulation engine runs on it
         raise ValueError("fineprune simulate needs Flower's simulation engine (Ray): pip install -e '.[simulation]'")
     if not (APP_DIR / "pyproject.toml").is_file():
@@ -43,6 +105,15 @@ def simulate(overrides: dict, backend_cpus: int = 1, verbose: bool = False, time
     bindir = str(Path(sys.executable).parent)  # Flower starts flower-superlink and its helpers by name
     env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1",
                RAY_DEDUP_LOGS="0", PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    link = LocalSuperLink(out / "superlink", env)
+    try:
+        return _run(cfg, overrides, out, link.env, backend_cpus, verbose, timeout, progress)
+    finally:
+        link.stop()
+
+
+def _run(cfg, overrides, out, env, backend_cpus, verbose, timeout, progress) -> dict:
+    bindir = env["PATH"].split(os.pathsep)[0]
     cmd = [os.path.join(bindir, "flwr"), "run", str(APP_DIR), "--stream",
            "--federation-config", f"num-supernodes={cfg['num-clients']}",
            "--federation-config", f"client-resources-num-cpus={backend_cpus}",
@@ -55,7 +126,11 @@ def simulate(overrides: dict, backend_cpus: int = 1, verbose: bool = False, time
     reader = threading.Thread(target=_collect, args=(proc, lines, verbose), daemon=True)
     reader.start()
     path = out / "report.json"
+    shown = -1
     while proc.poll() is None:
+        if progress is not None and (done := _personalized(out, started)) != shown:
+            shown = done
+            progress(done, int(cfg["num-clients"]))
         if timeout is not None and time.time() - started > timeout:
             _stop(proc, lines, env)
             raise RuntimeError(f"the simulation did not finish within {timeout:g} s")
@@ -69,6 +144,8 @@ def simulate(overrides: dict, backend_cpus: int = 1, verbose: bool = False, time
             break
         time.sleep(0.5)
     reader.join(timeout=5)
+    if progress is not None:
+        progress(_personalized(out, started), int(cfg["num-clients"]))
     if not _finished(path, started):
         tail = "" if verbose else "".join(lines[-20:])
         raise RuntimeError(f"the simulation ended (flwr run exit {proc.returncode}) without writing {path}\n{tail}")
@@ -83,6 +160,17 @@ def _collect(proc, lines: list, echo: bool) -> None:
         lines.append(line)
         if echo:
             print(line, end="", flush=True)
+
+
+def _personalized(out: Path, since: float) -> int:
+    """Simulated devices whose personalized model was written during this run."""
+    n = 0
+    for f in (out / "devices").glob("node-*/personal.pt"):
+        try:
+            n += f.stat().st_mtime >= since
+        except OSError:
+            pass
+    return n
 
 
 def _finished(path: Path, since: float) -> bool:

@@ -12,6 +12,7 @@ comparison a proxy has to beat. Results: stop_proxy.json, stop_proxy.md, stop_pr
 """
 from __future__ import annotations
 
+from common.cli import first_sentence
 import argparse
 import copy
 import json
@@ -190,7 +191,7 @@ def cohort_users(out: Path, fsdd: str | None, names: list[str]):
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="python -m simulations.stop_proxy", description=__doc__.splitlines()[0])
+    p = p or argparse.ArgumentParser(prog="python -m simulations.stop_proxy", description=first_sentence(__doc__))
     p.add_argument("--fsdd", help="Free Spoken Digit Dataset directory (the fsdd cohorts)")
     p.add_argument("--cohorts", default="digits,digits-style,fsdd-loso,fsdd-seen,fsdd-cond,fsdd-few")
     p.add_argument("--users", type=int, default=0, help="at most this many users per cohort (0: all)")

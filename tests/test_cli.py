@@ -1,4 +1,5 @@
 """The console script: end to end on digits images, and one clear line for every kind of bad input."""
+import argparse
 import json
 import subprocess
 import sys
@@ -49,7 +50,11 @@ def test_pretrain_then_personalize_on_a_photo_directory(tmp_path, base_ckpt, use
     assert rc == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["sparsity"] > 0.3 and report["stop_reason"]
-    assert {4, 9} <= set(report["restricted_classes"])
+    assert {"4", "9"} <= set(report["kept_classes"])
+    from client.commands import cmd_info
+    shown = cmd_info(argparse.Namespace(checkpoint=str(out)))  # the compacted file tells the same story
+    assert shown["sparsity"] == report["sparsity"] and shown["kept_classes"] == report["kept_classes"]
+    assert shown["compacted"]
     model, meta2, mask = load_checkpoint(out)
     assert meta2["compacted"] and meta2["base_fingerprint"] == report["base_fingerprint"]
     assert out.stat().st_size < base_ckpt.stat().st_size

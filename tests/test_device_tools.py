@@ -87,11 +87,11 @@ def test_info_says_what_a_checkpoint_holds(setup, capsys):
     assert main(["info", str(d / "me.pt")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["task"] == "digits" and info["input"] == {"kind": "image", "image_size": 8, "channels": 1}
-    assert 0.3 < info["sparsity"] < 1 and set(info["restricted_classes"]) >= {"4", "9"}
+    assert 0.3 < info["sparsity"] < 1 and set(info["kept_classes"]) >= {"4", "9"}
     assert info["base_fingerprint"] and info["base_fingerprint"] != info["fingerprint"]
     assert main(["info", str(d / "base.pt")]) == 0
     base = json.loads(capsys.readouterr().out)
-    assert base["sparsity"] is None and base["restricted_classes"] is None
+    assert base["sparsity"] is None and base["kept_classes"] is None
 
 
 @pytest.mark.badinput

@@ -3,13 +3,19 @@ Fleet and Control links, and SuperNode authentication keys (EC P-384, OpenSSH fo
 key stays on the device, the public key is registered with `flwr supernode register`). For
 production use certificates from your own CA.
 
-    python -m simulations.deploy.certs DIR [--host 127.0.0.1] [--node-key NAME ...]
+    python -m simulations.deploy.certs DIR --host server.example.org   # CA + server certificate, once
+    python -m simulations.deploy.certs DIR --node-key phone-1           # a device key; the CA is untouched
+
+A CA that exists is never replaced (the running SuperLink and gateway hold it): `--renew` asks for
+a new one, and a node key that exists is never overwritten.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import ipaddress
+import re
+import sys
 from pathlib import Path
 
 from cryptography import x509
@@ -72,14 +78,55 @@ def make_node_key(out: str | Path, name: str) -> dict[str, Path]:
     return paths
 
 
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m simulations.deploy.certs",
+        description="Make a test CA and the SuperLink's TLS certificate (ca.crt, server.pem, server.key), "
+                    "or with --node-key only SuperNode key pairs, in DIR.")
+    p.add_argument("out", metavar="DIR", help="folder for the certificates and keys (created if missing)")
+    p.add_argument("--host", action="append",
+                   help="a host name or IP address the devices use to reach the server; repeat for several "
+                        "(127.0.0.1 and localhost are always covered: the operator's flwr reaches the SuperLink there)")
+    p.add_argument("--node-key", action="append", default=[], metavar="NAME",
+                   help="make only the SuperNode key pair DIR/NAME and DIR/NAME.pub; the CA is not touched")
+    p.add_argument("--renew", action="store_true",
+                   help="replace an existing CA and server certificate (restart the SuperLink and gateway after)")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    out = Path(a.out)
+    try:
+        if a.node_key:
+            if a.host or a.renew:
+                raise ValueError("--node-key makes device keys only; make the CA and server certificate "
+                                 "in a separate call")
+            for name in a.node_key:
+                if not NODE_NAME.fullmatch(name):
+                    raise ValueError(f"node key name '{name}' must be letters, digits, '.', '_' or '-'")
+                if (out / name).exists() or (out / f"{name}.pub").exists():
+                    raise ValueError(f"{out / name} exists; a node key is never overwritten (pick another name)")
+            out.mkdir(parents=True, exist_ok=True)
+            for name in a.node_key:
+                for k, v in make_node_key(out, name).items():
+                    print(f"{name} {k}: {v}")
+            return 0
+        if (out / "ca.crt").exists() and not a.renew:
+            raise ValueError(f"{out / 'ca.crt'} exists; the running SuperLink and gateway use it. "
+                             f"--renew replaces it (then restart both), --node-key NAME makes a device key")
+        out.mkdir(parents=True, exist_ok=True)
+        hosts = tuple(dict.fromkeys([*(a.host or []), "127.0.0.1", "localhost"]))  # flwr on the server: loopback
+        for k, v in make_certs(out, hosts).items():
+            print(f"{k}: {v}")
+        return 0
+    except (ValueError, OSError) as exc:
+        print(f"certs: error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out")
-    p.add_argument("--host", action="append", help="host name or IP the SuperLink is reached at")
-    p.add_argument("--node-key", action="append", default=[], help="also make a SuperNode key pair of this name")
-    a = p.parse_args()
-    for k, v in make_certs(a.out, tuple(a.host or ("127.0.0.1", "localhost"))).items():
-        print(f"{k}: {v}")
-    for name in a.node_key:
-        for k, v in make_node_key(a.out, name).items():
-            print(f"{name} {k}: {v}")
+    sys.exit(main())

@@ -17,6 +17,7 @@ of the operator-signed app. Used by the deployment test and as a how-to. The sec
 """
 from __future__ import annotations
 
+from common.cli import first_sentence
 import argparse
 import json
 import os
@@ -236,7 +237,7 @@ class Deployment:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=first_sentence(__doc__))
     p.add_argument("--out", required=True, help="working directory (certificates, device storage, logs, report)")
     p.add_argument("--supernodes", type=int, default=2)
     p.add_argument("--data-dir", action="append", help="a device's data directory (once per SuperNode); "
@@ -258,7 +259,12 @@ def main(argv=None):
         dep.stop()
     print(json.dumps({"report": str(out / "server" / "report.json"), "clients": len(report["clients"]),
                       "failed": len(report["failed"]), "rejected": len(report["rejected"])}, indent=2))
+    if not report["clients"]:
+        print("run_local: error: no device did the work (see the failed and rejected reasons in report.md)",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
