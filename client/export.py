@@ -207,7 +207,7 @@ def _pte_bytes(model: torch.nn.Module, x: torch.Tensor) -> bytes:
     import warnings
 
     partitioner, lower, _ = _executorch()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), native_stderr_filtered():
         warnings.simplefilter("ignore")
         # batch 1, what a device classifies (a dynamic batch lowered, but the runtime kept the
         # example's batch as the input's capacity for the audio model)
@@ -215,14 +215,47 @@ def _pte_bytes(model: torch.nn.Module, x: torch.Tensor) -> bytes:
         return bytes(lower(ep, partitioner=[partitioner()]).to_executorch().buffer)
 
 
+NATIVE_NOISE = ("midr",)  # cpuinfo's "Failed to open midr file": it probes ARM registers on every CPU
+
+
+class native_stderr_filtered:
+    """Lines that native code (ExecuTorch's runtime, cpuinfo) writes straight to file descriptor 2
+    are held back while the block runs; the ones that are not known noise are written after it."""
+
+    def __enter__(self):
+        import sys
+
+        sys.stderr.flush()
+        self.tmp = tempfile.TemporaryFile()
+        self.saved = os.dup(2)
+        os.dup2(self.tmp.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.tmp.seek(0)
+        kept = [line for line in self.tmp.read().decode(errors="replace").splitlines()
+                if not any(n in line for n in NATIVE_NOISE)]
+        self.tmp.close()
+        if kept:
+            print("\n".join(kept), file=sys.stderr)
+        return False
+
+
 def pte_method(program: bytes | str):
     """The `forward` of an ExecuTorch program, from the file's bytes or its path."""
-    return _executorch()[2].get().load_program(program).load_method("forward")
+    with native_stderr_filtered():
+        return _executorch()[2].get().load_program(program).load_method("forward")
 
 
 def _pte_run(data: bytes, x: torch.Tensor) -> torch.Tensor:
     method = pte_method(data)
-    return torch.cat([method.execute([row.unsqueeze(0).contiguous()])[0] for row in x])
+    with native_stderr_filtered():
+        return torch.cat([method.execute([row.unsqueeze(0).contiguous()])[0] for row in x])
 
 
 def _script_bytes(model: torch.nn.Module, extra: dict | None = None) -> bytes:
