@@ -216,9 +216,15 @@ def cmd_personalize(args) -> dict:
     cfg = PruneConfig.from_settings(ST.given_options(args, ST.PRUNE))
     base, meta, _ = load_checkpoint(args.model)
     x = load_inputs(args.data, meta["features"])
-    mask, info = personalize(base, meta, x, cfg, args.out, device, args.compact, progress_bar("fine-prune"))
+    import sys
+    import warnings
+
+    with warnings.catch_warnings(record=True) as said:  # shown after the progress bar, not inside it
+        warnings.simplefilter("always")
+        mask, info = personalize(base, meta, x, cfg, args.out, device, args.compact, progress_bar("fine-prune"))
+    for text in dict.fromkeys(str(w.message) for w in said if not issubclass(w.category, DeprecationWarning)):
+        print(f"fineprune: warning: {text}", file=sys.stderr)
     if info.adaptation.get("unlike_base"):
-        import sys
 
         from common.checkpoint import describe_input
 

@@ -259,13 +259,21 @@ def _pte_run(data: bytes, x: torch.Tensor) -> torch.Tensor:
 
 
 def _script_bytes(model: torch.nn.Module, extra: dict | None = None) -> bytes:
+    import warnings
+
     buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(model), buf, _extra_files=extra or {})
+    with warnings.catch_warnings():  # torch 2.11 marks TorchScript deprecated; libtorch still runs it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(model), buf, _extra_files=extra or {})
     return buf.getvalue()
 
 
 def _script_run(data: bytes, x: torch.Tensor) -> torch.Tensor:
-    return torch.jit.load(io.BytesIO(data))(x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(io.BytesIO(data))(x)
 
 
 def export(model: torch.nn.Module, features: dict, fmt: str, out: str | Path, classes: list | None = None) -> dict:

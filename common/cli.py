@@ -151,6 +151,21 @@ def main(argv=None) -> int:
     args = parse(build_parser(argv), argv)
     if not hasattr(args, "func"):  # a command whose module was not loaded: only for --help of it
         return main([args.command, "--help"])
+    import warnings
+
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warning  # no file names and source lines for a user to read
+    try:
+        return _run(args)
+    finally:
+        warnings.showwarning = shown
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"fineprune: warning: {message}", file=file or sys.stderr)
+
+
+def _run(args) -> int:
     try:
         set_threads(args.threads)
         if hasattr(args, "memory"):

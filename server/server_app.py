@@ -66,13 +66,22 @@ def run_server(grid: Grid, run_config: dict, overrides: dict | None = None) -> d
                    timeout=cfg["round-timeout"])
     report["wall_seconds"] = time.time() - t0
     report.update(flatten_rounds(strategy.rounds))
-    report["finished"] = True  # the run's last word: whoever waits on it (fineprune simulate) may stop it
-    idle = not any(r["clients"] for r in strategy.rounds)
+    return conclude(out, report)
+
+
+def conclude(out: Path, report: dict) -> dict:
+    """The run's last word: the final report (marked finished, so whoever waits on it, such as
+    `fineprune simulate`, may stop the run) and a summary a person reads. A run in which no device
+    did the work in any round says so and fails, so Flower marks it failed (`flwr list`)."""
+    report["finished"] = True
+    idle = not any(r["clients"] for r in report["rounds"])
     if idle:
         report["error"] = "no device did the work"
     paths = write_report(out, report)
     print(run_summary(dict(report, files={k: str(v) for k, v in paths.items()})), flush=True)
-    if idle:  # Flower marks the run failed; `flwr list` shows it
-        raise RuntimeError(f"no device did the work in any round ({len(report['failed'])} failed, "
-                           f"{len(report['rejected'])} rejected); see {paths['markdown']}")
+    if idle:
+        failed = sum(len(r["failed"]) for r in report["rounds"])
+        rejected = sum(len(r["rejected"]) for r in report["rounds"])
+        raise RuntimeError(f"no device did the work in any round ({failed} failed, {rejected} rejected); "
+                           f"see {paths['markdown']}")
     return report

@@ -38,6 +38,18 @@ def digits_base(_digits_base):
 
 
 @pytest.fixture(scope="session")
+def digits_server_base(tmp_path_factory):
+    """The base a digits ServerApp pretrains with the default settings, trained once per test run;
+    simulations pass it as base-checkpoint (one keeps pretraining its own)."""
+    from common.federation import merged_config
+    from server.server_app import base_model
+
+    out = tmp_path_factory.mktemp("server-base")
+    base_model(merged_config({}, {"out-dir": str(out)}), out)
+    return out / "base.pt"
+
+
+@pytest.fixture(scope="session")
 def fsdd_dir():
     if not (FSDD / "recordings").is_dir():
         pytest.skip(f"FSDD not found at {FSDD} (expected ../shared/data/fsdd beside the repository)")

@@ -372,3 +372,52 @@ jrZLy64cr4ZJxCbY1J1R02m43Q7RDveepBALtopggmAN4UT6pQAD3L8yKiT+JBr88U0mL9
 JEOgwTA7PTascyhw==
 -----END OPENSSH PRIVATE KEY-----
 """  # ssh-keygen -t ed25519 -N secret (a throwaway key; bcrypt is not installed to make one)
+
+
+@pytest.mark.badinput
+def test_the_four_confusing_messages_now_say_what_is_wrong(tmp_path, base_ckpt, user_dir, capsys):
+    """A PNG given as --data, a folder as --model, --sparsity for --target-sparsity, and a speech
+    model given images: each one line that names the real problem."""
+    from common.models import build_model
+
+    png = next(user_dir.glob("*.png"))
+
+    def err(argv, code=2):
+        capsys.readouterr()
+        try:
+            rc = main(argv)
+        except SystemExit as exc:  # argparse
+            rc = exc.code
+        assert rc == code
+        return capsys.readouterr().err
+
+    assert f"{png} is a file; --data takes a directory" in err(
+        ["personalize", "--model", str(base_ckpt), "--data", str(png), "--out", str(tmp_path / "o.pt")])
+    assert "is a directory; give the checkpoint file itself" in err(["info", str(base_ckpt.parent)])
+    assert "did you mean --target-sparsity" in err(
+        ["personalize", "--model", str(base_ckpt), "--data", str(user_dir), "--out", str(tmp_path / "o.pt"),
+         "--sparsity", "0.5"])
+    kws = tmp_path / "kws.pt"
+    kwargs = {"num_classes": 10, "sample_rate": 8000, "n_mels": 40}
+    save_checkpoint(kws, build_model("kws", **kwargs), {
+        "arch": "kws", "arch_kwargs": kwargs, "task": "fsdd", "classes": [str(i) for i in range(10)],
+        "features": {"kind": "audio", "sample_rate": 8000, "clip_samples": 8000}})
+    said = err(["personalize", "--model", str(kws), "--data", str(user_dir), "--out", str(tmp_path / "o.pt")])
+    assert "this is a speech model (WAV clips, 8000 Hz, 1.0 s)" in said and "images: is this the right model?" in said
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_help_texts_end_in_whole_sentences():
+    from common.cli import first_sentence
+
+    assert first_sentence("A real deployment on one machine: a SuperLink and N SuperNodes as\nseparate "
+                          "processes (Flower 1.42's Fleet API is HTTPS). Used by the test.") == \
+        "A real deployment on one machine: a SuperLink and N SuperNodes as separate processes " \
+        "(Flower 1.42's Fleet API is HTTPS)."
+    for module in ("simulations.deploy.certs", "simulations.deploy.run_local", "server.gateway"):
+        r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        description = r.stdout.split("\n\n")[1]
+        assert r.returncode == 0 and description.rstrip().endswith("."), (module, description)
+    r = run_cli("personalize", "--help")
+    assert "2-core box" not in r.stdout and "this machine" not in r.stdout

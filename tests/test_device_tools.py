@@ -173,6 +173,33 @@ def test_an_exported_personalized_model_predicts_as_pytorch_on_real_inputs(setup
     finite = torch.isfinite(want)
     assert torch.equal(torch.isfinite(got), finite) and (~finite).any()
     assert torch.allclose(got[finite], want[finite], atol=1e-4)
+    _, meta, _ = load_checkpoint(d / "me.pt")
+    if fmt == "onnx":  # the file says what it takes and what its outputs are, without fineprune
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        props = session.get_modelmeta().custom_metadata_map
+        assert json.loads(props["classes"]) == meta["classes"] and json.loads(props["input"]) == meta["features"]
+        assert "pixels in [0, 1]" in session.get_modelmeta().description
+        assert main(["predict", "--model", str(out), *map(str, sorted((d / "labeled").rglob("*.png"))[:3])]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [r["class"] for r in rows] == [meta["classes"][int(i)] for i in want.argmax(1)[:3]]
+    else:
+        import zipfile
+
+        with zipfile.ZipFile(out) as z:
+            extra = json.loads(z.read(next(n for n in z.namelist() if n.endswith("extra/fineprune.json"))))
+        assert extra["classes"] == meta["classes"] and extra["input"] == meta["features"]
+
+
+def test_native_noise_is_held_back_and_other_native_errors_still_shown(capfd):
+    """ExecuTorch's runtime (cpuinfo) writes 'Failed to open midr file' straight to fd 2."""
+    import os
+
+    from client.export import native_stderr_filtered
+
+    with native_stderr_filtered():
+        os.write(2, b"Error in cpuinfo: Failed to open midr file /sys/devices/system/cpu/cpu0/regs\nreal trouble\n")
+    err = capfd.readouterr().err
+    assert "midr" not in err and "real trouble" in err
 
 
 def test_a_speech_model_exports_with_its_front_end(tmp_path):

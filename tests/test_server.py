@@ -1,6 +1,8 @@
 """Server side without Ray: analysis on known masks, and the strategy's handling of good,
 malformed and failed replies in one round."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -170,3 +172,60 @@ def test_a_private_run_derives_no_slim_base(identity, tmp_path):
                for i, m in enumerate(msgs)]
     arrays, _ = strat.aggregate_train(1, replies)
     assert arrays is None and strat.rounds[0]["slim_base"] == {"skipped": "private run: no slim base"}
+
+
+def _row(cid, base, personal, sparsity):
+    return {"id": cid, "node": 1, "sparsity": sparsity, "upload_bytes": 10, "upload_fraction": 0.001,
+            "prune_seconds": 0.1, "accuracy_base": base, "accuracy_personalized": personal,
+            "stop_reason": "agreement 0.97 < 0.98 at sparsity 0.65; kept the step before, sparsity 0.60"}
+
+
+def _round(clients, failed=()):
+    return {"round": 1, "base_fingerprint": "f" * 32, "base_bytes": 1000, "clients": list(clients),
+            "rejected": [], "failed": list(failed), "incidents": {"rejected": {}, "failed": {}},
+            "analysis": {"similarity_method": "-", "mean_pairwise_similarity": None, "clusters": [],
+                         "consensus_quorum": 0.5, "consensus_sparsity": None, "consensus_all_upper_bound": None,
+                         "layer_names": ["l1", "l2"],
+                         "layer_sparsity": {c["id"]: [0.4, 0.6] for c in clients}}}
+
+
+def test_a_run_ends_with_a_summary_a_person_reads_and_the_whole_stop_reason(tmp_path, capsys):
+    from server.report import md_text, to_markdown
+    from server.server_app import conclude
+
+    rnd = _round([_row("a", 0.9, 0.95, 0.5), _row("b", 1.0, 0.96, 0.7)],
+                 failed=[{"node": 3, "reason": "no reply", "kind": "no-reply"}])
+    report = {"config": dict(DEFAULTS, **{"num-clients": 3}), "rounds": [rnd], "wall_seconds": 12.0,
+              "clients": rnd["clients"], "failed": rnd["failed"], "rejected": []}
+    conclude(tmp_path, report)
+    said = capsys.readouterr().out
+    assert "clients: 2 replied, 1 failed, 0 rejected (of 3 asked" in said
+    assert "base 0.950 -> personalized 0.955; worst user -0.040, 1 worse / 0 same / 1 better" in said
+    assert "sparsity: mean 0.60 (min 0.50, max 0.70)" in said and str(tmp_path / "report.json") in said
+    assert json.loads((tmp_path / "report.json").read_text())["finished"]
+    whole = md_text(rnd["clients"][0]["stop_reason"], 10_000)
+    assert f"| {whole} |" in to_markdown(report)  # the stop column is not cut mid-word
+
+
+def test_a_run_in_which_no_device_did_the_work_says_so_and_fails(tmp_path, capsys):
+    from server.server_app import conclude
+
+    rnd = _round([], failed=[{"node": 1, "reason": "app refused (unsigned)", "kind": "client-error"}])
+    report = {"config": dict(DEFAULTS), "rounds": [rnd], "clients": [], "failed": rnd["failed"], "rejected": []}
+    with pytest.raises(RuntimeError, match="no device did the work"):
+        conclude(tmp_path, report)
+    assert "no device did the work" in capsys.readouterr().out
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["error"] == "no device did the work" and on_disk["finished"]
+
+
+def test_simulate_exits_1_when_no_device_did_the_work(monkeypatch, capsys, tmp_path):
+    import simulations.simulate as sim
+    from common.cli import main
+
+    monkeypatch.setattr(sim, "simulate", lambda overrides, **kw: {
+        "clients": [], "failed": [{"node": 1}], "rejected": [], "rounds": [], "config": {"num-clients": 2},
+        "files": {"json": str(tmp_path / "report.json")}, "analysis": None, "wall_seconds": 1.0})
+    assert main(["simulate", "--clients", "2", "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "0 replied, 1 failed" in captured.out and "fineprune: error: no device did the work" in captured.err

@@ -57,7 +57,7 @@ def test_slim_shared_base_is_smaller_and_used_in_round_two(crash_run):
     r2 = report["rounds"][1]
     assert r2["base_fingerprint"] != report["rounds"][0]["base_fingerprint"]
     assert r2["base_bytes"] == slim["bytes_after"]
-    assert all(c["accuracy_personalized"] >= 0 for c in r2["clients"])
+    assert all(c["accuracy_personalized"] > 0.5 for c in r2["clients"])  # the slim base still classifies
 
 
 def r_model_bytes(report):
@@ -65,8 +65,9 @@ def r_model_bytes(report):
 
 
 @pytest.mark.fault
-def test_restart_resumes_stored_personalizations(tmp_path):
-    overrides = {"num-clients": 2, "out-dir": str(tmp_path), "summary-level": "sketch"}
+def test_restart_resumes_stored_personalizations(tmp_path, digits_server_base):
+    overrides = {"num-clients": 2, "out-dir": str(tmp_path), "summary-level": "sketch",
+                 "base-checkpoint": str(digits_server_base)}
     first = simulate(overrides)
     second = simulate(overrides)  # a restarted run: same base on disk, same device storage
     assert not any(c["resumed"] for c in first["clients"])
@@ -77,9 +78,9 @@ def test_restart_resumes_stored_personalizations(tmp_path):
     assert second["previous_runs"][-1]["clients"] == first["clients"]
 
 
-def test_private_summaries_run_end_to_end(tmp_path):
+def test_private_summaries_run_end_to_end(tmp_path, digits_server_base):
     report = simulate({"num-clients": 3, "out-dir": str(tmp_path), "summary-level": "bitmap",
-                       "privacy-epsilon": 2.0})
+                       "privacy-epsilon": 2.0, "base-checkpoint": str(digits_server_base)})
     a = report["analysis"]
     assert len(report["clients"]) == 3 and not report["rejected"]
     assert all(c["sparsity_estimated"] and 0.2 < c["sparsity"] < 1 for c in report["clients"])
@@ -87,7 +88,7 @@ def test_private_summaries_run_end_to_end(tmp_path):
 
 
 @pytest.mark.fault
-def test_a_stalled_client_frees_its_slot_and_simulate_ends_with_the_run(tmp_path):
+def test_a_stalled_client_frees_its_slot_and_simulate_ends_with_the_run(tmp_path, digits_server_base):
     """A client that hangs after receiving the model (stall-clients; it sleeps 15 minutes, every
     round) is counted as dropped; its ClientApp gives up after round-timeout and frees its
     simulation worker, so in the next round both healthy clients still reply (2 workers on this
@@ -97,7 +98,8 @@ def test_a_stalled_client_frees_its_slot_and_simulate_ends_with_the_run(tmp_path
 
     t0 = time.time()
     report = simulate({"num-clients": 3, "min-clients": 2, "num-rounds": 2, "stall-clients": "1",
-                       "round-timeout": 20.0, "out-dir": str(tmp_path)}, backend_cpus=1, timeout=400)
+                       "round-timeout": 20.0, "out-dir": str(tmp_path),
+                       "base-checkpoint": str(digits_server_base)}, backend_cpus=1, timeout=400)
     assert time.time() - t0 < 250 and report["finished"]
     for rnd in report["rounds"]:
         assert len(rnd["clients"]) == 2, rnd
