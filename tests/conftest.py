@@ -38,6 +38,18 @@ def digits_base(_digits_base):
 
 
 @pytest.fixture(scope="session")
+def digits_cli_base(tmp_path_factory):
+    """`fineprune pretrain --task digits --epochs 8`, run once per test run for every file that
+    starts from a vendor's checkpoint on disk (read-only: copy it to change it)."""
+    from common.cli import main
+
+    path = tmp_path_factory.mktemp("cli-base") / "base.pt"
+    assert main(["pretrain", "--task", "digits", "--out", str(path), "--epochs", "8"]) == 0
+    path.chmod(0o444)
+    return path
+
+
+@pytest.fixture(scope="session")
 def digits_server_base(tmp_path_factory):
     """The base a digits ServerApp pretrains with the default settings, trained once per test run;
     simulations pass it as base-checkpoint (one keeps pretraining its own)."""

@@ -16,10 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    assert main(["pretrain", "--task", "digits", "--out", str(d / "base.pt"), "--epochs", "8"]) == 0
-    return d / "base.pt"
+def base_ckpt(digits_cli_base):
+    return digits_cli_base
 
 
 @pytest.fixture(scope="module")
