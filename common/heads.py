@@ -76,9 +76,13 @@ def write_blend(last: nn.Module, feats: torch.Tensor, logits: torch.Tensor) -> N
 HEADS = {"prototypes": write_prototypes, "blend": write_blend}
 
 
-def choose_head(name: str, logits: torch.Tensor, min_support: float) -> str:
-    """`auto`: prototypes where the user's data gives at least `min_support` samples per class it
-    spreads over, else the blend; any other name is itself."""
+def choose_head(name: str, logits: torch.Tensor, min_support: float, floor: float = 0.0) -> str:
+    """`auto`: by the samples per class the user's data gives (over the classes it spreads over):
+    the base's output layer below `floor`, prototypes from `min_support`, the blend between; any
+    other name is itself."""
     if name != "auto":
         return name
-    return "prototypes" if len(logits) / spread_classes(logits) >= min_support else "blend"
+    support = len(logits) / spread_classes(logits)
+    if support < floor:
+        return "linear"
+    return "prototypes" if support >= min_support else "blend"

@@ -314,7 +314,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     info["bn"] = mode
     # the output layer from the user's features of the unpruned adapted model (the statistics
     # pass's: no pass of its own), written before pruning so the stop rule judges the model as kept
-    info["head"] = head = choose_head(cfg.head, logits, cfg.prototype_min_support)
+    info["head"] = head = choose_head(cfg.head, logits, cfg.prototype_min_support, cfg.head_min_support)
     if head in HEAD_WRITERS:
         last = list(prunable_layers(model).values())[-1]
         HEAD_WRITERS[head](last, feats, logits)

@@ -1,0 +1,205 @@
+"""Can devices that share an acoustic condition help each other without labels? A study of the
+federation's prior before it is built into the rounds: data-poor FSDD devices (20 clips each, one
+speaker under one condition; a speaker appears on several devices, each with other clips) adapt
+alone, or take BatchNorm statistics pooled over the devices of their condition (the pool weighs
+each device by its samples, its own included, so a device with much data barely moves). Held-out
+clips of the same speaker under the same condition score only. Rows for 2, 5 and 10 devices per
+condition, on the clean-speech base of the fsdd-cond cohort (takes 25-49, never these conditions).
+
+    python -m simulations.federation_prior_study --fsdd ../shared/data/fsdd --out runs/fed_prior
+
+Arms: base; AdaBN alone; the default personalization alone (the device path's engine, pruning
+included); AdaBN+T3A alone; the pooled statistics (no head); the pooled statistics with T3A's
+prototypes of the device's own features; and, for the users with plenty of data, the same with
+450 clips. The pool is an oracle of the condition here (the server would cluster devices from
+their summaries): the study asks whether the prior can help at all before that is built.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import data as D
+from common import protocol as P
+from common.checkpoint import load_checkpoint
+from common.cli import first_sentence
+from common.forward import batched_forward, bn_layers, features_and_logits, load_bn_stats, recalibrate_bn
+from common.heads import T3AHead
+from common.io import atomic_write_csv, atomic_write_text
+from common.prune import PruneConfig, fine_prune
+from simulations import cohorts as CO
+from simulations.bench_tasks import _cached_pretrain
+
+CONDITIONS = {  # one fixed setting per condition: every device of a condition hears the same channel
+    "noise": {"name": "noise", "snr_db": 5.0, "color": "white"},
+    "reverb": {"name": "reverb", "rt60": 0.5},
+    "phone": {"name": "phone"},
+    "speed": {"name": "speed", "factor": 0.85},
+}
+ARMS = ("base", "adabn-alone", "default-alone", "adabn+t3a-alone", "pooled", "pooled+t3a")
+
+
+def devices(ds, cond: str, k: int, clips: int, seed: int) -> list[dict]:
+    """k devices under `cond`: device d is speaker (d + condition index) mod 6 with `clips` clips
+    of takes 5-24 drawn for it, held-out takes 0-4, all under the condition (own noise draws)."""
+    speakers = sorted(set(ds.groups.tolist()))
+    ci = list(CONDITIONS).index(cond)
+    rng = np.random.default_rng(seed * 1000 + ci * 100 + k)
+    out = []
+    for d in range(k):
+        spk = speakers[(d + ci) % len(speakers)]
+        pers, ev = P.speaker_user(ds, spk, (P.TEST_TAKES, P.VENDOR_TAKE))
+        pick = rng.choice(pers, size=min(clips, len(pers)), replace=False)
+        s = seed * 7919 + ci * 997 + d * 2
+        out.append({"id": f"{cond}-{d}:{spk}", "speaker": spk,
+                    "x": CO.apply_speech(ds.x[torch.as_tensor(pick)], CONDITIONS[cond], 8000, s),
+                    "hx": CO.apply_speech(ds.x[torch.as_tensor(ev)], CONDITIONS[cond], 8000, s + 1),
+                    "hy": ds.y[torch.as_tensor(ev)]})
+    return out
+
+
+def own_stats(base, x) -> list:
+    """A device's BatchNorm statistics recalibrated on its own data: what it would contribute."""
+    m = copy.deepcopy(base)
+    recalibrate_bn(m, x, 256)
+    return [(b.running_mean.clone(), b.running_var.clone()) for b in bn_layers(m)]
+
+
+def pooled(stats: list[list], counts: list[int]) -> list:
+    """Per layer, the moments of the union of the devices' data: means weighted by samples, the
+    variance by the law of total variance."""
+    n = float(sum(counts))
+    out = []
+    for layer in zip(*stats):
+        mean = sum(c * m for (m, _), c in zip(layer, counts)) / n
+        second = sum(c * (v + m ** 2) for (m, v), c in zip(layer, counts)) / n
+        out.append((mean, (second - mean ** 2).clamp_min(0)))
+    return out
+
+
+def accuracy(logits, y) -> float:
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def with_stats(base, stats):
+    m = copy.deepcopy(base)
+    load_bn_stats(bn_layers(m), stats)
+    return m.eval()
+
+
+def t3a_predict(model, x, hx):
+    feats, logits, last = features_and_logits(model, x, 256)
+    head = T3AHead(last.weight, last.bias, feats, logits)
+    f, _, _ = features_and_logits(model, hx, 256)
+    return head(f)
+
+
+def run_condition(base, meta, devs: list[dict]) -> list[dict]:
+    stats = [own_stats(base, d["x"]) for d in devs]
+    pool = pooled(stats, [len(d["x"]) for d in devs])
+    rows = []
+    for d, st in zip(devs, stats):
+        with torch.no_grad():
+            acc = {"base": accuracy(batched_forward(base, d["hx"]), d["hy"]),
+                   "adabn-alone": accuracy(batched_forward(with_stats(base, st), d["hx"]), d["hy"])}
+            acc["adabn+t3a-alone"] = accuracy(t3a_predict(with_stats(base, st), d["x"], d["hx"]), d["hy"])
+            acc["pooled"] = accuracy(batched_forward(with_stats(base, pool), d["hx"]), d["hy"])
+            acc["pooled+t3a"] = accuracy(t3a_predict(with_stats(base, pool), d["x"], d["hx"]), d["hy"])
+        model = copy.deepcopy(base)
+        fine_prune(model, d["x"], PruneConfig(), base_meta=meta)
+        with torch.no_grad():
+            acc["default-alone"] = accuracy(batched_forward(model, d["hx"]), d["hy"])
+        rows.append({"device": d["id"], "samples": len(d["x"]), **acc})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m simulations.federation_prior_study",
+                                description=first_sentence(__doc__))
+    p.add_argument("--fsdd", required=True, help="FSDD directory (e.g. ../shared/data/fsdd)")
+    p.add_argument("--out", required=True, help="output folder (the base is cached under OUT/bases)")
+    p.add_argument("--per-condition", default="2,5,10", help="devices per condition, comma-separated")
+    p.add_argument("--clips", type=int, default=20, help="clips per device (default 20)")
+    p.add_argument("--seeds", type=int, default=2, help="draws of devices per setting (default 2)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(a.out)
+    ds = D.load_fsdd(a.fsdd)
+    ck = out / "bases" / "fsdd_seen_s0_e12.pt"
+    _cached_pretrain(ck, "fsdd", ck, seed=0, ds=ds, epochs=12, indices=P.seen_speaker_split(ds))
+    base, meta, _ = load_checkpoint(ck)
+    base.eval()
+    rows = []
+    t0 = time.time()
+    for seed in range(a.seeds):
+        for k in (int(v) for v in a.per_condition.split(",")):
+            for cond in CONDITIONS:
+                for r in run_condition(base, meta, devices(ds, cond, k, a.clips, seed)):
+                    rows.append({"seed": seed, "per_condition": k, "condition": cond, **r})
+                print(f"seed {seed}, {k} per condition, {cond}: done ({time.time() - t0:.0f} s)", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_csv(out / "study.csv", rows)
+    table = summarize(rows)
+    atomic_write_text(out / "study.json", json.dumps({"rows": rows, "summary": table}, indent=2))
+    atomic_write_text(out / "study.md", to_markdown(table, a))
+    plot(table, out / "gain.png")
+    print(to_markdown(table, a))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    table = []
+    for k in sorted({r["per_condition"] for r in rows}):
+        sel = [r for r in rows if r["per_condition"] == k]
+        row = {"per_condition": k, "devices": len(sel)}
+        for arm in ARMS:
+            row[arm] = statistics.mean(r[arm] for r in sel)
+            row[f"{arm}_worst_vs_base"] = min(r[arm] - r["base"] for r in sel)
+        row["gain_pooled_vs_default"] = row["pooled"] - row["default-alone"]
+        row["gain_pooled_vs_adabn"] = row["pooled"] - row["adabn-alone"]
+        table.append(row)
+    return table
+
+
+def to_markdown(table: list[dict], a) -> str:
+    lines = [f"# Pooled BatchNorm statistics as the federation's prior ({a.clips} clips per device, "
+             f"{a.seeds} draws)", "",
+             "Mean held-out accuracy over devices (worst device against its base in brackets).", "",
+             "| devices per condition | devices | " + " | ".join(ARMS) + " | pooled vs default alone | "
+             "pooled vs AdaBN alone |", "|---|---|" + "---|" * (len(ARMS) + 2)]
+    for r in table:
+        cells = [f"{r[arm]:.3f} ({r[f'{arm}_worst_vs_base']:+.2f})" if arm != "base" else f"{r[arm]:.3f}"
+                 for arm in ARMS]
+        lines.append(f"| {r['per_condition']} | {r['devices']} | " + " | ".join(cells) +
+                     f" | {r['gain_pooled_vs_default']:+.3f} | {r['gain_pooled_vs_adabn']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.io import atomic_write_png
+
+    ks = [r["per_condition"] for r in table]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in ARMS:
+        ax.plot(ks, [r[arm] for r in table], marker="o", label=arm)
+    ax.set_xlabel("devices sharing a condition")
+    ax.set_ylabel("mean held-out accuracy")
+    ax.set_xticks(ks)
+    ax.legend(fontsize=8)
+    ax.set_title("Data-poor speech devices: alone vs pooled statistics")
+    atomic_write_png(path, fig)
+
+
+if __name__ == "__main__":
+    main()
