@@ -104,3 +104,19 @@ def test_a_stalled_client_frees_its_slot_and_simulate_ends_with_the_run(tmp_path
     for rnd in report["rounds"]:
         assert len(rnd["clients"]) == 2, rnd
         assert len(rnd["failed"]) == 1 and rnd["failed"][0]["kind"] in ("no-reply", "timeout")
+
+
+def test_the_prior_studys_pooled_statistics_are_those_of_the_devices_data_together():
+    """simulations/federation_prior_study.py pools per-device BatchNorm moments weighted by samples:
+    the result must be the mean and (biased) variance of all the devices' data at once."""
+    import torch
+
+    from simulations.federation_prior_study import pooled
+
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 3, generator=g) * s + m for n, s, m in ((20, 1.0, 0.0), (50, 2.0, 3.0), (7, 0.5, -1.0))]
+    stats = [[(p.mean(0), p.var(0, unbiased=False))] for p in parts]
+    (mean, var), = pooled(stats, [len(p) for p in parts])
+    union = torch.cat(parts)
+    assert torch.allclose(mean, union.mean(0), atol=1e-5)
+    assert torch.allclose(var, union.var(0, unbiased=False), atol=1e-4)
