@@ -8,10 +8,10 @@ condition, on the clean-speech base of the fsdd-cond cohort (takes 25-49, never 
 
     python -m simulations.federation_prior_study --fsdd ../shared/data/fsdd --out runs/fed_prior
 
-Arms: base; AdaBN alone; the default personalization alone (the device path's engine, pruning
-included); AdaBN+T3A alone; the pooled statistics (no head); the pooled statistics with T3A's
-prototypes of the device's own features; and, for the users with plenty of data, the same with
-450 clips. The pool is an oracle of the condition here (the server would cluster devices from
+Arms: base; AdaBN, T3A, LAME and AdaBN+T3A alone; the default personalization alone (the device
+path's engine, pruning included); the pooled statistics (no head); the pooled statistics with T3A's
+prototypes of the device's own features; and the ceiling, backprop with the device's labels
+(5 epochs, as in the benchmark). The pool is an oracle of the condition here (the server would cluster devices from
 their summaries): the study asks whether the prior can help at all before that is built.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import baselines as BL
 from common import data as D
 from common import protocol as P
 from common.checkpoint import load_checkpoint
@@ -34,6 +35,7 @@ from common.forward import batched_forward, bn_layers, features_and_logits, load
 from common.heads import T3AHead
 from common.io import atomic_write_csv, atomic_write_text
 from common.prune import PruneConfig, fine_prune
+from common.train import train_supervised
 from simulations import cohorts as CO
 from simulations.bench_tasks import _cached_pretrain
 
@@ -43,7 +45,8 @@ CONDITIONS = {  # one fixed setting per condition: every device of a condition h
     "phone": {"name": "phone"},
     "speed": {"name": "speed", "factor": 0.85},
 }
-ARMS = ("base", "adabn-alone", "default-alone", "adabn+t3a-alone", "pooled", "pooled+t3a")
+ARMS = ("base", "adabn-alone", "t3a-alone", "lame-alone", "adabn+t3a-alone", "default-alone", "pooled",
+        "pooled+t3a", "backprop-labels")
 
 
 def devices(ds, cond: str, k: int, clips: int, seed: int) -> list[dict]:
@@ -61,7 +64,7 @@ def devices(ds, cond: str, k: int, clips: int, seed: int) -> list[dict]:
         out.append({"id": f"{cond}-{d}:{spk}", "speaker": spk,
                     "x": CO.apply_speech(ds.x[torch.as_tensor(pick)], CONDITIONS[cond], 8000, s),
                     "hx": CO.apply_speech(ds.x[torch.as_tensor(ev)], CONDITIONS[cond], 8000, s + 1),
-                    "hy": ds.y[torch.as_tensor(ev)]})
+                    "hy": ds.y[torch.as_tensor(ev)], "y": ds.y[torch.as_tensor(pick)]})
     return out
 
 
@@ -112,6 +115,13 @@ def run_condition(base, meta, devs: list[dict]) -> list[dict]:
             acc["adabn+t3a-alone"] = accuracy(t3a_predict(with_stats(base, st), d["x"], d["hx"]), d["hy"])
             acc["pooled"] = accuracy(batched_forward(with_stats(base, pool), d["hx"]), d["hy"])
             acc["pooled+t3a"] = accuracy(t3a_predict(with_stats(base, pool), d["x"], d["hx"]), d["hy"])
+            acc["t3a-alone"] = accuracy(BL.t3a(base, d["x"]).predict(d["hx"]), d["hy"])
+            acc["lame-alone"] = accuracy(BL.lame(base, d["x"]).predict(d["hx"]), d["hy"])
+        ceiling = copy.deepcopy(base)  # the ceiling: backprop with the labels a device does not have
+        train_supervised(ceiling, d["x"], d["y"], epochs=5, lr=5e-4, batch_size=32)
+        ceiling.eval()
+        with torch.no_grad():
+            acc["backprop-labels"] = accuracy(batched_forward(ceiling, d["hx"]), d["hy"])
         model = copy.deepcopy(base)
         fine_prune(model, d["x"], PruneConfig(), base_meta=meta)
         with torch.no_grad():
