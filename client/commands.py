@@ -222,8 +222,11 @@ def cmd_personalize(args) -> dict:
     with warnings.catch_warnings(record=True) as said:  # shown after the progress bar, not inside it
         warnings.simplefilter("always")
         mask, info = personalize(base, meta, x, cfg, args.out, device, args.compact, progress_bar("fine-prune"))
-    for text in dict.fromkeys(str(w.message) for w in said if not issubclass(w.category, DeprecationWarning)):
-        print(f"fineprune: warning: {text}", file=sys.stderr)
+    shown = set()
+    for w in said:  # each once, through the command line's one-line format
+        if not issubclass(w.category, DeprecationWarning) and str(w.message) not in shown:
+            shown.add(str(w.message))
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if info.adaptation.get("unlike_base"):
 
         from common.checkpoint import describe_input

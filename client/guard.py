@@ -104,14 +104,9 @@ def superexec_main(argv=None) -> None:
         p.exit(2, f"fineprune-superexec: error: --superexec-auth-secret-file {secret} must hold at least 16 "
                   "random bytes, readable by its owner only (chmod 600)\n")
     rest = [*rest, "--superexec-auth-secret-file", secret]
-    from common.appsign import load_public_keys
+    from common.appsign import hand_down_trust
 
-    try:
-        load_public_keys(ours.trusted_keys)  # fail now, not at the first run
-    except ValueError as exc:
-        p.exit(2, f"fineprune-superexec: error: {exc}\n")
-    os.environ[TRUSTED_KEYS_ENV] = os.path.abspath(ours.trusted_keys)  # inherited by each ClientApp
-    os.environ[APP_STATE_ENV] = os.path.abspath(os.path.expanduser(ours.app_state))
+    hand_down_trust(p, ours.trusted_keys, ours.app_state, TRUSTED_KEYS_ENV, APP_STATE_ENV)  # to each ClientApp
     from flwr.supercore.cli.flower_superexec import flower_superexec
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
 

@@ -274,6 +274,20 @@ def verified_install(install, trusted: dict, seen: "SerialStore", who: str, bind
     return install_verified
 
 
+def hand_down_trust(parser, keys_path: str, state_path: str, keys_env: str, state_env: str) -> None:
+    """A guarded executor's start: its trusted keys are checked now, not at the first run (one
+    line and exit 2 if unusable), then the keys' file and the serial store's path go to the
+    processes it launches through the environment, where trusted_keys_from_env reads them."""
+    import os
+
+    try:
+        load_public_keys(keys_path)
+    except ValueError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    os.environ[keys_env] = os.path.abspath(keys_path)
+    os.environ[state_env] = os.path.abspath(os.path.expanduser(state_path))
+
+
 def trusted_keys_from_env(env: str, who: str) -> dict:
     """The operator's public keys from the file an environment variable names (set by the guarded
     executor that launched this process), or SystemExit: no keys, no app."""

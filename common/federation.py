@@ -15,6 +15,14 @@ CLIENT_KEYS = ST.names(ST.CLIENT)  # what the server sends every ClientApp
 PARTITIONINGS = ST.BY_NAME["partitioning"].choices
 
 
+def default_out_dir():
+    """Where a run writes when its config names no out-dir: ~/fineprune-runs/<time>."""
+    from datetime import datetime
+    from pathlib import Path
+
+    return Path.home() / "fineprune-runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
 def merged_config(run_config: dict, overrides: dict | None = None) -> dict:
     """The run's settings: the table's defaults, then the run config, then overrides; every value
     checked. Values stay in TOML spelling ("auto"), so the dict can travel in a ConfigRecord."""

@@ -75,14 +75,9 @@ def superlink_main(argv=None) -> None:
     p.add_argument("--isolation", default="subprocess", choices=("subprocess",),
                    help="only subprocess isolation (the SuperLink starts the guarded executor) is offered")
     ours, rest = p.parse_known_args(argv)
-    from common.appsign import load_public_keys
+    from common.appsign import hand_down_trust
 
-    try:
-        load_public_keys(ours.trusted_keys)
-    except ValueError as exc:
-        p.exit(2, f"fineprune-superlink: error: {exc}\n")
-    os.environ[TRUSTED_KEYS_ENV] = os.path.abspath(ours.trusted_keys)
-    os.environ[APP_STATE_ENV] = os.path.abspath(os.path.expanduser(ours.app_state))
+    hand_down_trust(p, ours.trusted_keys, ours.app_state, TRUSTED_KEYS_ENV, APP_STATE_ENV)
     import importlib
 
     # the package exports a function of the module's name: the module itself, by its full name

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from logging import INFO
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import __version__
 from common.checkpoint import load_checkpoint
-from common.federation import merged_config
+from common.federation import default_out_dir, merged_config
 from common.protocol import task_dataset, vendor_train_test
 from common.restrict import OutputRestricted
 from common.pretrain import pretrain
@@ -47,7 +46,7 @@ def base_model(cfg: dict, out: Path):
 def run_server(grid: Grid, run_config: dict, overrides: dict | None = None) -> dict:
     t0 = time.time()
     cfg = merged_config(run_config, overrides)
-    out = Path(cfg["out-dir"] or Path.home() / "fineprune-runs" / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = Path(cfg["out-dir"] or default_out_dir())
     out = out.expanduser().resolve()
     cfg["out-dir"] = str(out)
     out.mkdir(parents=True, exist_ok=True)

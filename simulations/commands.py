@@ -40,13 +40,12 @@ def cmd_simulate(args) -> dict:
     from simulations.simulate import simulate
 
     import sys
-    from datetime import datetime
-    from pathlib import Path
 
     from common.cli import RunFailed, progress_bar
+    from common.federation import default_out_dir
     from server.report import run_summary
 
-    out = args.out or str(Path.home() / "fineprune-runs" / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = args.out or str(default_out_dir())
     overrides = {"task": args.task, "num-clients": args.clients, "out-dir": out}
     for item in args.set or []:
         if "=" not in item:
@@ -61,8 +60,8 @@ def cmd_simulate(args) -> dict:
     report = simulate(overrides, verbose=args.verbose, progress=bar)
     if not args.json:
         print(run_summary(report))
-        if not report["clients"]:
-            raise RunFailed("no device did the work (report.md lists why)")
+        if report.get("error"):  # the ServerApp's verdict (server_app.conclude)
+            raise RunFailed(f"{report['error']} (report.md lists why)")
         return None
     a = report["analysis"] or {}
     return {"report": report["files"]["json"], "clients": len(report["clients"]),

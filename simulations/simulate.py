@@ -32,7 +32,8 @@ def _toml(v) -> str:
     return json.dumps(str(v))  # a TOML basic string
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -42,13 +43,13 @@ class LocalSuperLink:
     """Flower's own `flower-superlink` in simulation mode, started as `flwr run` starts its local
     one, but on free ports and owned by this process: `stop` ends it and what it started."""
 
-    def __init__(self, home: Path, env: dict):
-        self.http, self.control, self.fleet = _free_port(), _free_port(), _free_port()
+    def __init__(self, home: Path, env: dict, bindir: str):
+        self.http, self.control, self.fleet = free_port(), free_port(), free_port()
         home.mkdir(parents=True, exist_ok=True)
         self.log = home / "superlink.log"
         self.env = dict(env, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(self.http),
                         FLWR_LOCAL_CONTROL_API_PORT=str(self.control))
-        cmd = [os.path.join(env["PATH"].split(os.pathsep)[0], "flower-superlink"), "--insecure", "--simulation",
+        cmd = [os.path.join(bindir, "flower-superlink"), "--insecure", "--simulation",
                "--isolation", "subprocess", "--control-api-address", f"127.0.0.1:{self.control}",
                "--fleet-api-address", f"127.0.0.1:{self.fleet}", "--host", "127.0.0.1", "--port", str(self.http),
                "--log-file", str(self.log), "--database", str(home / "state.db")]
@@ -105,15 +106,14 @@ def simulate(overrides: dict, backend_cpus: int = 1, verbose: bool = False, time
     bindir = str(Path(sys.executable).parent)  # Flower starts flower-superlink and its helpers by name
     env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1",
                RAY_DEDUP_LOGS="0", PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
-    link = LocalSuperLink(out / "superlink", env)
+    link = LocalSuperLink(out / "superlink", env, bindir)
     try:
-        return _run(cfg, overrides, out, link.env, backend_cpus, verbose, timeout, progress)
+        return _run(cfg, overrides, out, link.env, bindir, backend_cpus, verbose, timeout, progress)
     finally:
         link.stop()
 
 
-def _run(cfg, overrides, out, env, backend_cpus, verbose, timeout, progress) -> dict:
-    bindir = env["PATH"].split(os.pathsep)[0]
+def _run(cfg, overrides, out, env, bindir, backend_cpus, verbose, timeout, progress) -> dict:
     cmd = [os.path.join(bindir, "flwr"), "run", str(APP_DIR), "--stream",
            "--federation-config", f"num-supernodes={cfg['num-clients']}",
            "--federation-config", f"client-resources-num-cpus={backend_cpus}",

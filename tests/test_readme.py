@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from simulations.simulate import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 BIN = Path(sys.executable).parent
@@ -46,8 +48,8 @@ def env_for(home: Path) -> dict:
 
 
 def expand(line: str, home: Path) -> list[str]:
-    return [os.path.expandvars(os.path.expanduser(w)).replace("$HOME", str(home))
-            for w in shlex.split(line.replace("~/", f"{home}/").replace("$HOME", str(home)))]
+    """A README line's words as the shell gives them, with `home` for ~ and $HOME."""
+    return shlex.split(line.replace("~/", f"{home}/").replace("$HOME", str(home)))
 
 
 def test_the_readme_starts_with_the_two_setup_commands_and_stays_a_guide():
@@ -180,12 +182,6 @@ def test_docs_layout_names_every_module():
 
 
 # ---- the deployment block, as written ----------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def wait_port(host: str, port: int, proc, seconds: float = 90):
     deadline = time.time() + seconds

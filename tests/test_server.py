@@ -225,6 +225,7 @@ def test_simulate_exits_1_when_no_device_did_the_work(monkeypatch, capsys, tmp_p
 
     monkeypatch.setattr(sim, "simulate", lambda overrides, **kw: {
         "clients": [], "failed": [{"node": 1}], "rejected": [], "rounds": [], "config": {"num-clients": 2},
+        "error": "no device did the work",  # as server_app.conclude writes it
         "files": {"json": str(tmp_path / "report.json")}, "analysis": None, "wall_seconds": 1.0})
     assert main(["simulate", "--clients", "2", "--out", str(tmp_path)]) == 1
     captured = capsys.readouterr()

@@ -32,14 +32,9 @@ from pathlib import Path
 from common.appsign import make_signing_key, sign_app
 from common.io import atomic_write_bytes
 from simulations.deploy.certs import make_certs, make_node_key
+from simulations.simulate import free_port
 
 APP_DIR = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bin(name: str) -> str:
