@@ -163,13 +163,19 @@ def onnx_metadata(path: str | Path) -> tuple[list[str], dict]:
     """(classes, input features) from an ONNX file fineprune exported, or ValueError."""
     import json
 
+    from common.checkpoint import check_classes, check_features
+
     sess = onnx_session(str(path))
     props = sess.get_modelmeta().custom_metadata_map
     try:
-        return json.loads(props["classes"]), json.loads(props["input"])
+        classes, features = json.loads(props["classes"]), json.loads(props["input"])
     except (KeyError, ValueError):
         raise ValueError(f"{path} carries no fineprune metadata (classes, input): export it with "
                          f"`fineprune export`") from None
+    outputs = sess.get_outputs()[0].shape[-1]
+    if isinstance(outputs, int) and outputs != len(check_classes(classes)):
+        raise ValueError(f"{path} names {len(classes)} classes for {outputs} outputs")
+    return classes, check_features(features)
 
 
 def onnx_session(model: bytes | str):

@@ -53,26 +53,14 @@ def check_model_meta(meta: dict) -> dict:
         raise CheckpointError(f"model arguments {sorted(kw) if isinstance(kw, dict) else kw!r} are not "
                               f"{arch}'s ({', '.join(sorted(ARCH_KEYS[arch]))})")
 
-    def count(name, v, hi, lo=1):
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise CheckpointError(f"model metadata {name}={v!r} outside [{lo}, {hi}]")
-
     for w in kw.get("widths", ()) if isinstance(kw.get("widths", ()), (list, tuple)) else [kw.get("widths")]:
-        count("widths", w, LIMITS["widths"])
-    count("num_classes", kw.get("num_classes", 10), LIMITS["num_classes"])
-    count("n_mels", kw.get("n_mels", 40), LIMITS["n_mels"])
-    count("in_channels", kw.get("in_channels", 1), 3)
+        _count("widths", w, LIMITS["widths"])
+    _count("num_classes", kw.get("num_classes", 10), LIMITS["num_classes"])
+    _count("n_mels", kw.get("n_mels", 40), LIMITS["n_mels"])
+    _count("in_channels", kw.get("in_channels", 1), 3)
     if kw.get("sample_rate", 8000) not in RATES:
         raise CheckpointError(f"model metadata sample_rate={kw.get('sample_rate')!r} is not one of {RATES}")
-    if not isinstance(feat, dict) or feat.get("kind") not in ("audio", "image"):
-        raise CheckpointError(f"model metadata features {feat!r} are not audio or image inputs")
-    if feat["kind"] == "audio":
-        if feat.get("sample_rate") not in RATES:
-            raise CheckpointError(f"features sample_rate={feat.get('sample_rate')!r} is not one of {RATES}")
-        count("clip_samples", feat.get("clip_samples"), LIMITS["seconds"] * feat["sample_rate"])
-    else:
-        count("image_size", feat.get("image_size"), LIMITS["image_size"])
-        count("channels", feat.get("channels"), 3)
+    check_features(feat)
     audio_arch = arch == "kws"
     if audio_arch != (feat["kind"] == "audio"):
         raise CheckpointError(f"model '{arch}' takes {'audio' if audio_arch else 'images'}, but its metadata "
@@ -85,12 +73,37 @@ def check_model_meta(meta: dict) -> dict:
                                   f"{k_arch}={kw.get(k_arch, default)!r}")
     if not isinstance(meta["task"], str) or not 0 < len(meta["task"]) <= 100:
         raise CheckpointError("model metadata task is not a short name")
-    classes = meta["classes"]
+    check_classes(meta["classes"])
+    _check_vendor_record(meta)
+    return meta
+
+
+def _count(name, v, hi, lo=1):
+    """An integer size from metadata, within [lo, hi], or CheckpointError."""
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise CheckpointError(f"model metadata {name}={v!r} outside [{lo}, {hi}]")
+
+
+def check_features(feat) -> dict:
+    """What one input is (audio at a known rate and bounded length, or a bounded image), checked:
+    a device allocates what it says."""
+    if not isinstance(feat, dict) or feat.get("kind") not in ("audio", "image"):
+        raise CheckpointError(f"model metadata features {feat!r} are not audio or image inputs")
+    if feat["kind"] == "audio":
+        if feat.get("sample_rate") not in RATES:
+            raise CheckpointError(f"features sample_rate={feat.get('sample_rate')!r} is not one of {RATES}")
+        _count("clip_samples", feat.get("clip_samples"), LIMITS["seconds"] * feat["sample_rate"])
+    else:
+        _count("image_size", feat.get("image_size"), LIMITS["image_size"])
+        _count("channels", feat.get("channels"), 3)
+    return feat
+
+
+def check_classes(classes) -> list:
     if not (isinstance(classes, list) and len(classes) <= LIMITS["num_classes"]
             and all(isinstance(c, str) and len(c) <= 100 for c in classes)):
         raise CheckpointError("model metadata classes are not a list of short names")
-    _check_vendor_record(meta)
-    return meta
+    return classes
 
 
 def _numbers(vals, lo=-math.inf, hi=math.inf) -> bool:

@@ -290,3 +290,27 @@ def test_export_bad_input_is_one_line_exit_2_and_writes_nothing(setup, tmp_path,
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.badinput
+@pytest.mark.security
+def test_an_onnx_file_whose_metadata_lies_is_refused_before_any_input_is_read(setup, tmp_path, capsys):
+    """predict reads classes and the input's size from the file: a huge image size or a class list
+    that does not match the outputs is one line and exit 2, not an allocation or an index error."""
+    import onnx
+
+    d = setup
+    good = tmp_path / "me.onnx"
+    assert main(["export", "--model", str(d / "me.pt"), "--format", "onnx", "--out", str(good)]) == 0
+    photo = str(sorted((d / "labeled").rglob("*.png"))[0])
+    for key, value, said in (("input", json.dumps({"kind": "image", "image_size": 10 ** 6, "channels": 1}),
+                              "image_size=1000000 outside"),
+                             ("classes", json.dumps(["a", "b"]), "names 2 classes for 10 outputs")):
+        proto = onnx.load(str(good))
+        next(p for p in proto.metadata_props if p.key == key).value = value
+        bad = tmp_path / f"bad-{key}.onnx"
+        onnx.save(proto, str(bad))
+        capsys.readouterr()
+        assert main(["predict", "--model", str(bad), photo]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1
