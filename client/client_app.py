@@ -5,16 +5,20 @@ from __future__ import annotations
 import math
 import threading
 import time
+import traceback
+from logging import ERROR
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from client.device import Device, device_inputs, research_accuracy
-from common.federation import merged_config, model_bytes, records_to_base
+from common.data.protocol import simulated_user
 from common.memory import set_memory
-from common.protocol import simulated_user
+from common.wire import envelope as E
+from common.wire.federation import merged_config, model_bytes, records_to_base
 
 app = ClientApp()
 STALL_SECONDS = 900.0
@@ -81,21 +85,16 @@ def _privacy(device, cfg: dict, context: Context) -> float | None:
     return device.privacy(cfg["privacy-epsilon"] or None, None if max_eps is None else float(max_eps))
 
 
-class DeviceError(RuntimeError):
-    """What a private device tells the server when its work fails: the kind of failure only, no
-    message (a message can name the user's files: the path of a corrupt photo)."""
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     c = msg.content["config"]
-    cfg = merged_config({k: c[k] for k in c.keys() if k not in ("base-fingerprint", "out-dir", "round")})
-    cfg["out-dir"] = str(c["out-dir"])
+    cfg = merged_config({k: c[k] for k in c.keys() if k not in E.ROUND_KEYS})
+    cfg["out-dir"] = str(c[E.OUT_DIR])
     device_choices(context.node_config)
     private = context.node_config.get("max-privacy-epsilon") is not None or bool(cfg["privacy-epsilon"])
     t0 = time.monotonic()
-    reply = quiet_errors(lambda: within(cfg["round-timeout"], lambda cancel: _train(msg, context, cfg, cancel)),
-                         private)
+    reply = error_reply(lambda: within(cfg["round-timeout"], lambda cancel: _train(msg, context, cfg, cancel)),
+                        msg, private)
     if private:
         whole_seconds(reply, t0)
     return reply
@@ -113,14 +112,19 @@ def whole_seconds(reply: Message, t0: float) -> None:
     reply.metadata.created_at = now
 
 
-def quiet_errors(work, private: bool):
-    """work(); where the device is private, a failure reaches the server as its kind only."""
+def error_reply(work, msg: Message, private: bool) -> Message:
+    """work(), or the error reply that tells the server the failure's kind as its code. The reason
+    is the exception's first line; a private device sends its type only (a message can name the
+    user's files: the path of a corrupt photo). The traceback stays in the device's log."""
     try:
         return work()
     except Exception as exc:
-        if not private:
-            raise
-        raise DeviceError(f"{type(exc).__name__} on a private device (details stay on the device)") from None
+        log(ERROR, "this device's round failed:\n%s", traceback.format_exc())
+        kind = "timeout" if isinstance(exc, RoundTimeout) else "client-error"
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        reason = (f"{type(exc).__name__} on a private device (details stay on the device)" if private
+                  else f"{type(exc).__name__}: {first}")
+        return Message(Error(E.failure_code(kind), reason), reply_to=msg)
 
 
 def _check(cancel: threading.Event):
@@ -130,15 +134,15 @@ def _check(cancel: threading.Event):
 
 def _train(msg: Message, context: Context, cfg: dict, cancel: threading.Event) -> Message:
     c = msg.content["config"]
-    base_fp = str(c["base-fingerprint"])
+    base_fp = str(c[E.BASE_FINGERPRINT])
     root, pid = _device_root(context, cfg)
     name = str(pid) if pid is not None else str(context.node_config.get("device-name", root.name))
     if _injected(cfg, "crash-clients", name):
         raise RuntimeError(f"injected crash on {'partition' if pid is not None else 'device'} {name} (crash-clients)")
     # simulated devices share one base store (one file per base), real devices keep their own
     device = Device(root, None if pid is None else Path(cfg["out-dir"]) / "devices" / "bases")
-    if "base" in msg.content.array_records:
-        model, meta = records_to_base(msg.content["base"], msg.content["base-meta"])
+    if E.BASE in msg.content.array_records:
+        model, meta = records_to_base(msg.content[E.BASE], msg.content[E.BASE_META])
         got = device.store_base(model, meta)
         if got != base_fp:
             raise RuntimeError(f"received base {got[:12]} does not match announced {base_fp[:12]}")
@@ -156,15 +160,17 @@ def _train(msg: Message, context: Context, cfg: dict, cancel: threading.Event) -
     mask, info = device.personalize(base, meta, base_fp, x, cfg, progress=lambda *a: _check(cancel))
     _check(cancel)
     epsilon = _privacy(device, cfg, context)
-    payload = device.upload(mask, info, cfg["summary-level"], base_fp, model_bytes(base), cfg["seed"], epsilon)
+    payload = device.upload(mask, info, cfg["summary-level"], base_fp, model_bytes(base), cfg["seed"], epsilon,
+                            cfg["sketch-frac"])
 
     reply = RecordDict({
-        "summary": ConfigRecord({"data": payload, "level": cfg["summary-level"]}),
-        "info": ConfigRecord({"client": user_id, "stop_reason": info.stop_reason if epsilon is None else "private"}),
-        "metrics": MetricRecord(reply_metrics(info, len(payload), len(x), epsilon is not None)),
+        E.SUMMARY: ConfigRecord({E.SUMMARY_DATA: payload, E.SUMMARY_LEVEL: cfg["summary-level"]}),
+        E.INFO: ConfigRecord({E.CLIENT: user_id,
+                              E.STOP_REASON: info.stop_reason if epsilon is None else E.PRIVATE_STOP_REASON}),
+        E.METRICS: MetricRecord(reply_metrics(info, len(payload), len(x), epsilon is not None)),
     })
     if pid is not None and cfg["research-accuracy"]:  # simulation only: labeled research accuracy
-        reply["metrics"].update(research_accuracy(base, device, user.heldout_x, user.heldout_y))
+        reply[E.METRICS].update(research_accuracy(base, device, user.heldout_x, user.heldout_y))
     return Message(content=reply, reply_to=msg)
 
 

@@ -39,7 +39,7 @@ def _add_export(sub, name: str, text: str):
 
 def cmd_export(args) -> dict:
     from client.export import FORMATS, export
-    from common.checkpoint import load_checkpoint
+    from common.model.checkpoint import load_checkpoint
 
     if args.format not in FORMATS:  # before loading anything
         raise ValueError(f"unknown export format '{args.format}' (choose from: {', '.join(FORMATS)})")
@@ -61,14 +61,13 @@ def _add_evaluate(sub, name: str, text: str):
 
 def cmd_evaluate(args) -> dict:
     import json
+    from pathlib import Path
 
     import torch
 
     from client.labeled import evaluate, labeled_files, load_file, plot_confusion
-    from common.checkpoint import CheckpointError, load_checkpoint
     from common.io import atomic_write_text
-
-    from pathlib import Path
+    from common.model.checkpoint import CheckpointError, load_checkpoint
 
     for flag in ("out", "plot"):
         if getattr(args, flag):
@@ -116,13 +115,12 @@ def _add_predict(sub, name: str, text: str):
 
 def cmd_predict(args):
     import json
+    from pathlib import Path
 
     import torch
 
     from client.labeled import load_file, predict_proba
-    from common.checkpoint import load_checkpoint
-
-    from pathlib import Path
+    from common.model.checkpoint import load_checkpoint
 
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
@@ -167,8 +165,8 @@ def _add_info(sub, name: str, text: str):
 def cmd_info(args) -> dict:
     import os
 
-    from common.checkpoint import fingerprint, load_checkpoint
-    from common.restrict import OutputRestricted
+    from common.model.checkpoint import fingerprint, load_checkpoint
+    from common.model.restricted import OutputRestricted
 
     model, meta, mask = load_checkpoint(args.checkpoint)
     inner = model.inner if isinstance(model, OutputRestricted) else model
@@ -206,14 +204,14 @@ def cmd_personalize(args) -> dict:
     from dataclasses import asdict
 
     from client.personalize import load_inputs, personalize
-    from common.checkpoint import load_checkpoint
-    from common.forward import resolve_device
-    from common.prune import PruneConfig
+    from common.engine.prune import check_config
+    from common.model.batches import resolve_device
+    from common.model.checkpoint import load_checkpoint
 
     output_file("--out", args.out, args.model, "the personalized checkpoint file", "the base model itself",
                 "the personalized model")
     device = resolve_device(ST.given_options(args, ST.CLI)["device"])
-    cfg = PruneConfig.from_settings(ST.given_options(args, ST.PRUNE))
+    cfg = check_config(ST.PruneConfig.from_settings(ST.given_options(args, ST.PRUNE)))
     base, meta, _ = load_checkpoint(args.model)
     x = load_inputs(args.data, meta["features"])
     import sys
@@ -229,7 +227,7 @@ def cmd_personalize(args) -> dict:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if info.adaptation.get("unlike_base"):
 
-        from common.checkpoint import describe_input
+        from common.model.checkpoint import describe_input
 
         print(f"fineprune: warning: these inputs do not look like the ones the model was trained on (their average "
               f"correlates {info.adaptation['input_correlation']:+.2f} with the vendor's, e.g. dark ink on white "

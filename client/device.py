@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from common.federation import prune_settings
-from common.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
-from common.io import atomic_write_bytes
-from common.mask import Mask
 from client.personalize import Personalization, load_inputs, personalize
-from common.forward import resolve_device
-from common.summary import build_summary, encode
-from common.train import accuracy
+from common.io import atomic_write_bytes
+from common.model.batches import resolve_device
+from common.model.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
+from common.model.mask import Mask
+from common.model.train import accuracy
+from common.wire.federation import prune_settings
+from common.wire.summary import SKETCH_FRAC, build_summary, encode
 
 
 class Device:
@@ -100,13 +100,13 @@ class Device:
         return key
 
     def upload(self, mask: Mask, info: Personalization, level: str, base_fp: str, model_size: int, seed: int,
-               epsilon: float | None = None) -> bytes:
-        """The summary this device uploads; `epsilon` from Device.privacy. A private one is
+               epsilon: float | None = None, sketch_frac: float = SKETCH_FRAC) -> bytes:
+        """The summary this device uploads; `epsilon` from Device.privacy, `sketch_frac` the run's. A private one is
         randomized by permanent randomized response keyed by this device's secret: however the
         server varies its request (settings, a nudged base, rounds), the same mask gives the same
         noisy bits, so fresh noise cannot be collected and voted away."""
         if epsilon is None:
-            return summary_bytes(mask, info, level, base_fp, model_size, seed)
+            return summary_bytes(mask, info, level, base_fp, model_size, seed, sketch_frac=sketch_frac)
         if level != "bitmap":
             raise PermissionError(f"this device sends only private bitmap summaries; the server asks for '{level}'")
         return encode(build_summary(mask, info.hist, level, base_fp, model_size, seed, epsilon=epsilon,
@@ -118,9 +118,10 @@ class Device:
 
 
 def summary_bytes(mask: Mask, info: Personalization, level: str, base_fp: str, model_size: int, seed: int,
-                  epsilon: float | None = None) -> bytes:
+                  epsilon: float | None = None, sketch_frac: float = SKETCH_FRAC) -> bytes:
     """What the device uploads. With `epsilon`, the mask bits are randomized on the device first."""
-    return encode(build_summary(mask, info.hist, level, base_fp, model_size, seed, epsilon=epsilon))
+    return encode(build_summary(mask, info.hist, level, base_fp, model_size, seed, sketch_frac=sketch_frac,
+                                epsilon=epsilon))
 
 
 def research_accuracy(base, device: Device, heldout_x, heldout_y) -> dict:

@@ -1,4 +1,4 @@
-"""The device's gate: only apps signed by the operator run here (common/appsign.py says why Flower's
+"""The device's gate: only apps signed by the operator run here (common/wire/appsign.py says why Flower's
 own verification does not cover locally built apps).
 
 Two commands, used with the SuperNode in `--isolation process` mode and one secret file (32 random
@@ -18,10 +18,11 @@ why. The SuperExec talks to the SuperNode on loopback only.
 """
 from __future__ import annotations
 
-from common.cli import first_sentence
 import argparse
 import os
 import sys
+
+from common.cli import first_sentence
 
 TRUSTED_KEYS_ENV = "FINEPRUNE_TRUSTED_KEYS"
 APP_STATE_ENV = "FINEPRUNE_APP_STATE"  # the newest signing run per app (replays of older ones are refused)
@@ -30,13 +31,13 @@ GUARDED_COMMAND = "fineprune-clientapp"
 
 
 def _trusted_from_env():
-    from common.appsign import trusted_keys_from_env
+    from common.wire.appsign import trusted_keys_from_env
 
     return trusted_keys_from_env(TRUSTED_KEYS_ENV, GUARDED_COMMAND)
 
 
 def _serials():
-    from common.appsign import SerialStore
+    from common.wire.appsign import SerialStore
 
     return SerialStore(os.path.expanduser(os.environ.get(APP_STATE_ENV) or DEFAULT_APP_STATE))
 
@@ -45,10 +46,10 @@ def guarded(pull, install, trusted, seen=None):
     """Flower's pull_task_input and install_from_fab, with the checks between them: before the FAB
     is installed, its signature, that the run's app id, version and FAB hash (from which Flower
     builds the directory it installs into and imports from) are the signed FAB's own
-    (common.appsign.check_run_binding), and that it is no older signing of an app this device
+    (common.wire.appsign.check_run_binding), and that it is no older signing of an app this device
     already ran (`seen`, a SerialStore). Refused at install, where Flower still answers the server
     with its usual error reply (a failure inside the pull leaves it no message to answer)."""
-    from common.appsign import AppSignatureError, check_run_binding, verified_install
+    from common.wire.appsign import AppSignatureError, check_run_binding, verified_install
 
     pulled = {}
 
@@ -104,7 +105,7 @@ def superexec_main(argv=None) -> None:
         p.exit(2, f"fineprune-superexec: error: --superexec-auth-secret-file {secret} must hold at least 16 "
                   "random bytes, readable by its owner only (chmod 600)\n")
     rest = [*rest, "--superexec-auth-secret-file", secret]
-    from common.appsign import hand_down_trust
+    from common.wire.appsign import hand_down_trust
 
     hand_down_trust(p, ours.trusted_keys, ours.app_state, TRUSTED_KEYS_ENV, APP_STATE_ENV)  # to each ClientApp
     from flwr.supercore.cli.flower_superexec import flower_superexec

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import data as D
-from common.forward import batched_forward
+from common.data import readers as D
+from common.model.batches import BATCH_SIZE, batched_forward
+
 
 def load_file(path: Path, features: dict) -> torch.Tensor:
     """One input as the model takes it (a WAV resampled and windowed, an image scaled)."""
@@ -53,7 +54,7 @@ def labeled_files(root: str | Path, features: dict, classes: list[str]) -> tuple
     return files, labels
 
 
-def predict_proba(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def predict_proba(model: torch.nn.Module, x: torch.Tensor, batch_size: int = BATCH_SIZE) -> torch.Tensor:
     return torch.softmax(batched_forward(model, x, batch_size), dim=1)
 
 

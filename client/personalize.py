@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import data as D
-from common.checkpoint import (CheckpointError, fingerprint, input_shape, load_checkpoint, model_meta,
-                               save_checkpoint)
-from common.compact import compact
-from common.mask import Mask
-from common.restrict import OutputRestricted, drop_classes
-from common.prune import PruneConfig, fine_prune
-from common.summary import model_usage_histograms
+from common.data import readers as D
+from common.data.tasks import input_shape
+from common.engine.prune import check_config, fine_prune
+from common.engine.scoring import usage_scores
+from common.model.checkpoint import CheckpointError, fingerprint, load_checkpoint, model_meta, save_checkpoint
+from common.model.compact import compact
+from common.model.mask import Mask
+from common.model.restricted import OutputRestricted, drop_classes
+from common.settings import PruneConfig
+from common.wire.summary import usage_histograms
 
 
 @dataclass
@@ -71,7 +73,7 @@ def personalize(base: torch.nn.Module, meta: dict, x: torch.Tensor, cfg: PruneCo
     if isinstance(base, OutputRestricted):
         raise ValueError("the base model is already output-restricted; personalize from a base model")
     check_inputs(x, meta["features"], "the personalization data")
-    cfg.validate()
+    check_config(cfg)
     base_fp = meta.get("base_fingerprint") or fingerprint(base)
     key = personalization_key(cfg, base_fp, data_fingerprint(x), do_compact)
     stored = _resume(Path(out_path), key)
@@ -82,7 +84,7 @@ def personalize(base: torch.nn.Module, meta: dict, x: torch.Tensor, cfg: PruneCo
     model, mask, arch_kwargs = model.cpu(), res.mask, dict(meta["arch_kwargs"])
     history = None
     if do_compact and not hasattr(model, "prunable_chain"):  # residual graphs: Torch-Pruning's dependency graph
-        from common.compact_graph import compact_graph
+        from common.model.compact_graph import compact_graph
 
         model, mask, history = compact_graph(model, mask, meta["features"])
     elif do_compact:
@@ -91,7 +93,7 @@ def personalize(base: torch.nn.Module, meta: dict, x: torch.Tensor, cfg: PruneCo
             model, mask, arch_kwargs = drop_classes(model, mask, meta["arch"], arch_kwargs, res.restricted_classes)
     info = Personalization(key, base_fp, cfg.settings(), res.sparsity, res.stop_reason, res.seconds,
                            res.forward_samples, res.restricted_classes, do_compact,
-                           model_usage_histograms(base, res.stats), res.history, adaptation=res.adaptation)
+                           usage_histograms(usage_scores(base, res.stats)), res.history, adaptation=res.adaptation)
     new_meta = dict(model_meta(meta), arch_kwargs=arch_kwargs, base_fingerprint=base_fp, compacted=do_compact,
                     personalization=asdict(info), **({"pruning_history": history} if history else {}))
     # 0600: a personalized model records which classes this user has

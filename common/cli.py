@@ -67,9 +67,9 @@ def set_threads(value) -> int:
 
 
 def user_errors() -> tuple:
-    from common.checkpoint import CheckpointError
-    from common.data import DataError
-    from common.mask import MaskError
+    from common.data.readers import DataError
+    from common.model.checkpoint import CheckpointError
+    from common.model.mask import MaskError
 
     return CheckpointError, DataError, MaskError, ValueError, FileNotFoundError, PermissionError
 
@@ -125,7 +125,15 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
                          "of a 1.6 GB peak; release (default): the C library's own behaviour")
         else:
             sub.add_parser(name, help=text, add_help=False)
+    p.commands = sub.choices  # each command's own parser, for parse's hints
     return p
+
+
+def _long_options(parser: argparse.ArgumentParser) -> list[str]:
+    """The --options a parser accepts, read from its help's usage (argparse has no public list)."""
+    import re
+
+    return list(dict.fromkeys(re.findall(r"(--[A-Za-z0-9][A-Za-z0-9-]*)", parser.format_help())))
 
 
 def parse(parser: argparse.ArgumentParser, argv: list) -> argparse.Namespace:
@@ -136,8 +144,8 @@ def parse(parser: argparse.ArgumentParser, argv: list) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     if not extra:
         return args
-    sub = parser._subparsers._group_actions[0].choices.get(getattr(args, "command", None)) if parser._subparsers else None
-    known = [o for a in (sub or parser)._actions for o in a.option_strings if o.startswith("--")]
+    sub = getattr(parser, "commands", {}).get(getattr(args, "command", None))
+    known = _long_options(sub or parser)
     hints = []
     for word in (e.split("=", 1)[0] for e in extra if e.startswith("--")):
         close = [o for o in known if word[2:] and word[2:] in o] or difflib.get_close_matches(word, known, n=2, cutoff=0.6)

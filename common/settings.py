@@ -1,11 +1,14 @@
 """One table of settings: name, type, default, help and validation of every knob, from which
 every surface is derived: the run config of pyproject.toml (a test checks it matches), the keys a
 ClientApp reads, the engine's PruneConfig, the resume key and the `fineprune personalize` options.
-A default is written here and nowhere else."""
+A default is written here and nowhere else. Why ~275 lines in one module: the table is one list
+that a reader scans top to bottom, and the config it generates stays beside it."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
+
+from common.registry import Plugins
 
 AUTO = "auto"  # the spelling of "no fixed value: decide from the data" in TOML and on the command line
 
@@ -22,7 +25,7 @@ class Setting:
     help: str
     where: frozenset
     kind: type = None             # str, int, float or bool; from the default when not given
-    choices: object = None        # tuple, or a callable returning one (registries filled at import)
+    choices: object = None        # a tuple of the allowed values, or a registry's Plugins (common/registry.py)
     low: float | None = None      # inclusive bounds for numbers
     high: float | None = None
     high_open: bool = False       # the upper bound itself is not allowed
@@ -87,23 +90,14 @@ def _as_bool(v) -> bool:
     raise ValueError(v)
 
 
-def _scorers():
-    from common.scoring import SCORERS
-    return tuple(SCORERS)
-
-
-def _tasks():
-    from common.tasks import TASKS
-    return tuple(TASKS)
-
-
 def S(name, default, help, where, **kw) -> Setting:
     return Setting(name, default, help, frozenset(where), **kw)
 
 
 SETTINGS = [
     # ---- what the federation runs on
-    S("task", "digits", "task: model, input features and data", {RUN, CLIENT}, choices=_tasks),
+    S("task", "digits", "task: model, input features and data", {RUN, CLIENT},
+      choices=Plugins("task")),
     S("data-path", "", "dataset directory (fsdd, speechcommands, imagefolder); digits is embedded", {RUN, CLIENT}),
     S("num-clients", 10, "simulated devices (partitions)", {RUN}, low=1),
     S("min-clients", 2, "fewest replies a round needs", {RUN}, low=1),
@@ -120,11 +114,9 @@ SETTINGS = [
     S("heldout-frac", 0.3, "share of each simulated user's data held out, labeled, for research accuracy",
       {RUN, CLIENT}, low=0.01, high=0.9),
     # ---- the engine (PruneConfig; `fineprune personalize` options)
-    # usage stays the default: discriminative is +3.6 points better at a fixed 70% on average over
-    # the benchmark's six cohorts but only +0.5 at the label-free stop, and the stop prunes it
-    # further on the default federation's users (0.973 at 0.87 vs usage 0.997 at 0.75, base 0.993)
+    # usage stays the default scorer: why, in docs/personalization.md (Earlier rounds)
     S("scoring", "usage", "importance criterion (low scores are pruned first)", {RUN, CLIENT, PRUNE},
-      choices=_scorers),
+      choices=Plugins("scoring")),
     S("scope", "global", "global: one ranking; layer: same sparsity per layer; row: per output unit",
       {RUN, CLIENT, PRUNE}, choices=("global", "layer", "row")),
     S("step", 0.1, "share of the remaining connections pruned per schedule step", {RUN, CLIENT, PRUNE},
@@ -134,7 +126,7 @@ SETTINGS = [
     S("max-sparsity", 0.95, "the stop rule's search never goes past this sparsity", {RUN, CLIENT, PRUNE},
       low=1e-3, high=1.0, high_open=True),
     S("stop-rule", "agreement", "label-free rule that ends pruning", {RUN, CLIENT, PRUNE},
-      choices=lambda: tuple(__import__("common.stop", fromlist=["RULES"]).RULES)),
+      choices=Plugins("stop-rule")),
     S("evidence-samples", 32, "a user with n samples is pruned at most max-sparsity x n / (n + this): a probe of a "
       "dozen samples cannot see what pruning costs (0: no bound)", {RUN, CLIENT, PRUNE}, low=0),
     S("stop-margin", 1, "where the stop rule failed, keep this many schedule steps below the last that passed "
@@ -179,7 +171,9 @@ SETTINGS = [
       choices=("auto", "cpu", "cuda")),
     # ---- what a device uploads
     S("summary-level", "sketch", "stats | sketch (MinHash) | bitmap", {RUN, CLIENT},
-      choices=lambda: __import__("common.summary", fromlist=["LEVELS"]).LEVELS),
+      choices=Plugins("summary-level")),
+    S("sketch-frac", 0.003, "sketch level: the share of the dense model's size the MinHash sketch takes (the "
+      "server refuses sketches of any other size)", {RUN, CLIENT}, low=1e-4, high=0.05),
     S("privacy-epsilon", 0.0, "> 0: local DP, randomized response on mask bits (bitmap level)", {RUN, CLIENT}, low=0.0),
     S("research-accuracy", True, "simulation only: held-out labeled accuracy, for research", {RUN, CLIENT}),
     # ---- the server
@@ -207,6 +201,40 @@ def names(where: str) -> tuple:
 def run_config_defaults() -> dict:
     """What [tool.flwr.app.config] of pyproject.toml holds (TOML spelling: AUTO for None)."""
     return {s.name: s.toml() for s in SETTINGS if RUN in s.where}
+
+
+PYPROJECT_HEADER = "[tool.flwr.app.config]"
+PYPROJECT_NOTE = ("# generated from common/settings.py, the one settings table: python -m common.settings "
+                  "--write pyproject.toml")
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def pyproject_block() -> str:
+    """[tool.flwr.app.config] as pyproject.toml holds it: Flower reads a run's defaults from there,
+    so the table's RUN settings are written out, one line each."""
+    return "\n".join([PYPROJECT_HEADER, PYPROJECT_NOTE] +
+                     [f"{k} = {_toml_value(v)}" for k, v in run_config_defaults().items()]) + "\n"
+
+
+def write_pyproject(path) -> None:
+    """Replace pyproject.toml's [tool.flwr.app.config] block with pyproject_block() (atomically)."""
+    from pathlib import Path
+
+    from common.io import atomic_write_text
+
+    text = Path(path).read_text()
+    start = text.index(PYPROJECT_HEADER)
+    nxt = text.find("\n[", start + len(PYPROJECT_HEADER))
+    end = len(text) if nxt < 0 else nxt + 1
+    rest = text[end:]
+    atomic_write_text(path, text[:start] + pyproject_block() + ("\n" + rest if rest else ""))
 
 
 def parse_values(values: dict, where: str = RUN) -> dict:
@@ -244,3 +272,45 @@ def given_options(args, where: str) -> dict:
     given on the command line."""
     return parse_values({s.name: getattr(args, s.attr) for s in SETTINGS
                          if where in s.where and getattr(args, s.attr, None) is not None}, where)
+
+
+class _PruneConfigBase:
+    def validate(self):
+        """Every field checked against the settings table, then the combinations it cannot express
+        (the engine adds those that need its registries: common.engine.prune.check_config)."""
+        for st in SETTINGS:
+            if PRUNE in st.where:
+                st.check(getattr(self, st.attr))
+        if self.rescore and self.search != "linear":
+            raise ValueError("rescore re-scores after every step of a linear search: it needs search 'linear'")
+        if self.base_stats and not self.recalibrate_bn:
+            raise ValueError("base_stats is an ablation of BatchNorm recalibration: it needs recalibrate_bn")
+        return self
+
+    @classmethod
+    def from_settings(cls, values: dict) -> "PruneConfig":
+        """From checked settings (parse_values), keyed by setting name."""
+        return cls(**{BY_NAME[k].attr: v for k, v in values.items() if PRUNE in BY_NAME[k].where}).validate()
+
+    def settings(self) -> dict:
+        """Setting name -> value: what identifies a personalization (the resume key)."""
+        return {st.name: getattr(self, st.attr) for st in SETTINGS if PRUNE in st.where}
+
+
+# The engine's settings: one field per PRUNE row of the table, with its default there. The engine
+# receives one of these and never reads the table itself.
+PruneConfig = make_dataclass(
+    "PruneConfig",
+    [(st.attr, st.type if st.default is not None else (st.type | None), field(default=st.default))
+     for st in SETTINGS if PRUNE in st.where],
+    bases=(_PruneConfigBase,))
+PruneConfig.__module__ = __name__  # pickles (spawned benchmark children) find it here
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--write"] and len(sys.argv) == 3:
+        write_pyproject(sys.argv[2])
+    else:
+        sys.stdout.write(pyproject_block())

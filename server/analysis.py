@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.mask import Mask
-from common.privacy import debias, estimate_pruned_count
-from common.summary import SKETCH_BITS, Summary
+from common.model.mask import Mask
+from common.wire.privacy import debias, estimate_pruned_count
+from common.wire.summary import SKETCH_BITS, Summary
 
 
 def pruned_per_layer(s: Summary, sizes: list[int]) -> list[float]:
@@ -103,8 +103,9 @@ def _jaccard(inter: np.ndarray, union: np.ndarray, clip: bool) -> np.ndarray:
 
 def _sketch_layer(ss: list[Summary], layer: int):
     """One layer's (Jaccard estimate, intersection, union) from b-bit MinHash sketches: the share
-    of equal bins for all pairs is one product of one-hot codes; then the same estimator as
-    common.summary.sketch_jaccard."""
+    of equal bins for all pairs is one product of one-hot codes; per pair, the share of equal bins
+    less the chance collision rate (Li and Koenig's b-bit MinHash), the pair's intersection and
+    union following from the estimate and the two set sizes."""
     pruned = np.array([s.pruned[layer] for s in ss], dtype=np.float64)
     vals = np.stack([s.sketch[layer] for s in ss]).astype(np.int64)  # N x bins, 255 = empty set
     bins = vals.shape[1]

@@ -17,9 +17,9 @@ def _add_keygen(sub, name: str, text: str):
 
 
 def cmd_keygen(args) -> dict:
-    from common.appsign import load_public_keys, make_signing_key
-
     from pathlib import Path
+
+    from common.wire.appsign import load_public_keys, make_signing_key
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file, not a directory for the key pair")
@@ -46,7 +46,7 @@ def _add_sign_app(sub, name: str, text: str):
 def cmd_sign_app(args) -> dict:
     from pathlib import Path
 
-    from common.appsign import sign_app
+    from common.wire.appsign import sign_app
 
     app, out = Path(args.app).resolve(), Path(args.out).resolve()
     if not (app / "pyproject.toml").is_file():
@@ -61,7 +61,8 @@ def cmd_sign_app(args) -> dict:
 
 
 def _add_pretrain(sub, name: str, text: str):
-    from common.tasks import TASKS
+    from common.data.protocol import VENDOR_FRAC
+    from common.data.tasks import TASKS
 
     pt = sub.add_parser(name, help=text, description=text)
     pt.add_argument("--task", default="digits", help=f"one of: {', '.join(TASKS)} (default digits)")
@@ -69,17 +70,17 @@ def _add_pretrain(sub, name: str, text: str):
     pt.add_argument("--out", required=True, help="checkpoint file to write")
     pt.add_argument("--epochs", type=int, help="training epochs (task default if omitted)")
     pt.add_argument("--exclude-speaker", help="fsdd/speechcommands: leave this speaker out of training")
-    pt.add_argument("--vendor-frac", type=float, default=0.5,
-                    help="digits: share of the images the vendor trains on; the rest are users' (default 0.5)")
+    pt.add_argument("--vendor-frac", type=float, default=VENDOR_FRAC,
+                    help=f"digits: share of the images the vendor trains on; the rest are users' (default {VENDOR_FRAC})")
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--device", default="auto", help="auto, cpu or cuda")
     pt.set_defaults(func=cmd_pretrain)
 
 
 def cmd_pretrain(args) -> dict:
-    from common.forward import resolve_device
-    from common.pretrain import pretrain
-    from common.tasks import get_task
+    from common.data.tasks import get_task
+    from common.model.batches import resolve_device
+    from server.pretrain import pretrain
 
     get_task(args.task)  # an unknown task is refused before anything is loaded
     return pretrain(args.task, args.out, data=args.data, epochs=args.epochs, seed=args.seed,

@@ -16,11 +16,12 @@ authentication headers included). Any reverse proxy can do the same job (README:
 """
 from __future__ import annotations
 
-from common.cli import first_sentence
 import argparse
 import asyncio
 import collections
 import sys
+
+from common.cli import first_sentence
 
 ALLOWED_PREFIXES = ("/v1/fleet/",)
 ALLOWED_EXACT = ("/health", "/v1/health")

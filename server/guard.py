@@ -5,7 +5,7 @@ the server machine can start a run, and its ServerApp runs with the SuperLink's 
 it could read node keys, or a signing key kept on that account). `fineprune-superlink` is Flower's
 own `flower-superlink`, except that the SuperExec it starts for ServerApps is
 `fineprune-serverexec`, which launches each ServerApp through `fineprune-serverapp`: Flower's own
-`flwr-serverapp` with the device's check (common/appsign.py) before the FAB is installed. An
+`flwr-serverapp` with the device's check (common/wire/appsign.py) before the FAB is installed. An
 unsigned app started through the Control API never runs on the server, and so never reaches a
 device either. The signing key itself belongs on another machine or account (README).
 
@@ -13,10 +13,11 @@ device either. The signing key itself belongs on another machine or account (REA
 """
 from __future__ import annotations
 
-from common.cli import first_sentence
 import argparse
 import os
 import sys
+
+from common.cli import first_sentence
 
 TRUSTED_KEYS_ENV = "FINEPRUNE_SERVER_TRUSTED_KEYS"
 APP_STATE_ENV = "FINEPRUNE_SERVER_APP_STATE"
@@ -26,7 +27,7 @@ SERVEREXEC_COMMAND = "fineprune-serverexec"
 
 
 def _trusted():
-    from common.appsign import SerialStore, trusted_keys_from_env
+    from common.wire.appsign import SerialStore, trusted_keys_from_env
 
     keys = trusted_keys_from_env(TRUSTED_KEYS_ENV, SERVERAPP_COMMAND)
     return keys, SerialStore(os.path.expanduser(os.environ.get(APP_STATE_ENV) or DEFAULT_APP_STATE))
@@ -42,7 +43,7 @@ def serverapp_main() -> None:
     # (the package exports a function of the module's name: the module itself, by its full name)
     run_module = importlib.import_module("flwr.superlink.runtime.run_serverapp")
 
-    from common.appsign import verified_install
+    from common.wire.appsign import verified_install
 
     # Flower installs the ServerApp under the FAB's own metadata (get_fab_metadata), so no run field
     # names its path: the signature and the replay check are what stand before it
@@ -75,7 +76,7 @@ def superlink_main(argv=None) -> None:
     p.add_argument("--isolation", default="subprocess", choices=("subprocess",),
                    help="only subprocess isolation (the SuperLink starts the guarded executor) is offered")
     ours, rest = p.parse_known_args(argv)
-    from common.appsign import hand_down_trust
+    from common.wire.appsign import hand_down_trust
 
     hand_down_trust(p, ours.trusted_keys, ours.app_state, TRUSTED_KEYS_ENV, APP_STATE_ENV)
     import importlib

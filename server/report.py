@@ -8,7 +8,6 @@ from logging import WARNING
 from pathlib import Path
 
 import numpy as np
-
 from flwr.common.logger import log
 
 from common.io import atomic_write_png, atomic_write_text

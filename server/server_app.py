@@ -10,11 +10,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common import __version__
-from common.checkpoint import load_checkpoint
-from common.federation import default_out_dir, merged_config
-from common.protocol import task_dataset, vendor_train_test
-from common.restrict import OutputRestricted
-from common.pretrain import pretrain
+from common.data.protocol import task_dataset, vendor_train_test
+from common.model.checkpoint import load_checkpoint
+from common.model.restricted import OutputRestricted
+from common.wire.federation import default_out_dir, merged_config
+from server.pretrain import pretrain
 from server.report import earlier_reports, flatten_rounds, run_summary, write_report
 from server.strategy import FinePruneStrategy
 

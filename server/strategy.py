@@ -1,5 +1,7 @@
 """The server's Flower strategy: send the base model once, collect and validate mask summaries,
-analyze shared sparsity and (optionally) derive a slimmer shared base for the next round."""
+analyze shared sparsity and (optionally) derive a slimmer shared base for the next round. Why ~280
+lines: a reply is checked field by field where it is read, so the whole trust boundary of the
+server is one file (the envelope's names are common/wire/envelope.py's)."""
 from __future__ import annotations
 
 import copy
@@ -14,13 +16,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.checkpoint import fingerprint
-from common.compact import compact
-from common.federation import CLIENT_KEYS, base_to_records, model_bytes
-from common.models import prunable_layers
-from common.summary import SummaryError, decode, sketch_budget
+from common.model.architectures import prunable_layers
+from common.model.checkpoint import fingerprint
+from common.model.compact import compact
+from common.wire import envelope as E
+from common.wire.federation import CLIENT_KEYS, base_to_records, model_bytes
+from common.wire.summary import SummaryError, decode, sketch_budget
 from server.analysis import analyze, consensus, pruned_per_layer, robust_voters
-
 
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.:@+-]{1,64}")
 MAX_REASON = 500
@@ -45,7 +47,8 @@ class FinePruneStrategy(Strategy):
         self.model_bytes = model_bytes(base)
         # the largest honest summary is a bitmap: 1 bit per weight (+ headers); more is an attack
         self.max_summary_bytes = sum(math.prod(v) for v in self.shapes.values()) // 8 + (256 << 10)
-        self.sketch_bins = sketch_budget([math.prod(v) for v in self.shapes.values()], self.model_bytes)
+        self.sketch_bins = sketch_budget([math.prod(v) for v in self.shapes.values()], self.model_bytes,
+                                         self.cfg["sketch-frac"])
 
     def summary(self) -> None:
         log(INFO, "\t├── FinePruneStrategy: %s clients (min %s), summary level %s, scoring %s",
@@ -71,17 +74,17 @@ class FinePruneStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         nodes = self._wait_for_nodes(grid)
         conf = {k: self.cfg[k] for k in CLIENT_KEYS}
-        conf.update({"base-fingerprint": self.fp, "out-dir": self.cfg["out-dir"], "round": server_round})
+        conf.update({E.BASE_FINGERPRINT: self.fp, E.OUT_DIR: self.cfg["out-dir"], E.ROUND: server_round})
         base_arrays, base_meta = base_to_records(self.base, self.meta)
         msgs = []
         for nid in nodes:
             content = RecordDict({"config": ConfigRecord(conf)})
             if self.nodes_with_base.get(nid) != self.fp:  # the model travels once per node and base
-                content["base"] = base_arrays
-                content["base-meta"] = base_meta
+                content[E.BASE] = base_arrays
+                content[E.BASE_META] = base_meta
             msgs.append(Message(content=content, dst_node_id=nid, message_type=MessageType.TRAIN,
                                 group_id=str(server_round)))
-        self._sent = {m.metadata.dst_node_id: ("base" in m.content.array_records) for m in msgs}
+        self._sent = {m.metadata.dst_node_id: (E.BASE in m.content.array_records) for m in msgs}
         self._out = msgs
         log(INFO, "round %d: sending to %d nodes (%d get the base model)", server_round, len(msgs),
             sum(self._sent.values()))
@@ -103,7 +106,7 @@ class FinePruneStrategy(Strategy):
             answered.add(nid)
             if msg.has_error():
                 reason = f"client error: {_short_reason(msg.error.reason)}"
-                failed.append({"node": nid, "reason": reason, "kind": _failure_kind(msg.error.reason)})
+                failed.append({"node": nid, "reason": reason, "kind": E.failure_kind(msg.error.code)})
                 log(WARNING, "round %d: node %s failed: %s", server_round, nid, reason)
                 continue
             try:
@@ -162,9 +165,9 @@ class FinePruneStrategy(Strategy):
     def _check_reply(self, msg: Message):
         content = msg.content
         try:
-            data = content["summary"]["data"]
-            info, metrics = content["info"], content["metrics"]
-            cid, stop_reason = info["client"], info["stop_reason"]
+            data = content[E.SUMMARY][E.SUMMARY_DATA]
+            info, metrics = content[E.INFO], content[E.METRICS]
+            cid, stop_reason = info[E.CLIENT], info[E.STOP_REASON]
         except (KeyError, TypeError) as exc:
             raise SummaryError(f"reply lacks {exc}", "format") from None
         # device text goes into the report, its Markdown and its plots: a short id of plain
@@ -174,7 +177,7 @@ class FinePruneStrategy(Strategy):
         if not (isinstance(stop_reason, str) and len(stop_reason) <= MAX_REASON):
             raise SummaryError(f"stop_reason is not text of at most {MAX_REASON} characters", "format")
         stop_reason = "".join(ch if ch.isprintable() and ch not in "|$`" else " " for ch in stop_reason)
-        extra = set(content.keys()) - {"summary", "info", "metrics"}
+        extra = set(content.keys()) - set(E.REPLY_RECORDS)
         if extra or content.array_records:
             raise SummaryError(f"reply carries more than a summary: {sorted(extra) or 'arrays'}", "extra-content")
         summ = decode(data, self.fp, self.shapes, self.max_summary_bytes, self.epsilon, self.sketch_bins)
@@ -258,15 +261,6 @@ def _finite(metrics: dict, key: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise SummaryError(f"metric {key}={v!r} missing, not a number, NaN or infinite", "metrics")
     return float(v)
-
-
-def _failure_kind(reason: str) -> str:
-    text = str(reason or "").lower()
-    if "round-timeout" in text or "roundtimeout" in text:
-        return "timeout"  # the device gave up when the round did (client/client_app.py within)
-    if "node" in text and ("unavailable" in text or "heartbeat" in text):
-        return "node-unavailable"
-    return "client-error"
 
 
 def _count_kinds(items: list[dict]) -> dict[str, int]:

@@ -11,7 +11,6 @@ measured with this script as of commit 6008969, which had them.
 """
 from __future__ import annotations
 
-from common.cli import first_sentence
 import argparse
 import copy
 import itertools
@@ -22,18 +21,29 @@ from pathlib import Path
 
 import torch
 
-from common import baselines as BL
-from common import data as D
-from common.adapt import AGREE, DEEP_SHIFT, KAPPA, classes_predicted, deep_shift, spread_for, stem_count, stem_profile
-from common.forward import bn_prior, features_and_logits, recalibrate_bn
-from common.heads import HEADS as WRITERS
-from common.heads import spread_classes
+from common.cli import first_sentence
+from common.data import readers as D
+from common.engine.adapt import (
+    AGREE,
+    DEEP_SHIFT,
+    KAPPA,
+    classes_predicted,
+    deep_shift,
+    spread_for,
+    stem_count,
+    stem_profile,
+)
+from common.engine.bn import bn_prior, recalibrate_bn
+from common.engine.forward import features_and_logits
+from common.engine.heads import HEADS as HEAD_REGISTRY
+from common.engine.heads import spread_classes
 from common.io import atomic_write_csv, atomic_write_text
+from simulations import baselines as BL
 from simulations import bench_tasks as BT
 
 WEIGHTS = (0.0, 1.0)                      # the user's share of each layer's statistics
 PROFILES = {"all": None, "stem": "stem"}  # which layers take it
-HEADS = {"linear": None, "t3a": "prototypes", "lens": "blend"}  # row name -> common.heads writer
+HEADS = {"linear": None, "t3a": "prototypes", "lens": "blend"}  # row name -> common.engine.heads writer
 
 
 def cohorts(out: Path, fsdd: str | None, names, resnet64: str | None = None):
@@ -58,9 +68,9 @@ def resnet64_users(base_path: str, n_users: int = 6):
     (its vendor record included)."""
     import torch.nn.functional as F
 
-    from common.checkpoint import load_checkpoint
-    from common.federation import merged_config
-    from common.protocol import simulated_user
+    from common.data.protocol import simulated_user
+    from common.model.checkpoint import load_checkpoint
+    from common.wire.federation import merged_config
     from simulations.cohorts import BenchUser
 
     base, meta, _ = load_checkpoint(base_path)
@@ -74,12 +84,12 @@ def resnet64_users(base_path: str, n_users: int = 6):
     return users
 
 
-SPREAD = "spread-3-0"  # the rows of common.adapt's class-spread recalibration (kappa = adapt.KAPPA)
+SPREAD = "spread-3-0"  # the rows of common.engine.adapt's class-spread recalibration (kappa = adapt.KAPPA)
 
 
 @torch.no_grad()
 def user_rows(cohort: str, base, meta: dict, user) -> list[dict]:
-    """One row per recipe: the recalibration, then the engine's own output heads (common.heads)."""
+    """One row per recipe: the recalibration, then the engine's own output heads (common.engine.heads)."""
     rows = []
     prior = bn_prior(base)
     acc = lambda lg: (lg.argmax(1) == user.heldout_y).float().mean().item()  # noqa: E731
@@ -104,7 +114,7 @@ def user_rows(cohort: str, base, meta: dict, user) -> list[dict]:
             sh = lh
             if writer is not None:
                 head = copy.deepcopy(last)
-                WRITERS[writer](head, fu, lu)
+                HEAD_REGISTRY[writer].write(head, fu, lu)
                 sh = head(fh)
             r = {"cohort": cohort, "user": user.user_id, "n": len(user.x), "w": w, "profile": prof, "head": hname,
                  "prior": "none", "acc": acc(sh), "keff": spread_classes(lu), "k_pred": classes_predicted(lu)}

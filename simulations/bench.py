@@ -9,7 +9,6 @@ compaction.csv, accuracy_vs_sparsity.png and compute.png.
 """
 from __future__ import annotations
 
-from common.cli import first_sentence
 import argparse
 import copy
 import io
@@ -21,24 +20,40 @@ from pathlib import Path
 
 import torch
 
-from common import baselines as BL
-from common import data as D
-from common.checkpoint import fingerprint
-from common.compact import compact
-from common.federation import model_bytes
-from common.forward import engine_layout, to_layout
-from common.models import prunable_layers
+from common.cli import first_sentence
+from common.data import readers as D
+from common.engine.forward import engine_layout, to_layout
+from common.engine.prune import fine_prune, personalized_model
+from common.engine.scoring import usage_scores
 from common.io import atomic_write_csv, atomic_write_text
-from common.prune import PruneConfig, fine_prune, personalized_model
-from common.summary import build_summary, encode, model_usage_histograms
-from common.train import accuracy, time_inference, train_supervised
+from common.model.architectures import prunable_layers
+from common.model.checkpoint import fingerprint
+from common.model.compact import compact
+from common.model.train import accuracy, time_inference, train_supervised
+from common.settings import PruneConfig
+from common.wire.federation import model_bytes
+from common.wire.summary import build_summary, encode, usage_histograms
+from simulations import baselines as BL
+from simulations.bench_report import (
+    BACKPROP,
+    DEFAULT,
+    DISC,
+    HEADLINE,
+    LEVELS,
+    PREVIOUS_DEFAULT,
+    SCORERS,
+    WITH_BN,
+    headline,
+    personalization_table,
+    plot_accuracy_vs_sparsity,
+    plot_compute,
+    plot_personalization,
+    summarize,
+    to_markdown,
+)
 from simulations.bench_tasks import digits_task, fsdd_loso_task, fsdd_seen_task, resnet_few_task
 from simulations.cohorts import BenchUser
 from simulations.peak_memory import peak_mb
-from simulations.bench_report import (BACKPROP, DEFAULT, DISC, HEADLINE, LEVELS, PREVIOUS_DEFAULT, SCORERS, WITH_BN,
-                                      headline,
-                                      personalization_table, plot_accuracy_vs_sparsity, plot_compute,
-                                      plot_personalization, summarize, to_markdown)
 
 BASELINES = ("adabn", "t3a", "adabn+t3a", "stem-bn+t3a", "lame", "tent (backprop, no labels)")
 TASKS = ("digits", "fsdd-loso", "fsdd-seen", "digits-style", "fsdd-cond", "fsdd-few", "resnet-few")
@@ -116,7 +131,7 @@ def run_user(task: str, base, user: BenchUser, measure_memory: bool, meta: dict 
         res = fine_prune(model, user.x, cfg, base_meta=meta)
         if level == "stop" and "target_sparsity" not in kw:
             stops[method] = round(res.sparsity, 6)
-        hist = model_usage_histograms(base, res.stats)
+        hist = usage_histograms(usage_scores(base, res.stats))
         rows.append(dict(common, method=method, level=level,
                          accuracy=accuracy(personalized_model(model, res), user.heldout_x, user.heldout_y),
                          sparsity=res.sparsity, stop_reason=res.stop_reason, seconds=res.seconds,

@@ -22,7 +22,6 @@ on this CPU, and how much depends on what the process freed before.
 """
 from __future__ import annotations
 
-from common.cli import first_sentence
 import argparse
 import copy
 import csv
@@ -37,13 +36,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.checkpoint import load_checkpoint
-from common.forward import engine_layout, recalibrate_bn, resolve_device, to_layout
+from common.cli import first_sentence
+from common.engine.bn import recalibrate_bn
+from common.engine.forward import engine_layout, to_layout
+from common.engine.probe import collect_stats, predict_logits
+from common.engine.prune import fine_prune
 from common.io import atomic_write_png, atomic_write_text
 from common.memory import in_force
-from common.models import build_model
-from common.prune import PruneConfig, collect_stats, fine_prune, predict_logits
-from common.train import train_supervised
+from common.model.architectures import build_model
+from common.model.batches import resolve_device
+from common.model.checkpoint import load_checkpoint
+from common.model.train import train_supervised
+from common.settings import PruneConfig
 from simulations.bench_report import PREVIOUS_DEFAULT
 
 WORKLOADS = ("digits", "kws", "resnet18", "resnet50")
@@ -69,8 +73,8 @@ def _digits(out: Path, seed: int, n: int | None):
 
 
 def _kws(out: Path, seed: int, n: int | None, fsdd: str | None):
-    from common import data as D
-    from common.pretrain import pretrain
+    from common.data import readers as D
+    from server.pretrain import pretrain
 
     if not fsdd or not Path(fsdd).is_dir():
         raise ValueError("the kws workload needs --fsdd DIR (the Free Spoken Digit Dataset)")
@@ -87,7 +91,7 @@ def _kws(out: Path, seed: int, n: int | None, fsdd: str | None):
 
 
 def _resnet(arch: str, seed: int, n: int | None, size: int, weights: str | None):
-    from common import data as D
+    from common.data import readers as D
 
     torch.manual_seed(seed)
     model = build_model(arch, num_classes=1000, weights_path=weights)  # the ImageNet head

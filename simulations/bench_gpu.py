@@ -15,7 +15,6 @@ table says where it stopped and how many probes it took).
 """
 from __future__ import annotations
 
-from common.cli import first_sentence
 import argparse
 import json
 import sys
@@ -23,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from common.forward import resolve_device
+from common.cli import first_sentence
 from common.io import atomic_write_text
+from common.model.batches import resolve_device
 from simulations.bench_cost import COLUMNS, STEP_NAMES, load_workload, measure, parse_steps, profile
 
 

@@ -1,5 +1,5 @@
 """The benchmark's tasks: base models (pretrained once per benchmark directory) and their users,
-from the data protocol (common/protocol.py) and the cohorts (simulations/cohorts.py)."""
+from the data protocol (common/data/protocol.py) and the cohorts (simulations/cohorts.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import data as D
-from common import protocol as P
-from common.checkpoint import load_checkpoint
-from common.pretrain import add_vendor_record, pretrain, training_split
+from common.data import protocol as P
+from common.data import readers as D
+from common.model.checkpoint import load_checkpoint
+from server.pretrain import add_vendor_record, pretrain, training_split
 from simulations import cohorts as CO
 from simulations.cohorts import BenchUser
 
@@ -104,10 +104,10 @@ def resnet_few_task(out: Path, seed: int, n_users: int = 8, epochs: int = 6):
     at 32x32, RGB; each user holds 2-3 classes (label shift), and every other user writes in a
     colour of their own (ink and paper drawn per user, never inverted: the covariate shift on top).
     The few-class users whose statistics full BatchNorm recalibration absorbs."""
-    from common.adapt import vendor_record
-    from common.checkpoint import save_checkpoint
-    from common.models import build_model
-    from common.train import train_supervised
+    from common.engine.adapt import vendor_record
+    from common.model.architectures import build_model
+    from common.model.checkpoint import save_checkpoint
+    from common.model.train import train_supervised
 
     ds = D.load_digits()
     ck = out / "bases" / f"resnet18_digits{RESNET_SIZE}_s{seed}_e{epochs}.pt"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import protocol as P
+from common.data import protocol as P
 
 SPEECH_CONDITIONS = ("noise", "reverb", "speed", "phone")
 IMAGE_STYLES = ("thick", "blur", "contrast", "rotate")

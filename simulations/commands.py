@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def add_parser(sub, name: str, text: str):
     if name == "simulate":
-        from common.tasks import TASKS
+        from common.data.tasks import TASKS
 
         sm = sub.add_parser(name, help=text, description=text)
         sm.add_argument("--task", default="digits", help=f"one of: {', '.join(TASKS)} (default digits)")
@@ -37,13 +37,12 @@ def add_parser(sub, name: str, text: str):
 
 
 def cmd_simulate(args) -> dict:
-    from simulations.simulate import simulate
-
     import sys
 
     from common.cli import RunFailed, progress_bar
-    from common.federation import default_out_dir
+    from common.wire.federation import default_out_dir
     from server.report import run_summary
+    from simulations.simulate import simulate
 
     out = args.out or str(default_out_dir())
     overrides = {"task": args.task, "num-clients": args.clients, "out-dir": out}

@@ -6,7 +6,6 @@ run (ratios, not absolute times, carry across machines).
 """
 from __future__ import annotations
 
-from common.cli import first_sentence
 import argparse
 import importlib.util
 import json
@@ -16,8 +15,9 @@ from pathlib import Path
 import torch
 
 from client.export import FORMATS, export, onnx_session, probe_inputs, pte_method
-from common.checkpoint import load_checkpoint
+from common.cli import first_sentence
 from common.io import atomic_write_text
+from common.model.checkpoint import load_checkpoint
 
 
 def _runner(fmt: str, path: Path, model):

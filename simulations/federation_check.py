@@ -7,7 +7,6 @@ in minutes, not for federating (the engine is Flower's: simulations/simulate.py)
 """
 from __future__ import annotations
 
-from common.cli import first_sentence
 import argparse
 import json
 import sys
@@ -17,16 +16,17 @@ from pathlib import Path
 
 import torch
 
-from common.federation import merged_config, prune_settings
+from common.cli import first_sentence
 from common.io import atomic_write_text
+from common.wire.federation import merged_config, prune_settings
 
 
 def run(clients: int, out: Path, overrides: dict | None = None) -> dict:
     from client.personalize import personalize
-    from common.checkpoint import load_checkpoint
-    from common.pretrain import pretrain
-    from common.protocol import simulated_user, task_dataset, vendor_train_test
-    from common.train import accuracy
+    from common.data.protocol import simulated_user, task_dataset, vendor_train_test
+    from common.model.checkpoint import load_checkpoint
+    from common.model.train import accuracy
+    from server.pretrain import pretrain
 
     cfg = merged_config({}, dict(overrides or {}, **{"num-clients": clients}))
     base_path = out / f"base_{cfg['task']}_s{cfg['seed']}.pt"

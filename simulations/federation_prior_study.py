@@ -26,16 +26,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import baselines as BL
-from common import data as D
-from common import protocol as P
-from common.checkpoint import load_checkpoint
 from common.cli import first_sentence
-from common.forward import batched_forward, bn_layers, features_and_logits, load_bn_stats, recalibrate_bn
-from common.heads import T3AHead
+from common.data import protocol as P
+from common.data import readers as D
+from common.engine.bn import bn_layers, load_bn_stats, recalibrate_bn
+from common.engine.forward import features_and_logits
+from common.engine.heads import T3AHead
+from common.engine.prune import fine_prune
 from common.io import atomic_write_csv, atomic_write_text
-from common.prune import PruneConfig, fine_prune
-from common.train import train_supervised
+from common.model.batches import batched_forward
+from common.model.checkpoint import load_checkpoint
+from common.model.train import train_supervised
+from common.settings import PruneConfig
+from simulations import baselines as BL
 from simulations import cohorts as CO
 from simulations.bench_tasks import _cached_pretrain
 

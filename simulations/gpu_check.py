@@ -14,10 +14,12 @@ import torch
 
 
 def main() -> dict:
-    from common.prune import PruneConfig, fine_prune
-    from simulations.bench_cost import load_workload
-    from pathlib import Path
     import tempfile
+    from pathlib import Path
+
+    from common.engine.prune import fine_prune
+    from common.settings import PruneConfig
+    from simulations.bench_cost import load_workload
 
     warnings.simplefilter("ignore")
     out = {}

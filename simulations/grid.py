@@ -6,13 +6,13 @@ collect their reports into one table (grid.csv, grid.md).
 """
 from __future__ import annotations
 
-from common.cli import first_sentence
 import argparse
 import itertools
 from pathlib import Path
 
 import numpy as np
 
+from common.cli import first_sentence
 from common.io import atomic_write_csv, atomic_write_text
 from simulations.simulate import simulate
 

@@ -10,7 +10,6 @@ prototypes (held-out labels score only); one JSON line per user.
     python -m simulations.label_shift_study digits,digits-style,resnet-few,resnet18-64 \
         --fsdd ../shared/data/fsdd --resnet64 runs/resnet_users64/base.pt > runs/label_shift.jsonl
 """
-from common.cli import first_sentence
 import argparse
 import copy
 import json
@@ -20,12 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import data as D
-from common import protocol as P
-from common.adapt import AGREE, KAPPA, SLACK, class_sums, classes_predicted, spread_for, stem_profile
-from common.forward import bn_layers, bn_prior, features_and_logits, recalibrate_bn
-from common.heads import HEADS as WRITERS
-from common.pretrain import training_split
+from common.cli import first_sentence
+from common.data import protocol as P
+from common.data import readers as D
+from common.engine.adapt import AGREE, KAPPA, SLACK, class_sums, classes_predicted, spread_for, stem_profile
+from common.engine.bn import bn_layers, bn_prior, recalibrate_bn
+from common.engine.forward import features_and_logits
+from common.engine.heads import HEADS as HEAD_REGISTRY
+from server.pretrain import training_split
 from simulations import bench_tasks as BT
 from simulations.adapt_study import cohorts, resnet64_users
 
@@ -89,7 +90,7 @@ def run_user(cohort, base, meta, u, vx, vy, mom_cache):
         fu, lu, last = features_and_logits(m, u.x)
         fh, lh, _ = features_and_logits(m, u.heldout_x)
         out[name + "/lin"] = acc(lh)
-        h = copy.deepcopy(last); WRITERS["prototypes"](h, fu, lu); out[name + "/t3a"] = acc(h(fh))
+        h = copy.deepcopy(last); HEAD_REGISTRY["prototypes"].write(h, fu, lu); out[name + "/t3a"] = acc(h(fh))
         return lu
     b = copy.deepcopy(base).eval(); heads("base", b)
     f = copy.deepcopy(base); recalibrate_bn(f, u.x, 256); lf = heads("full", f)

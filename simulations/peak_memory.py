@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from common.prune import PruneConfig, fine_prune
-from common.train import time_inference, train_supervised
+from common.engine.prune import fine_prune
+from common.model.train import time_inference, train_supervised
+from common.settings import PruneConfig
 
 
 def peak_mb(kind: str, base, x, y=None, cfg: PruneConfig | None = None) -> float | None:

@@ -14,7 +14,6 @@ privacy.png.
 """
 from __future__ import annotations
 
-from common.cli import first_sentence
 import argparse
 import copy
 import json
@@ -25,18 +24,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import data as D
-from common import protocol as P
-from common.checkpoint import fingerprint, load_checkpoint
-from common.federation import DEFAULTS, model_bytes
-from simulations.bench_report import PREVIOUS_DEFAULT
+from common.cli import first_sentence
+from common.data import protocol as P
+from common.data import readers as D
+from common.engine.prune import fine_prune
+from common.engine.scoring import usage_scores
 from common.io import atomic_write_csv, atomic_write_png, atomic_write_text
-from common.models import prunable_layers
-from common.pretrain import pretrain
-from common.privacy import debias
-from common.prune import fine_prune
-from common.summary import build_summary, decode, encode, model_usage_histograms
+from common.model.architectures import prunable_layers
+from common.model.checkpoint import fingerprint, load_checkpoint
+from common.wire.federation import DEFAULTS, model_bytes
+from common.wire.privacy import debias
+from common.wire.summary import build_summary, decode, encode, usage_histograms
 from server.analysis import analyze
+from server.pretrain import pretrain
+from simulations.bench_report import PREVIOUS_DEFAULT
 
 EPSILONS = (None, 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.1)  # None: exact bitmaps, no privacy mode
 
@@ -46,7 +47,7 @@ def personalized_masks(base, ds: D.Dataset, idx: np.ndarray, n_users: int, seed:
     the device's default settings on its unlabeled data. `restrict`: with output restriction,
     which prunes the output rows of the classes a user lacks: the class-inference attack's worst
     case (the default leaves it off, and exact masks then carry no class rows)."""
-    from common.federation import prune_settings  # the device's own settings, as in the federation
+    from common.wire.federation import prune_settings  # the device's own settings, as in the federation
 
     # with restriction: the engine the privacy numbers were measured with (the previous default:
     # the base's output layer ranked with the rest); a rebuilt head keeps the last layer whole but
@@ -59,7 +60,7 @@ def personalized_masks(base, ds: D.Dataset, idx: np.ndarray, n_users: int, seed:
                                        seed):
         g = torch.as_tensor(np.asarray(g))
         res = fine_prune(copy.deepcopy(base), sub.x[g], cfg)
-        out.append((res.mask, model_usage_histograms(base, res.stats), set(sub.y[g].tolist())))
+        out.append((res.mask, usage_histograms(usage_scores(base, res.stats)), set(sub.y[g].tolist())))
     return out
 
 

@@ -9,7 +9,6 @@ onnxruntime, base and compact interleaved). Training wants a GPU (--device cuda)
 """
 from __future__ import annotations
 
-from common.cli import first_sentence
 import argparse
 import copy
 import json
@@ -20,7 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common.cli import first_sentence
 from simulations.bench_report import PREVIOUS_DEFAULT as BEFORE  # noqa: E402
+
 METHODS = {  # name: engine settings (fixed targets: equal sparsity across users)
     "default": None,  # the engine's defaults as they are, at the label-free stop
     "previous default": BEFORE,
@@ -68,20 +69,21 @@ def main(argv=None) -> dict:
     methods = {k: v for k, v in METHODS.items() if not a.methods or k in a.methods.split(";")}
     warnings.simplefilter("ignore")
     from client.export import _onnx_bytes, onnx_session
-    from common.compact_graph import compact_graph
-    from common.federation import merged_config
-    from common.models import build_model
-    from common.protocol import simulated_user, task_dataset, vendor_train_test
-    from common.prune import PruneConfig, fine_prune, personalized_model
-    from common.train import accuracy, train_supervised
+    from common.data.protocol import simulated_user, task_dataset, vendor_train_test
+    from common.engine.prune import fine_prune, personalized_model
+    from common.model.architectures import build_model
+    from common.model.compact_graph import compact_graph
+    from common.model.train import accuracy, train_supervised
+    from common.settings import PruneConfig
+    from common.wire.federation import merged_config
 
     torch.manual_seed(0)
     dev, size = a.device, a.size
     up = lambda x: F.interpolate(x, size=size, mode="bilinear").repeat(1, 3, 1, 1)  # noqa: E731
     ds = task_dataset("digits", "")
     tr, te = vendor_train_test("digits", ds, 0)
-    from common.adapt import vendor_record
-    from common.checkpoint import load_checkpoint, save_checkpoint
+    from common.engine.adapt import vendor_record
+    from common.model.checkpoint import load_checkpoint, save_checkpoint
 
     t0 = time.time()
     if a.base:  # a base this script trained before (its base.pt): the users again, no training
@@ -116,7 +118,7 @@ def main(argv=None) -> dict:
                 continue
             kw = dict(kw)
             if kw.pop("skip_refit", False):  # the same mask without its refit: the ablation
-                import common.prune as engine
+                import common.engine.prune as engine
 
                 real, engine.refit_consumers = engine.refit_consumers, lambda *a, **k: {"samples": 0}
                 try:

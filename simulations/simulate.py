@@ -9,16 +9,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
-import re
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from common.federation import merged_config
+from common.wire.federation import merged_config
 
 APP_DIR = Path(__file__).resolve().parents[1]
 RUN_ID = re.compile(r"started run (\d+)")  # the Flower app: pyproject.toml with [tool.flwr.app]
@@ -98,7 +98,7 @@ def simulate(overrides: dict, backend_cpus: int = 1, verbose: bool = False, time
     if not (APP_DIR / "pyproject.toml").is_file():
         raise ValueError(f"fineprune simulate runs the Flower app of a source checkout; {APP_DIR} has no pyproject.toml")
     cfg = merged_config({}, overrides)  # fail fast on bad keys, before anything starts
-    from common.protocol import check_partition
+    from common.data.protocol import check_partition
 
     check_partition(cfg)  # and on data that cannot give every client some
     out = Path(cfg["out-dir"]).expanduser().resolve()

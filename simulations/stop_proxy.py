@@ -12,7 +12,6 @@ comparison a proxy has to beat. Results: stop_proxy.json, stop_proxy.md, stop_pr
 """
 from __future__ import annotations
 
-from common.cli import first_sentence
 import argparse
 import copy
 import json
@@ -24,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.cli import first_sentence
+from common.engine.prune import fine_prune, personalized_model
+from common.engine.select import compute_scores, masker, schedule
 from common.io import atomic_write_png, atomic_write_text
-from common.mask import Mask
-from common.prune import PruneConfig, fine_prune, personalized_model
+from common.model.mask import Mask
+from common.model.train import accuracy
+from common.settings import PruneConfig
 from simulations.bench_report import PREVIOUS_DEFAULT
-from common.select import compute_scores, masker, schedule
-from common.train import accuracy
 
 
 def _energy(scores: dict, mask: Mask) -> list[float]:
@@ -174,7 +175,7 @@ def plot(table: dict, rows: list[dict]):
 
 def cohort_users(out: Path, fsdd: str | None, names: list[str]):
     """(cohort, base, user) for the benchmark's cohorts, bases pretrained once under out/bases."""
-    from common import data as D
+    from common.data import readers as D
     from simulations.bench_tasks import digits_task, fsdd_loso_task, fsdd_seen_task
 
     ds = D.load_fsdd(fsdd) if fsdd and any(n.startswith("fsdd") for n in names) else None

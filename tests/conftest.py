@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import data as D
-from common.models import build_model
-from common.train import train_supervised
+from common.data import readers as D
+from common.model.architectures import build_model
+from common.model.train import train_supervised
 
 FSDD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd"
 
@@ -53,7 +53,7 @@ def digits_cli_base(tmp_path_factory):
 def digits_server_base(tmp_path_factory):
     """The base a digits ServerApp pretrains with the default settings, trained once per test run;
     simulations pass it as base-checkpoint (one keeps pretraining its own)."""
-    from common.federation import merged_config
+    from common.wire.federation import merged_config
     from server.server_app import base_model
 
     out = tmp_path_factory.mktemp("server-base")

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import baselines as BL
-from common import data as D
-from simulations.bench_report import PREVIOUS_DEFAULT
-from common.prune import PruneConfig, fine_prune, personalized_model
-from common.scoring import get_scorer
-from common.train import accuracy
+from common.data import readers as D
+from common.engine.prune import fine_prune, personalized_model
+from common.engine.scoring import get_scorer
+from common.model.train import accuracy
+from common.settings import PruneConfig
+from simulations import baselines as BL
 from simulations import cohorts as CO
-
+from simulations.bench_report import PREVIOUS_DEFAULT
 
 # the engine as it was before the safe default (full recalibration, the base's output layer,
 # restriction, no search bound or back-off): the behaviours these tests pin down
@@ -92,9 +92,8 @@ def test_labels_never_reach_the_device(tmp_path, digits, digits_split, digits_ba
     """The same images filed under the wrong class folder give the identical personalized model."""
     from PIL import Image
 
-    from common.checkpoint import save_checkpoint
     from client.personalize import load_inputs, personalize
-    from common.checkpoint import load_checkpoint
+    from common.model.checkpoint import load_checkpoint, save_checkpoint
 
     features = {"kind": "image", "image_size": 8, "channels": 1}
     idx = digits_split[1][:60]
@@ -198,7 +197,7 @@ def test_discriminative_pruning_keeps_adabn_gains_at_70_percent_and_beats_usage(
 
 
 def test_class_separation_is_high_for_a_class_feature_and_low_for_noise():
-    from common.stats import StatsCollector
+    from common.engine.stats import StatsCollector
 
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(300) % 3
@@ -223,9 +222,9 @@ def test_prototype_head_on_pruned_model_beats_base_and_adabn_for_speakers_in_the
     noise, reverberation, telephone band, speed): discriminative pruning to 70% sparsity with the
     prototype head, forward only and label-free, raises mean held-out accuracy over the base and
     over AdaBN (benchmark, all 12 such users: 0.810 vs AdaBN 0.737, base 0.617)."""
-    from common.checkpoint import load_checkpoint
-    from common.pretrain import pretrain
-    from common.protocol import seen_speaker_split
+    from common.data.protocol import seen_speaker_split
+    from common.model.checkpoint import load_checkpoint
+    from server.pretrain import pretrain
 
     ds = D.load_fsdd(fsdd_dir)
     pretrain("fsdd", tmp_path / "kws.pt", ds=ds, epochs=8, seed=0, indices=seen_speaker_split(ds))

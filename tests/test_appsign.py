@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
-from common.appsign import AppSignatureError, load_public_keys, make_signing_key, sign_app, verify_fab
 from common.cli import main as cli
+from common.wire.appsign import AppSignatureError, load_public_keys, make_signing_key, sign_app, verify_fab
 
 pytestmark = pytest.mark.security
 ATTACK_APP = Path(__file__).parent / "attack_app"
@@ -69,7 +69,7 @@ def test_an_inflation_bomb_is_refused_before_inflating(signed):
 
 
 def test_the_device_installs_nothing_from_an_unsigned_app(signed, tmp_path):
-    from common.appsign import SerialStore
+    from common.wire.appsign import SerialStore
 
     installed = []
     seen = SerialStore(tmp_path / "serials.json")
@@ -164,7 +164,7 @@ def _pull(fab: bytes, **crafted):
     import hashlib
     from types import SimpleNamespace
 
-    from common.appsign import fab_identity
+    from common.wire.appsign import fab_identity
 
     fab_id, version = fab_identity(fab)
     run = SimpleNamespace(fab_id=crafted.get("fab_id", fab_id), fab_version=crafted.get("fab_version", version))
@@ -189,7 +189,7 @@ def _run(fab, trusted, seen, **crafted):
 def test_a_signed_app_under_a_crafted_fab_version_imports_nothing(signed, tmp_path):
     """A SuperLink without the key sends the operator's genuinely signed FAB with fab_version set
     to a path out of Flower's app directory (where Flower installs and imports the ClientApp)."""
-    from common.appsign import SerialStore, fab_identity
+    from common.wire.appsign import SerialStore, fab_identity
 
     fab, seen = signed["fab"], SerialStore(tmp_path / "serials.json")
     _, version = fab_identity(fab)
@@ -223,7 +223,7 @@ def test_an_older_signing_of_an_app_is_refused_once_a_newer_one_ran(signed, tmp_
     """Before: an old signed FAB still verified after the operator signed a new version."""
     import json
 
-    from common.appsign import SerialStore
+    from common.wire.appsign import SerialStore
 
     sign_app(ATTACK_APP, signed["dir"] / "keys" / "operator", tmp_path / "v2")  # the operator signs again, later
     old, new = signed["fab"], build_fab_from_disk(tmp_path / "v2")

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from common import data as D
-from common.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
+from common.data import readers as D
 from common.io import atomic_write_bytes
-from common.mask import Mask
-from common.models import build_model
+from common.model.architectures import build_model
+from common.model.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
+from common.model.mask import Mask
 
 META = {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10}, "task": "digits",
         "classes": [str(i) for i in range(10)], "features": {"kind": "image", "image_size": 8, "channels": 1}}

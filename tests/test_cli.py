@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.checkpoint import load_checkpoint, save_checkpoint
 from common.cli import main
+from common.model.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def bad_files(tmp_path_factory, base_ckpt):
     import soundfile as sf
     from PIL import Image
 
-    from common.models import build_model
+    from common.model.architectures import build_model
 
     d = tmp_path_factory.mktemp("bad")
     (d / "junk.pt").write_bytes(b"\x00garbage")
@@ -182,8 +182,8 @@ def test_speech_personalization_on_a_wav_directory(tmp_path, fsdd_dir):
     """Edge path for speech: a base trained briefly on FSDD, one user's WAV folder (unlabeled)."""
     import shutil
 
-    from common import data as D
-    from common.pretrain import pretrain
+    from common.data import readers as D
+    from server.pretrain import pretrain
 
     ds = D.load_fsdd(fsdd_dir, speakers=["jackson", "lucas", "theo"])
     r = pretrain("fsdd", tmp_path / "kws.pt", epochs=2, exclude_speaker="theo", ds=ds)
@@ -222,7 +222,7 @@ def test_a_fifo_named_like_an_image_does_not_hang_the_device(tmp_path, base_ckpt
 
 @pytest.mark.badinput
 def test_simulations_the_data_cannot_serve_are_refused_before_anything_starts(tmp_path, fsdd_dir):
-    from common.data import DataError
+    from common.data.readers import DataError
     from simulations.simulate import simulate
 
     with pytest.raises(DataError, match="needs a data path"):
@@ -262,7 +262,7 @@ def test_a_zlib_bomb_in_a_mask_stops_at_the_size_its_header_allows():
     import json as _json
     import zlib as z
 
-    from common.mask import MAGIC, MaskError, Mask
+    from common.model.mask import MAGIC, Mask, MaskError
 
     header = _json.dumps({"layers": [["fc", [8, 8]]]}).encode()
     bomb = z.compress(b"\x00" * (64 << 20), 9)  # 64 MiB of zeros in ~64 KB
@@ -278,7 +278,7 @@ def test_an_hour_long_wav_is_refused_and_long_clips_are_cut_visibly(tmp_path):
     import numpy as np
     import soundfile as sf
 
-    from common.data import DataError, load_unlabeled_dir
+    from common.data.readers import DataError, load_unlabeled_dir
 
     feats = {"sample_rate": 8000, "clip_samples": 8000}
     d = tmp_path / "wavs"
@@ -321,7 +321,8 @@ def test_disk_full_is_one_line_exit_74_and_the_old_output_is_kept(tmp_path, base
 def test_threads_is_set_deliberately_and_bad_counts_are_refused(tmp_path, base_ckpt, user_dir, capsys):
     import torch
 
-    from common.cli import auto_threads, main as cli
+    from common.cli import auto_threads
+    from common.cli import main as cli
 
     before = torch.get_num_threads()
     try:
@@ -376,7 +377,7 @@ JEOgwTA7PTascyhw==
 def test_the_four_confusing_messages_now_say_what_is_wrong(tmp_path, base_ckpt, user_dir, capsys):
     """A PNG given as --data, a folder as --model, --sparsity for --target-sparsity, and a speech
     model given images: each one line that names the real problem."""
-    from common.models import build_model
+    from common.model.architectures import build_model
 
     png = next(user_dir.glob("*.png"))
 

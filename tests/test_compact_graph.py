@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from common.compact_graph import compact_graph, rebuild
-from common.mask import Mask
-from common.models import build_model, prunable_layers
+from common.model.architectures import build_model, prunable_layers
+from common.model.compact_graph import compact_graph, rebuild
+from common.model.mask import Mask
 
 FEATS = {"kind": "image", "image_size": 32, "channels": 3}
 
@@ -60,8 +60,8 @@ def test_compact_resnet_computes_what_the_masked_one_computes(arch):
 
 def test_a_compacted_resnet_personalization_round_trips_through_its_checkpoint(tmp_path):
     from client.personalize import personalize
-    from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from common.prune import PruneConfig
+    from common.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from common.settings import PruneConfig
 
     base = _randomized("resnet18")
     meta = {"arch": "resnet18", "arch_kwargs": {"num_classes": 10}, "task": "imagefolder",

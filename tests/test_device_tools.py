@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.checkpoint import load_checkpoint
 from common.cli import main
+from common.model.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -17,9 +17,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def setup(tmp_path_factory, digits, digits_cli_base):
     """A base model, and one user: unlabeled photos of 4s and 9s, and a labeled held-out set of
     the same classes in class subfolders (ImageFolder layout), as the user would label a few."""
-    from PIL import Image
-
     import shutil
+
+    from PIL import Image
 
     d = tmp_path_factory.mktemp("tools")
     shutil.copyfile(digits_cli_base, d / "base.pt")
@@ -105,8 +105,8 @@ def test_evaluate_and_predict_bad_input_is_one_line_exit_2(setup, tmp_path, caps
     d = setup
     (tmp_path / "cats").mkdir()
     Image.new("L", (8, 8)).save(tmp_path / "cats" / "a.png")
-    from common.checkpoint import save_checkpoint
-    from common.models import build_model
+    from common.model.architectures import build_model
+    from common.model.checkpoint import save_checkpoint
     save_checkpoint(tmp_path / "kws.pt", build_model("kws"), {
         "arch": "kws", "arch_kwargs": {}, "task": "fsdd", "classes": list("0123456789"),
         "features": {"kind": "audio", "sample_rate": 8000, "clip_samples": 8000}})
@@ -130,7 +130,7 @@ def test_evaluate_and_predict_bad_input_is_one_line_exit_2(setup, tmp_path, caps
 def test_colour_photos_for_a_grayscale_model_are_converted_with_a_warning(tmp_path):
     from PIL import Image
 
-    from common import data as D
+    from common.data import readers as D
 
     Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "a.png")
     Image.new("L", (8, 8), 90).save(tmp_path / "b.png")
@@ -209,7 +209,7 @@ def test_a_speech_model_exports_with_its_front_end(tmp_path):
     import onnxruntime as ort
 
     from client.export import export
-    from common.models import build_model
+    from common.model.architectures import build_model
 
     m = build_model("kws").eval()
     feats = {"kind": "audio", "sample_rate": 8000, "clip_samples": 8000}
@@ -226,7 +226,7 @@ def test_the_lowerable_copy_computes_what_the_model_computes():
     convolution with the windowed DFT basis, adaptive pools as matrix pools. Same outputs as
     PyTorch's own modules, for speech (10x25 pooled to 4x4: uneven bins) and for odd sizes."""
     from client.export import MatrixPool, lowerable
-    from common.models import build_model
+    from common.model.architectures import build_model
 
     torch.manual_seed(0)
     m = build_model("kws").eval()

@@ -14,12 +14,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from client.device import Device
-from common.checkpoint import load_checkpoint
-from common.federation import DEFAULTS, model_bytes
 from common.io import atomic_write_bytes
-from common.mask import Mask
-from common.models import build_model, prunable_layers
-from common.summary import build_summary, encode, usage_histograms
+from common.model.architectures import build_model, prunable_layers
+from common.model.checkpoint import load_checkpoint
+from common.model.mask import Mask
+from common.wire.federation import DEFAULTS, model_bytes
+from common.wire.summary import build_summary, encode, usage_histograms
 from server.server_app import earlier_reports
 from server.strategy import FinePruneStrategy
 from tests.conftest import FakeGrid
@@ -43,7 +43,7 @@ def test_device_killed_while_saving_keeps_its_previous_model_and_recovers(tmp_pa
         import os, sys, time, torch
         import common.io
         from client.device import Device
-        from common.federation import DEFAULTS
+        from common.wire.federation import DEFAULTS
         def stuck(src, dst):
             print("WRITING", flush=True)
             time.sleep(120)
@@ -124,7 +124,7 @@ def _strategy(tmp_path, n, **cfg):
 def test_node_lost_mid_round_is_counted_once_and_gets_the_base_again(identity, tmp_path):
     strat = _strategy(tmp_path, 3)
     msgs = _pushed(list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(3))))
-    lost = Message(Error(code=3, reason="Error: Node Unavailable — The destination node failed to report a "
+    lost = Message(Error(code=5, reason="Error: Node Unavailable — The destination node failed to report a "
                                         "heartbeat within 2 × its expected interval."), reply_to=msgs[1])
     lost.metadata.__dict__["_src_node_id"] = 0  # made by the SuperLink, not by the node
     crashed = Message(Error(code=1, reason="ClientApp raised: no usable base model"), reply_to=msgs[2])

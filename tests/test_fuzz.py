@@ -8,11 +8,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common.checkpoint import fingerprint
-from common.federation import DEFAULTS, model_bytes
-from common.mask import Mask
-from common.models import build_model, prunable_layers
-from common.summary import build_summary, encode, usage_histograms
+from common.model.architectures import build_model, prunable_layers
+from common.model.checkpoint import fingerprint
+from common.model.mask import Mask
+from common.wire.federation import DEFAULTS, model_bytes
+from common.wire.summary import build_summary, encode, usage_histograms
 from server.report import write_report
 from server.strategy import FinePruneStrategy
 from tests.conftest import FakeGrid
@@ -124,7 +124,7 @@ def test_thousands_of_mutated_replies_only_ever_become_counted_rejections(identi
 
 
 def _sketch_with_other_bins(base, rng):
-    from common.summary import sketch_budget
+    from common.wire.summary import sketch_budget
 
     layers = prunable_layers(base)
     mask = Mask({n: torch.rand(m.weight.shape, generator=rng) > 0.6 for n, m in layers.items()})
@@ -177,8 +177,8 @@ def test_each_known_round_crasher_is_rejected_and_counted(identity, tmp_path, ca
 def test_a_device_refuses_base_metadata_that_would_exhaust_or_probe_it(change, msg):
     import json as _json
 
-    from common.checkpoint import CheckpointError
-    from common.federation import base_to_records, records_to_base
+    from common.model.checkpoint import CheckpointError
+    from common.wire.federation import base_to_records, records_to_base
 
     base = build_model("smallcnn")
     arrays, meta_record = base_to_records(base, META)

@@ -5,9 +5,10 @@ import copy
 import pytest
 import torch
 
-from common.forward import batches, device_batches
-from common.mask import Mask
-from common.prune import PruneConfig, fine_prune
+from common.engine.prune import fine_prune
+from common.model.batches import batches, device_batches
+from common.model.mask import Mask
+from common.settings import PruneConfig
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
 
@@ -30,7 +31,7 @@ def test_batches_copied_on_a_side_stream_give_the_logits_of_data_already_on_the_
     logits, more likely the more and the faster the batches)."""
     import torch.nn as nn
 
-    from common.forward import batched_forward
+    from common.model.batches import batched_forward
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
@@ -73,13 +74,13 @@ def test_personalizing_on_the_gpu_gives_the_cpu_mask(digits, digits_split, digit
 
 @cuda
 def test_the_fused_output_statistics_on_the_gpu_equal_pytorchs_reductions(monkeypatch):
-    """All hooks on a GPU read each channels_last BatchNorm output once (common/kernels.py): the
+    """All hooks on a GPU read each channels_last BatchNorm output once (common/engine/kernels.py): the
     statistics equal those of PyTorch's reductions on the same GPU, counts exactly."""
     pytest.importorskip("triton")
-    from common import kernels
-    from common.forward import to_layout
-    from common.models import build_model
-    from common.prune import collect_stats
+    from common.engine import kernels
+    from common.engine.forward import to_layout
+    from common.engine.probe import collect_stats
+    from common.model.architectures import build_model
 
     torch.manual_seed(0)
     for shape in [(3, 70, 9, 11), (64, 64, 112, 112), (5, 2048, 7, 7)]:

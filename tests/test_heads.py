@@ -1,7 +1,7 @@
 """Output heads built from the user's own features: which one `auto` picks for how much data."""
 import torch
 
-from common.heads import choose_head, spread_classes
+from common.engine.heads import choose_head, spread_classes
 
 
 def _logits(n: int, classes: int) -> torch.Tensor:
@@ -24,8 +24,7 @@ def test_auto_keeps_the_base_layer_where_prototypes_would_come_from_one_to_three
 
 
 def test_the_floor_is_a_setting_of_every_surface():
-    from common.prune import PruneConfig
-    from common.settings import SETTINGS
+    from common.settings import SETTINGS, PruneConfig
 
     assert PruneConfig().head_min_support == 4.0
     assert any(s.name == "head-min-support" for s in SETTINGS)

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from common.compact import compact
-from common.mask import Mask, MaskError
-from common.models import build_model, prunable_layers
-from common.prune import PruneConfig, fine_prune
+from common.engine.prune import fine_prune
+from common.model.architectures import build_model, prunable_layers
+from common.model.compact import compact
+from common.model.mask import Mask, MaskError
+from common.settings import PruneConfig
 
 
 def random_mask(model, p=0.6, seed=0):

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from common import data as D
-from common.checkpoint import fingerprint
-from common.federation import merged_config, model_bytes
-from common.mask import Mask
-from common.models import prunable_layers
-from common.privacy import check_epsilon, debias, estimate_jaccard, keep_probability, randomize
-from common.prune import PruneConfig, fine_prune
-from common.summary import SummaryError, build_summary, decode, encode, usage_histograms
+from common.data import readers as D
+from common.engine.prune import fine_prune
+from common.model.architectures import prunable_layers
+from common.model.checkpoint import fingerprint
+from common.model.mask import Mask
+from common.settings import PruneConfig
+from common.wire.federation import merged_config, model_bytes
+from common.wire.privacy import check_epsilon, debias, estimate_jaccard, keep_probability, randomize
+from common.wire.summary import SummaryError, build_summary, decode, encode, usage_histograms
 from server.analysis import analyze, consensus
 
 
@@ -82,7 +83,7 @@ def test_privacy_header_is_validated(_digits_base, masks, case):
     import json
     import struct
 
-    from common.summary import MAGIC
+    from common.wire.summary import MAGIC
 
     fp, shapes, size = fingerprint(_digits_base), _shapes(_digits_base), model_bytes(_digits_base)
     private = encode(build_summary(masks[0], _hist(_digits_base), "bitmap", fp, size, epsilon=2.0, privacy_seed=1))
@@ -173,7 +174,7 @@ def test_privacy_mode_blunts_the_class_inference_attack(tmp_path):
 def test_device_repeats_its_noisy_bits_instead_of_drawing_fresh_noise(tmp_path, _digits_base, digits):
     """Fresh noise every round would let the server average it away: the device memoizes."""
     from client.device import Device
-    from common.federation import DEFAULTS
+    from common.wire.federation import DEFAULTS
 
     meta = {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10}, "task": "digits",
             "classes": [str(i) for i in range(10)], "features": {"kind": "image", "image_size": 8, "channels": 1}}
@@ -197,7 +198,7 @@ def test_device_repeats_its_noisy_bits_instead_of_drawing_fresh_noise(tmp_path, 
 def test_private_mode_sends_nothing_but_the_noisy_summary_and_a_device_caps_epsilon(tmp_path, _digits_base, digits):
     from client.client_app import reply_metrics
     from client.device import Device
-    from common.federation import DEFAULTS
+    from common.wire.federation import DEFAULTS
 
     meta = {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10}, "task": "digits",
             "classes": [str(i) for i in range(10)], "features": {"kind": "image", "image_size": 8, "channels": 1}}
@@ -215,7 +216,7 @@ def test_private_mode_sends_nothing_but_the_noisy_summary_and_a_device_caps_epsi
 
 def _private_device(tmp_path, base, x, **settings):
     from client.device import Device
-    from common.federation import DEFAULTS
+    from common.wire.federation import DEFAULTS
 
     meta = {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10}, "task": "digits",
             "classes": [str(i) for i in range(10)], "features": {"kind": "image", "image_size": 8, "channels": 1}}
@@ -266,18 +267,24 @@ def test_varying_the_request_or_nudging_the_base_collects_no_fresh_noise(tmp_pat
 
 
 @pytest.mark.security
-def test_a_private_devices_error_reply_names_no_file():
-    from client.client_app import DeviceError, quiet_errors
-    from common.data import DataError
+def test_a_private_devices_error_reply_names_no_file(identity):
+    from flwr.app import Message, RecordDict
+
+    from client.client_app import error_reply
+    from common.data.readers import DataError
+    from common.wire.envelope import failure_kind
 
     def broken():
         raise DataError("cannot read /home/alice/photos/2026-11-30 clinic visit.png: truncated")
 
-    with pytest.raises(DeviceError) as e:
-        quiet_errors(broken, private=True)
-    assert "alice" not in str(e.value) and "clinic" not in str(e.value) and "DataError" in str(e.value)
-    with pytest.raises(DataError, match="alice"):  # a device that is not private says what failed
-        quiet_errors(broken, private=False)
+    instr = Message(RecordDict(), dst_node_id=1, message_type="train")
+    instr.metadata.__dict__["_message_id"] = instr.object_id
+    private = error_reply(broken, instr, private=True)
+    assert private.has_error() and failure_kind(private.error.code) == "client-error"
+    reason = private.error.reason
+    assert "alice" not in reason and "clinic" not in reason and "DataError" in reason
+    said = error_reply(broken, instr, private=False)  # a device that is not private says what failed
+    assert "alice" in said.error.reason and failure_kind(said.error.code) == "client-error"
 
 
 @pytest.mark.security

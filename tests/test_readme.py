@@ -152,16 +152,17 @@ def test_a_newcomers_path_from_a_checkout_to_an_exported_model_works_as_written(
 
 
 def test_the_readmes_scorer_example_plugs_into_the_engine(digits, digits_base):
-    import common.scoring as scoring
-    from common.prune import PruneConfig, fine_prune
+    import common.engine.scoring as scoring
+    from common.engine.prune import fine_prune
+    from common.settings import PruneConfig
 
     example = block_with('@register("usage-squared")', lang="python")
     try:
         exec(example, vars(scoring))
         assert "usage-squared" in scoring.SCORERS
-        from common.settings import _scorers
+        from common.settings import BY_NAME
 
-        assert "usage-squared" in _scorers()  # --scoring and the run config offer it
+        assert "usage-squared" in BY_NAME["scoring"].options()  # --scoring and the run config offer it
         res = fine_prune(digits_base, digits.x[:64], PruneConfig(scoring="usage-squared", target_sparsity=0.5))
         assert abs(res.sparsity - 0.5) < 0.05
     finally:

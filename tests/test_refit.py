@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 
-from common import data as D
-from common.compact import compact
+from common.data import readers as D
+from common.engine.prune import fine_prune
+from common.model.compact import compact
+from common.model.train import accuracy
+from common.settings import PruneConfig
 from simulations.bench_report import PREVIOUS_DEFAULT
-from common.prune import PruneConfig, fine_prune
-from common.train import accuracy
 
 
 def _user(digits, pool, classes=(0, 3, 8)):
@@ -51,7 +52,7 @@ def test_refit_recovers_the_accuracy_structured_pruning_lost(pruned, _digits_bas
 def test_after_refit_pruned_units_stay_pruned_and_compaction_is_exact(pruned):
     _, out = pruned
     model, res = out[True]
-    from common.models import prunable_layers
+    from common.model.architectures import prunable_layers
 
     for name, layer in prunable_layers(model).items():
         assert torch.all(layer.weight[~res.mask.layers[name]] == 0)  # nothing pruned came back
@@ -79,8 +80,8 @@ def test_in_a_resnet_refit_removes_only_block_internal_units_and_restores_the_ou
     """In a ResNet only units with one reader go (conv1 inside each block; the residual stream
     stays), the layer that reads them is refit, the outputs come back toward the unpruned model's,
     and the dependency-graph compaction is exact and halves the parameters."""
-    from common.compact_graph import compact_graph
-    from common.models import build_model, reader_links
+    from common.model.architectures import build_model, reader_links
+    from common.model.compact_graph import compact_graph
 
     torch.manual_seed(0)
     base = build_model("resnet18", num_classes=10).eval()
@@ -88,7 +89,7 @@ def test_in_a_resnet_refit_removes_only_block_internal_units_and_restores_the_ou
     with torch.no_grad():
         want = base(x)
     out = {}
-    import common.prune as engine
+    import common.engine.prune as engine
 
     for refit in (False, True):
         m = copy.deepcopy(base)
@@ -116,9 +117,10 @@ def test_in_a_resnet_refit_removes_only_block_internal_units_and_restores_the_ou
 @pytest.mark.badinput
 def test_refit_without_a_structured_scorer_is_refused_in_one_line(tmp_path, capsys):
     from common.cli import main
+    from common.engine.prune import check_config
 
     with pytest.raises(ValueError, match="needs a structured scorer"):
-        PruneConfig(refit=True).validate()
+        check_config(PruneConfig(refit=True))
     assert main(["personalize", "--model", str(tmp_path / "none.pt"), "--data", str(tmp_path), "--out",
                  str(tmp_path / "me.pt"), "--refit"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -131,9 +133,9 @@ def test_refit_and_channel_usage_refuse_a_model_without_single_reader_layers_in_
     any pass, naming what needed them."""
     import torch.nn as nn
 
-    from common.mask import Mask
-    from common.refit import refit_consumers
-    from common.scoring import get_scorer
+    from common.engine.refit import refit_consumers
+    from common.engine.scoring import get_scorer
+    from common.model.mask import Mask
 
     m = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
     x = torch.randn(8, 1, 8, 8)

@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import baselines as BL
-from common.adapt import DEEP_SHIFT, classes_predicted, input_correlation, stem_count, vendor_record
-from common.prune import PruneConfig, fine_prune, personalized_model
-from common.train import accuracy, train_supervised
+from common.engine.adapt import DEEP_SHIFT, classes_predicted, input_correlation, stem_count, vendor_record
+from common.engine.probe import probe_pick
+from common.engine.prune import fine_prune, personalized_model
+from common.model.train import accuracy, train_supervised
+from common.settings import PruneConfig
+from simulations import baselines as BL
 from simulations import cohorts as CO
 from simulations.bench_report import PREVIOUS_DEFAULT
 from tests.test_adaptation import Guarded
@@ -99,8 +101,8 @@ def test_default_gains_at_least_what_adabn_gains_under_a_covariate_shift(digits,
 
 def test_inputs_unlike_the_base_get_one_line_and_no_restriction_or_pruning(tmp_path, capsys, digits, digits_split,
                                                                           digits_base, digits_vendor):
-    from common.checkpoint import load_checkpoint, save_checkpoint
     from common.cli import main
+    from common.model.checkpoint import load_checkpoint, save_checkpoint
 
     features = {"kind": "image", "image_size": 8, "channels": 1}
     base = tmp_path / "base.pt"
@@ -149,7 +151,7 @@ def test_the_check_counts_the_classes_a_recalibration_predicts():
 
 
 def test_the_input_side_ends_at_the_first_layer_with_several_channels():
-    from common.models import build_model
+    from common.model.architectures import build_model
 
     assert stem_count(build_model("kws", num_classes=10)) == 2  # the one-channel input norm, then bn1
     assert stem_count(build_model("smallcnn", num_classes=10)) == 1
@@ -166,7 +168,7 @@ def test_the_input_side_ends_at_the_first_layer_with_several_channels():
     ({"input_profile": {"shape": [1, 1, 4], "values": [0.0, float("nan"), 1.0, 2.0]}}, "input_profile"),
 ])
 def test_a_malformed_vendor_record_from_the_other_side_is_refused(record, why):
-    from common.checkpoint import CheckpointError, check_model_meta
+    from common.model.checkpoint import CheckpointError, check_model_meta
 
     meta = {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10}, "task": "digits",
             "classes": [str(i) for i in range(10)], "features": {"kind": "image", "image_size": 8, "channels": 1}}
@@ -176,7 +178,7 @@ def test_a_malformed_vendor_record_from_the_other_side_is_refused(record, why):
 
 
 def test_a_vendor_record_that_does_not_fit_the_model_is_ignored(digits_base):
-    from common.adapt import spread_for
+    from common.engine.adapt import spread_for
 
     assert spread_for(digits_base, {"class_spread": [[0.1] * 16]}) is None  # one layer, the model has two
     assert spread_for(digits_base, None) is None
@@ -203,7 +205,7 @@ def test_a_backed_off_mask_keeps_batchnorm_statistics_of_its_own_under_full_reca
                                                                                          digits_base):
     """Where every BatchNorm layer follows the user, statistics estimated for the next, sparser
     step do not fit the mask kept one step below it (a ResNet18 user: 0.89 -> 0.54 held out)."""
-    from common.forward import bn_layers, recalibrate_bn
+    from common.engine.bn import bn_layers, recalibrate_bn
 
     pool = torch.as_tensor(digits_split[1][:150])
     x = digits.x[pool]
@@ -212,7 +214,7 @@ def test_a_backed_off_mask_keeps_batchnorm_statistics_of_its_own_under_full_reca
     r = fine_prune(m, x, cfg)
     assert "backed off to" in r.stop_reason, r.stop_reason
     own = copy.deepcopy(m)  # the kept mask, its statistics estimated on the probe as a probe pass does
-    recalibrate_bn(own, x[cfg.probe_pick(len(x))], 512)
+    recalibrate_bn(own, x[probe_pick(cfg, len(x))], 512)
     for kept, fresh in zip(bn_layers(m), bn_layers(own)):
         assert torch.allclose(kept.running_mean, fresh.running_mean, atol=1e-5)
         assert torch.allclose(kept.running_var, fresh.running_var, rtol=1e-4, atol=1e-5)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from common import data as D
-from common.federation import merged_config
-from common.protocol import check_partition, simulated_user, task_dataset, vendor_and_pool
+from common.data import readers as D
+from common.data.protocol import check_partition, simulated_user, task_dataset, vendor_and_pool
+from common.wire.federation import merged_config
 
 
 def test_a_client_builds_only_its_own_user_and_it_is_the_same_user_as_before(monkeypatch):
@@ -48,11 +48,11 @@ def test_more_disjoint_clients_than_the_data_can_serve_is_refused_with_the_way_o
 
 
 def _sketch_summaries(n: int, kinds: int = 2):
-    from common.checkpoint import fingerprint
-    from common.federation import model_bytes
-    from common.mask import Mask, prunable_layers
-    from common.models import build_model
-    from common.summary import build_summary, usage_histograms
+    from common.model.architectures import build_model
+    from common.model.checkpoint import fingerprint
+    from common.model.mask import Mask, prunable_layers
+    from common.wire.federation import model_bytes
+    from common.wire.summary import build_summary, usage_histograms
 
     m = build_model("smallcnn")
     shapes = {k: tuple(v.weight.shape) for k, v in prunable_layers(m).items()}

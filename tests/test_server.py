@@ -8,11 +8,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from common.checkpoint import fingerprint
-from common.federation import DEFAULTS, model_bytes
-from common.mask import Mask
-from common.models import build_model, prunable_layers
-from common.summary import build_summary, encode, usage_histograms
+from common.model.architectures import build_model, prunable_layers
+from common.model.checkpoint import fingerprint
+from common.model.mask import Mask
+from common.wire.federation import DEFAULTS, model_bytes
+from common.wire.summary import build_summary, encode, usage_histograms
 from server.analysis import clusters, consensus
 from server.strategy import FinePruneStrategy
 from tests.conftest import FakeGrid
@@ -158,7 +158,7 @@ def test_an_all_pruned_mask_cannot_turn_the_slim_base_into_a_peers_mask(identity
 def test_a_private_run_derives_no_slim_base(identity, tmp_path):
     """4 sybils pruning one chosen set made the slim base reproduce an honest device's mask there
     (86% of all connections, 100% correct). In a private run there is no slim base at all."""
-    from common.federation import merged_config
+    from common.wire.federation import merged_config
 
     with pytest.raises(ValueError, match="slim-base is off in private runs"):
         merged_config({"slim-base": True, "privacy-epsilon": 1.0, "summary-level": "bitmap"})

@@ -1,14 +1,16 @@
 """One table of settings feeds every surface: the command line, the federation and the engine
 agree on every default, and bad values or combinations are refused with a clear error."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from common import settings as ST
-from common.checkpoint import fingerprint, load_checkpoint, save_checkpoint
-from common.federation import DEFAULTS, CLIENT_KEYS, merged_config, prune_settings
-from common.prune import PruneConfig
 from common.cli import build_parser, main
+from common.model.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from common.settings import PruneConfig
+from common.wire.federation import CLIENT_KEYS, DEFAULTS, merged_config, prune_settings
 
 
 def test_cli_federation_and_engine_share_every_default():
@@ -65,3 +67,11 @@ def test_bad_settings_are_refused_with_a_clear_error(values, msg):
     with pytest.raises(ValueError) as err:
         merged_config({}, values)
     assert msg in str(err.value)
+
+
+def test_pyprojects_run_config_is_the_tables_generated_block_exactly():
+    """Flower reads a run's defaults from [tool.flwr.app.config]; that block is what
+    `python -m common.settings --write pyproject.toml` writes from the table, line for line."""
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert ST.pyproject_block() in text
+    assert ST.pyproject_block().count("\n") == len(ST.run_config_defaults()) + 2

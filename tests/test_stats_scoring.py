@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.models import build_model
-from common.prune import collect_stats
-from common.scoring import SCORERS, get_scorer, register
-from common.stats import StatsCollector
+from common.engine.probe import collect_stats
+from common.engine.scoring import SCORERS, get_scorer, register
+from common.engine.stats import StatsCollector
+from common.model.architectures import build_model
 
 
 def test_input_norm_and_firing_match_manual_computation():
@@ -70,8 +70,8 @@ def test_channels_last_statistics_read_in_pieces_equal_the_whole_reduction(monke
     tensor's temporaries cost page faults). However it is cut, even into pieces smaller than one
     sample's map, every statistic is the one a reduction of the whole tensor gives: the counts
     exactly, the sums to float rounding."""
-    from common import stats as S
-    from common.forward import to_layout
+    from common.engine import stats as S
+    from common.engine.forward import to_layout
 
     torch.manual_seed(1)
     m = to_layout(build_model("resnet18", num_classes=10).eval(), torch.channels_last)
@@ -96,7 +96,7 @@ def test_channels_last_statistics_read_in_pieces_equal_the_whole_reduction(monke
 def test_statistics_in_channels_last_equal_those_in_the_models_own_layout():
     """The engine runs conv nets in channels_last; the usage hook reads that layout through a
     view, and every statistic matches the NCHW pass."""
-    from common.forward import engine_layout, to_layout
+    from common.engine.forward import engine_layout, to_layout
 
     torch.manual_seed(0)
     m = build_model("resnet18", num_classes=10).eval()
@@ -123,8 +123,8 @@ def test_statistics_kept_per_batch_and_folded_later_equal_those_added_every_batc
     arithmetic run here on the CPU gives every statistic the per-batch path gives: counts
     exactly, sums to float64 rounding, also when folding happens mid-pass (every 2 batches of 7)
     and for fully-connected inputs."""
-    from common import stats as S
-    from common.forward import to_layout
+    from common.engine import stats as S
+    from common.engine.forward import to_layout
 
     torch.manual_seed(2)
     m = build_model("resnet18", num_classes=10).eval()
@@ -158,7 +158,7 @@ def test_the_fused_output_statistics_kernel_gives_pytorchs_sums_and_counts():
     pytest.importorskip("triton")
     code = """
 import torch
-from common.kernels import positive_sum_count
+from common.engine.kernels import positive_sum_count
 torch.manual_seed(0)
 for r, c in [(1, 1), (5, 3), (64, 65), (2500, 130), (3, 300)]:
     y = torch.randn(r, c)
@@ -178,8 +178,8 @@ print("kernel ok")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0 and "kernel ok" in out.stdout, out.stderr[-2000:]
-    from common import kernels
-    from common.forward import to_layout
+    from common.engine import kernels
+    from common.engine.forward import to_layout
 
     y = to_layout(nn.Conv2d(3, 8, 3), torch.channels_last)(torch.randn(2, 3, 9, 9)).detach()
     assert kernels.fusable(y) is None  # on the CPU the hook reduces in cache-sized pieces
@@ -192,7 +192,7 @@ def test_a_fused_kernel_that_cannot_run_is_reported_once_and_the_statistics_stil
     CPU and to fail.)"""
     import warnings
 
-    from common import kernels
+    from common.engine import kernels
 
     torch.manual_seed(3)
     m = build_model("smallcnn", num_classes=10).eval()

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from common import data as D
-from common.checkpoint import fingerprint
-from common.federation import model_bytes
-from common.mask import Mask
-from common.models import build_model, prunable_layers
-from common.prune import PruneConfig, fine_prune
-from common.summary import (MAGIC, SummaryError, build_summary, decode, encode, sketch_jaccard,
-                            usage_histograms)
+from common.data import readers as D
+from common.engine.prune import fine_prune
+from common.model.architectures import build_model, prunable_layers
+from common.model.checkpoint import fingerprint
+from common.model.mask import Mask
+from common.settings import PruneConfig
+from common.wire.federation import model_bytes
+from common.wire.summary import MAGIC, SKETCH_BITS, SummaryError, build_summary, decode, encode, usage_histograms
 
 
 def _hist(model):
@@ -51,12 +51,37 @@ def test_upload_sizes_meet_targets(arch):
     assert sizes["stats"] < sizes["sketch"]
 
 
+def sketch_jaccard(a, b) -> tuple[float, list[float]]:
+    """The oracle for the server's all-pairs sketch estimator (server.analysis): one pair at a time,
+    written out from the b-bit MinHash estimate (Li and Koenig 2010): per layer the share of equal
+    bins less the chance collision rate, then the layers' intersections and unions summed. Returns
+    (whole model, per layer)."""
+    inter = union = 0.0
+    collide = 2.0 ** -SKETCH_BITS
+    per_layer = []
+    for sa, sb, pa, pb in zip(a.sketch, b.sketch, a.pruned, b.pruned):
+        if pa == 0 or pb == 0:
+            j = 1.0 if pa == pb else 0.0
+        else:
+            j = min(1.0, max(0.0, (float(np.mean(sa == sb)) - collide) / (1 - collide)))
+        per_layer.append(j)
+        i = j * (pa + pb) / (1 + j)
+        inter += i
+        union += pa + pb - i
+    return (1.0 if union == 0 else inter / union), per_layer
+
+
 def test_sketch_estimates_jaccard_within_005_of_exact(user_masks, _digits_base):
     fp, size, shapes = fingerprint(_digits_base), model_bytes(_digits_base), _shapes(_digits_base)
     hist = _hist(_digits_base)
-    summ = [decode(encode(build_summary(m, hist, "sketch", fp, size)), fp, shapes) for m in user_masks]
-    errs = [abs(sketch_jaccard(summ[i], summ[j]) - user_masks[i].jaccard(user_masks[j]))
-            for i in range(len(summ)) for j in range(i + 1, len(summ))]
+    from server.analysis import similarity
+
+    summ = {f"u{i}": decode(encode(build_summary(m, hist, "sketch", fp, size)), fp, shapes)
+            for i, m in enumerate(user_masks)}
+    ids, sim, method, _ = similarity(summ)
+    assert method == "estimated (sketch)"
+    errs = [abs(sim[a, b] - user_masks[int(ids[a][1:])].jaccard(user_masks[int(ids[b][1:])]))
+            for a in range(len(ids)) for b in range(a + 1, len(ids))]
     assert max(errs) <= 0.05
     exact = [user_masks[i].jaccard(user_masks[j]) for i in range(8) for j in range(i + 1, 8)]
     assert max(exact) - min(exact) > 0.05  # the users really differ: the test can fail
@@ -121,8 +146,7 @@ def test_all_pairs_similarity_equals_the_pair_by_pair_estimators(user_masks, _di
     """server.analysis.similarity computes all pairs as matrix products; each entry and each
     layer's mean agreement equal the pair-by-pair estimators (exact Jaccard, the private
     estimator, the sketch estimator) to 1e-9."""
-    from common.privacy import estimate_jaccard
-    from common.summary import layer_sketch_jaccard
+    from common.wire.privacy import estimate_jaccard
     from server.analysis import similarity
 
     fp, size = fingerprint(_digits_base), model_bytes(_digits_base)
@@ -137,7 +161,7 @@ def test_all_pairs_similarity_equals_the_pair_by_pair_estimators(user_masks, _di
 
     def pair(a, b):
         if level == "sketch":
-            return sketch_jaccard(a, b), layer_sketch_jaccard(a, b)
+            return sketch_jaccard(a, b)
         fa, fb = flat(a), flat(b)
         if eps is not None:
             return (estimate_jaccard(np.concatenate(fa), np.concatenate(fb), eps),

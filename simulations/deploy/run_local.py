@@ -17,7 +17,6 @@ of the operator-signed app. Used by the deployment test and as a how-to. The sec
 """
 from __future__ import annotations
 
-from common.cli import first_sentence
 import argparse
 import json
 import os
@@ -29,8 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-from common.appsign import make_signing_key, sign_app
+from common.cli import first_sentence
 from common.io import atomic_write_bytes
+from common.wire.appsign import make_signing_key, sign_app
 from simulations.deploy.certs import make_certs, make_node_key
 from simulations.simulate import free_port
 
@@ -45,8 +45,8 @@ def export_digits_users(out: Path, n: int, seed: int = 0) -> list[Path]:
     """Each device's own unlabeled photos (PNG), cut from the users' pool as in simulation."""
     from PIL import Image
 
-    from common.federation import merged_config
-    from common.protocol import simulated_user
+    from common.data.protocol import simulated_user
+    from common.wire.federation import merged_config
 
     cfg = merged_config({}, {"seed": seed})
     dirs = []

@@ -1,0 +1,1 @@
+"""Data: readers of files and datasets, how users are cut from them (the protocol), and tasks."""

@@ -1,0 +1,1 @@
+"""The engine: label-free fine-pruning, forward passes only (statistics, scores, masks, stop rules, heads)."""

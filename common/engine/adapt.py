@@ -1,0 +1,243 @@
+"""Label-free adaptation that is safe under label shift: which BatchNorm statistics follow the
+user, decided per user without labels, and whether the user's inputs look like the base's at all.
+
+- The vendor records, with the base, what the device needs to tell a class mix from a shift:
+  per BatchNorm channel the share of its variance that lies between the classes (class_spread),
+  and the average input the model saw (input_profile).
+- A user holding a few classes moves the deep, class-specific channels; a new style, voice or
+  room moves channels no class mix explains. Full recalibration (AdaBN) absorbs the class mix
+  (ResNet18 users holding 2-3 classes: 0.98 -> 0.49); recalibrating only the channels whose move
+  the class mix cannot explain does not.
+- The check: full recalibration is kept when the layers past the input side moved beyond what
+  the class mix explains (deep_shift), and it predicts no more of the classes than that safe
+  recalibration does (two classes of slack) and agrees with it on most of the probe;
+  otherwise only the input side (the BatchNorm layers up to the first with several channels)
+  follows the user.
+- A user whose average input is anti-correlated with the base's (inverted contrast, swapped
+  colours, another sample rate) is told so in one line; nothing irreversible is done for them."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.engine.bn import bn_layers
+from common.engine.stats import eta_squared
+from common.model.architectures import prunable_layers
+from common.model.batches import BATCH_SIZE
+
+PROFILE_SIDE = 8  # an input profile is pooled to at most this many positions per side
+
+
+# ---------------------------------------------------------------- vendor side (labels allowed)
+@torch.no_grad()
+def class_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = BATCH_SIZE) -> list:
+    """Per BatchNorm layer, over the vendor's data in eval mode: per class, the sums of each
+    channel's per-sample mean and mean square (over positions), and the class's sample count:
+    [(sum_mean (K, C), sum_square (K, C), count (K,)), ...]."""
+    bns = bn_layers(model)
+    n_cls = int(y.max()) + 1
+    acc = [None] * len(bns)
+    cur = {}
+
+    def hook(i):
+        def pre(_m, args):
+            h = args[0].float()
+            per = h.mean(tuple(range(2, h.dim()))) if h.dim() > 2 else h  # (N, C)
+            sq = (h ** 2).mean(tuple(range(2, h.dim()))) if h.dim() > 2 else h ** 2
+            onehot = F.one_hot(cur["y"], n_cls).float()
+            s = [onehot.T @ per, onehot.T @ sq, onehot.sum(0)]
+            acc[i] = s if acc[i] is None else [a + b for a, b in zip(acc[i], s)]
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(bns)]
+    model.eval()
+    try:
+        for i in range(0, len(x), batch_size):
+            cur["y"] = y[i:i + batch_size]
+            model(x[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    return acc
+
+
+def class_spread(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = BATCH_SIZE) -> list:
+    """Per BatchNorm layer and channel, the share of the channel's variance over the vendor's data
+    (eval mode, samples and positions) that lies between the classes' means: eta^2 in [0, 1].
+    What a user holding a few of the classes can move the channel's statistics by."""
+    return [eta_squared(s1, cnt, s2.sum(0)) for s1, s2, cnt in class_sums(model, x, y, batch_size)]
+
+
+def input_profile(model: nn.Module, x: torch.Tensor, batch_size: int = BATCH_SIZE, device: str = "cpu") -> torch.Tensor:
+    """The average input of the model's first layer (for audio models, the spectrogram after its
+    own front end), pooled to at most PROFILE_SIDE x PROFILE_SIDE per channel: (C, h, w), or
+    (features,) for a fully-connected first layer."""
+    return pooled_profile(first_layer_mean(model, x, batch_size, device))
+
+
+def pooled_profile(mean: torch.Tensor) -> torch.Tensor:
+    """An average first-layer input as a profile: pooled to at most PROFILE_SIDE per side."""
+    if mean.dim() == 3:
+        mean = F.adaptive_avg_pool2d(mean.unsqueeze(0), (min(PROFILE_SIDE, mean.shape[1]),
+                                                         min(PROFILE_SIDE, mean.shape[2])))[0]
+    return mean
+
+
+def vendor_record(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """What a base checkpoint carries for the device (model metadata, JSON-able and small)."""
+    prof = input_profile(model, x)
+    return {"class_spread": [[round(float(v), 4) for v in t] for t in class_spread(model, x, y)],
+            "input_profile": {"shape": list(prof.shape), "values": [round(float(v), 5) for v in prof.flatten()]}}
+
+
+# ---------------------------------------------------------------- device side
+def spread_for(model: nn.Module, meta: dict | None) -> list | None:
+    """The checkpoint's class spread as tensors, if it fits this model's BatchNorm layers."""
+    rec = (meta or {}).get("class_spread")
+    bns = bn_layers(model)
+    if not isinstance(rec, list) or len(rec) != len(bns):
+        return None
+    out = []
+    for vals, m in zip(rec, bns):
+        if not isinstance(vals, list) or len(vals) != m.num_features:
+            return None
+        out.append(torch.tensor(vals, dtype=torch.float32).clamp(0, 1))
+    return out
+
+
+def stem_count(model: nn.Module) -> int:
+    """How many BatchNorm layers make up the input side: up to the first with several channels
+    (a one-channel input normalization, as in the KWS model, carries no style of its own)."""
+    bns = bn_layers(model)
+    return next((i for i, m in enumerate(bns) if m.num_features > 1), len(bns) - 1) + 1
+
+
+def classes_predicted(logits: torch.Tensor, min_frac: float = 0.05) -> int:
+    """How many classes are the top prediction for at least `min_frac` of the samples (at least one)."""
+    counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
+    return int((counts >= max(1, math.ceil(min_frac * len(logits)))).sum())
+
+
+# ---------------------------------------------------------------- the per-user decision
+UNLIKE_BELOW = 0.3  # average input correlated below this with the vendor's: unlike the base's inputs
+KAPPA = 3.0         # a channel follows the user where its move exceeds KAPPA x its class spread
+AGREE = 0.8         # ... and agrees with it on at least this share of the probe (benchmark users whose full
+                    # recalibration helps: 0.83 and above; few-class ResNet users it collapses: 0.34-0.89)
+DEEP_SHIFT = 0.1    # full recalibration needs the layers past the input side to move beyond their class mix:
+                    # at least this mean explained weight (leave-one-cohort-out: docs/adapt_study/loco.md)
+CHECK_SAMPLES = 64  # the check's pass: at most this many of the probe's samples
+SLACK = 2           # full recalibration may predict this many more classes than the safe one (chosen
+                    # leave-one-cohort-out: docs/adapt_study/loco.md)
+
+
+def deep_shift(full: list, prior: list, spread: list, n_stem: int, kappa: float = KAPPA) -> float | None:
+    """How far the BatchNorm layers past the input side moved beyond what the user's class mix
+    explains: the mean over their channels of explained_weight, full recalibration's statistics
+    (`full`) against the base's (`prior`); None for a network with no such layer. A user holding
+    a few classes of the base's own kind of input moves them little (ResNet18 users of 2-3 classes:
+    0.015-0.068, full recalibration costs them 7-81 points); a new room, voice or style moves them
+    much (0.18-0.88 on the benchmark's speech and styled users, where full recalibration gains)."""
+    from common.engine.bn import explained_weight
+
+    ws = [explained_weight(mu, var, mb.to(mu), vb.to(var), sp, kappa)
+          for (mu, var), (mb, vb), sp in list(zip(full, prior, spread))[n_stem:]]
+    return float(torch.cat(ws).mean()) if ws else None
+
+
+class _Enough(Exception):
+    pass
+
+
+@torch.no_grad()
+def first_layer_mean(model: nn.Module, x: torch.Tensor, batch_size: int, device: str) -> torch.Tensor:
+    """The average input of the model's first layer over x; each batch stops at that layer."""
+    first = next(iter(prunable_layers(model).values()))
+    total = {}
+
+    def pre(_m, args):
+        h = args[0].detach().float()
+        total["s"] = h.sum(0) + total.get("s", 0)
+        raise _Enough
+
+    handle = first.register_forward_pre_hook(pre)
+    model.eval()
+    try:
+        for i in range(0, len(x), batch_size):
+            try:
+                model(x[i:i + batch_size].to(device))
+            except _Enough:
+                pass
+    finally:
+        handle.remove()
+    return (total["s"] / len(x)).cpu()
+
+
+def input_correlation(model: nn.Module, meta: dict | None, x: torch.Tensor, batch_size: int = BATCH_SIZE,
+                      device: str = "cpu") -> float | None:
+    """Pearson correlation between the user's average input and the vendor's (input_profile), per
+    channel, the lowest over channels whose profile varies, from passes that stop at the first
+    layer; None where the checkpoint records no profile. Inverted digits: -0.8 to -0.98; styled,
+    coloured, noisy or reverberant users of the benchmark: 0.52 and above."""
+    vendor = _vendor_profile(meta)
+    if vendor is None:
+        return None
+    return _lowest_correlation(input_profile(model, x, batch_size, device), vendor)
+
+
+class FirstLayerInputs:
+    """The sum of the first prunable layer's inputs over the passes it is open for: a hook on a
+    pass the engine runs anyway (its statistics pass), so the input check costs no pass."""
+
+    def __init__(self, model: nn.Module):
+        self.layer = next(iter(prunable_layers(model).values()))
+        self.total, self.n = None, 0
+
+    def _hook(self, _m, args):
+        h = args[0].detach().float()
+        self.total = h.sum(0) if self.total is None else self.total + h.sum(0)
+        self.n += h.shape[0]
+
+    def __enter__(self):
+        self._handle = self.layer.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+    def correlation(self, meta: dict | None) -> float | None:
+        """input_correlation of the inputs seen (the lowest over channels; per-channel affine
+        normalization before the first layer, as a train-mode BatchNorm on a spectrogram, leaves it
+        unchanged); None without a vendor profile or without inputs."""
+        vendor = _vendor_profile(meta)
+        if vendor is None or not self.n:
+            return None
+        return _lowest_correlation(pooled_profile((self.total / self.n).cpu()), vendor)
+
+
+def _vendor_profile(meta: dict | None) -> torch.Tensor | None:
+    rec = (meta or {}).get("input_profile")
+    if not isinstance(rec, dict):
+        return None
+    try:
+        return torch.tensor(rec["values"], dtype=torch.float32).reshape(rec["shape"])
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _lowest_correlation(user: torch.Tensor, vendor: torch.Tensor) -> float | None:
+    # only a spatial average (an image's, a spectrogram's) keeps its layout whatever classes the
+    # user holds; the mean of a feature vector moves with the class mix itself
+    if user.shape != vendor.shape or user.dim() != 3:
+        return None
+    corrs = [float(torch.corrcoef(torch.stack([a, b]))[0, 1]) for a, b in zip(user.flatten(1), vendor.flatten(1))
+             if b.numel() >= 4 and float(b.std()) > 1e-6 and float(a.std()) > 1e-6]
+    return min(corrs) if corrs else None
+
+
+def stem_profile(model: nn.Module):
+    """recalibrate_bn's profile that recalibrates the input side only (the rest keeps the base's)."""
+    n = stem_count(model)
+    return lambda i, _layers: float(i < n)

@@ -1,0 +1,101 @@
+"""Before pruning, the model adapted to the user: one statistics pass in which BatchNorm follows the
+user's data and usage is measured on the adapted network, the check that the inputs look like the
+base's at all, bn-adapt auto's check, and the output head, written before pruning so the stop rule
+judges the model as it is kept."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common.engine import adapt as AD
+from common.engine.bn import bn_layers, bn_prior, recalibrate_bn
+from common.engine.bn_check import check_full, stem_recal
+from common.engine.forward import capture_features
+from common.engine.heads import HEADS, choose_head
+from common.engine.probe import collect_stats
+from common.engine.stats import UsageStats
+from common.model.architectures import prunable_layers
+
+
+@dataclass
+class Adapted:
+    """The model adapted to the user, before pruning: what the statistics pass and the checks saw."""
+    logits: torch.Tensor
+    stats: UsageStats
+    feats: torch.Tensor
+    recal: dict
+    fold: bool
+    searching: bool
+    unlike: bool
+    head: str
+    info: dict
+    extra: int  # samples the checks pushed through the model
+
+
+def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> Adapted:
+    """The statistics pass (BatchNorm follows the user, usage is measured on the adapted network),
+    the input check, bn-adapt auto's check and the head, written before pruning so the stop rule
+    judges the model as kept."""
+    need_outputs, need_classes = "outputs" in scorer.needs or need_stats, "classes" in scorer.needs
+    # the stop rule's search, unless the statistics pass finds inputs unlike the base's (below)
+    searching = cfg.target_sparsity is None and cfg.stop_rule != "none"
+    recalibrating = cfg.recalibrate_bn and not cfg.base_stats and bool(bn_layers(model))
+    mode = cfg.bn_adapt if recalibrating else ("full" if cfg.recalibrate_bn else "none")
+    spread = AD.spread_for(model, base_meta) if recalibrating else None
+    if mode == "auto" and spread is None:
+        # a base without the vendor's record of its classes: nothing tells a class mix from a
+        # shift, so the safe side, with no check to pay for
+        mode = "stem"
+    prior = bn_prior(model) if recalibrating and mode != "full" else None
+    recal = stem_recal(model, prior, spread) if mode == "stem" else {}
+    # The stop rule's reference is the unpruned model recalibrated on the probe. The statistics
+    # pass gives it for free when the probe makes up its first batches: in train mode each batch
+    # is normalized by its own statistics, so those logits are what a probe pass of the unpruned
+    # model outputs (a rule that reads statistics still needs the probe's own: one probe pass).
+    # Not when the other samples would end in a batch of one: BatchNorm cannot normalize one
+    # sample by its own statistics where a map is 1x1 (ResNet18's last stage at 32x32 inputs).
+    fold = (searching and cfg.recalibrate_bn and not cfg.base_stats and not need_stats
+            and (len(x) - len(pick)) % cfg.batch_size != 1)
+    first = pick if fold else None
+    with capture_features(model) as cap, AD.FirstLayerInputs(model) as inputs:
+        if cfg.recalibrate_bn and not cfg.base_stats:
+            # under a domain shift the base's own activations mislead the ranking: usage is
+            # measured on the network the same pass adapts
+            logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs, classes=need_classes,
+                                           first=first, **recal)
+        else:
+            stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs, classes=need_classes)
+            first = None
+    feats = cap.features(first)
+    clock.lap("statistics pass")
+    # inputs unlike anything the base was trained on get no irreversible cut: no pruning, no
+    # restriction (their average, against the vendor's, from the statistics pass: no pass of its own)
+    corr = inputs.correlation(base_meta)
+    unlike = corr is not None and corr < AD.UNLIKE_BELOW
+    info = {"input_correlation": None if corr is None else round(corr, 4), "unlike_base": unlike,
+            "vendor_record": spread is not None}
+    extra = 0
+    if mode == "auto":
+        mode, recal, check, extra = check_full(model, x, pick, logits, prior, spread, cfg, device)
+        info.update(check)
+        if mode == "stem":  # the statistics pass again, on the model as it is kept: usage measured on
+            # the network whose class mix full recalibration absorbed ranks the wrong connections
+            with capture_features(model) as cap:
+                logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs,
+                                               classes=need_classes, first=first, **recal)
+            feats = cap.features(first)
+            extra += len(x)
+        clock.lap("adaptation check")
+    info["bn"] = mode
+    # the output layer from the user's features of the unpruned adapted model (the statistics
+    # pass's: no pass of its own)
+    info["head"] = head = choose_head(cfg.head, logits, cfg.prototype_min_support, cfg.head_min_support)
+    if HEADS[head].write is not None:
+        last = list(prunable_layers(model).values())[-1]
+        HEADS[head].write(last, feats, logits)
+        logits = F.linear(feats, last.weight.detach().float().cpu().flatten(1),
+                          None if last.bias is None else last.bias.detach().float().cpu())
+        clock.lap("head")
+    return Adapted(logits, stats, feats, recal, fold, searching and not unlike, unlike, head, info, extra)

@@ -1,0 +1,154 @@
+"""The probe: a fixed sample of the user's data on which every candidate mask is judged, passes
+over it with a mask applied (re-estimating BatchNorm statistics as the kept model would), and the
+Clock that charges each phase of the engine its wall time."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+
+from common.engine import adapt as AD
+from common.engine.bn import bn_layers, recalibrate_bn
+from common.engine.forward import forward_pass
+from common.model.batches import BATCH_SIZE, batched_forward, device_batches
+from common.model.mask import Mask, apply_plan
+
+
+def probe_samples(cfg, n: int) -> int:
+    """The probe: a quarter of the user's data, at least 32 and at most 128 samples (a probe
+    pass then costs at most a quarter of a full pass on all but the smallest data sets)."""
+    return min(n, cfg.probe_size or max(32, min(128, n // 4)))
+
+
+def probe_pick(cfg, n: int) -> torch.Tensor:
+    """Which of the user's n samples make up the probe (seeded)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:probe_samples(cfg, n)]
+
+
+class Clock:
+    """Wall seconds per phase of the engine. On a GPU each lap waits for the queued kernels, so a
+    phase is charged for its own work (one synchronize per lap, a handful per personalization)."""
+
+    def __init__(self, device: str):
+        self.cuda = str(device).startswith("cuda")
+        self.phases: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + t - self._t
+        self._t = t
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = BATCH_SIZE, device: str = "cpu"):
+    return batched_forward(model, x, batch_size, device)
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, x: torch.Tensor, batch_size: int, device: str, outputs: bool = True,
+                  classes: bool = False):
+    """One forward pass with usage hooks; also returns the logits (free)."""
+    model.eval()
+    logits, stats = forward_pass(model, x, batch_size, device, hooks=outputs, classes=classes)
+    return stats, logits
+
+
+def _bn_key(sparsity: float) -> float:
+    """A mask's key in Probe.bn: its sparsity, rounded so the same mask counted twice matches."""
+    return round(sparsity, 9)
+
+
+class Probe:
+    """Passes over a fixed probe of the user's data with a candidate mask applied to the model's
+    state at the start of pruning; counts the samples it pushes through the model and keeps the
+    BatchNorm statistics each recalibrating pass estimated, so the mask kept reuses them."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, pick: torch.Tensor, cfg, device: str, need_stats: bool,
+                 clock: Clock, recal: dict | None = None):
+        self.model, self.cfg, self.device, self.need_stats, self.clock = model, cfg, device, need_stats, clock
+        self.recal = recal or {}  # how a pass recalibrates (recalibrate_bn's profile and prior): the kept mode
+        self.pick = pick
+        # the probe lives where the model runs: every candidate's pass reads it again, and a copy
+        # to a GPU per pass would cost each probe pass the transfer. Gathered as one batch of
+        # device_batches: straight into pinned memory and copied without the host waiting
+        self.x, self.data = next(device_batches(x, len(self.pick), device, self.pick)), x
+        # every parameter and buffer beside a copy of its value at the start of pruning: loading
+        # a candidate copies tensor to tensor (load_state_dict's key matching and the module walk
+        # of Mask.apply cost more than the small models' passes)
+        state = model.state_dict()
+        self.start = {k: v.clone() for k, v in state.items()}
+        # grouped by dtype and device: a multi-tensor copy takes its fast route (a few kernel
+        # launches for all tensors) only over tensors alike in both
+        groups = {}
+        for k, v in state.items():
+            lives, saved = groups.setdefault((v.dtype, v.device), ([], []))
+            lives.append(v)
+            saved.append(self.start[k])
+        self._copies = list(groups.values())
+        self.bn_live = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var",
+                                                                       "num_batches_tracked"))}
+        self.plan = apply_plan(model)
+        self.samples = 0
+        self.bn = {}  # sparsity -> BatchNorm statistics recalibrated in that probe pass
+
+    def __call__(self, mask: Mask, phase: str = "probe passes", sparsity: float | None = None):
+        """One pass over the probe with `mask` applied: (logits, stats or None). With
+        recalibrate_bn the same pass re-estimates BatchNorm statistics, so the rule judges the
+        model as it will be kept. `sparsity`: the mask's, where the caller counted it already."""
+        cfg, model = self.cfg, self.model
+        self.load(mask)
+        self.samples += len(self.x)
+        if cfg.recalibrate_bn:
+            lg, st = recalibrate_bn(model, self.x, cfg.batch_size, self.device, hooks=True if self.need_stats else None,
+                                    **self.recal)
+            self.clock.lap(phase)
+            self.bn[_bn_key(mask.sparsity() if sparsity is None else sparsity)] = {
+                k: v.clone() for k, v in self.bn_live.items()}
+        elif self.need_stats:
+            st, lg = collect_stats(model, self.x, cfg.batch_size, self.device)
+            self.clock.lap(phase)
+        else:
+            lg, st = predict_logits(model, self.x, cfg.batch_size, self.device), None
+            self.clock.lap(phase)
+        return lg, st
+
+    def follows_deep(self) -> bool:
+        """Whether a pass re-estimates the statistics of every BatchNorm layer (full recalibration),
+        not only the input side's."""
+        return bool(self.cfg.recalibrate_bn) and not self.recal and len(bn_layers(self.model)) > AD.stem_count(self.model)
+
+    def alias_bn(self, mask: Mask, like: Mask) -> None:
+        """`mask` keeps the BatchNorm statistics the probe pass of `like` estimated."""
+        src = self.bn.get(_bn_key(like.sparsity()))
+        if src is not None:
+            self.bn[_bn_key(mask.sparsity())] = src
+
+    def reuse_start_bn(self, mask: Mask) -> None:
+        """`mask` keeps the BatchNorm statistics the model had when pruning started (those of the
+        statistics pass, all of the user's data): no probe pass needs to estimate them."""
+        self.bn[_bn_key(mask.sparsity())] = {k: self.start[k].clone() for k in self.bn_live}
+
+    @torch.no_grad()
+    def load(self, mask: Mask) -> None:
+        # multi-tensor copies: a copy_ per tensor is a kernel launch each, launch-bound on a GPU
+        for lives, saved in self._copies:
+            torch._foreach_copy_(lives, saved)
+        mask.apply(self.model, self.plan)
+        self.clock.lap("mask apply")
+
+    def keep(self, mask: Mask) -> None:
+        """Leave the model pruned by `mask`, with the BatchNorm statistics of its probe pass
+        (one more pass over the probe where it was not probed, e.g. a fixed target)."""
+        self.load(mask)
+        if self.cfg.recalibrate_bn:
+            bn = self.bn.get(_bn_key(mask.sparsity()))
+            if bn is None:
+                recalibrate_bn(self.model, self.x, self.cfg.batch_size, self.device, **self.recal)
+                self.samples += len(self.x)
+                self.clock.lap("final recalibration")
+            else:
+                torch._foreach_copy_([self.bn_live[k] for k in bn], list(bn.values()))

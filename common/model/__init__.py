@@ -1,0 +1,1 @@
+"""Models: architectures, masks, checkpoints, compaction and supervised training."""

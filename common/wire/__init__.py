@@ -1,0 +1,1 @@
+"""The device<->server contract: run config, reply envelope, summaries, privacy, signed apps."""
