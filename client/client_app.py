@@ -3,6 +3,7 @@ unlabeled data, keeps the personalized model locally and replies with a mask sum
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 import traceback
@@ -34,10 +35,31 @@ def _device_root(context: Context, cfg_run: dict) -> tuple[Path, int | None]:
     return Path(cfg_run["out-dir"]) / "devices" / f"node-{pid:03d}", pid
 
 
-def _injected(cfg: dict, key: str, name: str) -> bool:
-    """Fault injection for resilience tests: run config crash-clients / stall-clients name
-    partition ids in simulation, device names on real SuperNodes."""
-    return name in [s.strip() for s in cfg[key].split(",") if s.strip()]
+FAULT_ENV = "FINEPRUNE_FAULTS"  # simulation: e.g. "crash=2;stall=1,3" (partition ids)
+FAULTS = ("crash", "stall")
+
+
+def fault_spec(faults: dict) -> str:
+    """FAULT_ENV's value for {kind: [partition ids]}."""
+    bad = [k for k in faults if k not in FAULTS]
+    if bad:
+        raise ValueError(f"unknown fault '{bad[0]}' (choose from: {', '.join(FAULTS)})")
+    return ";".join(f"{k}={','.join(str(i) for i in ids)}" for k, ids in faults.items())
+
+
+def injected_fault(context: Context, pid: int | None) -> str | None:
+    """Fault injection for resilience tests, decided where the device runs and never by the
+    server (a server that could make devices hang could stall a federation): a real device's own
+    node config (fault='crash' or 'stall'), a simulated one from FAULT_ENV in the environment
+    the simulation runs in."""
+    if pid is None:
+        fault = context.node_config.get("fault")
+        return str(fault) if fault in FAULTS else None
+    for part in os.environ.get(FAULT_ENV, "").split(";"):
+        kind, _, ids = part.partition("=")
+        if kind.strip() in FAULTS and str(pid) in [i.strip() for i in ids.split(",")]:
+            return kind.strip()
+    return None
 
 
 class RoundTimeout(TimeoutError):
@@ -137,8 +159,9 @@ def _train(msg: Message, context: Context, cfg: dict, cancel: threading.Event) -
     base_fp = str(c[E.BASE_FINGERPRINT])
     root, pid = _device_root(context, cfg)
     name = str(pid) if pid is not None else str(context.node_config.get("device-name", root.name))
-    if _injected(cfg, "crash-clients", name):
-        raise RuntimeError(f"injected crash on {'partition' if pid is not None else 'device'} {name} (crash-clients)")
+    fault = injected_fault(context, pid)
+    if fault == "crash":
+        raise RuntimeError(f"injected crash on {'partition' if pid is not None else 'device'} {name}")
     # simulated devices share one base store (one file per base), real devices keep their own
     device = Device(root, None if pid is None else Path(cfg["out-dir"]) / "devices" / "bases")
     if E.BASE in msg.content.array_records:
@@ -147,7 +170,7 @@ def _train(msg: Message, context: Context, cfg: dict, cancel: threading.Event) -
         if got != base_fp:
             raise RuntimeError(f"received base {got[:12]} does not match announced {base_fp[:12]}")
     base, meta = device.load_base(base_fp)
-    if _injected(cfg, "stall-clients", name):
+    if fault == "stall":
         time.sleep(STALL_SECONDS)  # a device stuck after it got the model: the server must go on
     _check(cancel)
 

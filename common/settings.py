@@ -188,8 +188,6 @@ SETTINGS = [
     S("out-dir", "", "empty: ~/fineprune-runs/<time>", {RUN}),
     S("round-timeout", 600.0, "seconds a round waits for replies; a device abandons its work after as long",
       {RUN, CLIENT}, low=1.0),
-    S("crash-clients", "", "fault injection: partition ids / device names that crash", {RUN, CLIENT}),
-    S("stall-clients", "", "fault injection: ... that hang before personalizing", {RUN, CLIENT}),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
 

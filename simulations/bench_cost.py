@@ -31,7 +31,10 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -53,10 +56,6 @@ from simulations.bench_report import PREVIOUS_DEFAULT
 WORKLOADS = ("digits", "kws", "resnet18", "resnet50")
 MEMORY_NOTE = {"release": "the C library's default, each pass faults its large blocks in again",
                "keep": "freed memory kept in the process, no page faults after the first round"}
-COLUMNS = ("inference pass", "inference pass, engine layout", "statistics (usage hooks)", "statistics (all hooks)",
-           "statistics + BatchNorm",
-           "fixed target 0.7", "default (label-free stop)", "previous default", "backprop, 1 epoch")
-
 
 # a workload's base -> its checkpoint's metadata, with the vendor record the default's checks read
 # (the ResNets carry random weights: no record, so the default adapts their input side only)
@@ -123,50 +122,57 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-# --profile's names for the columns (bench-gpu)
-STEP_NAMES = {"inference": "inference pass", "inference-engine": "inference pass, engine layout",
-              "usage": "statistics (usage hooks)", "all-hooks": "statistics (all hooks)",
-              "bn": "statistics + BatchNorm", "fixed": "fixed target 0.7", "default": "default (label-free stop)",
-              "previous-default": "previous default",
-              "backprop": "backprop, 1 epoch"}
+@dataclass(frozen=True)
+class Step:
+    """One measured step: --profile's name for it, its column in the tables, what it does (to the
+    model it gets), and which model that is: a fresh copy of the base ("base") or of the base in
+    the engine's layout ("engine"), made before the clock starts, or none (it only reads)."""
+    key: str
+    column: str
+    run: Callable
+    model: str | None = None
+
+
+# Every step, once: the tables' columns, --profile's names and the timed runs all come from here.
+# A step that changes its model gets a copy of its own, so the base stays as it was; the copy is
+# the benchmark's, not the step's (a device personalizes the model it loaded). The statistics run
+# in the engine's layout (channels_last for conv nets), as the engine's passes do.
+STEPS = (
+    Step("inference", "inference pass", lambda c, _: predict_logits(c.base, c.x, c.batch_size, c.device)),
+    Step("inference-engine", "inference pass, engine layout",
+         lambda c, _: predict_logits(c.eng, c.x, c.batch_size, c.device)),
+    Step("usage", "statistics (usage hooks)",
+         lambda c, _: collect_stats(c.eng, c.x, c.batch_size, c.device, outputs=False)),
+    Step("all-hooks", "statistics (all hooks)",
+         lambda c, _: collect_stats(c.eng, c.x, c.batch_size, c.device, outputs=True)),
+    # recalibration rewrites the BatchNorm buffers: a copy's, never the base's
+    Step("bn", "statistics + BatchNorm", lambda c, m: recalibrate_bn(m, c.x, c.batch_size, c.device, hooks=False),
+         "engine"),
+    Step("fixed", "fixed target 0.7",
+         lambda c, m: fine_prune(m, c.x, PruneConfig(target_sparsity=0.7, batch_size=c.batch_size), c.device), "base"),
+    Step("default", "default (label-free stop)",
+         lambda c, m: c.default_runs.append(fine_prune(m, c.x, PruneConfig(batch_size=c.batch_size), c.device,
+                                                       base_meta=VENDOR.get(id(c.base)))), "base"),
+    # the engine's default before the safe one, timed in the same rounds
+    Step("previous-default", "previous default",
+         lambda c, m: fine_prune(m, c.x, PruneConfig(**PREVIOUS_DEFAULT, batch_size=c.batch_size), c.device), "base"),
+    # backprop in the engine's layout too: the comparison is between methods, not layouts
+    Step("backprop", "backprop, 1 epoch",
+         lambda c, m: train_supervised(m, c.x, c.y, epochs=1, lr=1e-4, batch_size=32, device=c.device), "engine"),
+)
+COLUMNS = tuple(s.column for s in STEPS)
+STEP_NAMES = {s.key: s.column for s in STEPS}  # --profile's names for the columns (bench-gpu)
 
 
 def _steps(base, x, y, device: str, batch_size: int, default_runs: list):
     """(column -> (what it does to a model, the model it gets: made before the clock starts, or
     None); the base in the engine's layout). `base` is on `device`, in eval mode; the default's
     results are appended to `default_runs`."""
-    # the engine runs its passes in its own layout (channels_last for conv nets): the
-    # statistics columns do too, and one more column times plain inference in that layout
     eng = to_layout(copy.deepcopy(base), engine_layout(base))
-
-    def fresh():
-        return copy.deepcopy(base)
-
-    def fresh_eng():
-        return copy.deepcopy(eng)
-
-    # step -> (what it does to a model, the model it gets: made before the clock starts). A step
-    # that changes its model gets a copy of its own, so the base stays as it was; the copy is
-    # the benchmark's, not the step's (a device personalizes the model it loaded: 0.10 of an
-    # inference pass on an H100 for ResNet50, more than the stop rule's probes cost on 64 images)
-    runs = {
-        "inference pass": (lambda _: predict_logits(base, x, batch_size, device), None),
-        "inference pass, engine layout": (lambda _: predict_logits(eng, x, batch_size, device), None),
-        "statistics (usage hooks)": (lambda _: collect_stats(eng, x, batch_size, device, outputs=False), None),
-        "statistics (all hooks)": (lambda _: collect_stats(eng, x, batch_size, device, outputs=True), None),
-        # recalibration rewrites the BatchNorm buffers: a copy's, never the base's
-        "statistics + BatchNorm": (lambda m: recalibrate_bn(m, x, batch_size, device, hooks=False), fresh_eng),
-        "fixed target 0.7": (lambda m: fine_prune(m, x, PruneConfig(target_sparsity=0.7, batch_size=batch_size),
-                                                  device), fresh),
-        "default (label-free stop)": (lambda m: default_runs.append(
-            fine_prune(m, x, PruneConfig(batch_size=batch_size), device, base_meta=VENDOR.get(id(base)))), fresh),
-        # the engine's default before the safe one, timed in the same rounds
-        "previous default": (lambda m: fine_prune(m, x, PruneConfig(**PREVIOUS_DEFAULT, batch_size=batch_size),
-                                                  device), fresh),
-        # backprop in the engine's layout too: the comparison is between methods, not layouts
-        "backprop, 1 epoch": (lambda m: train_supervised(m, x, y, epochs=1, lr=1e-4, batch_size=32, device=device),
-                              fresh_eng),
-    }
+    ctx = SimpleNamespace(base=base, eng=eng, x=x, y=y, device=device, batch_size=batch_size,
+                          default_runs=default_runs)
+    copies = {"base": lambda: copy.deepcopy(base), "engine": lambda: copy.deepcopy(eng), None: None}
+    runs = {s.column: ((lambda m, s=s: s.run(ctx, m)), copies[s.model]) for s in STEPS}
     return runs, eng
 
 

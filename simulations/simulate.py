@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from client.client_app import FAULT_ENV, fault_spec
 from common.wire.federation import merged_config
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -90,9 +91,11 @@ class LocalSuperLink:
 
 
 def simulate(overrides: dict, backend_cpus: int = 1, verbose: bool = False, timeout: float | None = None,
-             progress=None) -> dict:
+             progress=None, faults: dict | None = None) -> dict:
     """Returns the report dict (also written to <out-dir>/report.json). `progress(done, total)`, if
-    given, hears how many simulated devices have personalized so far."""
+    given, hears how many simulated devices have personalized so far. `faults`, for resilience
+    tests: {"crash" or "stall": [partition ids]}, set in the simulation's environment (the devices'
+    side), never in the run config the server sends."""
     if importlib.util.find_spec("ray") is None:  # Flower's simulation engine runs on it
         raise ValueError("fineprune simulate needs Flower's simulation engine (Ray): pip install -e '.[simulation]'")
     if not (APP_DIR / "pyproject.toml").is_file():
@@ -106,6 +109,9 @@ def simulate(overrides: dict, backend_cpus: int = 1, verbose: bool = False, time
     bindir = str(Path(sys.executable).parent)  # Flower starts flower-superlink and its helpers by name
     env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1",
                RAY_DEDUP_LOGS="0", PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop(FAULT_ENV, None)
+    if faults:
+        env[FAULT_ENV] = fault_spec(faults)
     link = LocalSuperLink(out / "superlink", env, bindir)
     try:
         return _run(cfg, overrides, out, link.env, bindir, backend_cpus, verbose, timeout, progress)

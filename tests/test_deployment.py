@@ -23,12 +23,13 @@ ATTACK_APP = Path(__file__).parent / "attack_app"
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy")
-    dep = Deployment(out, export_digits_users(out, 3), auth=True, intruders=1, rogue_executor=True)
+    dep = Deployment(out, export_digits_users(out, 3), auth=True, intruders=1, rogue_executor=True,
+                     faults={"supernode-2": "stall"})
     try:
         dep.start()
         attack = attack_attempts(dep, out)
         run = dep.launch("num-clients=3 min-clients=2 research-accuracy=false summary-level='bitmap' "
-                         "stall-clients='supernode-2' round-timeout=400.0")
+                         "round-timeout=400.0")
         got_model = out / "supernode-2" / "device" / "base.pt"
         deadline = time.time() + 240
         while not got_model.exists() and time.time() < deadline and run.poll() is None:

@@ -15,8 +15,8 @@ def crash_run(tmp_path_factory):
     # (with today's default one of the three masks is an outlier and the slim base is skipped)
     engine = {k.replace("_", "-"): v for k, v in PREVIOUS_DEFAULT.items()}
     report = simulate({"task": "digits", "num-clients": 4, "min-clients": 2, "out-dir": str(out),
-                       "summary-level": "bitmap", "crash-clients": "2", "num-rounds": 2, "slim-base": True,
-                       "slim-min-clients": 3, **engine})
+                       "summary-level": "bitmap", "num-rounds": 2, "slim-base": True,
+                       "slim-min-clients": 3, **engine}, faults={"crash": [2]})
     return out, report
 
 
@@ -89,7 +89,7 @@ def test_private_summaries_run_end_to_end(tmp_path, digits_server_base):
 
 @pytest.mark.fault
 def test_a_stalled_client_frees_its_slot_and_simulate_ends_with_the_run(tmp_path, digits_server_base):
-    """A client that hangs after receiving the model (stall-clients; it sleeps 15 minutes, every
+    """A client that hangs after receiving the model (a stall fault; it sleeps 15 minutes, every
     round) is counted as dropped; its ClientApp gives up after round-timeout and frees its
     simulation worker, so in the next round both healthy clients still reply (2 workers on this
     machine: the stalled one used to hold one of them); `simulate` returns once the ServerApp has
@@ -97,9 +97,9 @@ def test_a_stalled_client_frees_its_slot_and_simulate_ends_with_the_run(tmp_path
     import time
 
     t0 = time.time()
-    report = simulate({"num-clients": 3, "min-clients": 2, "num-rounds": 2, "stall-clients": "1",
+    report = simulate({"num-clients": 3, "min-clients": 2, "num-rounds": 2,
                        "round-timeout": 20.0, "out-dir": str(tmp_path),
-                       "base-checkpoint": str(digits_server_base)}, backend_cpus=1, timeout=400)
+                       "base-checkpoint": str(digits_server_base)}, backend_cpus=1, timeout=400, faults={"stall": [1]})
     assert time.time() - t0 < 250 and report["finished"]
     for rnd in report["rounds"]:
         assert len(rnd["clients"]) == 2, rnd

@@ -63,11 +63,13 @@ def export_digits_users(out: Path, n: int, seed: int = 0) -> list[Path]:
 class Deployment:
     """SuperLink + SuperNodes as real processes. With `auth` (the default) the SuperLink admits only
     SuperNodes whose public keys were registered with `flwr supernode register`; `intruders` more
-    SuperNodes try to join with keys nobody registered."""
+    SuperNodes try to join with keys nobody registered. `faults`: {node name: "crash" or "stall"},
+    for resilience tests, in that device's own node config (the server cannot ask for one)."""
 
     def __init__(self, out: Path, data_dirs: list[Path], auth: bool = True, intruders: int = 0,
-                 signed: bool = True, rogue_executor: bool = False):
+                 signed: bool = True, rogue_executor: bool = False, faults: dict | None = None):
         self.signed, self.rogue_executor, self.appio = signed, rogue_executor, {}
+        self.faults = faults or {}
         self.out = out
         self.data_dirs = data_dirs
         self.auth = auth
@@ -131,7 +133,8 @@ class Deployment:
                 _bin("flower-supernode"), "--root-certificates", str(certs["ca"]),
                 "--superlink", f"127.0.0.1:{self.public_port}", "--host", "127.0.0.1", "--port", str(appio),
                 *(["--isolation", "process", "--superexec-auth-secret-file", str(secret)] if self.signed else []),
-                *auth_args, "--node-config", f"device-dir='{device}' data-dir='{data}' device-name='{name}'"])
+                *auth_args, "--node-config", f"device-dir='{device}' data-dir='{data}' device-name='{name}'"
+                + (f" fault='{self.faults[name]}'" if name in self.faults else "")])
             if self.signed:  # the device's own executor: it runs only apps signed with this key
                 self._spawn(f"{name}-exec", [
                     _bin("fineprune-superexec"), "--trusted-keys", str(self.operator_key["public"]),

@@ -1,0 +1,147 @@
+"""The benchmarks' own behaviour (not their numbers: speed is never asserted in a test):
+`fineprune bench-cost` writes its tables and plot, a row per user size asked; `fineprune bench-gpu
+--profile` writes each step's operators and refuses a step it cannot profile; bad workloads and
+cohorts are refused in one line; the study of stop proxies from the statistics pass alone."""
+import json
+
+import pytest
+
+from common.data import readers as D
+
+
+def _user(digits, pool, classes):
+    idx = [i for i in pool if int(digits.y[i]) in classes]
+    return D.make_users(digits, [idx], 0.3, seed=0)[0]
+
+
+def test_bench_cost_writes_its_tables_and_plot(tmp_path):
+    """`fineprune bench-cost` on the digits workload: every column as a ratio to one inference
+    pass, the default's phases, CSV/JSON/Markdown/PNG."""
+    from common.cli import main
+
+    assert main(["bench-cost", "--workloads", "digits", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "cost.json").read_text())["results"]["digits"]
+    assert res["x_inference"]["inference pass"] == 1.0
+    assert all(v > 0 for v in res["x_inference"].values())
+    assert "statistics pass" in res["default_phases_x"] and 0 < res["default_sparsity"] < 1
+    md = (tmp_path / "cost.md").read_text()
+    assert "| digits |" in md and "Where the default's time goes" in md
+    assert (tmp_path / "cost.png").stat().st_size > 5000
+    assert (tmp_path / "cost.csv").read_text().startswith("workload,samples")
+
+
+def test_bench_cost_measures_each_user_size_asked_once(tmp_path):
+    """`--samples 16,32,0,500` on digits: a row per size the user has (16, 32 and its own 63;
+    500 is more than it has, so it is not measured twice), and the cost-by-samples plot."""
+    from common.cli import main
+
+    assert main(["bench-cost", "--workloads", "digits", "--samples", "16,32,0,500", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "cost.json").read_text())["results"]
+    assert sorted(res) == ["digits@16", "digits@32", "digits@63"]
+    assert [res[k]["samples"] for k in ("digits@16", "digits@32", "digits@63")] == [16, 32, 63]
+    assert all(r["workload"] == "digits" and r["x_inference"]["inference pass"] == 1.0 for r in res.values())
+    assert "| digits@16 | 16 |" in (tmp_path / "cost.md").read_text()
+    assert (tmp_path / "cost_by_samples.png").stat().st_size > 5000
+
+
+def test_bench_gpu_profiles_the_steps_it_is_asked_for_and_no_other(tmp_path):
+    """`fineprune bench-gpu --profile usage,inference` (ResNet18 at 32x32 on the CPU): each named
+    step's operators by self time in profile-<step>.txt and bench_gpu.json. The usage hooks'
+    per-channel norms show in the statistics pass's profile and not in the plain pass's, so each
+    profile is of its own step."""
+    from common.cli import main
+
+    assert main(["bench-gpu", "--device", "cpu", "--arch", "resnet18", "--images", "8", "--size", "32",
+                 "--batch-size", "4", "--repeats", "1", "--profile", "usage,inference",
+                 "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert sorted(res["profile"]) == ["inference", "usage"]
+    for step, p in res["profile"].items():
+        assert p["seconds"] > 0 and p["device_busy_seconds"] is None and "table" not in p
+        assert p["ops"] and any(o["op"] == "aten::mkldnn_convolution" or "conv" in o["op"] for o in p["ops"])
+        assert all(a["self_cpu_ms"] >= b["self_cpu_ms"] for a, b in zip(p["ops"], p["ops"][1:]))
+    usage, plain = ((tmp_path / f"profile-{s}.txt").read_text() for s in ("usage", "inference"))
+    assert "aten::linalg_vector_norm" in usage and "aten::linalg_vector_norm" not in plain
+    assert "Profiled statistics (usage hooks)" in (tmp_path / "bench_gpu.md").read_text()
+    assert not list(tmp_path.glob("profile-*.txt.*"))  # no temp file left behind
+
+
+@pytest.mark.badinput
+def test_bench_gpu_refuses_a_step_it_cannot_profile_before_measuring(tmp_path, capsys):
+    from common.cli import main
+
+    assert main(["bench-gpu", "--device", "cpu", "--profile", "usage,all_hooks", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown step(s) to profile: all_hooks" in err[0] and "all-hooks" in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.badinput
+def test_bench_cost_refuses_unknown_workloads_and_kws_without_data_in_one_line(tmp_path, capsys):
+    from common.cli import main
+
+    assert main(["bench-cost", "--workloads", "digits,vgg", "--out", str(tmp_path / "x")]) == 2
+    assert main(["bench-cost", "--workloads", "kws", "--out", str(tmp_path / "x")]) == 2
+    assert main(["bench-cost", "--workloads", "digits", "--samples", "64,x", "--out", str(tmp_path / "x")]) == 2
+    assert main(["bench-cost", "--workloads", "digits", "--samples", "64,-1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and "unknown workload(s): vgg" in err[0] and "needs --fsdd" in err[1]
+    assert "whole numbers" in err[2] and "'64,x'" in err[2] and "counts >= 0" in err[3]
+    assert not (tmp_path / "x").exists()
+
+
+def test_stop_proxies_grow_with_sparsity_along_the_schedule(digits, digits_split, digits_base):
+    """simulations.stop_proxy records, for one user, the default's stop, the held-out accuracy
+    at every step and each proxy along the schedule; the masks are nested, so every proxy grows
+    with the sparsity, and the curves, table and plot are written for any set of users."""
+    from simulations import stop_proxy as SP
+
+    user = _user(digits, digits_split[1], (0, 3, 8))
+    r = SP.user_curves(digits_base, user.unlabeled, user.heldout_x, user.heldout_y, step=0.3, max_sparsity=0.9)
+    n = len(r["levels"])
+    assert n == 7 and len(r["accuracy"]) == n and all(len(v) == n for v in r["proxies"].values())
+    for p, v in r["proxies"].items():
+        assert all(b >= a - 1e-12 for a, b in zip(v, v[1:])), p
+    assert r["proxies"]["level (a fixed target)"] == r["levels"] and -1 <= r["stop"] < n
+    assert r["accuracy"][0] > 0.8  # 30% pruned, recalibrated: still the model it was
+    rows = [dict(r, cohort=c, user=c) for c in ("a", "b")]
+    table = SP.summarize(rows)
+    assert set(table) == set(SP.PROXIES) and set(table["energy, worst layer"]["cohorts"]) == {"a", "b"}
+    # the same user in both cohorts: each threshold is that user's own value, so it stops where the rule did
+    assert all(t["within_one_step"] == 1.0 and t["mean_d_accuracy"] == pytest.approx(
+        r["accuracy"][max(r["stop"], 0)] - r["stop_accuracy"]) for t in table.values())
+    assert "| energy, worst layer |" in SP.to_markdown(table, rows)
+    SP.plot(table, rows)
+
+
+def test_leave_one_cohort_out_tells_a_proxy_that_locates_the_stop_from_one_that_does_not():
+    """A proxy that reads the same at every user's stop is found to stop every held-out user
+    there; one whose value at the stop differs by cohort is found to miss, and by how much."""
+    from simulations.stop_proxy import leave_one_cohort_out
+
+    levels = [0.1, 0.2, 0.3, 0.4, 0.5]
+    rows = []
+    for c, stop in (("a", 1), ("b", 3), ("c", 2)):
+        good = [0.5 * (i + 1) / (stop + 1) for i in range(5)]   # 0.5 exactly at the stop
+        rows.append({"cohort": c, "levels": levels, "stop": stop, "stop_accuracy": 0.9,
+                     "accuracy": [0.9 if i <= stop else 0.5 for i in range(5)],
+                     "proxies": {"good": good, "level": levels}})
+    good, level = leave_one_cohort_out(rows, "good"), leave_one_cohort_out(rows, "level")
+    assert all(v["within_one_step"] == 1.0 and v["mean_d_accuracy"] == 0 for v in good.values())
+    # the level learned on a and c (0.2, 0.3: median 0.25) stops b at 0.2 instead of 0.4
+    assert level["b"]["mean_d_sparsity"] == pytest.approx(-0.2) and level["b"]["within_one_step"] == 0.0
+    # learned on b and c (0.4, 0.3): a stops at 0.3 instead of 0.2 and loses 0.4
+    assert level["a"]["mean_d_accuracy"] == pytest.approx(-0.4)
+
+
+@pytest.mark.badinput
+def test_stop_proxy_refuses_unknown_cohorts_and_fsdd_without_data(tmp_path):
+    from simulations import stop_proxy as SP
+
+    p = SP.build_parser()
+    with pytest.raises(ValueError, match="unknown cohort"):
+        SP.main(p.parse_args(["--cohorts", "digits,imagenet", "--out", str(tmp_path / "x")]))
+    with pytest.raises(ValueError, match="need --fsdd"):
+        SP.main(p.parse_args(["--cohorts", "fsdd-loso", "--out", str(tmp_path / "x")]))
+    assert not (tmp_path / "x").exists()
