@@ -293,8 +293,8 @@ def export(model: torch.nn.Module, features: dict, fmt: str, out: str | Path, cl
     x = probe_inputs(features)
     with torch.no_grad():
         want = model(x)
-        # ONNX gets the lowerable copy too: onnxruntime's STFT op made the KWS front end 0.38 ms
-        # of a 0.49 ms clip, the strided-convolution spectrogram 0.11 of 0.22 (same logits to 8e-6)
+        # ONNX gets the lowerable copy too: onnxruntime's STFT op is far slower than the
+        # strided-convolution spectrogram, which gives the same logits (docs/engine_cost.md)
         src = model if fmt == "torchscript" else lowerable(model, x)
         import json
 

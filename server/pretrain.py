@@ -23,9 +23,7 @@ def pretrain(task_name: str, out, data=None, epochs=None, seed: int = 0, device:
     ds = ds if ds is not None else load_task_data(task, data)
     tr, te = training_split(task.name, ds, seed, vendor_frac, exclude_speaker, indices)
     torch.manual_seed(seed)
-    kwargs = dict(task.arch_kwargs)
-    if task.arch in ("smallcnn", "kws", "resnet18", "resnet50"):
-        kwargs["num_classes"] = len(ds.classes)
+    kwargs = dict(task.arch_kwargs, num_classes=len(ds.classes))  # every architecture takes it
     model = build_model(task.arch, **kwargs)
     epochs = epochs or task.pretrain_epochs
     cost = train_supervised(model, ds.x[tr], ds.y[tr], epochs, lr=task.lr, seed=seed, device=device,

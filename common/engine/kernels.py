@@ -5,11 +5,10 @@ rows a piece at a time).
 
 In PyTorch the output hook takes four passes over every BatchNorm output (the positive part
 written out, its sum, the comparison written out, its count), and its reductions over (N, H, W)
-of a channels_last tensor were slow besides: on an H200 all hooks cost 2.03-2.06 inference
-passes of ResNet50 where usage hooks alone cost 0.98; with this kernel 1.74, and no full-size
-temporaries (the pass's peak 1,406 -> 1,030 MB). Triton, where it is installed (it comes with
+of a channels_last tensor were slow besides; this kernel reads it once, with no full-size
+temporaries (docs/engine_cost.md: the measurements). Triton, where it is installed (it comes with
 PyTorch's CUDA wheels); elsewhere the hook keeps PyTorch's reductions. The first use on a
-machine compiles the kernel (3.0 s on an H200); Triton's disk cache serves later processes."""
+machine compiles the kernel (seconds); Triton's disk cache serves later processes."""
 from __future__ import annotations
 
 import warnings

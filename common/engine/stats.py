@@ -67,11 +67,8 @@ def _per_channel_dims(t: torch.Tensor) -> list[int]:
 # A CPU hook reads a channels_last activation in pieces of about this many elements (1 MB of
 # float32), as rows (sample, position) of its channels. Reduced whole, every temporary (squares,
 # the clamp, the comparison) is as large as the activation (205 MB for ResNet50's 64 x 256 x 56
-# x 56) and costs page faults and a trip to memory; a piece's stay in cache. Measured on this
-# CPU, 1 thread, 64 samples, per layer: the input norm 4.4-31 ms -> 0.3-4.4 ms (1024 x 14 x 14:
-# 31 -> 3.9), the output sums and counts 5.7-231 ms -> 4.8-32 ms (64 x 112 x 112: 231 -> 32).
-# Pieces of 16 K elements cost twice as much (a few small operations per piece), 64 K-256 K
-# the same.
+# x 56) and costs page faults and a trip to memory; a piece's stay in cache (docs/engine_cost.md:
+# the measurements, and why this size).
 _PIECE = 1 << 18
 
 
@@ -87,10 +84,8 @@ def _cpu_nhwc_pieces(t: torch.Tensor):
 # On a GPU a statistics pass is partly bound by the host: each torch call a hook makes costs
 # host time (10-30 us) whether or not the GPU is busy, and ResNet50 runs 54 input hooks a batch.
 # There each hook makes one reduction per batch and keeps it; the squares and float64 sums
-# follow once per _FOLD batches (measured on an H100, 1,000 images at 224: usage statistics
-# 1.10x -> 1.00x of an NCHW inference pass). The kept reductions are each sample's norms per
-# channel: 16 batches of 64 take about 80 MB over ResNet50's 54 layers (the pass's peak GPU
-# memory 946 -> 1,025 MB on an H200), however many samples the user has.
+# follow once per _FOLD batches. The kept reductions are each sample's norms per channel, a few
+# tens of MB for ResNet50, however many samples the user has (docs/engine_cost.md).
 _FOLD = 16
 
 
@@ -199,9 +194,8 @@ class StatsCollector:
                     st.in_sq += torch.square(p).sum(0).double()
             else:
                 # NCHW: over each sample's positions first; a reduction over (N, H, W) at once
-                # strides across the layout and cost 5-6x as long (ResNet18's 64x56x56 input, 64
-                # images: 9.9 ms against 1.6 ms, an eighth of the convolution that reads it). An
-                # (N, features) input gives one row, the batch's norm
+                # strides across the layout and costs several times as long. An (N, features)
+                # input gives one row, the batch's norm
                 st.in_sq += _sample_norms(x).double().pow(2).sum(0)
         return hook
 

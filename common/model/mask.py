@@ -156,7 +156,7 @@ class Mask:
         """Zero pruned weights in place. A unit with no incoming connection left is silenced
         completely (bias and its BatchNorm's affine set to 0) so that compaction is exact.
         `plan`: apply_plan(model), built once by a caller that applies many masks to one model
-        (walking the modules each time cost the digits CNN's stop rule about 3 inference passes)."""
+        (walking the modules each time costs small models more than their passes)."""
         plan = apply_plan(model) if plan is None else plan
         held = self._held
         if len(plan) != len(held) or any(name not in held for name, _, _ in plan):
