@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.data import partition as PT
 from common.data import protocol as P
 from common.data import readers as D
 from common.model.checkpoint import load_checkpoint
@@ -39,8 +40,8 @@ def digits_task(out: Path, seed: int, n_users: int, epochs: int | None, style: b
     sub = ds.subset(pool)
     rng = np.random.default_rng(seed)
     users = []
-    for i, g in enumerate(D.partition_class_subsets(sub.y.numpy(), n_users, (2, 3), seed)):
-        pers, ev = D.split_heldout(np.asarray(g), 0.3, rng)
+    for i, g in enumerate(PT.partition_class_subsets(sub.y.numpy(), n_users, (2, 3), seed)):
+        pers, ev = PT.split_heldout(np.asarray(g), 0.3, rng)
         users.append((base, meta, _user(f"user{i}", sub, pers, ev)))
     return users
 
@@ -127,8 +128,8 @@ def resnet_few_task(out: Path, seed: int, n_users: int = 8, epochs: int = 6):
     sub = ds.subset(pool)
     rng = np.random.default_rng(seed + 1)
     users = []
-    for i, g in enumerate(D.partition_class_subsets(sub.y.numpy(), n_users, (2, 3), seed + 1)):
-        pers, ev = D.split_heldout(np.asarray(g), 0.3, rng)
+    for i, g in enumerate(PT.partition_class_subsets(sub.y.numpy(), n_users, (2, 3), seed + 1)):
+        pers, ev = PT.split_heldout(np.asarray(g), 0.3, rng)
         p, e = torch.as_tensor(np.asarray(pers)), torch.as_tensor(np.asarray(ev))
         if i % 2:
             ink = rng.uniform(0.5, 1.0, 3).tolist()

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from common.cli import first_sentence
+from common.data import partition as PT
 from common.data import protocol as P
 from common.data import readers as D
 from common.engine.prune import fine_prune
@@ -56,7 +57,7 @@ def personalized_masks(base, ds: D.Dataset, idx: np.ndarray, n_users: int, seed:
     cfg = prune_settings(dict(DEFAULTS, **(before if restrict else {})))
     sub = ds.subset(idx)
     out = []
-    for g in D.partition_class_subsets(sub.y.numpy(), n_users, (DEFAULTS["classes-min"], DEFAULTS["classes-max"]),
+    for g in PT.partition_class_subsets(sub.y.numpy(), n_users, (DEFAULTS["classes-min"], DEFAULTS["classes-max"]),
                                        seed):
         g = torch.as_tensor(np.asarray(g))
         res = fine_prune(copy.deepcopy(base), sub.x[g], cfg)

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.data import partition as PT
 from common.data import readers as D
 from common.model.architectures import build_model
 from common.model.train import train_supervised
@@ -18,7 +19,7 @@ def digits():
 
 @pytest.fixture(scope="session")
 def digits_split(digits):
-    vend, pool = D.vendor_user_split(len(digits), 0.5, 0)
+    vend, pool = PT.vendor_user_split(len(digits), 0.5, 0)
     return vend, pool
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from common.data import partition as PT
 from common.data import readers as D
 from common.engine.prune import fine_prune, personalized_model
 from common.engine.scoring import get_scorer
@@ -255,9 +256,9 @@ def test_restriction_after_adaptation_keeps_every_class_a_styled_user_has(digits
             lost[name] += len(have - set(r.restricted_classes))
     assert lost["adapted"] == 0 < lost["base"]
     pool = digits_split[1]
-    groups = D.partition_class_subsets(digits.y[pool].numpy(), 10, (2, 3), 0)
+    groups = PT.partition_class_subsets(digits.y[pool].numpy(), 10, (2, 3), 0)
     absent_kept = absent = 0
-    for u, g in zip(D.make_users(digits.subset(pool), groups, 0.3, 0), groups):
+    for u, g in zip(PT.make_users(digits.subset(pool), groups, 0.3, 0), groups):
         have = set(digits.y[pool][g].tolist())
         r = fine_prune(copy.deepcopy(digits_base), u.unlabeled, classic(target_sparsity=0.0))
         assert have <= set(r.restricted_classes)

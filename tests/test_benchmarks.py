@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from common.data import readers as D
+from common.data import partition as PT
 
 
 def _user(digits, pool, classes):
     idx = [i for i in pool if int(digits.y[i]) in classes]
-    return D.make_users(digits, [idx], 0.3, seed=0)[0]
+    return PT.make_users(digits, [idx], 0.3, seed=0)[0]
 
 
 def test_bench_cost_writes_its_tables_and_plot(tmp_path):

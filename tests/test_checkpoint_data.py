@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.data import partition as PT
 from common.data import readers as D
 from common.io import atomic_write_bytes
 from common.model.architectures import build_model
@@ -110,19 +111,19 @@ def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
 
 def test_partitioners_make_realistic_disjoint_users(digits):
     y = digits.y.numpy()
-    groups = D.partition_class_subsets(y, 10, (2, 3), seed=1)
+    groups = PT.partition_class_subsets(y, 10, (2, 3), seed=1)
     flat = [i for g in groups for i in g]
     assert len(flat) == len(set(flat))
     assert all(2 <= len(set(y[g])) <= 3 for g in groups)
-    dir_groups = D.partition_dirichlet(y, 5, alpha=0.3, seed=0)
+    dir_groups = PT.partition_dirichlet(y, 5, alpha=0.3, seed=0)
     assert sum(len(g) for g in dir_groups) == len(y) and min(len(g) for g in dir_groups) >= 10
-    users = D.make_users(digits, groups, 0.3, seed=0)
+    users = PT.make_users(digits, groups, 0.3, seed=0)
     for u, g in zip(users, groups):
         assert len(u.unlabeled) + len(u.heldout_y) == len(g)
         # held-out samples are not in the personalization data
         a = {r.numpy().tobytes() for r in u.unlabeled.reshape(len(u.unlabeled), -1)}
         assert not any(r.numpy().tobytes() in a for r in u.heldout_x.reshape(len(u.heldout_x), -1))
-    vend, pool = D.vendor_user_split(len(y), 0.5, 0)
+    vend, pool = PT.vendor_user_split(len(y), 0.5, 0)
     assert not set(vend) & set(pool)
 
 
@@ -130,7 +131,7 @@ def test_fsdd_loads_real_recordings_and_partitions_by_speaker(fsdd_dir):
     ds = D.load_fsdd(fsdd_dir, speakers=["jackson", "theo"])
     assert ds.x.shape == (1000, 8000) and set(ds.y.tolist()) == set(range(10))
     assert (ds.takes < 5).sum() == 100  # official test takes 0-4
-    names, groups = D.partition_by_group(ds.groups)
+    names, groups = PT.partition_by_group(ds.groups)
     assert names == ["jackson", "theo"] and [len(g) for g in groups] == [500, 500]
     assert ds.x.abs().max() <= 1.0 and ds.x.abs().mean() > 0.001
 

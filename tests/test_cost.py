@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.data import readers as D
+from common.data import partition as PT
 from common.engine.bn import recalibrate_bn
 from common.engine.probe import probe_pick, probe_samples
 from common.engine.prune import fine_prune
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _user(digits, pool, classes):
     idx = [i for i in pool if int(digits.y[i]) in classes]
-    return D.make_users(digits, [idx], 0.3, seed=0)[0]
+    return PT.make_users(digits, [idx], 0.3, seed=0)[0]
 
 
 def test_the_engine_reports_where_its_time_went(digits, digits_split, digits_base):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import readers as D
+from common.data import partition as PT
 from common.engine.prune import fine_prune
 from common.model.architectures import prunable_layers
 from common.model.checkpoint import fingerprint
@@ -31,7 +31,7 @@ def _hist(model):
 def masks(_digits_base, digits, digits_split):
     """Real fine-pruned masks of 8 digits users."""
     sub = digits.subset(digits_split[1])
-    users = D.make_users(sub, D.partition_class_subsets(sub.y.numpy(), 8, (2, 3), 5), 0.3, 5)
+    users = PT.make_users(sub, PT.partition_class_subsets(sub.y.numpy(), 8, (2, 3), 5), 0.3, 5)
     return [fine_prune(copy.deepcopy(_digits_base), u.unlabeled, PruneConfig(restrict_outputs=True, recalibrate_bn=False)).mask
             for u in users]
 

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from common.data import readers as D
+from common.data import partition as PT
 from common.engine.probe import predict_logits, probe_samples
 from common.engine.prune import fine_prune, personalized_model
 from common.model.architectures import build_model
@@ -22,7 +22,7 @@ def classic(**kw):
 
 def _user(digits, pool, classes=(0, 3, 8)):
     idx = [i for i in pool if int(digits.y[i]) in classes]
-    users = D.make_users(digits, [idx], 0.3, seed=0)
+    users = PT.make_users(digits, [idx], 0.3, seed=0)
     return users[0]
 
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from common.data import readers as D
+from common.data import partition as PT
 from common.engine.prune import fine_prune
 from common.model.compact import compact
 from common.model.train import accuracy
@@ -17,7 +17,7 @@ from simulations.bench_report import PREVIOUS_DEFAULT
 
 def _user(digits, pool, classes=(0, 3, 8)):
     idx = [i for i in pool if int(digits.y[i]) in classes]
-    return D.make_users(digits, [idx], 0.3, seed=0)[0]
+    return PT.make_users(digits, [idx], 0.3, seed=0)[0]
 
 
 @pytest.fixture(scope="module")

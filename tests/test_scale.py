@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.data import partition as PT
 from common.data import readers as D
 from common.data.protocol import check_partition, simulated_user, task_dataset, vendor_and_pool
 from common.wire.federation import merged_config
@@ -17,12 +18,12 @@ def test_a_client_builds_only_its_own_user_and_it_is_the_same_user_as_before(mon
     cfg = merged_config({}, {})
     ds = task_dataset("digits", "")
     sub = ds.subset(vendor_and_pool("digits", ds, 0)[1])
-    groups = D.partition_class_subsets(sub.y.numpy(), 40, (2, 3), 0)
-    expected = {pid: D.make_users(sub, groups, 0.3, pid)[pid] for pid in (0, 17, 39)}
+    groups = PT.partition_class_subsets(sub.y.numpy(), 40, (2, 3), 0)
+    expected = {pid: PT.make_users(sub, groups, 0.3, pid)[pid] for pid in (0, 17, 39)}
 
     def build_all(*a, **k):
         raise AssertionError("a client built every user")
-    monkeypatch.setattr(D, "make_users", build_all)
+    monkeypatch.setattr(PT, "make_users", build_all)
     for pid, want in expected.items():
         got = simulated_user(cfg, pid, 40)
         assert got.user_id == want.user_id

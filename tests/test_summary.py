@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import readers as D
+from common.data import partition as PT
 from common.engine.prune import fine_prune
 from common.model.architectures import build_model, prunable_layers
 from common.model.checkpoint import fingerprint
@@ -30,7 +30,7 @@ def user_masks(_digits_base, digits, digits_split):
     """Real fine-pruned masks of 8 digits users (2-3 classes each)."""
     pool = digits_split[1]
     sub = digits.subset(pool)
-    users = D.make_users(sub, D.partition_class_subsets(sub.y.numpy(), 8, (2, 3), 3), 0.3, 3)
+    users = PT.make_users(sub, PT.partition_class_subsets(sub.y.numpy(), 8, (2, 3), 3), 0.3, 3)
     masks = []
     for u in users:
         res = fine_prune(copy.deepcopy(_digits_base), u.unlabeled, PruneConfig(restrict_outputs=True, recalibrate_bn=False))

@@ -8,6 +8,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from common.data import partition as PT
 from common.data import readers as D
 from common.data.tasks import get_task, load_task_data
 
@@ -21,7 +22,7 @@ def vendor_indices(task_name: str, ds: D.Dataset, seed: int, vendor_frac: float,
     """(train, test) indices of the vendor's data. digits: a seeded share of the images (the rest
     is the users' pool). Speech: official training takes of all speakers but the excluded one."""
     if task_name == "digits":
-        vend, _ = D.vendor_user_split(len(ds), vendor_frac, seed)
+        vend, _ = PT.vendor_user_split(len(ds), vendor_frac, seed)
         rng = np.random.default_rng(seed)
         vend = rng.permutation(vend)
         k = int(len(vend) * VENDOR_TRAIN)
@@ -73,37 +74,37 @@ def vendor_and_pool(task: str, ds: D.Dataset, seed: int):
     if ds.takes is not None:
         idx = np.arange(len(ds))
         return idx[ds.takes >= VENDOR_TAKE], idx[ds.takes < VENDOR_TAKE]
-    return D.vendor_user_split(len(ds), VENDOR_FRAC, seed)
+    return PT.vendor_user_split(len(ds), VENDOR_FRAC, seed)
 
 
-def simulated_user(cfg: dict, partition_id: int, num_partitions: int) -> D.UserData:
+def simulated_user(cfg: dict, partition_id: int, num_partitions: int) -> PT.UserData:
     """Client `partition_id` of `num_partitions`: only its own user is built (the partition of the
     pool into index groups is computed once per process and cached), so a client's work does not
     grow with the number of clients."""
     sub = _pool(cfg["task"], cfg["data-path"], cfg["seed"])
     if cfg["partitioning"] == "sampled":
-        idx = D.sampled_group(sub.y.numpy(), partition_id, cfg["client-samples"],
+        idx = PT.sampled_group(sub.y.numpy(), partition_id, cfg["client-samples"],
                               (cfg["classes-min"], cfg["classes-max"]), cfg["seed"])
-        user = D.make_user(sub, [idx], 0, cfg["heldout-frac"], cfg["seed"] + partition_id)
+        user = PT.make_user(sub, [idx], 0, cfg["heldout-frac"], cfg["seed"] + partition_id)
         user.user_id = f"user{partition_id}"
         return user
     if cfg["partitioning"] == "speaker":
         if sub.groups is None:
             raise D.DataError(f"task '{cfg['task']}' has no speakers to partition by")
-        names, groups = D.partition_by_group(sub.groups)
+        names, groups = PT.partition_by_group(sub.groups)
         if num_partitions > len(names):
             raise D.DataError(f"{num_partitions} clients but only {len(names)} speakers")
         idx = np.asarray(groups[partition_id])
         if sub.takes is not None:  # official split: takes 0-4 are the held-out test takes
             pers, ev = idx[sub.takes[idx] >= TEST_TAKES], idx[sub.takes[idx] < TEST_TAKES]
-            return D.UserData(names[partition_id], sub.x[torch.as_tensor(pers)], sub.x[torch.as_tensor(ev)],
+            return PT.UserData(names[partition_id], sub.x[torch.as_tensor(pers)], sub.x[torch.as_tensor(ev)],
                               sub.y[torch.as_tensor(ev)])
         groups = [idx]
         partition_id = 0
     else:
         groups = _groups(cfg["task"], cfg["data-path"], cfg["seed"], cfg["partitioning"], num_partitions,
                          cfg["classes-min"], cfg["classes-max"], cfg["dirichlet-alpha"])
-    return D.make_user(sub, groups, partition_id, cfg["heldout-frac"], cfg["seed"] + partition_id)
+    return PT.make_user(sub, groups, partition_id, cfg["heldout-frac"], cfg["seed"] + partition_id)
 
 
 @lru_cache(maxsize=4)
@@ -116,9 +117,9 @@ def _pool(task: str, data_path: str, seed: int) -> D.Dataset:
 def _groups(task, data_path, seed, partitioning, n, cmin, cmax, alpha) -> tuple:
     y = _pool(task, data_path, seed).y.numpy()
     if partitioning == "classes":
-        groups = D.partition_class_subsets(y, n, (cmin, cmax), seed)
+        groups = PT.partition_class_subsets(y, n, (cmin, cmax), seed)
     else:
-        groups = D.partition_dirichlet(y, n, alpha, seed)
+        groups = PT.partition_dirichlet(y, n, alpha, seed)
     return tuple(np.asarray(g, dtype=np.int64) for g in groups)
 
 
