@@ -105,7 +105,7 @@ def _present_confusion(cm: dict) -> dict:
 
 
 def _add_predict(sub, name: str, text: str):
-    pp = sub.add_parser(name, help=text, description=text + ". One JSON line per file.")
+    pp = sub.add_parser(name, help=text, description=text)
     pp.add_argument("--model", required=True, help="checkpoint (base or personalized), or an ONNX file that "
                     "`fineprune export` wrote (run in onnxruntime, classes and input from its metadata)")
     pp.add_argument("files", nargs="+", metavar="FILE", help="WAV or image files")

@@ -10,7 +10,9 @@ condition, on the clean-speech base of the fsdd-cond cohort (takes 25-49, never 
 
 Arms: base; AdaBN, T3A, LAME and AdaBN+T3A alone; the default personalization alone (the device
 path's engine, pruning included); the pooled statistics (no head); the pooled statistics with T3A's
-prototypes of the device's own features; and the ceiling, backprop with the device's labels
+prototypes of the device's own features; the device's own statistics with T3A's prototypes pooled
+over its condition (each device's pseudo-labelled feature sums, as it would upload them), alone and
+blended half and half with the base's logits; and the ceiling, backprop with the device's labels
 (5 epochs, as in the benchmark). The pool is an oracle of the condition here (the server would cluster devices from
 their summaries): the study asks whether the prior can help at all before that is built.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common.cli import first_sentence
 from common.data import protocol as P
@@ -49,7 +52,7 @@ CONDITIONS = {  # one fixed setting per condition: every device of a condition h
     "speed": {"name": "speed", "factor": 0.85},
 }
 ARMS = ("base", "adabn-alone", "t3a-alone", "lame-alone", "adabn+t3a-alone", "default-alone", "pooled",
-        "pooled+t3a", "backprop-labels")
+        "pooled+t3a", "pooled-prototypes", "pooled-prototypes+base", "backprop-labels")
 
 
 def devices(ds, cond: str, k: int, clips: int, seed: int) -> list[dict]:
@@ -107,9 +110,24 @@ def t3a_predict(model, x, hx):
     return head(f)
 
 
+def prototype_sums(model, x) -> torch.Tensor:
+    """What a device would contribute to pooled prototypes: per class, the sum of its normalized
+    penultimate features over the samples its own adapted model predicts as that class (d, C)."""
+    feats, logits, _ = features_and_logits(model, x, 256)
+    return F.normalize(feats.float(), dim=1).T @ F.one_hot(logits.argmax(1), logits.shape[1]).float()
+
+
+def pooled_prototypes(last, sums: list) -> torch.Tensor:
+    """T3A's classifier from the condition's devices together: per class, the normalized mean of
+    the base's row (its warm-up support) and every device's supports predicted as that class."""
+    return F.normalize(F.normalize(last.weight.detach().float(), dim=1).T + sum(sums), dim=0)
+
+
 def run_condition(base, meta, devs: list[dict]) -> list[dict]:
     stats = [own_stats(base, d["x"]) for d in devs]
     pool = pooled(stats, [len(d["x"]) for d in devs])
+    # prototypes pooled over the condition: each device's from its own recalibrated model
+    protos = [prototype_sums(with_stats(base, st), d["x"]) for d, st in zip(devs, stats)]
     rows = []
     for d, st in zip(devs, stats):
         with torch.no_grad():
@@ -118,6 +136,11 @@ def run_condition(base, meta, devs: list[dict]) -> list[dict]:
             acc["adabn+t3a-alone"] = accuracy(t3a_predict(with_stats(base, st), d["x"], d["hx"]), d["hy"])
             acc["pooled"] = accuracy(batched_forward(with_stats(base, pool), d["hx"]), d["hy"])
             acc["pooled+t3a"] = accuracy(t3a_predict(with_stats(base, pool), d["x"], d["hx"]), d["hy"])
+            hf, hl, last = features_and_logits(with_stats(base, st), d["hx"], 256)
+            pl = hf.float() @ pooled_prototypes(last, protos)
+            acc["pooled-prototypes"] = accuracy(pl, d["hy"])
+            # half the base's logits, half the pooled prototypes', each scaled to unit spread
+            acc["pooled-prototypes+base"] = accuracy(0.5 * hl / hl.std() + 0.5 * pl / pl.std(), d["hy"])
             acc["t3a-alone"] = accuracy(BL.t3a(base, d["x"]).predict(d["hx"]), d["hy"])
             acc["lame-alone"] = accuracy(BL.lame(base, d["x"]).predict(d["hx"]), d["hy"])
         ceiling = copy.deepcopy(base)  # the ceiling: backprop with the labels a device does not have
