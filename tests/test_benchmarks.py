@@ -145,3 +145,14 @@ def test_stop_proxy_refuses_unknown_cohorts_and_fsdd_without_data(tmp_path):
     with pytest.raises(ValueError, match="need --fsdd"):
         SP.main(p.parse_args(["--cohorts", "fsdd-loso", "--out", str(tmp_path / "x")]))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.badinput
+def test_head_rebuild_study_refuses_unknown_cohorts_and_speech_without_data(tmp_path):
+    from simulations import head_rebuild_study as HR
+
+    with pytest.raises(SystemExit, match="unknown cohort 'imagenet'"):
+        HR.main(["--cohorts", "digits,imagenet", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="needs --fsdd"):
+        HR.main(["--cohorts", "fsdd-cond", "--out", str(tmp_path / "y")])
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,151 @@
+"""Does the output head gain from being rebuilt on the pruned model's own features? The default
+writes its head (T3A's prototypes, or the blend) from the unpruned adapted model's features before
+the stop rule's search; pruning then moves the features under it. This study personalizes each
+benchmark user with the default, then rebuilds the same head on the pruned model's features (one
+more pass over the user's data, or over the probe only) and scores both on held-out labels.
+
+    python -m simulations.head_rebuild_study --fsdd ../shared/data/fsdd --out runs/head_rebuild
+
+Rows per cohort: the base, the default, the head rebuilt from all of the user's data and from the
+probe alone, with each one's worst user against the default (docs/personalization.md, S18).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from common.cli import first_sentence
+from common.data import readers as D
+from common.engine.forward import features_and_logits
+from common.engine.heads import HEADS
+from common.engine.probe import probe_pick
+from common.engine.prune import fine_prune
+from common.io import atomic_write_csv, atomic_write_png, atomic_write_text
+from common.model.architectures import prunable_layers
+from common.model.batches import batched_forward
+from common.settings import PruneConfig
+from simulations import bench_tasks as BT
+
+ARMS = ("base", "default", "rebuilt (all data)", "rebuilt (probe)")
+COHORTS = ("digits", "digits-style", "resnet-few", "fsdd-loso", "fsdd-seen", "fsdd-cond", "fsdd-few")
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return float((batched_forward(model, x).argmax(1) == y).float().mean())
+
+
+def rebuilt(model, res, x, head: str):
+    """A copy of the personalized model whose head is written again from its own features on x;
+    the restriction's rows, if any, stay pruned."""
+    m = copy.deepcopy(model)
+    feats, logits, last = features_and_logits(m, x)
+    HEADS[head].write(last, feats, logits)
+    with torch.no_grad():
+        last.weight.mul_(res.mask.layers[list(prunable_layers(m))[-1]].to(last.weight))
+    return m
+
+
+def users_of(name: str, out: Path, fsdd: str | None):
+    if name.startswith("fsdd") and not fsdd:
+        raise ValueError(f"cohort {name} needs --fsdd DIR")
+    ds = D.load_fsdd(fsdd) if name.startswith("fsdd") else None
+    return {"digits": lambda: BT.digits_task(out, 0, 10, None),
+            "digits-style": lambda: BT.digits_task(out, 0, 10, None, style=True),
+            "resnet-few": lambda: BT.resnet_few_task(out, 0),
+            "fsdd-loso": lambda: BT.fsdd_loso_task(out, ds, 0, 12, print),
+            "fsdd-few": lambda: BT.fsdd_loso_task(out, ds, 0, 12, print, few=True),
+            "fsdd-seen": lambda: BT.fsdd_seen_task(out, ds, 0, 12, print),
+            "fsdd-cond": lambda: BT.fsdd_seen_task(out, ds, 0, 12, print, conditions=True)}[name]()
+
+
+def run_cohort(name: str, users) -> list[dict]:
+    rows = []
+    for base, meta, u in users:
+        model = copy.deepcopy(base)
+        res = fine_prune(model, u.x, PruneConfig(), base_meta=meta)
+        head = res.adaptation.get("head")
+        row = {"cohort": name, "user": u.user_id, "head": head, "bn": res.adaptation.get("bn"),
+               "sparsity": round(res.sparsity, 4), "base": accuracy(base, u.heldout_x, u.heldout_y),
+               "default": accuracy(model, u.heldout_x, u.heldout_y)}
+        if HEADS[head].write is None or res.sparsity == 0:  # the base's layer, or nothing pruned
+            row["rebuilt (all data)"] = row["rebuilt (probe)"] = row["default"]
+        else:
+            row["rebuilt (all data)"] = accuracy(rebuilt(model, res, u.x, head), u.heldout_x, u.heldout_y)
+            probe = u.x[probe_pick(PruneConfig(), len(u.x))]
+            row["rebuilt (probe)"] = accuracy(rebuilt(model, res, probe, head), u.heldout_x, u.heldout_y)
+        rows.append(row)
+        print(f"  {name} {u.user_id}: " + ", ".join(f"{a} {row[a]:.3f}" for a in ARMS), flush=True)
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for c in dict.fromkeys(r["cohort"] for r in rows):
+        sel = [r for r in rows if r["cohort"] == c]
+        s = {"cohort": c, "users": len(sel), **{a: statistics.mean(r[a] for r in sel) for a in ARMS}}
+        for a in ARMS[2:]:
+            s[f"{a} worst vs default"] = min(r[a] - r["default"] for r in sel)
+        out.append(s)
+    return out
+
+
+def to_markdown(table: list[dict]) -> str:
+    lines = ["# The head rebuilt on the pruned features (S18)", "",
+             "| cohort | users | base | default | rebuilt (all data) | worst user vs default | rebuilt (probe) | "
+             "worst user vs default |", "|---|---|---|---|---|---|---|---|"]
+    for s in table:
+        lines.append(f"| {s['cohort']} | {s['users']} | {s['base']:.3f} | {s['default']:.3f} | "
+                     f"{s['rebuilt (all data)']:.3f} | {s['rebuilt (all data) worst vs default']:+.3f} | "
+                     f"{s['rebuilt (probe)']:.3f} | {s['rebuilt (probe) worst vs default']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    w = 0.8 / len(ARMS)
+    for i, a in enumerate(ARMS):
+        ax.bar([k + i * w for k in range(len(table))], [s[a] for s in table], w, label=a)
+    ax.set_xticks([k + w * (len(ARMS) - 1) / 2 for k in range(len(table))], [s["cohort"] for s in table])
+    ax.set_ylabel("mean held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("The default's head, and rebuilt on the pruned features")
+    atomic_write_png(path, fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m simulations.head_rebuild_study", description=first_sentence(__doc__))
+    p.add_argument("--fsdd", help="FSDD directory (e.g. ../shared/data/fsdd), for the speech cohorts")
+    p.add_argument("--out", required=True, help="output folder (bases cached under OUT/bases)")
+    p.add_argument("--cohorts", default=",".join(COHORTS), help=f"comma-separated subset of: {', '.join(COHORTS)}")
+    a = p.parse_args(argv)
+    cohorts = [c.strip() for c in a.cohorts.split(",") if c.strip()]
+    if bad := [c for c in cohorts if c not in COHORTS]:
+        raise SystemExit(f"unknown cohort '{bad[0]}' (choose from: {', '.join(COHORTS)})")
+    torch.set_num_threads(1)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for c in cohorts:
+        rows += run_cohort(c, users_of(c, out, a.fsdd))
+    table = summarize(rows)
+    atomic_write_csv(out / "head_rebuild.csv", rows)
+    atomic_write_text(out / "head_rebuild.json", json.dumps({"rows": rows, "summary": table}, indent=2))
+    atomic_write_text(out / "head_rebuild.md", to_markdown(table))
+    plot(table, out / "head_rebuild.png")
+    print(to_markdown(table))
+
+
+if __name__ == "__main__":
+    main()
