@@ -3,7 +3,6 @@ unlabeled data, keeps the personalized model locally and replies with a mask sum
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 import traceback
@@ -16,6 +15,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from client.device import Device, device_inputs, research_accuracy
+from client.faults import injected_fault
 from common.data.protocol import simulated_user
 from common.memory import set_memory
 from common.wire import envelope as E
@@ -33,33 +33,6 @@ def _device_root(context: Context, cfg_run: dict) -> tuple[Path, int | None]:
         return Path(str(nc["device-dir"])), None
     pid = int(nc["partition-id"])
     return Path(cfg_run["out-dir"]) / "devices" / f"node-{pid:03d}", pid
-
-
-FAULT_ENV = "FINEPRUNE_FAULTS"  # simulation: e.g. "crash=2;stall=1,3" (partition ids)
-FAULTS = ("crash", "stall")
-
-
-def fault_spec(faults: dict) -> str:
-    """FAULT_ENV's value for {kind: [partition ids]}."""
-    bad = [k for k in faults if k not in FAULTS]
-    if bad:
-        raise ValueError(f"unknown fault '{bad[0]}' (choose from: {', '.join(FAULTS)})")
-    return ";".join(f"{k}={','.join(str(i) for i in ids)}" for k, ids in faults.items())
-
-
-def injected_fault(context: Context, pid: int | None) -> str | None:
-    """Fault injection for resilience tests, decided where the device runs and never by the
-    server (a server that could make devices hang could stall a federation): a real device's own
-    node config (fault='crash' or 'stall'), a simulated one from FAULT_ENV in the environment
-    the simulation runs in."""
-    if pid is None:
-        fault = context.node_config.get("fault")
-        return str(fault) if fault in FAULTS else None
-    for part in os.environ.get(FAULT_ENV, "").split(";"):
-        kind, _, ids = part.partition("=")
-        if kind.strip() in FAULTS and str(pid) in [i.strip() for i in ids.split(",")]:
-            return kind.strip()
-    return None
 
 
 class RoundTimeout(TimeoutError):
@@ -109,7 +82,7 @@ def _privacy(device, cfg: dict, context: Context) -> float | None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    c = msg.content["config"]
+    c = msg.content[E.CONFIG]
     cfg = merged_config({k: c[k] for k in c.keys() if k not in E.ROUND_KEYS})
     cfg["out-dir"] = str(c[E.OUT_DIR])
     device_choices(context.node_config)
@@ -155,11 +128,11 @@ def _check(cancel: threading.Event):
 
 
 def _train(msg: Message, context: Context, cfg: dict, cancel: threading.Event) -> Message:
-    c = msg.content["config"]
+    c = msg.content[E.CONFIG]
     base_fp = str(c[E.BASE_FINGERPRINT])
     root, pid = _device_root(context, cfg)
     name = str(pid) if pid is not None else str(context.node_config.get("device-name", root.name))
-    fault = injected_fault(context, pid)
+    fault = injected_fault(context.node_config, pid)
     if fault == "crash":
         raise RuntimeError(f"injected crash on {'partition' if pid is not None else 'device'} {name}")
     # simulated devices share one base store (one file per base), real devices keep their own

@@ -78,7 +78,7 @@ class FinePruneStrategy(Strategy):
         base_arrays, base_meta = base_to_records(self.base, self.meta)
         msgs = []
         for nid in nodes:
-            content = RecordDict({"config": ConfigRecord(conf)})
+            content = RecordDict({E.CONFIG: ConfigRecord(conf)})
             if self.nodes_with_base.get(nid) != self.fp:  # the model travels once per node and base
                 content[E.BASE] = base_arrays
                 content[E.BASE_META] = base_meta

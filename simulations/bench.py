@@ -51,7 +51,7 @@ from simulations.bench_report import (
     summarize,
     to_markdown,
 )
-from simulations.bench_tasks import digits_task, fsdd_loso_task, fsdd_seen_task, resnet_few_task
+from simulations.bench_tasks import COHORTS, cohort_users
 from simulations.cohorts import BenchUser
 from simulations.peak_memory import peak_mb
 
@@ -207,21 +207,9 @@ def run(out: Path, fsdd: str | None, seed: int = 0, digits_users: int = 10, digi
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    jobs = []
-    if "digits" in tasks:
-        jobs.append(("digits", lambda: digits_task(out, seed, digits_users, digits_epochs)))
-    if "digits-style" in tasks:
-        jobs.append(("digits-style", lambda: digits_task(out, seed, digits_users, digits_epochs, style=True)))
-    if "resnet-few" in tasks:
-        jobs.append(("resnet-few", lambda: resnet_few_task(out, seed)))
-    if fsdd and any(t.startswith("fsdd") for t in tasks):
-        ds = D.load_fsdd(fsdd)
-        for name, make in (("fsdd-loso", lambda: fsdd_loso_task(out, ds, seed, fsdd_epochs, log)),
-                           ("fsdd-seen", lambda: fsdd_seen_task(out, ds, seed, fsdd_epochs, log)),
-                           ("fsdd-cond", lambda: fsdd_seen_task(out, ds, seed, fsdd_epochs, log, conditions=True)),
-                           ("fsdd-few", lambda: fsdd_loso_task(out, ds, seed, fsdd_epochs, log, few=True))):
-            if name in tasks:
-                jobs.append((name, make))
+    ds = D.load_fsdd(fsdd) if fsdd and any(t.startswith("fsdd") for t in tasks) else None
+    jobs = [(name, lambda name=name: cohort_users(name, out, seed, ds, digits_users, digits_epochs, fsdd_epochs, log))
+            for name in COHORTS if name in tasks and (ds is not None or not name.startswith("fsdd"))]
     if not jobs:
         raise ValueError("nothing to run: choose a task (FSDD tasks need --fsdd DIR)")
     rows, comps = [], []

@@ -42,12 +42,12 @@ import torch
 from common.cli import first_sentence
 from common.engine.bn import recalibrate_bn
 from common.engine.forward import engine_layout, to_layout
-from common.engine.probe import collect_stats, predict_logits
+from common.engine.probe import collect_stats
 from common.engine.prune import fine_prune
 from common.io import atomic_write_png, atomic_write_text
 from common.memory import in_force
 from common.model.architectures import build_model
-from common.model.batches import resolve_device
+from common.model.batches import batched_forward, resolve_device
 from common.model.checkpoint import load_checkpoint
 from common.model.train import train_supervised
 from common.settings import PruneConfig
@@ -138,9 +138,9 @@ class Step:
 # the benchmark's, not the step's (a device personalizes the model it loaded). The statistics run
 # in the engine's layout (channels_last for conv nets), as the engine's passes do.
 STEPS = (
-    Step("inference", "inference pass", lambda c, _: predict_logits(c.base, c.x, c.batch_size, c.device)),
+    Step("inference", "inference pass", lambda c, _: batched_forward(c.base, c.x, c.batch_size, c.device)),
     Step("inference-engine", "inference pass, engine layout",
-         lambda c, _: predict_logits(c.eng, c.x, c.batch_size, c.device)),
+         lambda c, _: batched_forward(c.eng, c.x, c.batch_size, c.device)),
     Step("usage", "statistics (usage hooks)",
          lambda c, _: collect_stats(c.eng, c.x, c.batch_size, c.device, outputs=False)),
     Step("all-hooks", "statistics (all hooks)",
@@ -178,8 +178,8 @@ def _steps(base, x, y, device: str, batch_size: int, default_runs: list):
 
 def _warm_up(base, eng, x, y, device: str, batch_size: int):
     """Allocator, cuDNN autotune and the optimizer's first step, before anything is timed."""
-    predict_logits(eng, x[:batch_size], batch_size, device)
-    predict_logits(base, x[:batch_size], batch_size, device)
+    batched_forward(eng, x[:batch_size], batch_size, device)
+    batched_forward(base, x[:batch_size], batch_size, device)
     # the optimizer's first step: its lazy imports took 1 s, 600 digits inference passes
     train_supervised(copy.deepcopy(eng), x[:2], y[:2], epochs=1, batch_size=2, device=device)
 

@@ -140,3 +140,27 @@ def resnet_few_task(out: Path, seed: int, n_users: int = 8, epochs: int = 6):
             look, uid = grey, f"user{i}"
         users.append((base, meta, BenchUser(uid, look(sub.x[p]), sub.y[p], look(sub.x[e]), sub.y[e])))
     return users
+
+
+# the benchmark's cohorts, in the order it runs them; the speech ones need the FSDD dataset
+COHORTS = ("digits", "digits-style", "resnet-few", "fsdd-loso", "fsdd-seen", "fsdd-cond", "fsdd-few")
+
+
+def cohort_users(name: str, out: Path, seed: int, ds: D.Dataset | None = None, digits_users: int = 10,
+                 digits_epochs: int | None = None, fsdd_epochs: int | None = 12, log=print) -> list:
+    """One cohort's [(base, its metadata, BenchUser)], the bases pretrained (or read) under out/bases;
+    `ds`: the FSDD dataset, for the fsdd cohorts."""
+    makers = {
+        "digits": lambda: digits_task(out, seed, digits_users, digits_epochs),
+        "digits-style": lambda: digits_task(out, seed, digits_users, digits_epochs, style=True),
+        "resnet-few": lambda: resnet_few_task(out, seed),
+        "fsdd-loso": lambda: fsdd_loso_task(out, ds, seed, fsdd_epochs, log),
+        "fsdd-seen": lambda: fsdd_seen_task(out, ds, seed, fsdd_epochs, log),
+        "fsdd-cond": lambda: fsdd_seen_task(out, ds, seed, fsdd_epochs, log, conditions=True),
+        "fsdd-few": lambda: fsdd_loso_task(out, ds, seed, fsdd_epochs, log, few=True),
+    }
+    if name not in makers:
+        raise ValueError(f"unknown cohort '{name}' (choose from: {', '.join(COHORTS)})")
+    if name.startswith("fsdd") and ds is None:
+        raise ValueError(f"cohort {name} needs --fsdd DIR")
+    return makers[name]()

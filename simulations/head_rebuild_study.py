@@ -27,17 +27,11 @@ from common.engine.probe import probe_pick
 from common.engine.prune import fine_prune
 from common.io import atomic_write_csv, atomic_write_png, atomic_write_text
 from common.model.architectures import prunable_layers
-from common.model.batches import batched_forward
+from common.model.train import accuracy
 from common.settings import PruneConfig
-from simulations import bench_tasks as BT
+from simulations.bench_tasks import COHORTS, cohort_users
 
 ARMS = ("base", "default", "rebuilt (all data)", "rebuilt (probe)")
-COHORTS = ("digits", "digits-style", "resnet-few", "fsdd-loso", "fsdd-seen", "fsdd-cond", "fsdd-few")
-
-
-def accuracy(model, x, y) -> float:
-    with torch.no_grad():
-        return float((batched_forward(model, x).argmax(1) == y).float().mean())
 
 
 def rebuilt(model, res, x, head: str):
@@ -49,19 +43,6 @@ def rebuilt(model, res, x, head: str):
     with torch.no_grad():
         last.weight.mul_(res.mask.layers[list(prunable_layers(m))[-1]].to(last.weight))
     return m
-
-
-def users_of(name: str, out: Path, fsdd: str | None):
-    if name.startswith("fsdd") and not fsdd:
-        raise ValueError(f"cohort {name} needs --fsdd DIR")
-    ds = D.load_fsdd(fsdd) if name.startswith("fsdd") else None
-    return {"digits": lambda: BT.digits_task(out, 0, 10, None),
-            "digits-style": lambda: BT.digits_task(out, 0, 10, None, style=True),
-            "resnet-few": lambda: BT.resnet_few_task(out, 0),
-            "fsdd-loso": lambda: BT.fsdd_loso_task(out, ds, 0, 12, print),
-            "fsdd-few": lambda: BT.fsdd_loso_task(out, ds, 0, 12, print, few=True),
-            "fsdd-seen": lambda: BT.fsdd_seen_task(out, ds, 0, 12, print),
-            "fsdd-cond": lambda: BT.fsdd_seen_task(out, ds, 0, 12, print, conditions=True)}[name]()
 
 
 def run_cohort(name: str, users) -> list[dict]:
@@ -137,8 +118,9 @@ def main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    ds = D.load_fsdd(a.fsdd) if a.fsdd and any(c.startswith("fsdd") for c in cohorts) else None
     for c in cohorts:
-        rows += run_cohort(c, users_of(c, out, a.fsdd))
+        rows += run_cohort(c, cohort_users(c, out, 0, ds))
     table = summarize(rows)
     atomic_write_csv(out / "head_rebuild.csv", rows)
     atomic_write_text(out / "head_rebuild.json", json.dumps({"rows": rows, "summary": table}, indent=2))

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from client.client_app import FAULT_ENV, fault_spec
+from client.faults import FAULT_ENV, fault_spec
 from common.wire.federation import merged_config
 
 APP_DIR = Path(__file__).resolve().parents[1]

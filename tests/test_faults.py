@@ -312,19 +312,16 @@ def test_only_the_devices_side_can_inject_a_fault(monkeypatch):
     """A fault comes from the device's own node config or the simulation's environment; the run
     config the server sends has no such key (a server that could make devices hang could stall
     the federation)."""
-    from types import SimpleNamespace
-
-    from client.client_app import FAULT_ENV, fault_spec, injected_fault
+    from client.faults import FAULT_ENV, fault_spec, injected_fault
     from common.wire.federation import merged_config
 
     with pytest.raises(ValueError, match="unknown run-config key 'stall-clients'"):
         merged_config({"stall-clients": "1"})
-    real = SimpleNamespace(node_config={"device-name": "phone-1", "fault": "stall"})
-    assert injected_fault(real, None) == "stall"
-    assert injected_fault(SimpleNamespace(node_config={"fault": "melt"}), None) is None
+    assert injected_fault({"device-name": "phone-1", "fault": "stall"}, None) == "stall"
+    assert injected_fault({"fault": "melt"}, None) is None
     monkeypatch.setenv(FAULT_ENV, fault_spec({"crash": [2], "stall": [1, 3]}))
-    assert [injected_fault(SimpleNamespace(node_config={}), p) for p in range(4)] == [None, "stall", "crash", "stall"]
+    assert [injected_fault({}, p) for p in range(4)] == [None, "stall", "crash", "stall"]
     monkeypatch.delenv(FAULT_ENV)
-    assert injected_fault(SimpleNamespace(node_config={}), 2) is None
+    assert injected_fault({}, 2) is None
     with pytest.raises(ValueError, match="unknown fault 'melt'"):
         fault_spec({"melt": [1]})

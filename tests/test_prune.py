@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from common.data import partition as PT
-from common.engine.probe import predict_logits, probe_samples
+from common.engine.probe import probe_samples
 from common.engine.prune import fine_prune, personalized_model
 from common.model.architectures import build_model
+from common.model.batches import batched_forward
 from common.model.train import accuracy
 from common.settings import PruneConfig
 from simulations.bench_report import PREVIOUS_DEFAULT
@@ -46,7 +47,7 @@ def test_target_sparsity_forward_only_and_usage_beats_random(digits, digits_spli
 @pytest.mark.parametrize("rule", ["agreement", "confidence", "entropy", "drift"])
 def test_stop_rule_protects_behaviour_and_says_why(digits, digits_split, digits_base, rule):
     user = _user(digits, digits_split[1])
-    ref = predict_logits(digits_base, user.unlabeled)
+    ref = batched_forward(digits_base, user.unlabeled)
     model = copy.deepcopy(digits_base)
     cfg = classic(stop_rule=rule, tolerance=0.05, probe_size=10_000, recalibrate_bn=False, restrict_outputs=False)
     res = fine_prune(model, user.unlabeled, cfg)
@@ -61,7 +62,7 @@ def test_stop_rule_protects_behaviour_and_says_why(digits, digits_split, digits_
     passed = [h for h in res.history if h["passed"]]
     assert max(h["sparsity"] for h in passed) == pytest.approx(res.sparsity, abs=1e-3)
     if rule == "agreement":  # the kept model agrees with the base on >= 95% of the user's data
-        agree = (predict_logits(model, user.unlabeled).argmax(1) == ref.argmax(1)).float().mean()
+        agree = (batched_forward(model, user.unlabeled).argmax(1) == ref.argmax(1)).float().mean()
         assert agree >= 0.95
 
 
@@ -104,7 +105,7 @@ def test_output_restriction_only_predicts_the_users_classes(digits, digits_split
     assert set(res.restricted_classes) <= {0, 1, 2, 3, 4, 5, 6, 7, 8, 9} and {2, 5} <= set(res.restricted_classes)
     assert len(res.restricted_classes) <= 4
     model = personalized_model(digits_base, res)
-    pred = predict_logits(model, torch.rand(200, 1, 8, 8)).argmax(1)  # even on noise
+    pred = batched_forward(model, torch.rand(200, 1, 8, 8)).argmax(1)  # even on noise
     assert set(pred.tolist()) <= set(res.restricted_classes)
     dropped = [c for c in range(10) if c not in res.restricted_classes]
     assert res.mask.layers["fc2"][dropped].sum() == 0

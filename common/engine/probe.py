@@ -11,7 +11,7 @@ import torch.nn as nn
 from common.engine import adapt as AD
 from common.engine.bn import bn_layers, recalibrate_bn
 from common.engine.forward import forward_pass
-from common.model.batches import BATCH_SIZE, batched_forward, device_batches
+from common.model.batches import batched_forward, device_batches
 from common.model.mask import Mask, apply_plan
 
 
@@ -41,11 +41,6 @@ class Clock:
         t = time.perf_counter()
         self.phases[phase] = self.phases.get(phase, 0.0) + t - self._t
         self._t = t
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = BATCH_SIZE, device: str = "cpu"):
-    return batched_forward(model, x, batch_size, device)
 
 
 @torch.no_grad()
@@ -112,7 +107,7 @@ class Probe:
             st, lg = collect_stats(model, self.x, cfg.batch_size, self.device)
             self.clock.lap(phase)
         else:
-            lg, st = predict_logits(model, self.x, cfg.batch_size, self.device), None
+            lg, st = batched_forward(model, self.x, cfg.batch_size, self.device), None
             self.clock.lap(phase)
         return lg, st
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from flwr.common.constant import ErrorCode
 
 # ---- server -> device: beside the CLIENT settings of the table, each round's message carries
+CONFIG = "config"  # the record holding the run's CLIENT settings and the ROUND_KEYS
 BASE_FINGERPRINT, OUT_DIR, ROUND = "base-fingerprint", "out-dir", "round"
 ROUND_KEYS = (BASE_FINGERPRINT, OUT_DIR, ROUND)
 BASE, BASE_META = "base", "base-meta"   # array record and its metadata: only when the node lacks the base
@@ -22,6 +23,7 @@ FAILURE_CODES = {"timeout": 1001, "client-error": 1002}
 # the SuperLink's own error replies, for a node that stopped answering or a message that expired
 LINK_KINDS = {ErrorCode.NODE_UNAVAILABLE: "node-unavailable", ErrorCode.MESSAGE_UNAVAILABLE: "expired",
               ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "expired"}
+_KIND_OF_CODE = {**LINK_KINDS, **{code: kind for kind, code in FAILURE_CODES.items()}}
 
 
 def failure_code(kind: str) -> int:
@@ -31,7 +33,4 @@ def failure_code(kind: str) -> int:
 def failure_kind(code) -> str:
     """The counted kind of an error reply, from its code: a device's own kinds, the SuperLink's
     (node-unavailable, expired), and client-error for anything else (an unknown code included)."""
-    for kind, c in FAILURE_CODES.items():
-        if code == c:
-            return kind
-    return LINK_KINDS.get(code, "client-error")
+    return _KIND_OF_CODE.get(code, "client-error") if isinstance(code, int) else "client-error"
