@@ -15,7 +15,8 @@ WITH_BN = ("usage+bn", "magnitude+bn", "discriminative+bn")  # criteria compared
 DEFAULT = ("default", "stop")                  # the engine's defaults, whatever they are
 # the engine's default before the safe one: every BatchNorm layer recalibrated, the base's output
 # layer, output restriction, no search bound and no back-off
-PREVIOUS_DEFAULT = dict(bn_adapt="full", head="linear", restrict_outputs=True, evidence_samples=0, stop_margin=0)
+PREVIOUS_DEFAULT = dict(bn_adapt="full", head="linear", restrict_outputs=True, evidence_samples=0, stop_margin=0,
+                        compensate=False)
 HEADLINE = ("usage+bn+restrict", "stop")       # the previous default: usage, full recalibration, restriction
 DISC = ("discriminative+bn+restrict", "stop")  # the same with pseudo-class-discriminative magnitude
 BACKPROP = "backprop-5ep (labels)"

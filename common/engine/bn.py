@@ -69,7 +69,7 @@ def _mix(mean, var, mu_b, var_b, weight: float, spread, kappa: float):
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: str = "cpu",
                    hooks: bool | None = None, classes: bool = False, first: torch.Tensor | None = None,
                    weight: float = 1.0, prior: list | None = None, profile=None, spread: list | None = None,
-                   kappa: float = 1.0):
+                   kappa: float = 1.0, means: bool = False):
     """Re-estimate BatchNorm running statistics on the user's data (forward only). The same pass
     gives the logits (each batch normalized by its own statistics: with one batch, what the
     recalibrated model outputs) and, with `hooks` not None, usage statistics of the recalibrated
@@ -95,7 +95,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
             else:
                 load_bn_stats([m], [pr])
         try:
-            out = forward_pass(model, x, batch_size, device, hooks=hooks, classes=classes, first=first)
+            out = forward_pass(model, x, batch_size, device, hooks=hooks, classes=classes, first=first, means=means)
         finally:
             for m, f in zip(bns, follows):
                 if f:
@@ -124,7 +124,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
         m.reset_running_stats()
         m.train()
     try:
-        return forward_pass(model, x, batch_size, device, hooks=hooks, classes=classes, first=first)
+        return forward_pass(model, x, batch_size, device, hooks=hooks, classes=classes, first=first, means=means)
     finally:
         for h in handles:
             h.remove()

@@ -11,14 +11,16 @@ from common.model.batches import BATCH_SIZE, pass_logits, run_logits, unorder
 
 
 def forward_pass(model: nn.Module, x: torch.Tensor, batch_size: int, device: str = "cpu",
-                 hooks: bool | None = None, classes: bool = False, first: torch.Tensor | None = None):
+                 hooks: bool | None = None, classes: bool = False, first: torch.Tensor | None = None,
+                 means: bool = False):
     """One pass over x in batches, in the model's current mode: (logits on CPU, in the order of x;
     usage statistics or None). `hooks`: None for no statistics, else whether to collect output
-    statistics too; `classes`: per pseudo-class sums of fully-connected inputs as well; `first`:
-    sample indices that make up the first batches (see batches)."""
+    statistics too; `classes`: per pseudo-class sums of fully-connected inputs as well; `means`:
+    each layer's mean input too; `first`: sample indices that make up the first batches (see
+    batches)."""
     if hooks is None:
         return run_logits(model, x, batch_size, device, first), None
-    with StatsCollector(model, hooks, classes) as col:
+    with StatsCollector(model, hooks, classes, means) as col:
         logits = pass_logits(model, x, batch_size, device, first)
     col.stats.samples = len(x)
     return unorder(logits, first), col.stats

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from common.engine import adapt as AD
+from common.engine import probe as PR
 from common.engine.bn import bn_layers, bn_prior, recalibrate_bn
 from common.engine.bn_check import check_full, stem_recal
 from common.engine.forward import capture_features
@@ -56,17 +57,23 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
     # model outputs (a rule that reads statistics still needs the probe's own: one probe pass).
     # Not when the other samples would end in a batch of one: BatchNorm cannot normalize one
     # sample by its own statistics where a map is 1x1 (ResNet18's last stage at 32x32 inputs).
+    # Where only the input side follows the user, the kept statistics are the whole pass's (S20):
+    # its logits are the reference when it ran as one batch, the probe not put first.
     fold = (searching and cfg.recalibrate_bn and not cfg.base_stats and not need_stats
             and (len(x) - len(pick)) % cfg.batch_size != 1)
-    first = pick if fold else None
+    keeps = mode == "stem" and not PR.REESTIMATE_INPUT_SIDE
+    if keeps:
+        fold = fold and len(x) <= cfg.batch_size
+    first = pick if fold and not keeps else None
     with capture_features(model) as cap, AD.FirstLayerInputs(model) as inputs:
         if cfg.recalibrate_bn and not cfg.base_stats:
             # under a domain shift the base's own activations mislead the ranking: usage is
             # measured on the network the same pass adapts
             logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs, classes=need_classes,
-                                           first=first, **recal)
+                                           first=first, means=cfg.compensate, **recal)
         else:
-            stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs, classes=need_classes)
+            stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs, classes=need_classes,
+                                          means=cfg.compensate)
             first = None
     feats = cap.features(first)
     clock.lap("statistics pass")
@@ -82,9 +89,11 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
         info.update(check)
         if mode == "stem":  # the statistics pass again, on the model as it is kept: usage measured on
             # the network whose class mix full recalibration absorbed ranks the wrong connections
+            if not PR.REESTIMATE_INPUT_SIDE:
+                fold, first = fold and len(x) <= cfg.batch_size, None
             with capture_features(model) as cap:
                 logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs,
-                                               classes=need_classes, first=first, **recal)
+                                               classes=need_classes, first=first, means=cfg.compensate, **recal)
             feats = cap.features(first)
             extra += len(x)
         clock.lap("adaptation check")

@@ -9,10 +9,15 @@ import torch
 import torch.nn as nn
 
 from common.engine import adapt as AD
+from common.engine import compensate as CP
 from common.engine.bn import bn_layers, recalibrate_bn
 from common.engine.forward import forward_pass
 from common.model.batches import batched_forward, device_batches
 from common.model.mask import Mask, apply_plan
+
+# True: the input side's statistics re-estimated on the probe for every candidate, as before S20
+# (simulations/compensation_study.py's ablation)
+REESTIMATE_INPUT_SIDE = False
 
 
 def probe_samples(cfg, n: int) -> int:
@@ -45,10 +50,10 @@ class Clock:
 
 @torch.no_grad()
 def collect_stats(model: nn.Module, x: torch.Tensor, batch_size: int, device: str, outputs: bool = True,
-                  classes: bool = False):
+                  classes: bool = False, means: bool = False):
     """One forward pass with usage hooks; also returns the logits (free)."""
     model.eval()
-    logits, stats = forward_pass(model, x, batch_size, device, hooks=outputs, classes=classes)
+    logits, stats = forward_pass(model, x, batch_size, device, hooks=outputs, classes=classes, means=means)
     return stats, logits
 
 
@@ -63,7 +68,7 @@ class Probe:
     BatchNorm statistics each recalibrating pass estimated, so the mask kept reuses them."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, pick: torch.Tensor, cfg, device: str, need_stats: bool,
-                 clock: Clock, recal: dict | None = None):
+                 clock: Clock, recal: dict | None = None, stats=None):
         self.model, self.cfg, self.device, self.need_stats, self.clock = model, cfg, device, need_stats, clock
         self.recal = recal or {}  # how a pass recalibrates (recalibrate_bn's profile and prior): the kept mode
         self.pick = pick
@@ -89,6 +94,21 @@ class Probe:
         self.plan = apply_plan(model)
         self.samples = 0
         self.bn = {}  # sparsity -> BatchNorm statistics recalibrated in that probe pass
+        # compensate: the layers a candidate's lost mean goes back into (the statistics pass's
+        # input means), and which BatchNorm layers a pass re-estimates at all
+        self.targets = CP.plan(model, stats, self.start) if getattr(cfg, "compensate", False) else []
+        self.bns = bn_layers(model)
+        # Where only the input side follows the user (bn-adapt stem), the statistics pass estimated
+        # its statistics on all of the user's data: a candidate keeps them (its lost means put back
+        # by compensate) rather than re-estimating them on the probe, a quarter of the data (S20:
+        # a ResNet18 user of 146 images kept 0.92 held out where the probe's statistics gave 0.86)
+        self.estimates = bool(cfg.recalibrate_bn) and not (self.recal and not REESTIMATE_INPUT_SIDE)
+        self.frozen = bool(cfg.recalibrate_bn) and not self.estimates
+        profile = self.recal.get("profile")
+        self.follows = [self.estimates and (profile is None or float(profile(i, len(self.bns))) > 0)
+                        for i in range(len(self.bns))]
+        # the base's statistics a partial re-estimation mixes in, shifted per candidate
+        self.prior = self.recal.get("prior") if self.estimates else None
 
     def __call__(self, mask: Mask, phase: str = "probe passes", sparsity: float | None = None):
         """One pass over the probe with `mask` applied: (logits, stats or None). With
@@ -97,9 +117,9 @@ class Probe:
         cfg, model = self.cfg, self.model
         self.load(mask)
         self.samples += len(self.x)
-        if cfg.recalibrate_bn:
+        if self.estimates:
             lg, st = recalibrate_bn(model, self.x, cfg.batch_size, self.device, hooks=True if self.need_stats else None,
-                                    **self.recal)
+                                    **self._recal())
             self.clock.lap(phase)
             self.bn[_bn_key(mask.sparsity() if sparsity is None else sparsity)] = {
                 k: v.clone() for k, v in self.bn_live.items()}
@@ -114,7 +134,7 @@ class Probe:
     def follows_deep(self) -> bool:
         """Whether a pass re-estimates the statistics of every BatchNorm layer (full recalibration),
         not only the input side's."""
-        return bool(self.cfg.recalibrate_bn) and not self.recal and len(bn_layers(self.model)) > AD.stem_count(self.model)
+        return self.estimates and not self.recal and len(self.bns) > AD.stem_count(self.model)
 
     def alias_bn(self, mask: Mask, like: Mask) -> None:
         """`mask` keeps the BatchNorm statistics the probe pass of `like` estimated."""
@@ -132,18 +152,32 @@ class Probe:
         # multi-tensor copies: a copy_ per tensor is a kernel launch each, launch-bound on a GPU
         for lives, saved in self._copies:
             torch._foreach_copy_(lives, saved)
-        mask.apply(self.model, self.plan)
+        dead = {} if self.targets else None
+        mask.apply(self.model, self.plan, dead)
+        if self.targets:
+            self.prior = CP.put_back(self.targets, CP.lost_means(self.targets, dead), self.bns,
+                                     self.recal.get("prior"), self.follows)
         self.clock.lap("mask apply")
+
+    def _recal(self) -> dict:
+        """recalibrate_bn's arguments for the loaded candidate (its own shifted prior)."""
+        return dict(self.recal, prior=self.prior) if self.prior is not None else self.recal
 
     def keep(self, mask: Mask) -> None:
         """Leave the model pruned by `mask`, with the BatchNorm statistics of its probe pass
         (one more pass over the probe where it was not probed, e.g. a fixed target)."""
         self.load(mask)
-        if self.cfg.recalibrate_bn:
+        if self.estimates:
             bn = self.bn.get(_bn_key(mask.sparsity()))
             if bn is None:
-                recalibrate_bn(self.model, self.x, self.cfg.batch_size, self.device, **self.recal)
+                recalibrate_bn(self.model, self.x, self.cfg.batch_size, self.device, **self._recal())
                 self.samples += len(self.x)
                 self.clock.lap("final recalibration")
             else:
                 torch._foreach_copy_([self.bn_live[k] for k in bn], list(bn.values()))
+                if self.targets and self.prior is not None:
+                    # statistics borrowed from another mask (a back-off): a layer that keeps the
+                    # base's statistics keeps them shifted by this mask's own lost mean
+                    for t in self.targets:
+                        if t.bn_index is not None and not self.follows[t.bn_index]:
+                            self.bns[t.bn_index].running_mean.copy_(self.prior[t.bn_index][0])

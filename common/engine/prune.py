@@ -135,7 +135,7 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
         producers = {p for p, _ in links}
         scores = {k: v if k in producers else torch.full_like(v, math.inf) for k, v in scores.items()}
     clock.lap("scores")
-    probe = Probe(model, x, pick, cfg, device, need_stats, clock, a.recal)
+    probe = Probe(model, x, pick, cfg, device, need_stats, clock, a.recal, a.stats)
     clock.lap("mask apply")
     if not a.searching:
         levels = schedule(cfg.step, cfg.max_sparsity, cfg.target_sparsity)
@@ -156,7 +156,8 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
         if a.fold:
             # with nothing but the restriction pruned, the kept model keeps the statistics pass's
             # BatchNorm statistics (the restriction's rows feed no BatchNorm)
-            probe.reuse_start_bn(dense if restricted is None else apply_restriction(model, dense, restricted))
+            if not probe.frozen:
+                probe.reuse_start_bn(dense if restricted is None else apply_restriction(model, dense, restricted))
         elif cfg.recalibrate_bn:
             # with the restriction's rows pruned, as every candidate is: the same logits once
             # restricted, and its BatchNorm statistics are then the kept model's when nothing

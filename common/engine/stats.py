@@ -28,11 +28,17 @@ def eta_squared(cls_sum: torch.Tensor, cls_count: torch.Tensor, sq_sum: torch.Te
 class LayerStats:
     in_sq: torch.Tensor          # sum over samples/positions of x_j^2, per input feature/channel
     in_count: int = 0            # how many (sample, position) pairs went into in_sq
+    in_total: torch.Tensor = None  # sum over in_samples samples of the input, shaped like one sample's
+    in_samples: int = 0
     out_sum: torch.Tensor = None  # sum of post-ReLU output per unit/channel
     out_fire: torch.Tensor = None  # count of post-ReLU output > 0
     out_count: int = 0
     cls_sum: torch.Tensor = None  # fully-connected inputs only: (classes, features) sums per pseudo-class
     cls_count: torch.Tensor = None  # samples per pseudo-class (the model's own argmax)
+
+    def input_mean(self) -> torch.Tensor:
+        """The mean input over the user's data, shaped like one sample's (a map for a conv)."""
+        return self.in_total / max(self.in_samples, 1)
 
     def input_norm(self) -> torch.Tensor:
         """RMS of each input feature over the user's data (||x_j|| up to a constant)."""
@@ -124,10 +130,11 @@ class _Pending:
 class StatsCollector:
     """Context manager: attach hooks, run forward passes, read `.stats`."""
 
-    def __init__(self, model: nn.Module, outputs: bool = True, classes: bool = False):
+    def __init__(self, model: nn.Module, outputs: bool = True, classes: bool = False, means: bool = False):
         """outputs=False skips mean activation and firing rate (only the firing scorer and the
         drift rule need them), which makes the pass noticeably cheaper. classes=True also sums
-        each fully-connected layer's inputs per pseudo-class (the model's argmax for the batch)."""
+        each fully-connected layer's inputs per pseudo-class (the model's argmax for the batch);
+        means=True each layer's inputs over the samples (LayerStats.input_mean)."""
         self.model = model
         self.layers = prunable_layers(model)
         bn_after = following_batchnorm(model)
@@ -144,7 +151,7 @@ class StatsCollector:
             self.stats.layers[name] = st
             kept = _Pending(st)
             self._kept.append(kept)
-            self.handles.append(layer.register_forward_pre_hook(self._in_hook(st, kept)))
+            self.handles.append(layer.register_forward_pre_hook(self._in_hook(st, kept, means)))
             if classes and isinstance(layer, nn.Linear):
                 st.cls_sum = torch.zeros(0, w.shape[1], dtype=torch.float64, device=w.device)
                 st.cls_count = torch.zeros(0, dtype=torch.float64, device=w.device)
@@ -178,10 +185,13 @@ class StatsCollector:
             self._pending[name] = None
 
     @staticmethod
-    def _in_hook(st: LayerStats, kept: _Pending):
+    def _in_hook(st: LayerStats, kept: _Pending, means: bool):
         def hook(_mod, args):
             x = args[0].detach()
             st.in_count += x.numel() // x.shape[1]
+            if means:  # the mean input as one sample's map (compensate); channels_last: as its rows
+                t = (x.permute(0, 2, 3, 1).sum(0).permute(2, 0, 1) if kernels.is_nhwc(x) else x.sum(0)).double()
+                st.in_total, st.in_samples = t if st.in_total is None else st.in_total + t, st.in_samples + len(x)
             # float32 sums over at most a piece's rows or a sample's positions, added up in float64
             if _deferred(x):  # a GPU: one reduction now, the rest every _FOLD batches
                 kept.norms.append(_sample_norms(x))

@@ -1,0 +1,140 @@
+"""Does pruning lose less when each pruned connection's mean contribution is put back (S19), and
+when the input side's BatchNorm statistics stay those the statistics pass estimated on all of the
+user's data instead of the probe's (S20)? Every benchmark user is personalized by the default,
+without each, at the label-free stop and at a fixed 0.7, beside the same adaptation with nothing
+pruned (what pruning costs), and scored on held-out labels.
+
+    python -m simulations.compensation_study --fsdd ../shared/data/fsdd --out runs/compensation
+
+Rows per cohort: mean accuracy and sparsity per arm, and each arm's worst user against its base
+(docs/personalization.md, S19 and S20).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from common.cli import first_sentence
+from common.data import readers as D
+from common.engine import probe as PR
+from common.engine.prune import fine_prune
+from common.io import atomic_write_csv, atomic_write_png, atomic_write_text
+from common.model.train import accuracy
+from common.settings import PruneConfig
+from simulations.bench_tasks import COHORTS, cohort_users
+
+# arm -> the PruneConfig fields it changes from the default ("_reestimate": the input side's
+# statistics re-estimated on the probe for every candidate, as before S20)
+ARMS = {
+    "unpruned": {"target_sparsity": 0.0},
+    "default": {},
+    "without compensate": {"compensate": False},
+    "input side per candidate": {"_reestimate": True},
+    "neither (before S19/S20)": {"compensate": False, "_reestimate": True},
+    "0.7": {"target_sparsity": 0.7},
+    "0.7 without compensate": {"target_sparsity": 0.7, "compensate": False},
+}
+
+
+def run_cohort(name: str, users, arms: dict) -> list[dict]:
+    rows = []
+    for base, meta, u in users:
+        row = {"cohort": name, "user": u.user_id, "n": len(u.x), "base": accuracy(base, u.heldout_x, u.heldout_y)}
+        for arm, change in arms.items():
+            model = copy.deepcopy(base)
+            change = dict(change)
+            PR.REESTIMATE_INPUT_SIDE = change.pop("_reestimate", False)
+            try:
+                res = fine_prune(model, u.x, PruneConfig(**change), base_meta=meta)
+            finally:
+                PR.REESTIMATE_INPUT_SIDE = False
+            row[arm] = accuracy(model, u.heldout_x, u.heldout_y)
+            row[f"{arm} sparsity"] = round(res.sparsity, 4)
+            row[f"{arm} bn"] = res.adaptation.get("bn")
+        rows.append(row)
+        print(f"  {name} {u.user_id} (n={row['n']}): base {row['base']:.3f}, "
+              + ", ".join(f"{a} {row[a]:.3f}@{row[a + ' sparsity']:.2f}" for a in arms), flush=True)
+    return rows
+
+
+def summarize(rows: list[dict], arms) -> list[dict]:
+    out = []
+    for c in dict.fromkeys(r["cohort"] for r in rows):
+        sel = [r for r in rows if r["cohort"] == c]
+        s = {"cohort": c, "users": len(sel), "base": statistics.mean(r["base"] for r in sel)}
+        for a in arms:
+            s[a] = statistics.mean(r[a] for r in sel)
+            s[f"{a} sparsity"] = statistics.mean(r[f"{a} sparsity"] for r in sel)
+            s[f"{a} worst"] = min(r[a] - r["base"] for r in sel)
+        out.append(s)
+    return out
+
+
+def to_markdown(table: list[dict], arms) -> str:
+    lines = ["# Mean-preserving pruning (S19) and the input side kept from the statistics pass (S20): mean held-out "
+             "accuracy (sparsity; worst user vs its base)", "",
+             "| cohort | users | base | " + " | ".join(arms) + " |", "|---|---|---|" + "---|" * len(arms)]
+    for s in table:
+        cells = [f"{s[a]:.3f} ({s[a + ' sparsity']:.2f}; {s[a + ' worst']:+.3f})" for a in arms]
+        lines.append(f"| {s['cohort']} | {s['users']} | {s['base']:.3f} | " + " | ".join(cells) + " |")
+    if len(table) > 1:
+        cells = [f"{statistics.mean(s[a] for s in table):.3f} ({statistics.mean(s[a + ' sparsity'] for s in table):.2f}; "
+                 f"{min(s[a + ' worst'] for s in table):+.3f})" for a in arms]
+        lines.append(f"| mean of cohorts | | {statistics.mean(s['base'] for s in table):.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], arms, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["base", *arms]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    w = 0.8 / len(names)
+    for i, a in enumerate(names):
+        ax.bar([k + i * w for k in range(len(table))], [s[a] for s in table], w, label=a)
+    ax.set_xticks([k + w * (len(names) - 1) / 2 for k in range(len(table))], [s["cohort"] for s in table])
+    ax.set_ylabel("mean held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("Pruning with and without the pruned connections' mean put back")
+    atomic_write_png(path, fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m simulations.compensation_study", description=first_sentence(__doc__))
+    p.add_argument("--fsdd", help="FSDD directory (e.g. ../shared/data/fsdd), for the speech cohorts")
+    p.add_argument("--out", required=True, help="output folder (bases cached under OUT/bases)")
+    p.add_argument("--cohorts", default=",".join(COHORTS), help=f"comma-separated subset of: {', '.join(COHORTS)}")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of: {', '.join(ARMS)}")
+    a = p.parse_args(argv)
+    cohorts = [c.strip() for c in a.cohorts.split(",") if c.strip()]
+    if bad := [c for c in cohorts if c not in COHORTS]:
+        raise SystemExit(f"unknown cohort '{bad[0]}' (choose from: {', '.join(COHORTS)})")
+    arms = {k.strip(): ARMS[k.strip()] for k in a.arms.split(",") if k.strip() in ARMS}
+    if not arms:
+        raise SystemExit(f"no known arm in --arms (choose from: {', '.join(ARMS)})")
+    torch.set_num_threads(1)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    ds = D.load_fsdd(a.fsdd) if a.fsdd and any(c.startswith("fsdd") for c in cohorts) else None
+    for c in cohorts:
+        rows += run_cohort(c, cohort_users(c, out, 0, ds), arms)
+    table = summarize(rows, arms)
+    atomic_write_csv(out / "compensation.csv", rows)
+    atomic_write_text(out / "compensation.json", json.dumps({"rows": rows, "summary": table}, indent=2))
+    atomic_write_text(out / "compensation.md", to_markdown(table, arms))
+    plot(table, arms, out / "compensation.png")
+    print(to_markdown(table, arms))
+
+
+if __name__ == "__main__":
+    main()
