@@ -1,8 +1,9 @@
-"""Does pruning lose less when each pruned connection's mean contribution is put back (S19), and
-when the input side's BatchNorm statistics stay those the statistics pass estimated on all of the
-user's data instead of the probe's (S20)? Every benchmark user is personalized by the default,
-without each, at the label-free stop and at a fixed 0.7, beside the same adaptation with nothing
-pruned (what pruning costs), and scored on held-out labels.
+"""Does pruning lose less when each pruned connection's mean contribution is put back (S19, the
+default's `compensate`), and when candidates keep the input side's BatchNorm statistics that the
+statistics pass estimated on all of the user's data instead of re-estimating them on the probe
+(S20, not the default)? Every benchmark user is personalized by the default and its variants, at
+the label-free stop and at a fixed 0.7, beside the same adaptation with nothing pruned (what
+pruning costs), and scored on held-out labels.
 
     python -m simulations.compensation_study --fsdd ../shared/data/fsdd --out runs/compensation
 
@@ -28,16 +29,17 @@ from common.model.train import accuracy
 from common.settings import PruneConfig
 from simulations.bench_tasks import COHORTS, cohort_users
 
-# arm -> the PruneConfig fields it changes from the default ("_reestimate": the input side's
-# statistics re-estimated on the probe for every candidate, as before S20)
+# arm -> the PruneConfig fields it changes from the default ("_keep": candidates keep the input
+# side's statistics from the statistics pass, probe.KEEP_INPUT_SIDE, S20)
 ARMS = {
     "unpruned": {"target_sparsity": 0.0},
     "default": {},
-    "without compensate": {"compensate": False},
-    "input side per candidate": {"_reestimate": True},
-    "neither (before S19/S20)": {"compensate": False, "_reestimate": True},
+    "without compensate (before S19)": {"compensate": False},
+    "input side kept (S20)": {"_keep": True},
+    "input side kept, without compensate": {"compensate": False, "_keep": True},
     "0.7": {"target_sparsity": 0.7},
     "0.7 without compensate": {"target_sparsity": 0.7, "compensate": False},
+    "0.7, input side kept": {"target_sparsity": 0.7, "_keep": True},
 }
 
 
@@ -48,11 +50,11 @@ def run_cohort(name: str, users, arms: dict) -> list[dict]:
         for arm, change in arms.items():
             model = copy.deepcopy(base)
             change = dict(change)
-            PR.REESTIMATE_INPUT_SIDE = change.pop("_reestimate", False)
+            PR.KEEP_INPUT_SIDE = change.pop("_keep", False)
             try:
                 res = fine_prune(model, u.x, PruneConfig(**change), base_meta=meta)
             finally:
-                PR.REESTIMATE_INPUT_SIDE = False
+                PR.KEEP_INPUT_SIDE = False
             row[arm] = accuracy(model, u.heldout_x, u.heldout_y)
             row[f"{arm} sparsity"] = round(res.sparsity, 4)
             row[f"{arm} bn"] = res.adaptation.get("bn")

@@ -57,11 +57,11 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
     # model outputs (a rule that reads statistics still needs the probe's own: one probe pass).
     # Not when the other samples would end in a batch of one: BatchNorm cannot normalize one
     # sample by its own statistics where a map is 1x1 (ResNet18's last stage at 32x32 inputs).
-    # Where only the input side follows the user, the kept statistics are the whole pass's (S20):
+    # Where candidates keep the input side's statistics of the whole pass (probe.KEEP_INPUT_SIDE),
     # its logits are the reference when it ran as one batch, the probe not put first.
     fold = (searching and cfg.recalibrate_bn and not cfg.base_stats and not need_stats
             and (len(x) - len(pick)) % cfg.batch_size != 1)
-    keeps = mode == "stem" and not PR.REESTIMATE_INPUT_SIDE
+    keeps = mode == "stem" and PR.KEEP_INPUT_SIDE
     if keeps:
         fold = fold and len(x) <= cfg.batch_size
     first = pick if fold and not keeps else None
@@ -89,7 +89,7 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
         info.update(check)
         if mode == "stem":  # the statistics pass again, on the model as it is kept: usage measured on
             # the network whose class mix full recalibration absorbed ranks the wrong connections
-            if not PR.REESTIMATE_INPUT_SIDE:
+            if PR.KEEP_INPUT_SIDE:
                 fold, first = fold and len(x) <= cfg.batch_size, None
             with capture_features(model) as cap:
                 logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs,

@@ -15,9 +15,10 @@ from common.engine.forward import forward_pass
 from common.model.batches import batched_forward, device_batches
 from common.model.mask import Mask, apply_plan
 
-# True: the input side's statistics re-estimated on the probe for every candidate, as before S20
-# (simulations/compensation_study.py's ablation)
-REESTIMATE_INPUT_SIDE = False
+# True: where only the input side follows the user (bn-adapt stem), candidates keep the statistics
+# the statistics pass estimated on all of the user's data instead of re-estimating them on the probe
+# (S20: a ResNet18 user at 32x32 gains, the users at 64x64 lose; simulations/compensation_study.py)
+KEEP_INPUT_SIDE = False
 
 
 def probe_samples(cfg, n: int) -> int:
@@ -98,11 +99,9 @@ class Probe:
         # input means), and which BatchNorm layers a pass re-estimates at all
         self.targets = CP.plan(model, stats, self.start) if getattr(cfg, "compensate", False) else []
         self.bns = bn_layers(model)
-        # Where only the input side follows the user (bn-adapt stem), the statistics pass estimated
-        # its statistics on all of the user's data: a candidate keeps them (its lost means put back
-        # by compensate) rather than re-estimating them on the probe, a quarter of the data (S20:
-        # a ResNet18 user of 146 images kept 0.92 held out where the probe's statistics gave 0.86)
-        self.estimates = bool(cfg.recalibrate_bn) and not (self.recal and not REESTIMATE_INPUT_SIDE)
+        # whether a pass re-estimates BatchNorm statistics (KEEP_INPUT_SIDE: not where only the input
+        # side follows the user; then a candidate keeps the statistics pass's, its lost means put back)
+        self.estimates = bool(cfg.recalibrate_bn) and not (self.recal and KEEP_INPUT_SIDE)
         self.frozen = bool(cfg.recalibrate_bn) and not self.estimates
         profile = self.recal.get("profile")
         self.follows = [self.estimates and (profile is None or float(profile(i, len(self.bns))) > 0)
