@@ -1,7 +1,7 @@
-"""Does pruning lose less when each pruned connection's mean contribution is put back (S19, the
-default's `compensate`), and when candidates keep the input side's BatchNorm statistics that the
-statistics pass estimated on all of the user's data instead of re-estimating them on the probe
-(S20, not the default)? Every benchmark user is personalized by the default and its variants, at
+"""Does pruning lose less when each pruned connection's mean contribution is put back (S19,
+`compensate`; auto turns it on for fixed targets), and when candidates keep the input side's
+BatchNorm statistics that the statistics pass estimated on all of the user's data instead of
+re-estimating them on the probe (S20, not the default)? Every benchmark user is personalized by the default and its variants, at
 the label-free stop and at a fixed 0.7, beside the same adaptation with nothing pruned (what
 pruning costs), and scored on held-out labels.
 
@@ -33,13 +33,13 @@ from simulations.bench_tasks import COHORTS, cohort_users
 # side's statistics from the statistics pass, probe.KEEP_INPUT_SIDE, S20)
 ARMS = {
     "unpruned": {"target_sparsity": 0.0},
-    "default": {},
-    "without compensate (before S19)": {"compensate": False},
-    "input side kept (S20)": {"_keep": True},
-    "input side kept, without compensate": {"compensate": False, "_keep": True},
-    "0.7": {"target_sparsity": 0.7},
-    "0.7 without compensate": {"target_sparsity": 0.7, "compensate": False},
-    "0.7, input side kept": {"target_sparsity": 0.7, "_keep": True},
+    "default (compensate auto: off)": {},
+    "compensate on (S19)": {"compensate": "on"},
+    "input side kept (S20)": {"compensate": "on", "_keep": True},
+    "input side kept without compensate": {"_keep": True},
+    "0.7 (compensate auto: on)": {"target_sparsity": 0.7},
+    "0.7 without compensate": {"target_sparsity": 0.7, "compensate": "off"},
+    "0.7 input side kept": {"target_sparsity": 0.7, "_keep": True},
 }
 
 
@@ -120,9 +120,10 @@ def main(argv=None):
     cohorts = [c.strip() for c in a.cohorts.split(",") if c.strip()]
     if bad := [c for c in cohorts if c not in COHORTS]:
         raise SystemExit(f"unknown cohort '{bad[0]}' (choose from: {', '.join(COHORTS)})")
-    arms = {k.strip(): ARMS[k.strip()] for k in a.arms.split(",") if k.strip() in ARMS}
-    if not arms:
-        raise SystemExit(f"no known arm in --arms (choose from: {', '.join(ARMS)})")
+    names = [k.strip() for k in a.arms.split(",") if k.strip()]
+    if bad := [k for k in names if k not in ARMS]:
+        raise SystemExit(f"unknown arm '{bad[0]}' (choose from: {', '.join(ARMS)})")
+    arms = {k: ARMS[k] for k in names}
     torch.set_num_threads(1)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

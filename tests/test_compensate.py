@@ -82,7 +82,7 @@ def test_a_compensated_pruned_layer_keeps_each_units_mean_output_on_the_users_da
     models = {}
     for comp in (False, True):
         m = copy.deepcopy(base)
-        r = fine_prune(m, x, PruneConfig(target_sparsity=0.6, recalibrate_bn=False, compensate=comp, head="linear"))
+        r = fine_prune(m, x, PruneConfig(target_sparsity=0.6, recalibrate_bn=False, compensate="on" if comp else "off", head="linear"))
         assert r.sparsity > 0.5
         models[comp] = m
     m, plain = models[True], models[False]
@@ -130,7 +130,7 @@ def test_under_full_recalibration_compensation_changes_nothing_a_batchnorm_recen
     outs = []
     for comp in (False, True):
         m = copy.deepcopy(digits_base)
-        fine_prune(m, x, PruneConfig(target_sparsity=0.5, bn_adapt="full", compensate=comp, head="linear"))
+        fine_prune(m, x, PruneConfig(target_sparsity=0.5, bn_adapt="full", compensate="on" if comp else "off", head="linear"))
         outs.append(m)
     a, b = outs
     for bn in ("bn1", "bn2"):

@@ -17,6 +17,13 @@ from common.engine.stats import UsageStats
 from common.model.architectures import following_batchnorm, prunable_layers
 
 
+def compensating(cfg) -> bool:
+    """Whether the engine compensates: `compensate` on, or auto with a fixed sparsity target (the
+    stop rule would spend the gain on sparsity, at 1-6% of the default's time; docs S19)."""
+    mode = getattr(cfg, "compensate", "off")
+    return mode == "on" or (mode == "auto" and cfg.target_sparsity is not None)
+
+
 @dataclass
 class Target:
     """One layer's compensation: the mean input each weight reads (a convolution's per kernel
@@ -25,9 +32,10 @@ class Target:
     model's BatchNorm layers)."""
     name: str
     layer: nn.Module
-    taps: torch.Tensor  # (groups, inputs per group x kernel taps), in the weight's memory order
-    full_out: torch.Tensor
+    taps: torch.Tensor  # (groups, inputs per group x kernel taps, 1), in the weight's memory order
+    full_out: torch.Tensor  # (groups, units per group, 1)
     bn_index: int | None
+    weight: torch.Tensor  # a view of the live weight as (groups, units per group, weights per unit)
 
 
 def _taps(layer: nn.Module, mean_in: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -52,12 +60,16 @@ def _taps(layer: nn.Module, mean_in: torch.Tensor, weight: torch.Tensor) -> torc
     return taps.contiguous()
 
 
+def _grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The weight as (groups, units per group, weights per unit) in its memory order: a view (of
+    a parameter: it follows every in-place change), never a copy."""
+    w = weight.permute(0, 2, 3, 1) if weight.dim() == 4 and not weight.is_contiguous() else weight
+    return w.view(groups, weight.shape[0] // groups, -1)
+
+
 def _unit_means(weight: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """Each unit's mean pre-activation from its connections (no bias) over the user's data."""
-    g = taps.shape[0]
-    w = weight.permute(0, 2, 3, 1) if weight.dim() == 4 and not weight.is_contiguous() else weight
-    w = w.reshape(g, weight.shape[0] // g, -1)
-    return torch.bmm(w, taps.unsqueeze(2).to(w)).reshape(-1)
+    return torch.bmm(_grouped(weight, taps.shape[0]), taps.unsqueeze(2).to(weight)).reshape(-1)
 
 
 def plan(model: nn.Module, stats: UsageStats, start: dict) -> list[Target]:
@@ -79,10 +91,12 @@ def plan(model: nn.Module, stats: UsageStats, start: dict) -> list[Target]:
             continue
         w0 = start[f"{name}.weight"]
         taps = _taps(layer, st.input_mean().to(device=w0.device, dtype=w0.dtype), w0)
-        if taps is None:
-            continue
-        out.append(Target(name, layer, taps, _unit_means(w0, taps),
-                          None if layer.bias is not None else bn_pos[id(bn)]))
+        if taps is None or not (layer.weight.is_contiguous() or layer.weight.dim() == 4 and
+                                layer.weight.permute(0, 2, 3, 1).is_contiguous()):
+            continue  # a layout a view cannot follow
+        g = taps.shape[0]
+        out.append(Target(name, layer, taps.unsqueeze(2).to(w0), _unit_means(w0, taps).view(g, -1, 1),
+                          None if layer.bias is not None else bn_pos[id(bn)], _grouped(layer.weight, g)))
     return out
 
 
@@ -91,7 +105,8 @@ def lost_means(targets: list[Target], dead: dict) -> dict:
     """Per target, each unit's mean contribution the model's (masked) weights no longer give; a
     unit with no connection left (`dead`: Mask.apply's record) loses nothing: it stays silent, so
     compaction stays exact."""
-    return {t.name: (t.full_out - _unit_means(t.layer.weight, t.taps)).masked_fill(dead[t.name], 0.0)
+    # full - weight @ taps in one kernel per layer (small models: a candidate's cost is its calls)
+    return {t.name: torch.baddbmm(t.full_out, t.weight, t.taps, alpha=-1).view(-1).masked_fill_(dead[t.name], 0.0)
             for t in targets}
 
 
@@ -103,11 +118,14 @@ def put_back(targets: list[Target], lost: dict, bns: list, prior: list | None, f
     re-estimated (`follows[i]`: whether layer i is re-estimated at all). Returns the prior to
     recalibrate with (shifted where needed), or None where there is none."""
     shifted = None if prior is None else list(prior)
+    biased = [t for t in targets if t.bn_index is None]
+    if biased:  # one multi-tensor add for every bias
+        torch._foreach_add_([t.layer.bias for t in biased], [lost[t.name] for t in biased])
     for t in targets:
         d = lost[t.name]
         if t.bn_index is None:
-            t.layer.bias.add_(d.to(t.layer.bias))
-        elif shifted is not None:
+            continue
+        if shifted is not None:
             mu, var = shifted[t.bn_index]
             shifted[t.bn_index] = (mu - d.to(mu), var)
         elif not follows[t.bn_index]:

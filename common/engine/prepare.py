@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from common.engine import adapt as AD
+from common.engine import compensate as CP
 from common.engine import probe as PR
 from common.engine.bn import bn_layers, bn_prior, recalibrate_bn
 from common.engine.bn_check import check_full, stem_recal
@@ -70,10 +71,10 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
             # under a domain shift the base's own activations mislead the ranking: usage is
             # measured on the network the same pass adapts
             logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs, classes=need_classes,
-                                           first=first, means=cfg.compensate, **recal)
+                                           first=first, means=CP.compensating(cfg), **recal)
         else:
             stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs, classes=need_classes,
-                                          means=cfg.compensate)
+                                          means=CP.compensating(cfg))
             first = None
     feats = cap.features(first)
     clock.lap("statistics pass")
@@ -93,7 +94,7 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
                 fold, first = fold and len(x) <= cfg.batch_size, None
             with capture_features(model) as cap:
                 logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs,
-                                               classes=need_classes, first=first, means=cfg.compensate, **recal)
+                                               classes=need_classes, first=first, means=CP.compensating(cfg), **recal)
             feats = cap.features(first)
             extra += len(x)
         clock.lap("adaptation check")

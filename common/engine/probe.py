@@ -97,7 +97,7 @@ class Probe:
         self.bn = {}  # sparsity -> BatchNorm statistics recalibrated in that probe pass
         # compensate: the layers a candidate's lost mean goes back into (the statistics pass's
         # input means), and which BatchNorm layers a pass re-estimates at all
-        self.targets = CP.plan(model, stats, self.start) if getattr(cfg, "compensate", False) else []
+        self.targets = CP.plan(model, stats, self.start) if CP.compensating(cfg) else []
         self.bns = bn_layers(model)
         # whether a pass re-estimates BatchNorm statistics (KEEP_INPUT_SIDE: not where only the input
         # side follows the user; then a candidate keeps the statistics pass's, its lost means put back)
