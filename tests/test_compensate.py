@@ -158,3 +158,14 @@ def test_the_mean_a_convolution_loses_is_the_convolution_of_the_mean_input_in_an
                   if conv.weight.dim() == 4 else conv.weight.detach()):
             taps = CP._taps(conv, x.mean(0), w)
             assert torch.allclose(CP._unit_means(w, taps), want, atol=1e-5), (conv, w.is_contiguous())
+
+
+def test_compensate_auto_is_on_for_a_fixed_target_and_off_at_the_stop_and_the_report_says_so():
+    torch.manual_seed(0)
+    base, x = _Net().eval(), torch.randn(64, 1, 8, 8).abs()
+    fixed = fine_prune(copy.deepcopy(base), x, PruneConfig(target_sparsity=0.5, recalibrate_bn=False))
+    stop = fine_prune(copy.deepcopy(base), x, PruneConfig(recalibrate_bn=False))
+    forced = fine_prune(copy.deepcopy(base), x, PruneConfig(recalibrate_bn=False, compensate="on"))
+    assert fixed.adaptation["compensated"] is True and stop.adaptation["compensated"] is False
+    assert forced.adaptation["compensated"] is (forced.sparsity > 0)
+    assert fixed.stats.layers["fc1"].in_total is not None and stop.stats.layers["fc1"].in_total is None

@@ -86,6 +86,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     mask, cut, reason, history, restricted, probe = _prune(model, x, cfg, device, a, pick, scorer, need_stats,
                                                            links, clock, tick)
     probe.keep(mask)  # the pruned network, with BatchNorm statistics of this user's data
+    a.info["compensated"] = bool(probe.targets) and cut  # the cut units' mean outputs put back (S19)
     extra = a.extra
     if HEADS[a.head].rebuild_at_target and not a.searching and cut:
         # a fixed target never let a rule judge the head on the pruned features: rebuilt on them
