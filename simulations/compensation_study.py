@@ -12,22 +12,15 @@ Rows per cohort: mean accuracy and sparsity per arm, and each arm's worst user a
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
 from pathlib import Path
 
-import torch
-
-from common.cli import first_sentence
-from common.data import readers as D
 from common.engine import probe as PR
 from common.engine.prune import fine_prune
-from common.io import atomic_write_csv, atomic_write_png, atomic_write_text
 from common.model.train import accuracy
 from common.settings import PruneConfig
-from simulations.bench_tasks import COHORTS, cohort_users
+from simulations import cohort_study as CS
 
 # arm -> the PruneConfig fields it changes from the default ("_keep": candidates keep the input
 # side's statistics from the statistics pass, probe.KEEP_INPUT_SIDE, S20)
@@ -91,52 +84,19 @@ def to_markdown(table: list[dict], arms) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(table: list[dict], arms, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = ["base", *arms]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    w = 0.8 / len(names)
-    for i, a in enumerate(names):
-        ax.bar([k + i * w for k in range(len(table))], [s[a] for s in table], w, label=a)
-    ax.set_xticks([k + w * (len(names) - 1) / 2 for k in range(len(table))], [s["cohort"] for s in table])
-    ax.set_ylabel("mean held-out accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    ax.set_title("Pruning with and without the pruned connections' mean put back")
-    atomic_write_png(path, fig)
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m simulations.compensation_study", description=first_sentence(__doc__))
-    p.add_argument("--fsdd", help="FSDD directory (e.g. ../shared/data/fsdd), for the speech cohorts")
-    p.add_argument("--out", required=True, help="output folder (bases cached under OUT/bases)")
-    p.add_argument("--cohorts", default=",".join(COHORTS), help=f"comma-separated subset of: {', '.join(COHORTS)}")
+    p = CS.parser("python -m simulations.compensation_study", __doc__)
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of: {', '.join(ARMS)}")
     a = p.parse_args(argv)
-    cohorts = [c.strip() for c in a.cohorts.split(",") if c.strip()]
-    if bad := [c for c in cohorts if c not in COHORTS]:
-        raise SystemExit(f"unknown cohort '{bad[0]}' (choose from: {', '.join(COHORTS)})")
     names = [k.strip() for k in a.arms.split(",") if k.strip()]
     if bad := [k for k in names if k not in ARMS]:
         raise SystemExit(f"unknown arm '{bad[0]}' (choose from: {', '.join(ARMS)})")
     arms = {k: ARMS[k] for k in names}
-    torch.set_num_threads(1)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    ds = D.load_fsdd(a.fsdd) if a.fsdd and any(c.startswith("fsdd") for c in cohorts) else None
-    for c in cohorts:
-        rows += run_cohort(c, cohort_users(c, out, 0, ds), arms)
+    rows = CS.run(a, lambda c, users: run_cohort(c, users, arms))
     table = summarize(rows, arms)
-    atomic_write_csv(out / "compensation.csv", rows)
-    atomic_write_text(out / "compensation.json", json.dumps({"rows": rows, "summary": table}, indent=2))
-    atomic_write_text(out / "compensation.md", to_markdown(table, arms))
-    plot(table, arms, out / "compensation.png")
-    print(to_markdown(table, arms))
+    CS.write(Path(a.out), "compensation", rows, table, to_markdown(table, arms))
+    CS.bar_plot(table, ["base", *arms], "Pruning with and without the pruned connections' mean put back",
+                Path(a.out) / "compensation.png", figsize=(9, 4), fontsize=7)
 
 
 if __name__ == "__main__":

@@ -11,25 +11,20 @@ probe alone, with each one's worst user against the default (docs/personalizatio
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
 from pathlib import Path
 
 import torch
 
-from common.cli import first_sentence
-from common.data import readers as D
 from common.engine.forward import features_and_logits
 from common.engine.heads import HEADS
 from common.engine.probe import probe_pick
 from common.engine.prune import fine_prune
-from common.io import atomic_write_csv, atomic_write_png, atomic_write_text
 from common.model.architectures import prunable_layers
 from common.model.train import accuracy
 from common.settings import PruneConfig
-from simulations.bench_tasks import COHORTS, cohort_users
+from simulations import cohort_study as CS
 
 ARMS = ("base", "default", "rebuilt (all data)", "rebuilt (probe)")
 
@@ -87,46 +82,13 @@ def to_markdown(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(table: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    w = 0.8 / len(ARMS)
-    for i, a in enumerate(ARMS):
-        ax.bar([k + i * w for k in range(len(table))], [s[a] for s in table], w, label=a)
-    ax.set_xticks([k + w * (len(ARMS) - 1) / 2 for k in range(len(table))], [s["cohort"] for s in table])
-    ax.set_ylabel("mean held-out accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    ax.set_title("The default's head, and rebuilt on the pruned features")
-    atomic_write_png(path, fig)
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m simulations.head_rebuild_study", description=first_sentence(__doc__))
-    p.add_argument("--fsdd", help="FSDD directory (e.g. ../shared/data/fsdd), for the speech cohorts")
-    p.add_argument("--out", required=True, help="output folder (bases cached under OUT/bases)")
-    p.add_argument("--cohorts", default=",".join(COHORTS), help=f"comma-separated subset of: {', '.join(COHORTS)}")
-    a = p.parse_args(argv)
-    cohorts = [c.strip() for c in a.cohorts.split(",") if c.strip()]
-    if bad := [c for c in cohorts if c not in COHORTS]:
-        raise SystemExit(f"unknown cohort '{bad[0]}' (choose from: {', '.join(COHORTS)})")
-    torch.set_num_threads(1)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    ds = D.load_fsdd(a.fsdd) if a.fsdd and any(c.startswith("fsdd") for c in cohorts) else None
-    for c in cohorts:
-        rows += run_cohort(c, cohort_users(c, out, 0, ds))
+    a = CS.parser("python -m simulations.head_rebuild_study", __doc__).parse_args(argv)
+    rows = CS.run(a, run_cohort)
     table = summarize(rows)
-    atomic_write_csv(out / "head_rebuild.csv", rows)
-    atomic_write_text(out / "head_rebuild.json", json.dumps({"rows": rows, "summary": table}, indent=2))
-    atomic_write_text(out / "head_rebuild.md", to_markdown(table))
-    plot(table, out / "head_rebuild.png")
-    print(to_markdown(table))
+    CS.write(Path(a.out), "head_rebuild", rows, table, to_markdown(table))
+    CS.bar_plot(table, list(ARMS), "The default's head, and rebuilt on the pruned features",
+                Path(a.out) / "head_rebuild.png")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,11 @@ class Target:
     weight: torch.Tensor  # a view of the live weight as (groups, units per group, weights per unit)
 
 
+def _taps_last(weight: torch.Tensor) -> bool:
+    """Whether a unit's weights lie in memory taps first, channels last (a channels_last kernel)."""
+    return weight.dim() == 4 and not weight.is_contiguous() and weight.permute(0, 2, 3, 1).is_contiguous()
+
+
 def _taps(layer: nn.Module, mean_in: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """The mean input each weight multiplies, as (groups, weights per unit) in the order a unit's
     weights lie in memory (a channels_last kernel: taps, then channels), so that each unit's mean
@@ -54,7 +59,7 @@ def _taps(layer: nn.Module, mean_in: torch.Tensor, weight: torch.Tensor) -> torc
     cols = F.unfold(m, k, dil, pad, st).mean(2)[0]  # (channels x taps), channel-major
     g = layer.groups
     taps = cols.reshape(g, -1)
-    if not weight.is_contiguous() and weight.dim() == 4 and weight.permute(0, 2, 3, 1).is_contiguous():
+    if _taps_last(weight):
         c = weight.shape[1]
         taps = taps.reshape(g, c, -1).transpose(1, 2).reshape(g, -1)  # taps, then channels
     return taps.contiguous()
@@ -63,7 +68,7 @@ def _taps(layer: nn.Module, mean_in: torch.Tensor, weight: torch.Tensor) -> torc
 def _grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """The weight as (groups, units per group, weights per unit) in its memory order: a view (of
     a parameter: it follows every in-place change), never a copy."""
-    w = weight.permute(0, 2, 3, 1) if weight.dim() == 4 and not weight.is_contiguous() else weight
+    w = weight.permute(0, 2, 3, 1) if _taps_last(weight) else weight
     return w.view(groups, weight.shape[0] // groups, -1)
 
 
@@ -91,8 +96,7 @@ def plan(model: nn.Module, stats: UsageStats, start: dict) -> list[Target]:
             continue
         w0 = start[f"{name}.weight"]
         taps = _taps(layer, st.input_mean().to(device=w0.device, dtype=w0.dtype), w0)
-        if taps is None or not (layer.weight.is_contiguous() or layer.weight.dim() == 4 and
-                                layer.weight.permute(0, 2, 3, 1).is_contiguous()):
+        if taps is None or not (layer.weight.is_contiguous() or _taps_last(layer.weight)):
             continue  # a layout a view cannot follow
         g = taps.shape[0]
         out.append(Target(name, layer, taps.unsqueeze(2).to(w0), _unit_means(w0, taps).view(g, -1, 1),

@@ -102,7 +102,6 @@ class Probe:
         # whether a pass re-estimates BatchNorm statistics (KEEP_INPUT_SIDE: not where only the input
         # side follows the user; then a candidate keeps the statistics pass's, its lost means put back)
         self.estimates = bool(cfg.recalibrate_bn) and not (self.recal and KEEP_INPUT_SIDE)
-        self.frozen = bool(cfg.recalibrate_bn) and not self.estimates
         profile = self.recal.get("profile")
         self.follows = [self.estimates and (profile is None or float(profile(i, len(self.bns))) > 0)
                         for i in range(len(self.bns))]

@@ -157,7 +157,7 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
         if a.fold:
             # with nothing but the restriction pruned, the kept model keeps the statistics pass's
             # BatchNorm statistics (the restriction's rows feed no BatchNorm)
-            if not probe.frozen:
+            if probe.estimates:
                 probe.reuse_start_bn(dense if restricted is None else apply_restriction(model, dense, restricted))
         elif cfg.recalibrate_bn:
             # with the restriction's rows pruned, as every candidate is: the same logits once
