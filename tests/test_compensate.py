@@ -169,3 +169,28 @@ def test_compensate_auto_is_on_for_a_fixed_target_and_off_at_the_stop_and_the_re
     assert fixed.adaptation["compensated"] is True and stop.adaptation["compensated"] is False
     assert forced.adaptation["compensated"] is (forced.sparsity > 0)
     assert fixed.stats.layers["fc1"].in_total is not None and stop.stats.layers["fc1"].in_total is None
+
+
+def test_where_candidates_keep_the_input_sides_statistics_a_biasless_layer_still_gets_its_mean_back():
+    """probe.KEEP_INPUT_SIDE (S20's arm): no pass re-estimates anything, so a bias-less conv's lost
+    mean must go into its BatchNorm's running mean itself, not into a prior no pass reads."""
+    from common.engine import probe as PR
+
+    torch.manual_seed(0)
+    base, x = _Net().eval(), torch.randn(120, 1, 8, 8).abs()
+    inputs = _layer_inputs(base, x)
+    PR.KEEP_INPUT_SIDE = True
+    try:
+        m = copy.deepcopy(base)
+        fine_prune(m, x, PruneConfig(target_sparsity=0.6, bn_adapt="stem", compensate="on", head="linear"))
+    finally:
+        PR.KEEP_INPUT_SIDE = False
+    lost = _unit_mean(base.conv2, inputs["conv2"]) - _unit_mean(m.conv2, inputs["conv2"])
+    assert lost.abs().max() > 1e-3
+    # bn2 is past the input side: it keeps the statistics pass's statistics, shifted by what conv2 lost
+    from common.engine.adapt import stem_profile
+    from common.engine.bn import bn_prior, recalibrate_bn
+
+    ref = copy.deepcopy(base)
+    recalibrate_bn(ref, x, 256, profile=stem_profile(ref), prior=bn_prior(ref))
+    assert torch.allclose(ref.bn2.running_mean - m.bn2.running_mean, lost, atol=1e-4)

@@ -105,8 +105,9 @@ class Probe:
         profile = self.recal.get("profile")
         self.follows = [self.estimates and (profile is None or float(profile(i, len(self.bns))) > 0)
                         for i in range(len(self.bns))]
-        # the base's statistics a partial re-estimation mixes in, shifted per candidate
-        self.prior = self.recal.get("prior") if self.estimates else None
+        # the base's statistics a partial re-estimation mixes in, and them shifted for the candidate
+        self.base_prior = self.recal.get("prior") if self.estimates else None
+        self.prior = self.base_prior
 
     def __call__(self, mask: Mask, phase: str = "probe passes", sparsity: float | None = None):
         """One pass over the probe with `mask` applied: (logits, stats or None). With
@@ -153,8 +154,8 @@ class Probe:
         dead = {} if self.targets else None
         mask.apply(self.model, self.plan, dead)
         if self.targets:
-            self.prior = CP.put_back(self.targets, CP.lost_means(self.targets, dead), self.bns,
-                                     self.recal.get("prior"), self.follows)
+            self.prior = CP.put_back(self.targets, CP.lost_means(self.targets, dead), self.bns, self.base_prior,
+                                     self.follows)
         self.clock.lap("mask apply")
 
     def _recal(self) -> dict:
