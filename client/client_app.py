@@ -18,7 +18,9 @@ from client.device import Device, device_inputs, research_accuracy
 from client.faults import injected_fault
 from common.data.protocol import simulated_user
 from common.memory import set_memory
+from common.model.architectures import prunable_layers
 from common.wire import envelope as E
+from common.wire import prior as PW
 from common.wire.federation import merged_config, model_bytes, records_to_base
 
 app = ClientApp()
@@ -153,7 +155,8 @@ def _train(msg: Message, context: Context, cfg: dict, cancel: threading.Event) -
     else:
         x = device_inputs(str(context.node_config["data-dir"]), meta["features"])
         user_id = name
-    mask, info = device.personalize(base, meta, base_fp, x, cfg, progress=lambda *a: _check(cancel))
+    mask, info = device.personalize(base, meta, base_fp, x, cfg, progress=lambda *a: _check(cancel),
+                                    prior=received_prior(msg, base, cfg))
     _check(cancel)
     epsilon = _privacy(device, cfg, context)
     payload = device.upload(mask, info, cfg["summary-level"], base_fp, model_bytes(base), cfg["seed"], epsilon,
@@ -168,6 +171,17 @@ def _train(msg: Message, context: Context, cfg: dict, cancel: threading.Event) -
     if pid is not None and cfg["research-accuracy"]:  # simulation only: labeled research accuracy
         reply[E.METRICS].update(research_accuracy(base, device, user.heldout_x, user.heldout_y))
     return Message(content=reply, reply_to=msg)
+
+
+def received_prior(msg: Message, base, cfg: dict):
+    """The federation's prior this round's message carries, checked against this device's base
+    (common/wire/prior.py), or None: without one the device works as in a one-round run."""
+    if E.PRIOR not in msg.content.array_records:
+        return None
+    if E.PRIOR_META not in msg.content.config_records:
+        raise PW.PriorError("the prior comes without its metadata")
+    shapes = {k: tuple(m.weight.shape) for k, m in prunable_layers(base).items()}
+    return PW.from_records(msg.content[E.PRIOR], msg.content[E.PRIOR_META], shapes, cfg["prior-samples"])
 
 
 def reply_metrics(info, upload_bytes: int, num_samples: int, private: bool) -> dict:

@@ -58,12 +58,13 @@ class Device:
 
     # ------------------------------------------------------------ personalization
     def personalize(self, base: torch.nn.Module, meta: dict, base_fp: str, x: torch.Tensor, cfg: dict,
-                    progress=None):
+                    progress=None, prior=None):
         """Returns (mask, Personalization) through the one device path (client/personalize.py),
         which resumes from the stored personalized model when it was made from this base, with
-        these settings, on this data (a later round, or a restart)."""
+        these settings, on this data and this prior (a later round, or a restart). `prior`: the
+        federation's, from a later round (common/engine/prior.py)."""
         return personalize(base, dict(meta, base_fingerprint=base_fp), x, prune_settings(cfg), self.personal_path,
-                           resolve_device(cfg["device"]), progress=progress)
+                           resolve_device(cfg["device"]), progress=progress, prior=prior)
 
     def privacy(self, requested: float | None, max_epsilon: float | None) -> float | None:
         """The epsilon this device's summaries are randomized at. None (not private) only where the

@@ -16,6 +16,7 @@ import torch
 
 from common.data import readers as D
 from common.data.tasks import input_shape
+from common.engine.prior import Prior
 from common.engine.prune import check_config, fine_prune
 from common.engine.scoring import usage_scores
 from common.model.checkpoint import CheckpointError, fingerprint, load_checkpoint, model_meta, save_checkpoint
@@ -61,26 +62,39 @@ def data_fingerprint(x: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def personalization_key(cfg: PruneConfig, base_fp: str, data_fp: str, compacted: bool) -> str:
-    return hashlib.sha256(json.dumps([base_fp, data_fp, cfg.settings(), compacted],
-                                     sort_keys=True).encode()).hexdigest()[:16]
+def prior_fingerprint(prior: Prior) -> str:
+    """Identifies the federation's prior a personalization was made with, and its weight."""
+    h = hashlib.sha256(repr(float(prior.samples)).encode())
+    for k in sorted(prior.pruned):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(prior.pruned[k].detach().cpu().float().numpy()))
+    return h.hexdigest()[:16]
+
+
+def personalization_key(cfg: PruneConfig, base_fp: str, data_fp: str, compacted: bool,
+                        prior_fp: str | None = None) -> str:
+    parts = [base_fp, data_fp, cfg.settings(), compacted] + ([prior_fp] if prior_fp else [])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def personalize(base: torch.nn.Module, meta: dict, x: torch.Tensor, cfg: PruneConfig, out_path,
-                device: str = "cpu", do_compact: bool = False, progress=None) -> tuple[Mask, Personalization]:
+                device: str = "cpu", do_compact: bool = False, progress=None,
+                prior: Prior | None = None) -> tuple[Mask, Personalization]:
     """Fine-prune a copy of `base` on x and write the personalized checkpoint to out_path
-    atomically; when out_path already holds this personalization, return it instead."""
+    atomically; when out_path already holds this personalization, return it instead. `prior`:
+    the federation's (common/engine/prior.py), from a later round."""
     if isinstance(base, OutputRestricted):
         raise ValueError("the base model is already output-restricted; personalize from a base model")
     check_inputs(x, meta["features"], "the personalization data")
     check_config(cfg)
     base_fp = meta.get("base_fingerprint") or fingerprint(base)
-    key = personalization_key(cfg, base_fp, data_fingerprint(x), do_compact)
+    key = personalization_key(cfg, base_fp, data_fingerprint(x), do_compact,
+                              None if prior is None else prior_fingerprint(prior))
     stored = _resume(Path(out_path), key)
     if stored is not None:
         return stored
     model = copy.deepcopy(base)
-    res = fine_prune(model, x, cfg, device, progress, base_meta=meta)
+    res = fine_prune(model, x, cfg, device, progress, base_meta=meta, prior=prior)
     model, mask, arch_kwargs = model.cpu(), res.mask, dict(meta["arch_kwargs"])
     history = None
     if do_compact and not hasattr(model, "prunable_chain"):  # residual graphs: Torch-Pruning's dependency graph

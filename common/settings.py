@@ -182,6 +182,13 @@ SETTINGS = [
     S("privacy-epsilon", 0.0, "> 0: local DP, randomized response on mask bits (bitmap level)", {RUN, CLIENT}, low=0.0),
     S("research-accuracy", True, "simulation only: held-out labeled accuracy, for research", {RUN, CLIENT}),
     # ---- the server
+    S("prior", "auto", "later rounds: the server sends each device the share of devices (at least slim-min-clients, "
+      "outliers out) that pruned each connection in the round before, and the device blends it with its own "
+      "ranking: on, off, or auto (on where the summaries are bitmaps and there is no slim base)", {RUN},
+      choices=("auto", "on", "off")),
+    S("prior-samples", 32.0, "how many of a device's own samples the server's prior is worth: a device with n "
+      "samples ranks by its own scores n / (n + this) and by the prior the rest, and its stop rule may search as "
+      "far as n + this samples allow", {RUN, CLIENT}, low=0.0),
     S("slim-base", False, "derive a slimmer shared base from the consensus and send it next round", {RUN}),
     S("slim-min-clients", 5, "slim base: fewest clients whose (non-outlier) masks it may be derived from; with "
       "fewer it would reveal what they pruned", {RUN}, low=2),

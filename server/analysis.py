@@ -202,3 +202,21 @@ def analyze(summaries: dict[str, Summary], shapes: dict[str, tuple], quorum: flo
         out["layer_agreed_most"] = layers[int(order[-1])]
         out["layer_agreed_least"] = layers[int(order[0])]
     return out
+
+
+def pruned_shares(bitmaps: dict[str, Mask], epsilon: float | None = None) -> dict[str, torch.Tensor]:
+    """Per connection, the share of the clients that pruned it (the federation's prior), counted
+    one mask at a time (5,000 masks are never held stacked). From private bitmaps (`epsilon`), the
+    debiased estimate clipped to [0, 1]: post-processing of randomized response, so each device
+    keeps its epsilon."""
+    masks = list(bitmaps.values())
+    out = {}
+    for k in masks[0].layers:
+        count = torch.zeros(masks[0].layers[k].shape, dtype=torch.int32)
+        for m in masks:
+            count += ~m.layers[k]
+        share = count.double() / len(masks)
+        if epsilon is not None:  # debias is linear: the mean of debiased bits is the debiased mean
+            share = torch.from_numpy(debias(share.numpy(), epsilon)).clamp(0, 1)
+        out[k] = share.float()
+    return out

@@ -11,6 +11,7 @@ import numpy as np
 from flwr.common.logger import log
 
 from common.io import atomic_write_png, atomic_write_text
+from server import rounds as R
 
 
 def write_report(out: Path, report: dict) -> dict:
@@ -24,6 +25,11 @@ def write_report(out: Path, report: dict) -> dict:
         if last["analysis"].get("similarity_view"):
             paths["similarity_png"] = out / "similarity.png"
             plot_similarity(last["analysis"], paths["similarity_png"])
+    compared = R.compare_rounds(report["rounds"])
+    report["rounds_compared"] = compared
+    if compared:
+        paths["rounds_png"] = out / "rounds.png"
+        R.plot(compared, len(report["rounds"]), paths["rounds_png"])
     report["files"] = {k: str(v) for k, v in paths.items()}
     atomic_write_text(paths["json"], json.dumps(report, indent=2, default=_jsonable))
     atomic_write_text(paths["markdown"], to_markdown(report))
@@ -120,7 +126,11 @@ def to_markdown(report: dict) -> str:
             lines.append(f"- layers users agree on most / least: {a['layer_agreed_most']} / {a['layer_agreed_least']}")
         if "slim_base" in rnd:
             lines.append(f"- slim shared base: {rnd['slim_base']}")
+        if "prior" in rnd:
+            lines.append(f"- prior for the next round: {md_text(rnd['prior'], 2000)}")
         lines.append("")
+    if report.get("rounds_compared"):
+        lines += R.to_markdown(report["rounds_compared"], len(report["rounds"]), md_text)
     return "\n".join(lines)
 
 
@@ -141,6 +151,8 @@ def run_summary(report: dict) -> str:
         lines.append(f"held-out accuracy: base {sum(a for a, _ in pairs) / len(pairs):.3f} -> personalized "
                      f"{sum(b for _, b in pairs) / len(pairs):.3f}; worst user {min(deltas):+.3f}, "
                      f"{worse} worse / {len(pairs) - worse - better} same / {better} better")
+    if report.get("rounds_compared"):
+        lines.append(R.summary_line(report["rounds_compared"], len(report["rounds"])))
     if clients:
         sp = sorted(c["sparsity"] for c in clients)
         lines.append(f"sparsity: mean {sum(sp) / len(sp):.2f} (min {sp[0]:.2f}, max {sp[-1]:.2f})")

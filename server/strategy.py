@@ -1,6 +1,6 @@
 """The server's Flower strategy: send the base model once, collect and validate mask summaries,
-analyze shared sparsity and (optionally) derive a slimmer shared base for the next round. Why ~280
-lines: a reply is checked field by field where it is read, so the whole trust boundary of the
+analyze shared sparsity and give back what it learned in the next round: the federation's prior
+(the share of devices that pruned each connection) or a slimmer shared base. Why ~320 lines: a reply is checked field by field where it is read, so the whole trust boundary of the
 server is one file (the envelope's names are common/wire/envelope.py's)."""
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import time
 from logging import INFO, WARNING
 from typing import Iterable
 
+import torch
+
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -20,9 +22,10 @@ from common.model.architectures import prunable_layers
 from common.model.checkpoint import fingerprint
 from common.model.compact import compact
 from common.wire import envelope as E
-from common.wire.federation import CLIENT_KEYS, base_to_records, model_bytes
+from common.wire import prior as PW
+from common.wire.federation import CLIENT_KEYS, base_to_records, model_bytes, prior_enabled
 from common.wire.summary import SummaryError, decode, sketch_budget
-from server.analysis import analyze, consensus, pruned_per_layer, robust_voters
+from server.analysis import analyze, consensus, pruned_per_layer, pruned_shares, robust_voters
 
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.:@+-]{1,64}")
 MAX_REASON = 500
@@ -38,6 +41,9 @@ class FinePruneStrategy(Strategy):
         self._out: list[Message] = []     # this round's messages (Flower sets their ids when it sends them)
         self._claims: dict[str, set] = {}  # client id -> the authenticated nodes that ever claimed it
         self.epsilon = cfg["privacy-epsilon"] if cfg["privacy-epsilon"] > 0 else None
+        self._prior = None          # the records of the prior this round sends, or None
+        self._no_prior: set = set()  # nodes whose last mask was an outlier: they get none
+        self._prior_sent: set = set()  # nodes this round's prior went to
         self._set_base(base, meta)
 
     def _set_base(self, base, meta):
@@ -82,12 +88,15 @@ class FinePruneStrategy(Strategy):
             if self.nodes_with_base.get(nid) != self.fp:  # the model travels once per node and base
                 content[E.BASE] = base_arrays
                 content[E.BASE_META] = base_meta
+            if self._prior is not None and nid not in self._no_prior:
+                content[E.PRIOR], content[E.PRIOR_META] = self._prior
             msgs.append(Message(content=content, dst_node_id=nid, message_type=MessageType.TRAIN,
                                 group_id=str(server_round)))
         self._sent = {m.metadata.dst_node_id: (E.BASE in m.content.array_records) for m in msgs}
+        self._prior_sent = {m.metadata.dst_node_id for m in msgs if E.PRIOR in m.content.array_records}
         self._out = msgs
-        log(INFO, "round %d: sending to %d nodes (%d get the base model)", server_round, len(msgs),
-            sum(self._sent.values()))
+        log(INFO, "round %d: sending to %d nodes (%d get the base model, %d the prior)", server_round, len(msgs),
+            sum(self._sent.values()), sum(E.PRIOR in m.content.array_records for m in msgs))
         return msgs
 
     # ------------------------------------------------------------ round: collect
@@ -128,6 +137,7 @@ class FinePruneStrategy(Strategy):
         for nid, row, summ in accepted:
             if len(self._claims[row["id"]]) > 1:
                 row["id"], row["id_claimed_by_nodes"] = f"{row['id']}@{nid}", len(self._claims[row["id"]])
+            row["with_prior"] = nid in self._prior_sent
             rows.append(row)
             summaries[row["id"]] = summ
         for nid in set(self._sent) - answered:
@@ -147,6 +157,8 @@ class FinePruneStrategy(Strategy):
         new_arrays = None
         if self.cfg["slim-base"] and server_round < self.cfg["num-rounds"]:
             new_arrays = self._slim_base(summaries, record)
+        if prior_enabled(self.cfg) and server_round < self.cfg["num-rounds"]:
+            self._make_prior(summaries, rows, record, server_round)
         if self.on_round is not None:
             self.on_round(record)
         metrics = MetricRecord({"accepted": len(rows), "rejected": len(rejected), "failed": len(failed)})
@@ -246,6 +258,29 @@ class FinePruneStrategy(Strategy):
         log(INFO, "slim shared base: %d -> %d bytes (%.1f%% smaller)", before, after, 100 * (1 - after / before))
         self._set_base(model, meta)
         return ArrayRecord.from_torch_state_dict(model.state_dict())
+
+    def _make_prior(self, summaries, rows, record, server_round) -> None:
+        """The next round's prior: per connection, the share of this round's non-outlier masks that
+        pruned it, over at least slim-min-clients of them; with fewer, none (the devices then work
+        as in a one-round run). An outlier's node gets none next round: its data are unlike the
+        others'."""
+        self._prior, self._no_prior = None, set()
+        bitmaps = {k: s.bitmap for k, s in summaries.items() if s.bitmap is not None}
+        voters, outliers = robust_voters(bitmaps) if bitmaps else ({}, [])
+        k = self.cfg["slim-min-clients"]
+        if len(voters) < k:
+            record["prior"] = {"skipped": f"{len(voters)} non-outlier masks, slim-min-clients is {k}"}
+            return
+        shares = pruned_shares(voters, self.epsilon)
+        self._prior = PW.to_records(shares, len(voters), server_round)
+        node_of = {r["id"]: r["node"] for r in rows}
+        self._no_prior = {node_of[c] for c in outliers if c in node_of}
+        flat = torch.cat([v.flatten() for v in shares.values()])
+        record["prior"] = {"voters": len(voters), "outliers": outliers, "mean_share": float(flat.mean()),
+                           "shared_by_half": float((flat >= 0.5).float().mean()), "bytes": int(flat.numel()),
+                           "debiased": self.epsilon is not None}
+        log(INFO, "prior for round %d: shares of %d masks (%d outliers get none)", server_round + 1, len(voters),
+            len(self._no_prior))
 
     # ------------------------------------------------------------ no federated evaluation round
     def configure_evaluate(self, server_round, arrays, config, grid):

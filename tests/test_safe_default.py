@@ -139,7 +139,9 @@ def test_the_default_runs_no_backward_pass_and_takes_no_labels(gaussian_task):
         r = fine_prune(guarded, xu, PruneConfig(), base_meta=meta)
     assert r.adaptation["bn"] == "stem"
     assert all(p.grad is None for p in guarded.parameters())
-    assert set(inspect.signature(fine_prune).parameters) == {"model", "x", "cfg", "device", "progress", "base_meta"}
+    # the federation's prior is the only other input: shares of devices, never labels (tests/test_prior.py)
+    assert set(inspect.signature(fine_prune).parameters) == {"model", "x", "cfg", "device", "progress", "base_meta",
+                                                             "prior"}
 
 
 def test_the_check_counts_the_classes_a_recalibration_predicts():

@@ -78,13 +78,39 @@ def test_restart_resumes_stored_personalizations(tmp_path, digits_server_base):
     assert second["previous_runs"][-1]["clients"] == first["clients"]
 
 
-def test_private_summaries_run_end_to_end(tmp_path, digits_server_base):
+def test_private_summaries_run_end_to_end_and_round_two_gets_a_prior_from_the_noisy_masks(tmp_path,
+                                                                                          digits_server_base):
     report = simulate({"num-clients": 3, "out-dir": str(tmp_path), "summary-level": "bitmap",
-                       "privacy-epsilon": 2.0, "base-checkpoint": str(digits_server_base)})
+                       "privacy-epsilon": 2.0, "num-rounds": 2, "slim-min-clients": 2,
+                       "base-checkpoint": str(digits_server_base)})
     a = report["analysis"]
     assert len(report["clients"]) == 3 and not report["rejected"]
     assert all(c["sparsity_estimated"] and 0.2 < c["sparsity"] < 1 for c in report["clients"])
     assert a["privacy_epsilon"] == 2.0 and a["similarity_method"].startswith("estimated (private bitmap")
+    assert report["rounds"][0]["prior"]["debiased"] is True
+    assert sum(c["with_prior"] for c in report["clients"]) == report["rounds"][0]["prior"]["voters"]
+
+
+def test_round_two_blends_the_federations_prior_and_the_report_compares_the_rounds(tmp_path, digits_server_base):
+    report = simulate({"num-clients": 6, "out-dir": str(tmp_path), "summary-level": "bitmap", "num-rounds": 2,
+                       "slim-min-clients": 3, "base-checkpoint": str(digits_server_base)})
+    prior = report["rounds"][0]["prior"]
+    assert prior["voters"] >= 3 and 0 < prior["mean_share"] < 1
+    rows = {r["id"]: r for r in report["rounds_compared"]}
+    assert len(rows) == 6
+    for c in report["clients"]:
+        r = rows[c["id"]]
+        if c["with_prior"]:  # personalized again, with the prior
+            assert not c["resumed"]
+        else:  # an outlier's device gets none: its stored personalization of round 1, bit for bit
+            assert c["resumed"] and r["sparsity_last"] == r["sparsity_first"]
+    helped = [rows[c["id"]] for c in report["clients"] if c["with_prior"]]
+    assert len(helped) == prior["voters"]
+    # what the others pruned, a device of a dozen samples prunes too
+    assert sum(r["sparsity_last"] - r["sparsity_first"] for r in helped) / len(helped) > 0.1
+    assert (tmp_path / "rounds.png").stat().st_size > 0
+    md = (tmp_path / "report.md").read_text()
+    assert "Round 1 (alone) against round 2" in md
 
 
 @pytest.mark.fault

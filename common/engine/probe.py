@@ -100,8 +100,9 @@ class Probe:
         self.targets = CP.plan(model, stats, self.start) if CP.compensating(cfg) else []
         self.bns = bn_layers(model)
         # whether a pass re-estimates BatchNorm statistics (KEEP_INPUT_SIDE: not where only the input
-        # side follows the user; then a candidate keeps the statistics pass's, its lost means put back)
-        self.estimates = bool(cfg.recalibrate_bn) and not (self.recal and KEEP_INPUT_SIDE)
+        # side follows the user; then a candidate keeps the statistics pass's, its lost means put back);
+        # a network without BatchNorm has none to re-estimate
+        self.estimates = bool(cfg.recalibrate_bn) and bool(self.bns) and not (self.recal and KEEP_INPUT_SIDE)
         profile = self.recal.get("profile")
         self.follows = [self.estimates and (profile is None or float(profile(i, len(self.bns))) > 0)
                         for i in range(len(self.bns))]

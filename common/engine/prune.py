@@ -16,6 +16,7 @@ import torch.nn as nn
 from common.engine.forward import engine_layout, features_and_logits, settle_layout, to_layout
 from common.engine.heads import HEADS
 from common.engine.prepare import Adapted, adapt
+from common.engine.prior import Prior, blend, own_weight
 from common.engine.probe import Clock, Probe, probe_pick
 from common.engine.refit import refit_consumers
 from common.engine.restrict import apply_restriction, doubtful_removals, restrict_logits, restricted_classes
@@ -59,11 +60,12 @@ def check_config(cfg):
 
 
 def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", progress=None,
-               base_meta: dict | None = None) -> PruneResult:
+               base_meta: dict | None = None, prior: Prior | None = None) -> PruneResult:
     """Personalize `model` in place on unlabeled inputs `x`. Returns the mask and a report.
     `progress(done, total, text)` is called as work advances. `base_meta`: the base checkpoint's
     metadata, with what its vendor recorded for the device (class spread, input profile; see
-    common/engine/adapt.py); without them the checks fall back to their conservative side."""
+    common/engine/adapt.py); without them the checks fall back to their conservative side. `prior`:
+    what the federation's last round pruned (common/engine/prior.py); None: the device alone."""
     check_config(cfg)
     if len(x) == 0:
         raise ValueError("no personalization data: the user's data set is empty")
@@ -84,7 +86,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     dense_adapted = copy.deepcopy(model) if cfg.refit else None
     tick(1, 3, "statistics collected")
     mask, cut, reason, history, restricted, probe = _prune(model, x, cfg, device, a, pick, scorer, need_stats,
-                                                           links, clock, tick)
+                                                           links, clock, tick, prior)
     probe.keep(mask)  # the pruned network, with BatchNorm statistics of this user's data
     a.info["compensated"] = bool(probe.targets) and cut  # the cut units' mean outputs put back (S19)
     extra = a.extra
@@ -118,7 +120,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
                        clock.phases, a.info)
 
 
-def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, clock, tick):
+def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, clock, tick, prior: Prior | None):
     """The restriction, the scores and the mask: the one the stop rule accepts on the probe, or
     the fixed target. Returns (mask, whether anything was cut, reason, history, restricted
     classes, the probe)."""
@@ -135,6 +137,10 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
     if cfg.refit:  # only units that refit can make up for go: those with one reader
         producers = {p for p, _ in links}
         scores = {k: v if k in producers else torch.full_like(v, math.inf) for k, v in scores.items()}
+    evidence = len(x)
+    if prior is not None:
+        scores = blend(scores, prior.pruned, own_weight(len(x), prior.samples), scorer.structured)
+        evidence += prior.samples
     clock.lap("scores")
     probe = Probe(model, x, pick, cfg, device, need_stats, clock, a.recal, a.stats)
     clock.lap("mask apply")
@@ -169,7 +175,7 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
         if restricted is not None:
             restrict_logits(ref_logits, restricted)
         rule = make_rule(cfg.stop_rule, cfg.tolerance, ref_logits, ref_stats if need_stats else None)
-        mask, reason, history = search(schedule(cfg.step, search_bound(cfg, len(x))), scores, dense, cfg, rule,
+        mask, reason, history = search(schedule(cfg.step, search_bound(cfg, evidence)), scores, dense, cfg, rule,
                                        probe, restricted, tick, clock)
     if restricted is not None:
         mask = apply_restriction(model, mask, restricted)

@@ -10,6 +10,7 @@ CONFIG = "config"  # the record holding the run's CLIENT settings and the ROUND_
 BASE_FINGERPRINT, OUT_DIR, ROUND = "base-fingerprint", "out-dir", "round"
 ROUND_KEYS = (BASE_FINGERPRINT, OUT_DIR, ROUND)
 BASE, BASE_META = "base", "base-meta"   # array record and its metadata: only when the node lacks the base
+PRIOR, PRIOR_META = "prior", "prior-meta"  # the federation's prior (common/wire/prior.py): rounds after the first
 
 # ---- device -> server: a reply holds exactly these records
 SUMMARY, INFO, METRICS = "summary", "info", "metrics"

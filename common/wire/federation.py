@@ -43,8 +43,20 @@ def merged_config(run_config: dict, overrides: dict | None = None) -> dict:
             # on it (README: what the slim base reveals): nothing of it in a private run
             raise ValueError("slim-base is off in private runs (privacy-epsilon > 0): colluding devices could "
                              "read one device's mask back from it")
+    if cfg["prior"] == "on" and cfg["summary-level"] != "bitmap":
+        raise ValueError(f"prior 'on' is built from masks: it needs summary-level 'bitmap', not "
+                         f"'{cfg['summary-level']}'")
+    if cfg["prior"] == "on" and cfg["slim-base"]:
+        raise ValueError("prior 'on' and slim-base exclude each other: the prior is per connection of the base "
+                         "the devices pruned, and a slim base has other connections")
     prune_settings(cfg)  # invalid engine combinations fail here, before any client runs
     return cfg
+
+
+def prior_enabled(cfg: dict) -> bool:
+    """Whether the server sends the prior in the rounds after the first (setting prior)."""
+    return cfg["prior"] == "on" or (cfg["prior"] == "auto" and cfg["summary-level"] == "bitmap"
+                                    and not cfg["slim-base"])
 
 
 def prune_settings(cfg: dict):
