@@ -181,7 +181,8 @@ def received_prior(msg: Message, base, cfg: dict):
     if E.PRIOR_META not in msg.content.config_records:
         raise PW.PriorError("the prior comes without its metadata")
     shapes = {k: tuple(m.weight.shape) for k, m in prunable_layers(base).items()}
-    return PW.from_records(msg.content[E.PRIOR], msg.content[E.PRIOR_META], shapes, cfg["prior-samples"])
+    return PW.from_records(msg.content[E.PRIOR], msg.content[E.PRIOR_META], shapes, cfg["prior-samples"],
+                           epsilon=cfg["privacy-epsilon"] or None)
 
 
 def reply_metrics(info, upload_bytes: int, num_samples: int, private: bool) -> dict:

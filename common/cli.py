@@ -26,6 +26,7 @@ COMMANDS = {  # name: (module that builds and runs it, one-line help)
     "simulate": ("simulations.commands", "federated personalization on Flower's simulation engine"),
     "bench": ("simulations.commands", "the benchmark: every method on the same users, results.csv/.md and plots"),
     "bench-scale": ("simulations.commands", "federation scaling: wall time, peak memory and cost per client at 10-5,000 clients"),
+    "bench-federation": ("simulations.commands", "what the federation's prior gives back: round 1 alone against round 2, per device, plain and private"),
     "bench-cost": ("simulations.commands", "what personalization costs, in inference passes, per workload, with where the time goes"),
     "bench-gpu": ("simulations.commands", "engine throughput on a large model (ResNet50, 224x224) on GPU or CPU"),
 }
@@ -33,7 +34,8 @@ COMMANDS = {  # name: (module that builds and runs it, one-line help)
 
 # commands whose work runs in this process, so that the process's memory policy (--memory) is
 # theirs; a simulation's clients run in Ray's worker processes, which it does not reach
-IN_PROCESS = ("pretrain", "personalize", "evaluate", "predict", "export", "bench", "bench-cost", "bench-gpu")
+IN_PROCESS = ("pretrain", "personalize", "evaluate", "predict", "export", "bench", "bench-cost", "bench-gpu",
+              "bench-federation")
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 

@@ -12,7 +12,6 @@ from logging import INFO, WARNING
 from typing import Iterable
 
 import torch
-
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -159,6 +158,9 @@ class FinePruneStrategy(Strategy):
             new_arrays = self._slim_base(summaries, record)
         if prior_enabled(self.cfg) and server_round < self.cfg["num-rounds"]:
             self._make_prior(summaries, rows, record, server_round)
+        elif self.cfg["prior"] == "auto" and server_round < self.cfg["num-rounds"]:
+            record["prior"] = {"skipped": "the prior is built from masks: it needs summary-level bitmap"
+                               if self.cfg["summary-level"] != "bitmap" else "slim-base replaces the base instead"}
         if self.on_round is not None:
             self.on_round(record)
         metrics = MetricRecord({"accepted": len(rows), "rejected": len(rejected), "failed": len(failed)})

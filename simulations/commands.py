@@ -26,6 +26,11 @@ def add_parser(sub, name: str, text: str):
         from simulations import scale
 
         scale.build_parser(sub.add_parser(name, help=text, description=text)).set_defaults(func=scale.main)
+    elif name == "bench-federation":
+        from simulations import bench_federation
+
+        bench_federation.build_parser(sub.add_parser(name, help=text, description=text)).set_defaults(
+            func=bench_federation.main)
     elif name == "bench-cost":
         from simulations import bench_cost
 

@@ -9,7 +9,8 @@ condition, on the clean-speech base of the fsdd-cond cohort (takes 25-49, never 
     python -m simulations.federation_prior_study --fsdd ../shared/data/fsdd --out runs/fed_prior
 
 Arms: base; AdaBN, T3A, LAME and AdaBN+T3A alone; the default personalization alone (the device
-path's engine, pruning included); the pooled statistics (no head); the pooled statistics with T3A's
+path's engine, pruning included) and with the federation's prior of round 2 (default+prior: the
+shares of all devices that pruned each connection, built as the server builds it); the pooled statistics (no head); the pooled statistics with T3A's
 prototypes of the device's own features; the device's own statistics with T3A's prototypes pooled
 over its condition (each device's pseudo-labelled feature sums, as it would upload them), alone and
 blended half and half with the base's logits; and the ceiling, backprop with the device's labels
@@ -35,12 +36,13 @@ from common.data import readers as D
 from common.engine.bn import bn_layers, load_bn_stats, recalibrate_bn
 from common.engine.forward import features_and_logits
 from common.engine.heads import T3AHead
+from common.engine.prior import Prior
 from common.engine.prune import fine_prune
 from common.io import atomic_write_csv, atomic_write_text
 from common.model.batches import batched_forward
 from common.model.checkpoint import load_checkpoint
 from common.model.train import train_supervised
-from common.settings import PruneConfig
+from common.settings import BY_NAME, PruneConfig
 from simulations import baselines as BL
 from simulations import cohorts as CO
 from simulations.bench_tasks import _cached_pretrain
@@ -51,8 +53,8 @@ CONDITIONS = {  # one fixed setting per condition: every device of a condition h
     "phone": {"name": "phone"},
     "speed": {"name": "speed", "factor": 0.85},
 }
-ARMS = ("base", "adabn-alone", "t3a-alone", "lame-alone", "adabn+t3a-alone", "default-alone", "pooled",
-        "pooled+t3a", "pooled-prototypes", "pooled-prototypes+base", "backprop-labels")
+ARMS = ("base", "adabn-alone", "t3a-alone", "lame-alone", "adabn+t3a-alone", "default-alone", "default+prior",
+        "pooled", "pooled+t3a", "pooled-prototypes", "pooled-prototypes+base", "backprop-labels")
 
 
 def devices(ds, cond: str, k: int, clips: int, seed: int) -> list[dict]:
@@ -149,11 +151,31 @@ def run_condition(base, meta, devs: list[dict]) -> list[dict]:
         with torch.no_grad():
             acc["backprop-labels"] = accuracy(batched_forward(ceiling, d["hx"]), d["hy"])
         model = copy.deepcopy(base)
-        fine_prune(model, d["x"], PruneConfig(), base_meta=meta)
+        d["mask"] = fine_prune(model, d["x"], PruneConfig(), base_meta=meta).mask
         with torch.no_grad():
             acc["default-alone"] = accuracy(batched_forward(model, d["hx"]), d["hy"])
         rows.append({"device": d["id"], "samples": len(d["x"]), **acc})
     return rows
+
+
+def with_prior(base, meta, devs: list[dict], rows: list[dict]) -> None:
+    """Round 2 of the real federation: the server's prior (the share of the non-outlier devices of
+    all conditions that pruned each connection: the server does not know the conditions) and each
+    device's default personalization with it (the arm default+prior; the sparsity columns)."""
+    from server.analysis import pruned_shares, robust_voters
+
+    voters, outliers = robust_voters({d["id"]: d["mask"] for d in devs})
+    prior = Prior(pruned_shares(voters), float(BY_NAME["prior-samples"].default), len(voters))
+    for d, r in zip(devs, rows):
+        r["sparsity-alone"] = d["mask"].sparsity()
+        if d["id"] in outliers:  # no prior: round 1's personalization stays
+            r["default+prior"], r["sparsity-prior"] = r["default-alone"], r["sparsity-alone"]
+            continue
+        model = copy.deepcopy(base)
+        res = fine_prune(model, d["x"], PruneConfig(), base_meta=meta, prior=prior)
+        with torch.no_grad():
+            r["default+prior"] = accuracy(batched_forward(model, d["hx"]), d["hy"])
+        r["sparsity-prior"] = res.sparsity
 
 
 def main(argv=None):
@@ -176,10 +198,14 @@ def main(argv=None):
     t0 = time.time()
     for seed in range(a.seeds):
         for k in (int(v) for v in a.per_condition.split(",")):
+            devs, new = [], []
             for cond in CONDITIONS:
-                for r in run_condition(base, meta, devices(ds, cond, k, a.clips, seed)):
-                    rows.append({"seed": seed, "per_condition": k, "condition": cond, **r})
+                devs += devices(ds, cond, k, a.clips, seed)
+                new += [{"seed": seed, "per_condition": k, "condition": cond, **r}
+                        for r in run_condition(base, meta, devs[-k:])]
                 print(f"seed {seed}, {k} per condition, {cond}: done ({time.time() - t0:.0f} s)", flush=True)
+            with_prior(base, meta, devs, new)
+            rows += new
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(out / "study.csv", rows)
     table = summarize(rows)
@@ -198,6 +224,9 @@ def summarize(rows: list[dict]) -> list[dict]:
             row[arm] = statistics.mean(r[arm] for r in sel)
             row[f"{arm}_worst_vs_base"] = min(r[arm] - r["base"] for r in sel)
         row["gain_pooled_vs_default"] = row["pooled"] - row["default-alone"]
+        row["gain_prior_vs_default"] = row["default+prior"] - row["default-alone"]
+        row["sparsity_alone"] = statistics.mean(r["sparsity-alone"] for r in sel)
+        row["sparsity_prior"] = statistics.mean(r["sparsity-prior"] for r in sel)
         row["gain_pooled_vs_adabn"] = row["pooled"] - row["adabn-alone"]
         table.append(row)
     return table
@@ -208,12 +237,14 @@ def to_markdown(table: list[dict], a) -> str:
              f"{a.seeds} draws)", "",
              "Mean held-out accuracy over devices (worst device against its base in brackets).", "",
              "| devices per condition | devices | " + " | ".join(ARMS) + " | pooled vs default alone | "
-             "pooled vs AdaBN alone |", "|---|---|" + "---|" * (len(ARMS) + 2)]
+             "pooled vs AdaBN alone | prior vs default alone | sparsity alone -> with the prior |",
+             "|---|---|" + "---|" * (len(ARMS) + 4)]
     for r in table:
         cells = [f"{r[arm]:.3f} ({r[f'{arm}_worst_vs_base']:+.2f})" if arm != "base" else f"{r[arm]:.3f}"
                  for arm in ARMS]
         lines.append(f"| {r['per_condition']} | {r['devices']} | " + " | ".join(cells) +
-                     f" | {r['gain_pooled_vs_default']:+.3f} | {r['gain_pooled_vs_adabn']:+.3f} |")
+                     f" | {r['gain_pooled_vs_default']:+.3f} | {r['gain_pooled_vs_adabn']:+.3f} | "
+                     f"{r['gain_prior_vs_default']:+.3f} | {r['sparsity_alone']:.2f} -> {r['sparsity_prior']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -73,7 +73,7 @@ class PeakSampler:
         self._t.join()
 
 
-def run_one(n: int, out: Path, workers: int, samples: int) -> dict:
+def run_one(n: int, out: Path, workers: int, samples: int, overrides: dict | None = None) -> dict:
     from simulations.simulate import simulate
 
     d = out / f"n{n}"
@@ -81,7 +81,8 @@ def run_one(n: int, out: Path, workers: int, samples: int) -> dict:
         t0 = time.time()
         report = simulate({"num-clients": n, "min-clients": max(1, int(0.9 * n)), "partitioning": "sampled",
                            "client-samples": samples, "research-accuracy": False, "out-dir": str(d),
-                           "round-timeout": 3600.0}, backend_cpus=max(1, 2 // workers), timeout=6 * 3600)
+                           "round-timeout": 3600.0, **(overrides or {})}, backend_cpus=max(1, 2 // workers),
+                          timeout=6 * 3600)
         wall = time.time() - t0
     engine = [c.get("prune_seconds", 0.0) for c in report["clients"]]
     per_client = wall * workers / n
@@ -96,7 +97,9 @@ def run_one(n: int, out: Path, workers: int, samples: int) -> dict:
             "report_json_kb": round((d / "report.json").stat().st_size / 1024, 1),
             "similarity_png_kb": round((d / "similarity.png").stat().st_size / 1024, 1)
             if (d / "similarity.png").exists() else None,
-            "mean_sparsity": round(sum(c["sparsity"] for c in report["clients"]) / max(len(report["clients"]), 1), 3)}
+            "mean_sparsity": round(sum(c["sparsity"] for c in report["clients"]) / max(len(report["clients"]), 1), 3),
+            "rounds": len(report["rounds"]),
+            "prior_voters": (report["rounds"][0].get("prior") or {}).get("voters") if report["rounds"] else None}
 
 
 def write_results(rows: list[dict], out: Path, meta: dict) -> None:
@@ -106,7 +109,7 @@ def write_results(rows: list[dict], out: Path, meta: dict) -> None:
     w.writerows(rows)
     atomic_write_text(out / "scale.csv", buf.getvalue())
     atomic_write_bytes(out / "scale.json", json.dumps({"meta": meta, "rows": rows}, indent=2).encode())
-    cols = ["clients", "replied", "wall_s", "peak_pss_mb", "cpu_s_per_client", "engine_s_per_client",
+    cols = ["clients", "rounds", "replied", "wall_s", "peak_pss_mb", "cpu_s_per_client", "engine_s_per_client",
             "overhead_s_per_client", "device_storage_mb", "report_json_kb"]
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
@@ -136,6 +139,8 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the runs and scale.csv/json/md/png")
     p.add_argument("--workers", type=int, default=2, help="simulation workers (one CPU each; default 2)")
     p.add_argument("--client-samples", type=int, default=40, help="images per simulated user (default 40)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="run-config override, e.g. --set num-rounds=2 --set summary-level=bitmap (the prior)")
     return p
 
 
@@ -149,11 +154,17 @@ def main(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got '{item}'")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v.strip()
     meta = {"cpus": os.cpu_count(), "workers": args.workers, "client_samples": args.client_samples,
-            "partitioning": "sampled", "task": "digits"}
+            "partitioning": "sampled", "task": "digits", "overrides": overrides}
     for n in counts:
         print(f"bench-scale: {n} clients ...", flush=True)
-        rows.append(run_one(n, out, args.workers, args.client_samples))
+        rows.append(run_one(n, out, args.workers, args.client_samples, overrides))
         print(json.dumps(rows[-1]), flush=True)
         write_results(rows, out, meta)  # after every size: a long run keeps what it measured
     return {"results": str(out / "scale.md"), "rows": rows}

@@ -96,6 +96,7 @@ def test_a_prior_worth_no_samples_gives_the_mask_of_personalizing_alone(federati
     assert all(torch.equal(alone.layers[k], nothing.layers[k]) for k in alone.layers)
 
 
+@pytest.mark.security
 def test_a_hostile_prior_cannot_cost_a_device_with_data_its_accuracy(federation):
     """A server that sends the opposite of what the devices pruned (prune what is used), worth a
     million samples: the stop rule still judges every step on the device's own probe."""
@@ -142,6 +143,7 @@ def _round_one(tmp_path, n, k, epsilon=0.0, outlier=False):
     return strat, msgs2, truth
 
 
+@pytest.mark.security
 def test_no_prior_is_released_over_fewer_than_k_devices(identity, tmp_path):
     strat, msgs2, _ = _round_one(tmp_path, n=4, k=5)
     assert "skipped" in strat.rounds[0]["prior"]
@@ -172,6 +174,32 @@ def test_a_private_prior_is_built_from_the_noisy_masks_and_still_tells_shared_pr
     est = torch.cat([prior.pruned[k].flatten() for k in shapes])
     true = torch.cat([torch.stack([~t.layers[k] for t in truth]).float().mean(0).flatten() for k in shapes])
     assert float(torch.corrcoef(torch.stack([est, true]))[0, 1]) > 0.8
+
+
+@pytest.mark.security
+def test_sybils_read_back_only_an_honest_devices_noisy_bits_from_a_private_prior():
+    """Four sybils and one honest device: the sybils know what they sent and subtract it from the
+    shares. Without privacy that returns the honest mask exactly; in a private run (epsilon 1) only
+    its randomized bits, which agree with its mask no more often than randomized response lets
+    them (e/(1+e) = 0.73)."""
+    from common.wire.privacy import keep_probability, randomize
+
+    g = torch.Generator().manual_seed(3)
+    honest = Mask({"l": torch.rand(20_000, generator=g) < 0.5})
+    sybils = {f"s{i}": Mask({"l": torch.rand(20_000, generator=g) < 0.5}) for i in range(4)}
+    known = sum((~m.layers["l"]).float() for m in sybils.values())
+
+    def read_back(shares, eps):
+        p = keep_probability(eps) if eps else 1.0
+        reported = shares["l"].double() * (2 * p - 1) + (1 - p)  # the mean of the reported pruned bits
+        return (5 * reported - known).round().clamp(0, 1).bool()  # the honest device's reported pruned bit
+
+    plain = read_back(pruned_shares({"h": honest, **sybils}), None)
+    assert torch.equal(plain, ~honest.layers["l"])  # without privacy: the mask itself
+    noisy = randomize(honest, 1.0, seed=0)
+    private = read_back(pruned_shares({"h": noisy, **sybils}, 1.0), 1.0)
+    agree = float((private == ~honest.layers["l"]).float().mean())
+    assert 0.6 < agree < keep_probability(1.0) + 0.01  # no better than the randomized bits (clipping loses a little)
 
 
 # ---------------------------------------------------------------- the device: a prior checked before use
@@ -214,6 +242,7 @@ def _not_json(shapes, arrays, meta):
     meta["meta"] = "{voters"
 
 
+@pytest.mark.security
 @pytest.mark.parametrize("spoil, why", [(_bad_dtype, "not uint8"), (_bad_shape, "not uint8"),
                                         (_extra_layer, "prunable"), (_missing_layer, "prunable"),
                                         (_lying_header, "holds"), (_too_few, "fewer than"),
@@ -231,3 +260,26 @@ def test_prior_on_needs_bitmaps_and_no_slim_base():
         merged_config({"prior": "on", "summary-level": "sketch"})
     with pytest.raises(ValueError, match="slim-base"):
         merged_config({"prior": "on", "summary-level": "bitmap", "slim-base": True})
+
+
+def test_bench_federation_puts_each_devices_first_round_beside_its_second(tmp_path, digits_server_base):
+    import shutil
+
+    from simulations import bench_federation as BF
+
+    (tmp_path / "bases").mkdir()
+    shutil.copy(digits_server_base, tmp_path / "bases" / "base_digits_s0.pt")
+    over = {"slim-min-clients": 3, "partitioning": "sampled", "client-samples": 16}
+    rows = BF.federation(6, 0, None, tmp_path, over) + BF.federation(6, 0, 2.0, tmp_path, over)
+    assert len(rows) == 12 and {r["epsilon"] for r in rows} == {0, 2.0}
+    for r in rows:
+        assert 0 <= r["base"] <= 1 and 0 <= r["prior"] <= 1 and r["samples"] == 11
+        if not r["with_prior"]:
+            assert (r["prior"], r["sparsity_prior"]) == (r["alone"], r["sparsity_alone"])
+    helped = [r for r in rows if r["with_prior"]]
+    assert len(helped) >= 6 and all(r["sparsity_prior"] > r["sparsity_alone"] for r in helped)
+    table = BF.summarize(rows)
+    assert [(t["clients"], t["epsilon"]) for t in table] == [(6, 0), (6, 2.0)]
+    assert "| 6 | 2.0 |" in BF.to_markdown(table)
+    BF.plot(rows, tmp_path / "prior.png")
+    assert (tmp_path / "prior.png").stat().st_size > 5000

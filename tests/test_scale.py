@@ -146,8 +146,9 @@ def test_bench_scale_measures_memory_and_writes_its_tables(tmp_path):
     rows = [{"clients": n, "replied": n, "failed": 0, "rejected": 0, "wall_s": 10.0 + n / 100, "peak_pss_mb": 2000,
              "cpu_s_per_client": 0.1, "engine_s_per_client": 0.03, "overhead_s_per_client": 0.07,
              "analysis_clusters": 3, "device_storage_mb": 1.0, "report_json_kb": 10.0, "similarity_png_kb": 50.0,
-             "mean_sparsity": 0.7} for n in (10, 100)]
+             "mean_sparsity": 0.7, "rounds": 1, "prior_voters": None} for n in (10, 100)]
     write_results(rows, tmp_path, {"workers": 2})
     assert json.loads((tmp_path / "scale.json").read_text())["rows"][1]["clients"] == 100
     assert (tmp_path / "scale.md").read_text().count("\n") == 4 and (tmp_path / "scale.png").stat().st_size > 5000
     assert (tmp_path / "scale.csv").read_text().splitlines()[0].startswith("clients,replied")
+    assert "| clients | rounds |" in (tmp_path / "scale.md").read_text()

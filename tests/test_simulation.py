@@ -92,8 +92,10 @@ def test_private_summaries_run_end_to_end_and_round_two_gets_a_prior_from_the_no
 
 
 def test_round_two_blends_the_federations_prior_and_the_report_compares_the_rounds(tmp_path, digits_server_base):
+    # data-poor devices (11 images each), where the prior moves the most
     report = simulate({"num-clients": 6, "out-dir": str(tmp_path), "summary-level": "bitmap", "num-rounds": 2,
-                       "slim-min-clients": 3, "base-checkpoint": str(digits_server_base)})
+                       "slim-min-clients": 3, "partitioning": "sampled", "client-samples": 16,
+                       "base-checkpoint": str(digits_server_base)})
     prior = report["rounds"][0]["prior"]
     assert prior["voters"] >= 3 and 0 < prior["mean_share"] < 1
     rows = {r["id"]: r for r in report["rounds_compared"]}
@@ -106,8 +108,8 @@ def test_round_two_blends_the_federations_prior_and_the_report_compares_the_roun
             assert c["resumed"] and r["sparsity_last"] == r["sparsity_first"]
     helped = [rows[c["id"]] for c in report["clients"] if c["with_prior"]]
     assert len(helped) == prior["voters"]
-    # what the others pruned, a device of a dozen samples prunes too
-    assert sum(r["sparsity_last"] - r["sparsity_first"] for r in helped) / len(helped) > 0.1
+    # what the others pruned, a device of a dozen samples prunes too (measured: 0.24 -> 0.50)
+    assert sum(r["sparsity_last"] - r["sparsity_first"] for r in helped) / len(helped) > 0.15
     assert (tmp_path / "rounds.png").stat().st_size > 0
     md = (tmp_path / "report.md").read_text()
     assert "Round 1 (alone) against round 2" in md

@@ -139,8 +139,9 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
         scores = {k: v if k in producers else torch.full_like(v, math.inf) for k, v in scores.items()}
     evidence = len(x)
     if prior is not None:
-        scores = blend(scores, prior.pruned, own_weight(len(x), prior.samples), scorer.structured)
-        evidence += prior.samples
+        w = own_weight(len(x), prior.samples)
+        scores = blend(scores, prior.pruned, w, scorer.structured)
+        evidence += (1 - w) * prior.samples  # the prior's evidence, weighed as in the ranking
     clock.lap("scores")
     probe = Probe(model, x, pick, cfg, device, need_stats, clock, a.recal, a.stats)
     clock.lap("mask apply")

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 
 from common.engine.prior import Prior
+from common.wire.privacy import keep_probability
 
 LEVELS = 255  # a share is sent as round(255 x share)
+NOISE_Z = 2.0  # a private prior's share counts only beyond this many standard errors of its noise
 
 
 class PriorError(ValueError):
@@ -28,10 +30,12 @@ def to_records(shares: dict, voters: int, round_: int):
     return arrays, ConfigRecord({"meta": json.dumps({"voters": int(voters), "round": int(round_)})})
 
 
-def from_records(arrays, meta_record, shapes: dict, samples: float, min_voters: int = 2) -> Prior:
+def from_records(arrays, meta_record, shapes: dict, samples: float, min_voters: int = 2,
+                 epsilon: float | None = None) -> Prior:
     """The prior a device received, checked against its base's prunable layers (`shapes`: name ->
     weight shape): exactly those layers, each a uint8 array of the weight's shape, and at least
-    `min_voters` devices behind it. `samples`: what the device counts it as (prior-samples)."""
+    `min_voters` devices behind it. `samples`: what the device counts it as (prior-samples).
+    `epsilon`: the run's privacy (the prior was built from randomized masks): see denoise."""
     try:
         meta = json.loads(meta_record["meta"])
         voters = meta["voters"]
@@ -55,4 +59,18 @@ def from_records(arrays, meta_record, shapes: dict, samples: float, min_voters: 
         if v.dtype != np.uint8 or tuple(v.shape) != tuple(shape):  # the bytes, not only what they claim
             raise PriorError(f"the prior's layer {k} holds {v.dtype} {tuple(v.shape)}, not uint8 {tuple(shape)}")
         pruned[k] = torch.from_numpy(v.astype(np.float32) / LEVELS)
+    if epsilon:
+        pruned = {k: denoise(v, voters, epsilon) for k, v in pruned.items()}
     return Prior(pruned, float(samples), voters)
+
+
+def denoise(share: torch.Tensor, voters: int, epsilon: float) -> torch.Tensor:
+    """A share debiased from `voters` randomized masks, less NOISE_Z standard errors of the
+    randomized response's noise at that share (floored at 0). Beyond what the devices pruned, the
+    true shares are 0 and the debiased ones noise of about 0.14 (epsilon 1, 50 devices): that
+    noise would rank the connections the device's own ranking should. In the digits federation
+    of 50 at epsilon 1 it cost 7 devices more than 2 points; without noise nothing is removed."""
+    p = keep_probability(epsilon)
+    q = share * p + (1 - share) * (1 - p)  # how often a device reports the connection pruned
+    se = torch.sqrt(q * (1 - q) / voters) / (2 * p - 1)
+    return (share - NOISE_Z * se).clamp_min(0)
