@@ -188,7 +188,7 @@ SETTINGS = [
       choices=("auto", "on", "off")),
     S("prior-samples", 32.0, "how many of a device's own samples the server's prior is worth: a device with n "
       "samples ranks by its own scores w = n / (n + this) and by the prior the rest, and its stop rule may search "
-      "as far as n + (1 - w) x this samples allow", {RUN, CLIENT}, low=0.0),
+      "as far as n + min((1 - w) x this, 2n) samples allow", {RUN, CLIENT}, low=0.0),
     S("slim-base", False, "derive a slimmer shared base from the consensus and send it next round", {RUN}),
     S("slim-min-clients", 5, "slim base: fewest clients whose (non-outlier) masks it may be derived from; with "
       "fewer it would reveal what they pruned", {RUN}, low=2),

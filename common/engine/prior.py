@@ -2,10 +2,11 @@
 that pruned it in the last round. A device blends it with its own ranking, trusting its own data
 more the more of it there is: with n samples and a prior worth `strength` samples, its own
 ranking weighs w = n / (n + strength), the prior the rest. The prior also counts as
-(1 - w) x strength samples of evidence in how far the stop rule may search
+min((1 - w) x strength, 2n) samples of evidence in how far the stop rule may search
 (common/engine/search.py): what many devices pruned, a device of a dozen samples may prune too,
-while the stop rule still judges every step on the device's own probe. Without a prior nothing
-here runs and the engine is as before."""
+while the stop rule still judges every step on the device's own probe, which is why the prior
+never more than triples a device's evidence. Without a prior nothing here runs and the engine is
+as before."""
 from __future__ import annotations
 
 import math

@@ -141,7 +141,9 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
     if prior is not None:
         w = own_weight(len(x), prior.samples)
         scores = blend(scores, prior.pruned, w, scorer.structured)
-        evidence += (1 - w) * prior.samples  # the prior's evidence, weighed as in the ranking
+        # the prior's evidence, weighed as in the ranking, and at most twice the device's own: the
+        # stop rule that judges what the prior lets it search is the device's (docs/federation.md)
+        evidence += min((1 - w) * prior.samples, 2 * len(x))
     clock.lap("scores")
     probe = Probe(model, x, pick, cfg, device, need_stats, clock, a.recal, a.stats)
     clock.lap("mask apply")
