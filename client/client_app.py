@@ -18,7 +18,7 @@ from client.device import Device, device_inputs, research_accuracy
 from client.faults import injected_fault
 from common.data.protocol import simulated_user
 from common.memory import set_memory
-from common.model.architectures import prunable_layers
+from common.model.architectures import prunable_shapes
 from common.wire import envelope as E
 from common.wire import prior as PW
 from common.wire.federation import merged_config, model_bytes, records_to_base
@@ -180,7 +180,7 @@ def received_prior(msg: Message, base, cfg: dict):
         return None
     if E.PRIOR_META not in msg.content.config_records:
         raise PW.PriorError("the prior comes without its metadata")
-    shapes = {k: tuple(m.weight.shape) for k, m in prunable_layers(base).items()}
+    shapes = prunable_shapes(base)
     return PW.from_records(msg.content[E.PRIOR], msg.content[E.PRIOR_META], shapes, cfg["prior-samples"],
                            epsilon=cfg["privacy-epsilon"] or None)
 

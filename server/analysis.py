@@ -38,12 +38,21 @@ def consensus(bitmaps: dict[str, Mask], quorum: float, epsilon: float | None = N
     need = max(1, int(np.ceil(quorum * len(masks) - 1e-9)))
     out = {}
     for k in masks[0].layers:
-        pruned = torch.stack([~m.layers[k] for m in masks])
+        votes = _prune_votes(masks, k)
         if epsilon is None:
-            out[k] = pruned.sum(0) < need
+            out[k] = votes < need
         else:  # estimated votes, rounded to the nearest whole client
-            out[k] = torch.from_numpy(debias(pruned.numpy(), epsilon).sum(0) < need - 0.5)
+            out[k] = torch.from_numpy(len(masks) * debias(votes.double().numpy() / len(masks), epsilon) < need - 0.5)
     return Mask(out)
+
+
+def _prune_votes(masks: list[Mask], layer: str) -> torch.Tensor:
+    """How many of the masks prune each connection of `layer`, counted one mask at a time (5,000
+    masks are never held stacked)."""
+    count = torch.zeros(masks[0].layers[layer].shape, dtype=torch.int32)
+    for m in masks:
+        count += ~m.layers[layer]
+    return count
 
 
 def similarity(summaries: dict[str, Summary]) -> tuple[list[str], np.ndarray, str, np.ndarray | None]:
@@ -205,17 +214,13 @@ def analyze(summaries: dict[str, Summary], shapes: dict[str, tuple], quorum: flo
 
 
 def pruned_shares(bitmaps: dict[str, Mask], epsilon: float | None = None) -> dict[str, torch.Tensor]:
-    """Per connection, the share of the clients that pruned it (the federation's prior), counted
-    one mask at a time (5,000 masks are never held stacked). From private bitmaps (`epsilon`), the
-    debiased estimate clipped to [0, 1]: post-processing of randomized response, so each device
-    keeps its epsilon."""
+    """Per connection, the share of the clients that pruned it (the federation's prior). From
+    private bitmaps (`epsilon`), the debiased estimate clipped to [0, 1]: post-processing of
+    randomized response, so each device keeps its epsilon."""
     masks = list(bitmaps.values())
     out = {}
     for k in masks[0].layers:
-        count = torch.zeros(masks[0].layers[k].shape, dtype=torch.int32)
-        for m in masks:
-            count += ~m.layers[k]
-        share = count.double() / len(masks)
+        share = _prune_votes(masks, k).double() / len(masks)
         if epsilon is not None:  # debias is linear: the mean of debiased bits is the debiased mean
             share = torch.from_numpy(debias(share.numpy(), epsilon)).clamp(0, 1)
         out[k] = share.float()

@@ -1,7 +1,8 @@
 """The server's Flower strategy: send the base model once, collect and validate mask summaries,
 analyze shared sparsity and give back what it learned in the next round: the federation's prior
-(the share of devices that pruned each connection) or a slimmer shared base. Why ~320 lines: a reply is checked field by field where it is read, so the whole trust boundary of the
-server is one file (the envelope's names are common/wire/envelope.py's)."""
+(the share of devices that pruned each connection) or a slimmer shared base. Why ~320 lines: a
+reply is checked field by field where it is read, so the whole trust boundary of the server is one
+file (the envelope's names are common/wire/envelope.py's)."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.model.architectures import prunable_layers
+from common.model.architectures import prunable_shapes
 from common.model.checkpoint import fingerprint
 from common.model.compact import compact
 from common.wire import envelope as E
@@ -48,7 +49,7 @@ class FinePruneStrategy(Strategy):
     def _set_base(self, base, meta):
         self.base, self.meta = base, meta
         self.fp = fingerprint(base)
-        self.shapes = {n: tuple(m.weight.shape) for n, m in prunable_layers(base).items()}
+        self.shapes = prunable_shapes(base)
         self.model_bytes = model_bytes(base)
         # the largest honest summary is a bitmap: 1 bit per weight (+ headers); more is an attack
         self.max_summary_bytes = sum(math.prod(v) for v in self.shapes.values()) // 8 + (256 << 10)
@@ -95,7 +96,7 @@ class FinePruneStrategy(Strategy):
         self._prior_sent = {m.metadata.dst_node_id for m in msgs if E.PRIOR in m.content.array_records}
         self._out = msgs
         log(INFO, "round %d: sending to %d nodes (%d get the base model, %d the prior)", server_round, len(msgs),
-            sum(self._sent.values()), sum(E.PRIOR in m.content.array_records for m in msgs))
+            sum(self._sent.values()), len(self._prior_sent))
         return msgs
 
     # ------------------------------------------------------------ round: collect

@@ -41,7 +41,7 @@ def federation(clients: int, seed: int, epsilon: float | None, out: Path, over: 
     sparsity, and whether round 2 had the prior."""
     from client.personalize import personalize
     from common.data.protocol import simulated_user, task_dataset, vendor_train_test
-    from common.model.architectures import prunable_layers
+    from common.model.architectures import prunable_shapes
     from common.model.checkpoint import fingerprint, load_checkpoint
     from common.model.train import accuracy
     from common.wire import prior as PW
@@ -57,7 +57,7 @@ def federation(clients: int, seed: int, epsilon: float | None, out: Path, over: 
         pretrain(cfg["task"], base_path, seed=seed, ds=ds, indices=vendor_train_test(cfg["task"], ds, seed))
     base, meta, _ = load_checkpoint(base_path)
     fp, size, settings = fingerprint(base), model_bytes(base), prune_settings(cfg)
-    shapes = {k: tuple(m.weight.shape) for k, m in prunable_layers(base).items()}
+    shapes = prunable_shapes(base)
     users = [simulated_user(cfg, pid, clients) for pid in range(clients)]
     rows, summaries = [], {}
     with tempfile.TemporaryDirectory() as tmp:

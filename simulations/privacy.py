@@ -31,7 +31,7 @@ from common.data import readers as D
 from common.engine.prune import fine_prune
 from common.engine.scoring import usage_scores
 from common.io import atomic_write_csv, atomic_write_png, atomic_write_text
-from common.model.architectures import prunable_layers
+from common.model.architectures import prunable_shapes
 from common.model.checkpoint import fingerprint, load_checkpoint
 from common.wire.federation import DEFAULTS, model_bytes
 from common.wire.privacy import debias
@@ -68,7 +68,7 @@ def personalized_masks(base, ds: D.Dataset, idx: np.ndarray, n_users: int, seed:
 def through_the_wire(users, base, epsilon, seed: int, level: str = "bitmap"):
     """Each user's summary as the server decodes it (private at `epsilon`, exact bitmap if None)."""
     fp, size = fingerprint(base), model_bytes(base)
-    shapes = {n: tuple(m.weight.shape) for n, m in prunable_layers(base).items()}
+    shapes = prunable_shapes(base)
     out, sizes = {}, []
     for i, (mask, hist, _) in enumerate(users):
         raw = encode(build_summary(mask, hist, level, fp, size, epsilon=epsilon, privacy_seed=seed * 10_000 + i))
@@ -141,7 +141,7 @@ def run(out: Path, n_users: int = 30, n_shadow: int = 30, seed: int = 0, epsilon
     log(f"[{time.perf_counter() - t0:4.0f} s] fine-pruning {n_users} users and {n_shadow} shadow users")
     users = personalized_masks(base, ds, pool, n_users, seed, restrict)
     shadow = personalized_masks(base, ds, vendor, n_shadow, seed + 1, restrict)  # the server's own, from vendor data
-    shapes = {n: tuple(m.weight.shape) for n, m in prunable_layers(base).items()}
+    shapes = prunable_shapes(base)
     exact, _ = through_the_wire(users, base, None, seed)
     exact_analysis = analyze(exact, shapes, DEFAULTS["consensus-quorum"], DEFAULTS["cluster-threshold"])
     rows = []

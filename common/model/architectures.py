@@ -117,6 +117,11 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
 
 
+def prunable_shapes(model: nn.Module) -> dict[str, tuple]:
+    """Each prunable layer's weight shape: what a summary or a prior is checked against."""
+    return {name: tuple(m.weight.shape) for name, m in prunable_layers(model).items()}
+
+
 def following_batchnorm(model: nn.Module) -> dict[str, str]:
     """Map each prunable layer to the BatchNorm registered right after it (conv -> bn pattern),
     used to silence a channel whose incoming connections are all pruned."""
