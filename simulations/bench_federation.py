@@ -70,7 +70,8 @@ def federation(clients: int, seed: int, epsilon: float | None, out: Path, over: 
             rows.append({"clients": clients, "seed": seed, "epsilon": epsilon or 0, "user": pid,
                          "samples": len(u.unlabeled), "heldout": len(u.heldout_y),
                          "base": accuracy(base, u.heldout_x, u.heldout_y),
-                         "alone": accuracy(model, u.heldout_x, u.heldout_y), "sparsity_alone": info.sparsity})
+                         "alone": accuracy(model, u.heldout_x, u.heldout_y), "sparsity_alone": info.sparsity,
+                         **baselines(base, u)})
         voters, outliers = robust_voters(summaries)
         prior = None
         if len(voters) >= cfg["slim-min-clients"]:
@@ -87,6 +88,20 @@ def federation(clients: int, seed: int, epsilon: float | None, out: Path, over: 
     return rows
 
 
+BASELINES = ("adabn", "t3a", "lame", "adabn+t3a")
+
+
+def baselines(base, u) -> dict:
+    """The label-free baselines on the device's own unlabeled data, held-out accuracy. (The
+    backprop ceiling needs the labels of those samples, which a simulated user does not keep.)"""
+    from simulations import baselines as BL
+
+    made = {"adabn": BL.adabn(base, u.unlabeled), "t3a": BL.t3a(base, u.unlabeled), "lame": BL.lame(base, u.unlabeled),
+            "adabn+t3a": BL.t3a(base, u.unlabeled, recalibrate=True)}
+    with torch.no_grad():
+        return {k: float((a.predict(u.heldout_x).argmax(1) == u.heldout_y).float().mean()) for k, a in made.items()}
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     table = []
     for key in sorted({(r["clients"], r["epsilon"]) for r in rows}):
@@ -99,6 +114,9 @@ def summarize(rows: list[dict]) -> list[dict]:
             row.update({arm: statistics.mean(r[arm] for r in sel), f"{arm}_worst": min(d),
                         f"{arm}_below_2": sum(x < -0.02 for x in d),
                         f"{arm}_sparsity": statistics.mean(r[f"sparsity_{arm}"] for r in sel)})
+        for arm in BASELINES:
+            row[arm] = statistics.mean(r[arm] for r in sel)
+            row[f"{arm}_worst"] = min(r[arm] - r["base"] for r in sel)
         row["prior_vs_alone"] = row["prior"] - row["alone"]
         row["largest_change"] = max(abs(r["prior"] - r["alone"]) for r in sel)
         table.append(row)
@@ -108,16 +126,19 @@ def summarize(rows: list[dict]) -> list[dict]:
 def to_markdown(table: list[dict]) -> str:
     lines = ["# The federation's prior: round 1 alone against round 2 with the prior (digits)", "",
              "Mean held-out accuracy over devices and draws; worst device against its base; devices more "
-             "than 2 points below their base; mean sparsity.", "",
+             "than 2 points below their base; mean sparsity. The label-free baselines ran on the same devices' "
+             "unlabeled data; the backprop ceiling is not here (a simulated user keeps no labels for them).", "",
              "| clients | epsilon | devices (draws) | median samples | with prior | base | alone | alone worst | "
-             "alone < -2 | alone sparsity | prior | prior worst | prior < -2 | prior sparsity | prior - alone |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "alone < -2 | alone sparsity | prior | prior worst | prior < -2 | prior sparsity | prior - alone | "
+             + " | ".join(f"{arm} (worst)" for arm in BASELINES) + " |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(BASELINES)]
     for r in table:
         lines.append(f"| {r['clients']} | {r['epsilon'] or '-'} | {r['devices']} ({r['draws']}) | "
                      f"{r['median_samples']:g} | {r['with_prior']} | {r['base']:.4f} | {r['alone']:.4f} | "
                      f"{r['alone_worst']:+.3f} | {r['alone_below_2']} | {r['alone_sparsity']:.3f} | {r['prior']:.4f} | "
                      f"{r['prior_worst']:+.3f} | {r['prior_below_2']} | {r['prior_sparsity']:.3f} | "
-                     f"{100 * r['prior_vs_alone']:+.2f} pts |")
+                     f"{100 * r['prior_vs_alone']:+.2f} pts | "
+                     + " | ".join(f"{r[arm]:.4f} ({r[arm + '_worst']:+.3f})" for arm in BASELINES) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -274,6 +274,7 @@ def test_bench_federation_puts_each_devices_first_round_beside_its_second(tmp_pa
     assert len(rows) == 12 and {r["epsilon"] for r in rows} == {0, 2.0}
     for r in rows:
         assert 0 <= r["base"] <= 1 and 0 <= r["prior"] <= 1 and r["samples"] == 11
+        assert all(0 <= r[arm] <= 1 for arm in BF.BASELINES)  # the label-free baselines beside them
         if not r["with_prior"]:
             assert (r["prior"], r["sparsity_prior"]) == (r["alone"], r["sparsity_alone"])
     helped = [r for r in rows if r["with_prior"]]
