@@ -146,11 +146,12 @@ SETTINGS = [
       "of only the channels the class mix cannot explain, else stem; stem for a base without the vendor's "
       "record)", {RUN, CLIENT, PRUNE},
       choices=("auto", "full", "stem")),
-    S("compensate", "auto", "put each pruned connection's mean contribution on the user's data back as a constant "
+    S("compensate", "on", "put each pruned connection's mean contribution on the user's data back as a constant "
       "(the unit's bias, or the statistics of the BatchNorm after it where they are not re-estimated), so a "
-      "unit keeps its mean output: on, off, or auto (on for a fixed target-sparsity, where it buys accuracy; "
-      "off for the stop rule, where it buys sparsity for 1-6% more time)", {RUN, CLIENT, PRUNE},
-      choices=("auto", "on", "off")),
+      "unit keeps its mean output (on, off)", {RUN, CLIENT, PRUNE},
+      choices=("on", "off")),
+    S("paired-bn", True, "the kept mask's BatchNorm statistics: the statistics pass's (all of the user's data) moved "
+      "by what the mask changes on the probe (true), or the probe's own (false, the ablation)", {RUN, CLIENT, PRUNE}),
     S("base-stats", False, "ablation: measure usage on the unadapted base (needs recalibrate-bn)", {RUN, CLIENT, PRUNE}),
     S("restrict-outputs", False, "classes the adapted model never predicts for this user become impossible "
       "(a hard cut: never for inputs unlike the base's)", {RUN, CLIENT, PRUNE}),

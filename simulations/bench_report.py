@@ -16,7 +16,7 @@ DEFAULT = ("default", "stop")                  # the engine's defaults, whatever
 # the engine's default before the safe one: every BatchNorm layer recalibrated, the base's output
 # layer, output restriction, no search bound and no back-off
 PREVIOUS_DEFAULT = dict(bn_adapt="full", head="linear", restrict_outputs=True, evidence_samples=0, stop_margin=0,
-                        compensate="off")
+                        compensate="off", paired_bn=False)
 HEADLINE = ("usage+bn+restrict", "stop")       # the previous default: usage, full recalibration, restriction
 DISC = ("discriminative+bn+restrict", "stop")  # the same with pseudo-class-discriminative magnitude
 BACKPROP = "backprop-5ep (labels)"

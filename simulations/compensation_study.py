@@ -1,14 +1,15 @@
 """Does pruning lose less when each pruned connection's mean contribution is put back (S19,
-`compensate`; auto turns it on for fixed targets), and when candidates keep the input side's
-BatchNorm statistics that the statistics pass estimated on all of the user's data instead of
-re-estimating them on the probe (S20, not the default)? Every benchmark user is personalized by the default and its variants, at
+`compensate`), when the kept mask's BatchNorm statistics are paired estimates (S23: the statistics
+pass's, moved by what the mask changes on the probe), and when candidates keep the input side's
+statistics from the statistics pass instead of re-estimating them on the probe (S20, not the
+default)? Every benchmark user is personalized by the default (S19 and S23) and its variants, at
 the label-free stop and at a fixed 0.7, beside the same adaptation with nothing pruned (what
 pruning costs), and scored on held-out labels.
 
     python -m simulations.compensation_study --fsdd ../shared/data/fsdd --out runs/compensation
 
 Rows per cohort: mean accuracy and sparsity per arm, and each arm's worst user against its base
-(docs/personalization.md, S19 and S20).
+(docs/personalization.md, S19, S20 and S23).
 """
 from __future__ import annotations
 
@@ -23,14 +24,16 @@ from common.settings import PruneConfig
 from simulations import cohort_study as CS
 
 # arm -> the PruneConfig fields it changes from the default ("_keep": candidates keep the input
-# side's statistics from the statistics pass, probe.KEEP_INPUT_SIDE, S20)
+# side's statistics from the statistics pass, probe.KEEP_INPUT_SIDE, S20; paired_bn False: the kept
+# mask's statistics are the probe's own, not paired estimates, S23)
 ARMS = {
     "unpruned": {"target_sparsity": 0.0},
-    "default (compensate auto: off)": {},
-    "compensate on (S19)": {"compensate": "on"},
-    "input side kept (S20)": {"compensate": "on", "_keep": True},
-    "input side kept without compensate": {"_keep": True},
-    "0.7 (compensate auto: on)": {"target_sparsity": 0.7},
+    "default (S19 + S23)": {},
+    "neither (the previous default)": {"compensate": "off", "paired_bn": False},
+    "S19 only": {"paired_bn": False},
+    "S23 only": {"compensate": "off"},
+    "input side kept (S20)": {"_keep": True, "paired_bn": False},
+    "0.7": {"target_sparsity": 0.7},
     "0.7 without compensate": {"target_sparsity": 0.7, "compensate": "off"},
     "0.7 input side kept": {"target_sparsity": 0.7, "_keep": True},
 }
@@ -71,8 +74,8 @@ def summarize(rows: list[dict], arms) -> list[dict]:
 
 
 def to_markdown(table: list[dict], arms) -> str:
-    lines = ["# Mean-preserving pruning (S19) and the input side kept from the statistics pass (S20): mean held-out "
-             "accuracy (sparsity; worst user vs its base)", "",
+    lines = ["# Mean-preserving pruning (S19), paired BatchNorm statistics (S23) and the input side kept from the "
+             "statistics pass (S20): mean held-out accuracy (sparsity; worst user vs its base)", "",
              "| cohort | users | base | " + " | ".join(arms) + " |", "|---|---|---|" + "---|" * len(arms)]
     for s in table:
         cells = [f"{s[a]:.3f} ({s[a + ' sparsity']:.2f}; {s[a + ' worst']:+.3f})" for a in arms]

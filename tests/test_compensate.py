@@ -160,15 +160,43 @@ def test_the_mean_a_convolution_loses_is_the_convolution_of_the_mean_input_in_an
             assert torch.allclose(CP._unit_means(w, taps), want, atol=1e-5), (conv, w.is_contiguous())
 
 
-def test_compensate_auto_is_on_for_a_fixed_target_and_off_at_the_stop_and_the_report_says_so():
+def test_compensate_is_on_by_default_at_the_stop_and_at_a_fixed_target_and_the_report_says_so():
     torch.manual_seed(0)
     base, x = _Net().eval(), torch.randn(64, 1, 8, 8).abs()
     fixed = fine_prune(copy.deepcopy(base), x, PruneConfig(target_sparsity=0.5, recalibrate_bn=False))
     stop = fine_prune(copy.deepcopy(base), x, PruneConfig(recalibrate_bn=False))
-    forced = fine_prune(copy.deepcopy(base), x, PruneConfig(recalibrate_bn=False, compensate="on"))
-    assert fixed.adaptation["compensated"] is True and stop.adaptation["compensated"] is False
-    assert forced.adaptation["compensated"] is (forced.sparsity > 0)
-    assert fixed.stats.layers["fc1"].in_total is not None and stop.stats.layers["fc1"].in_total is None
+    off = fine_prune(copy.deepcopy(base), x, PruneConfig(recalibrate_bn=False, compensate="off"))
+    assert fixed.adaptation["compensated"] is True
+    assert stop.adaptation["compensated"] is (stop.sparsity > 0) and stop.sparsity > 0
+    assert off.adaptation["compensated"] is False
+    assert stop.stats.layers["fc1"].in_total is not None and off.stats.layers["fc1"].in_total is None
+
+
+def test_under_full_recalibration_only_layers_no_batchnorm_recentres_are_compensated():
+    """A BatchNorm re-estimated in full on the pruned model centres the layer before it itself:
+    its lost mean is neither computed nor collected (the statistics pass sums the inputs of the
+    layers no BatchNorm follows only)."""
+    from common.engine import probe as PR
+
+    torch.manual_seed(0)
+    base, x = _Net().eval(), torch.randn(64, 1, 8, 8).abs()
+    seen = []
+    real = PR.Probe.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        seen.append([t.name for t in self.targets])
+
+    PR.Probe.__init__ = spy
+    try:
+        full = fine_prune(copy.deepcopy(base), x, PruneConfig(bn_adapt="full", target_sparsity=0.5))
+        stem = fine_prune(copy.deepcopy(base), x, PruneConfig(bn_adapt="stem", target_sparsity=0.5))
+    finally:
+        PR.Probe.__init__ = real
+    assert seen[0] == ["conv1", "fc1", "fc2"]  # conv2's bn2 is re-estimated: conv2 is not compensated
+    assert "conv2" in seen[1]  # bn2 past the input side keeps the base's statistics: conv2's mean goes there
+    assert full.stats.layers["conv2"].in_total is None and full.stats.layers["fc1"].in_total is not None
+    assert stem.stats.layers["conv2"].in_total is not None
 
 
 def test_where_candidates_keep_the_input_sides_statistics_a_biasless_layer_still_gets_its_mean_back():

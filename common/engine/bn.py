@@ -36,7 +36,7 @@ def explained_weight(mean, var, mu_b, var_b, spread, kappa: float, eps: float = 
     return (1 - kappa * spread.to(move) / move.clamp_min(1e-12)).clamp(0, 1)
 
 
-def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: float = 1.0):
+def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: float = 1.0, first_bn=None, i=0):
     """A BatchNorm forward that normalizes each batch by the mixture of the base's distribution
     (weight 1 - w) and the batch's own (weight w): mean (1-w) mu_b + w mu, variance the mixture's,
     (1-w) var_b + w var + w (1-w) (mu - mu_b)^2, with w per channel where `spread` is given.
@@ -53,6 +53,8 @@ def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: floa
         sums[0] += b
         sums[1] = sums[1] + mean * b
         sums[2] = sums[2] + var * (n / max(n - 1, 1)) * b  # unbiased, as BatchNorm's running_var
+        if first_bn is not None and first_bn[i] is None:  # what a pass over the first batch alone keeps
+            first_bn[i] = _mix(mean, var * (n / max(n - 1, 1)), mu_b.to(mean), var_b.to(var), weight, spread, kappa)
         if weight == 1.0 and spread is None:
             return out
         mean_m, var_m = _mix(mean, var, mu_b.to(mean), var_b.to(var), weight, spread, kappa)
@@ -69,7 +71,7 @@ def _mix(mean, var, mu_b, var_b, weight: float, spread, kappa: float):
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: str = "cpu",
                    hooks: bool | None = None, classes: bool = False, first: torch.Tensor | None = None,
                    weight: float = 1.0, prior: list | None = None, profile=None, spread: list | None = None,
-                   kappa: float = 1.0, means: bool = False):
+                   kappa: float = 1.0, means: bool = False, first_bn: list | None = None):
     """Re-estimate BatchNorm running statistics on the user's data (forward only). The same pass
     gives the logits (each batch normalized by its own statistics: with one batch, what the
     recalibrated model outputs) and, with `hooks` not None, usage statistics of the recalibrated
@@ -80,8 +82,13 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
     user's, the user's weighted `weight` x profile(i, layers) (layer i's share; default 1) x, with
     `spread` (one tensor per layer), each channel's explained_weight. The pass normalizes by that
     mixture, so its logits and usage statistics are the kept model's. weight 1 everywhere is full
-    recalibration (AdaBN), which takes BatchNorm's own train-mode path."""
+    recalibration (AdaBN), which takes BatchNorm's own train-mode path.
+
+    `first_bn`: an empty list, filled with each layer's (mean, var) as a pass over the first batch
+    alone would have left them (with `first` in one batch: a probe pass's, for free)."""
     bns = bn_layers(model)
+    if first_bn is not None:
+        first_bn[:] = [None] * len(bns)
     if weight < 1.0 or profile is not None or spread is not None:
         prior = prior if prior is not None else bn_prior(model)
         sums = [[0, 0.0, 0.0] for _ in bns]
@@ -89,11 +96,13 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
         sp = spread if spread is not None else [None] * len(bns)
         # a layer that keeps the base's statistics runs BatchNorm's own eval forward on them
         follows = [w > 0 for w in ws]
-        for m, pr, s, w, spr, f in zip(bns, prior, sums, ws, sp, follows):
+        for i, (m, pr, s, w, spr, f) in enumerate(zip(bns, prior, sums, ws, sp, follows)):
             if f:
-                m.forward = _mixed_forward(m, pr, s, w, spr, kappa)
+                m.forward = _mixed_forward(m, pr, s, w, spr, kappa, first_bn, i)
             else:
                 load_bn_stats([m], [pr])
+                if first_bn is not None:
+                    first_bn[i] = (pr[0].clone(), pr[1].clone())
         try:
             out = forward_pass(model, x, batch_size, device, hooks=hooks, classes=classes, first=first, means=means)
         finally:
@@ -119,7 +128,15 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
             m.momentum = b / seen[i]
         return pre
 
+    def capture(i):
+        def post(m, args, out):
+            if first_bn[i] is None:  # after the first batch (momentum 1): that batch's statistics
+                first_bn[i] = (m.running_mean.clone(), m.running_var.clone())
+        return post
+
     handles = [m.register_forward_pre_hook(weigh(i)) for i, m in enumerate(bns)]
+    if first_bn is not None:
+        handles += [m.register_forward_hook(capture(i)) for i, m in enumerate(bns)]
     for m in bns:
         m.reset_running_stats()
         m.train()

@@ -18,10 +18,9 @@ from common.model.architectures import following_batchnorm, prunable_layers
 
 
 def compensating(cfg) -> bool:
-    """Whether the engine compensates: `compensate` on, or auto with a fixed sparsity target (the
-    stop rule would spend the gain on sparsity, at 1-6% of the default's time; docs S19)."""
-    mode = getattr(cfg, "compensate", "off")
-    return mode == "on" or (mode == "auto" and cfg.target_sparsity is not None)
+    """Whether the engine compensates (`compensate`: on by default; docs/personalization.md S19,
+    S23)."""
+    return getattr(cfg, "compensate", "off") == "on"
 
 
 @dataclass
@@ -77,10 +76,19 @@ def _unit_means(weight: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     return torch.bmm(_grouped(weight, taps.shape[0]), taps.unsqueeze(2).to(weight)).reshape(-1)
 
 
-def plan(model: nn.Module, stats: UsageStats, start: dict) -> list[Target]:
+def unnormalized(model: nn.Module) -> set:
+    """The prunable layers no BatchNorm follows: under full recalibration, the only ones whose lost
+    mean is not re-centred away (what the statistics pass needs input means of, in that mode)."""
+    bn_after = following_batchnorm(model)
+    return {n for n in prunable_layers(model) if n not in bn_after}
+
+
+def plan(model: nn.Module, stats: UsageStats, start: dict, recentred: set = frozenset()) -> list[Target]:
     """The layers a mask's lost mean can be put back into, with what that needs; `start`: the
-    state dict at the start of pruning (the unpruned weights). The last layer (the output head) is
-    included: a pruned output row loses its mean like any other."""
+    state dict at the start of pruning (the unpruned weights); `recentred`: the indexes of the
+    BatchNorm layers every pass re-estimates in full on the pruned model, which centre the layer
+    before them themselves (its lost mean would be computed for nothing). The last layer (the output
+    head) is included: a pruned output row loses its mean like any other."""
     from common.engine.bn import bn_layers
 
     bn_after = following_batchnorm(model)
@@ -92,7 +100,7 @@ def plan(model: nn.Module, stats: UsageStats, start: dict) -> list[Target]:
         if st is None or st.in_total is None:
             continue
         bn = mods[bn_after[name]] if name in bn_after else None
-        if layer.bias is None and bn is None:
+        if (layer.bias is None and bn is None) or (bn is not None and bn_pos[id(bn)] in recentred):
             continue
         w0 = start[f"{name}.weight"]
         taps = _taps(layer, st.input_mean().to(device=w0.device, dtype=w0.dtype), w0)

@@ -34,6 +34,7 @@ class Adapted:
     head: str
     info: dict
     extra: int  # samples the checks pushed through the model
+    first_bn: list | None = None  # the BatchNorm statistics of the pass's first batch (the probe, fold)
 
 
 def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> Adapted:
@@ -66,15 +67,21 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
     if keeps:
         fold = fold and len(x) <= cfg.batch_size
     first = pick if fold and not keeps else None
+    # compensate needs the input means of the layers whose lost mean survives: under full
+    # recalibration only those no BatchNorm follows (a stem pass below collects them all)
+    means = CP.compensating(cfg) and (True if mode in ("stem", "none") else CP.unnormalized(model))
+    # the probe in one batch first: its BatchNorm statistics are the reference's probe pass's, which
+    # the kept mask's are paired with (paired-bn)
+    first_bn = [] if first is not None and len(first) <= cfg.batch_size else None
     with capture_features(model) as cap, AD.FirstLayerInputs(model) as inputs:
         if cfg.recalibrate_bn and not cfg.base_stats:
             # under a domain shift the base's own activations mislead the ranking: usage is
             # measured on the network the same pass adapts
             logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs, classes=need_classes,
-                                           first=first, means=CP.compensating(cfg), **recal)
+                                           first=first, means=means, first_bn=first_bn, **recal)
         else:
             stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs, classes=need_classes,
-                                          means=CP.compensating(cfg))
+                                          means=means)
             first = None
     feats = cap.features(first)
     clock.lap("statistics pass")
@@ -94,7 +101,8 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
                 fold, first = fold and len(x) <= cfg.batch_size, None
             with capture_features(model) as cap:
                 logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs,
-                                               classes=need_classes, first=first, means=CP.compensating(cfg), **recal)
+                                               classes=need_classes, first=first, means=CP.compensating(cfg),
+                                               first_bn=first_bn, **recal)
             feats = cap.features(first)
             extra += len(x)
         clock.lap("adaptation check")
@@ -108,4 +116,6 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
         logits = F.linear(feats, last.weight.detach().float().cpu().flatten(1),
                           None if last.bias is None else last.bias.detach().float().cpu())
         clock.lap("head")
-    return Adapted(logits, stats, feats, recal, fold, searching and not unlike, unlike, head, info, extra)
+    if first is None:
+        first_bn = None
+    return Adapted(logits, stats, feats, recal, fold, searching and not unlike, unlike, head, info, extra, first_bn)

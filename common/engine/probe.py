@@ -1,6 +1,7 @@
 """The probe: a fixed sample of the user's data on which every candidate mask is judged, passes
-over it with a mask applied (re-estimating BatchNorm statistics as the kept model would), and the
-Clock that charges each phase of the engine its wall time."""
+over it with a mask applied (re-estimating BatchNorm statistics as the kept model would), the kept
+mask's statistics paired with the statistics pass's (paired-bn, S23), and the Clock that charges
+each phase of the engine its wall time."""
 from __future__ import annotations
 
 import time
@@ -97,7 +98,6 @@ class Probe:
         self.bn = {}  # sparsity -> BatchNorm statistics recalibrated in that probe pass
         # compensate: the layers a candidate's lost mean goes back into (the statistics pass's
         # input means), and which BatchNorm layers a pass re-estimates at all
-        self.targets = CP.plan(model, stats, self.start) if CP.compensating(cfg) else []
         self.bns = bn_layers(model)
         # whether a pass re-estimates BatchNorm statistics (KEEP_INPUT_SIDE: not where only the input
         # side follows the user; then a candidate keeps the statistics pass's, its lost means put back);
@@ -106,9 +106,15 @@ class Probe:
         profile = self.recal.get("profile")
         self.follows = [self.estimates and (profile is None or float(profile(i, len(self.bns))) > 0)
                         for i in range(len(self.bns))]
+        # layers re-estimated in full (no mixture with the base's statistics) centre themselves
+        full = [f and not self.recal for f in self.follows]
+        self.targets = (CP.plan(model, stats, self.start, {i for i, f in enumerate(full) if f})
+                        if CP.compensating(cfg) else [])
         # the base's statistics a partial re-estimation mixes in, and them shifted for the candidate
         self.base_prior = self.recal.get("prior") if self.estimates else None
         self.prior = self.base_prior
+        self.ref_bn = None  # the unpruned reference's probe statistics (reference(), folded_reference())
+        self.whole = set()  # keys of self.bn estimated on all of the user's data, not on the probe
 
     def __call__(self, mask: Mask, phase: str = "probe passes", sparsity: float | None = None):
         """One pass over the probe with `mask` applied: (logits, stats or None). With
@@ -131,6 +137,38 @@ class Probe:
             self.clock.lap(phase)
         return lg, st
 
+    def reference(self, mask: Mask):
+        """The reference's probe pass (the unpruned model, restricted where the candidates are):
+        its logits and stats, and its BatchNorm statistics kept to pair the kept mask's with."""
+        out = self(mask, "reference probe")
+        if self.estimates:
+            self.ref_bn = self.bn.get(_bn_key(mask.sparsity()))
+        return out
+
+    def folded_reference(self, first_bn: list | None) -> None:
+        """The reference's probe statistics from the statistics pass's first batch (the probe,
+        folded into it): one (mean, var) per BatchNorm layer, in module order."""
+        if not self.estimates or first_bn is None or any(v is None for v in first_bn):
+            return
+        names = [n for n, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        pre = lambda n: f"{n}." if n else ""  # noqa: E731
+        self.ref_bn = {**{f"{pre(n)}running_mean": mv[0] for n, mv in zip(names, first_bn)},
+                       **{f"{pre(n)}running_var": mv[1] for n, mv in zip(names, first_bn)}}
+
+    def _paired(self, bn: dict) -> dict:
+        """A mask's probe statistics as a paired estimate: the statistics pass's (all of the
+        user's data) moved by the mask's change on the probe, the mean by its difference from the
+        reference's, the variance by its ratio; the probe's own sampling error cancels."""
+        out, ref = {}, self.ref_bn
+        for k, v in bn.items():
+            if k.endswith("running_mean"):
+                out[k] = self.start[k] + (v - ref[k])
+            elif k.endswith("running_var"):
+                out[k] = self.start[k] * (v + 1e-5) / (ref[k] + 1e-5)
+            else:
+                out[k] = v
+        return out
+
     def follows_deep(self) -> bool:
         """Whether a pass re-estimates the statistics of every BatchNorm layer (full recalibration),
         not only the input side's."""
@@ -146,6 +184,7 @@ class Probe:
         """`mask` keeps the BatchNorm statistics the model had when pruning started (those of the
         statistics pass, all of the user's data): no probe pass needs to estimate them."""
         self.bn[_bn_key(mask.sparsity())] = {k: self.start[k].clone() for k in self.bn_live}
+        self.whole.add(_bn_key(mask.sparsity()))  # the statistics pass's own: nothing to pair
 
     @torch.no_grad()
     def load(self, mask: Mask) -> None:
@@ -174,6 +213,9 @@ class Probe:
                 self.samples += len(self.x)
                 self.clock.lap("final recalibration")
             else:
+                # paired-bn (S23): the statistics pass's, moved by what the mask changes on the probe
+                if self.cfg.paired_bn and self.ref_bn is not None and _bn_key(mask.sparsity()) not in self.whole:
+                    bn = self._paired(bn)
                 torch._foreach_copy_([self.bn_live[k] for k in bn], list(bn.values()))
                 if self.targets and self.prior is not None:
                     # statistics borrowed from another mask (a back-off): a layer that keeps the

@@ -168,12 +168,13 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
             # BatchNorm statistics (the restriction's rows feed no BatchNorm)
             if probe.estimates:
                 probe.reuse_start_bn(dense if restricted is None else apply_restriction(model, dense, restricted))
+                probe.folded_reference(a.first_bn)
         elif cfg.recalibrate_bn:
             # with the restriction's rows pruned, as every candidate is: the same logits once
             # restricted, and its BatchNorm statistics are then the kept model's when nothing
             # else may go (no recalibration pass at the end)
-            ref_logits, probe_stats = probe(dense if restricted is None else apply_restriction(model, dense, restricted),
-                                            "reference probe")
+            ref_logits, probe_stats = probe.reference(dense if restricted is None
+                                                      else apply_restriction(model, dense, restricted))
             ref_stats = probe_stats if need_stats else a.stats
         if restricted is not None:
             restrict_logits(ref_logits, restricted)

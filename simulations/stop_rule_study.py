@@ -1,0 +1,141 @@
+"""Does a stop rule that also watches the probability the pruned model moves off the reference's
+class stop before the held-out flips that argmax agreement on a probe of 32-128 samples cannot see
+(S22)? Every benchmark user is personalized by the default, and by the default whose stop rule also
+requires the mean drop of the reference class's probability on the probe to stay within tau, for
+several tau; tau is then chosen leave-one-cohort-out (on every cohort but the one it is judged on).
+
+    python -m simulations.stop_rule_study --fsdd ../shared/data/fsdd --out runs/stop_rule
+
+Rows per cohort: mean held-out accuracy, sparsity and worst user against its base per arm, and the
+leave-one-cohort-out choice (docs/personalization.md, S22).
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.engine.prune import fine_prune
+from common.engine.stop import RULES, Agreement, register
+from common.model.train import accuracy
+from common.settings import PruneConfig
+from simulations import cohort_study as CS
+
+TAUS = (0.005, 0.01, 0.02, 0.04)
+
+
+def soft_drop(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over the probe of how much probability the pruned model took off the class the
+    reference predicts (0 where it gave the class more)."""
+    y = ref_logits.argmax(1, keepdim=True)
+    p_ref = F.softmax(ref_logits.float(), 1).gather(1, y)
+    p = F.softmax(logits.float(), 1).gather(1, y)
+    return (p_ref - p).clamp_min(0).mean().item()
+
+
+def _soft_rule(tau: float):
+    class SoftAgreement(Agreement):
+        """Agreement, and the reference class's probability dropped by at most tau on average: the
+        value is the agreement where the drop is within tau, else minus the drop (fails)."""
+
+        def value(self, logits, stats):
+            drop = soft_drop(self.ref_logits, logits)
+            return super().value(logits, stats) if drop <= tau else -drop
+
+    return SoftAgreement
+
+
+for _t in TAUS:
+    if f"soft-{_t:g}" not in RULES:
+        register(f"soft-{_t:g}")(_soft_rule(_t))
+
+ARMS = {"default (agreement)": {}, **{f"soft {t:g}": {"stop_rule": f"soft-{t:g}"} for t in TAUS}}
+
+
+def run_cohort(name: str, users, arms: dict) -> list[dict]:
+    rows = []
+    for base, meta, u in users:
+        row = {"cohort": name, "user": u.user_id, "n": len(u.x), "base": accuracy(base, u.heldout_x, u.heldout_y)}
+        for arm, change in arms.items():
+            model = copy.deepcopy(base)
+            res = fine_prune(model, u.x, PruneConfig(**change), base_meta=meta)
+            row[arm] = accuracy(model, u.heldout_x, u.heldout_y)
+            row[f"{arm} sparsity"] = round(res.sparsity, 4)
+        rows.append(row)
+        print(f"  {name} {u.user_id} (n={row['n']}): base {row['base']:.3f}, "
+              + ", ".join(f"{a} {row[a]:.3f}@{row[a + ' sparsity']:.2f}" for a in arms), flush=True)
+    return rows
+
+
+def summarize(rows: list[dict], arms) -> list[dict]:
+    out = []
+    for c in dict.fromkeys(r["cohort"] for r in rows):
+        sel = [r for r in rows if r["cohort"] == c]
+        s = {"cohort": c, "users": len(sel), "base": statistics.mean(r["base"] for r in sel)}
+        for a in arms:
+            s[a] = statistics.mean(r[a] for r in sel)
+            s[f"{a} sparsity"] = statistics.mean(r[f"{a} sparsity"] for r in sel)
+            s[f"{a} worst"] = min(r[a] - r["base"] for r in sel)
+        out.append(s)
+    return out
+
+
+def objective(s: dict, arm: str) -> float:
+    """A cohort's score for an arm: its mean gain over the base, less every point its worst user
+    falls more than 2 points below its base (the adapt study's objective)."""
+    return s[arm] - s["base"] - max(0.0, -s[f"{arm} worst"] - 0.02)
+
+
+def loco(table: list[dict], arms) -> list[dict]:
+    """Per held-out cohort: the arm the other cohorts score best (mean objective; ties: the
+    sparser), and what it gives the held-out one."""
+    out = []
+    for held in table:
+        rest = [s for s in table if s is not held]
+        pick = max(arms, key=lambda a: (round(statistics.mean(objective(s, a) for s in rest), 6),
+                                        statistics.mean(s[f"{a} sparsity"] for s in rest)))
+        out.append({"held out": held["cohort"], "chosen": pick, "acc": held[pick],
+                    "sparsity": held[f"{pick} sparsity"], "worst": held[f"{pick} worst"]})
+    return out
+
+
+def to_markdown(table: list[dict], arms, folds: list[dict]) -> str:
+    lines = ["# The stop rule with the reference class's probability watched (S22): mean held-out accuracy "
+             "(sparsity; worst user vs its base)", "",
+             "| cohort | users | base | " + " | ".join(arms) + " |", "|---|---|---|" + "---|" * len(arms)]
+    for s in table:
+        cells = [f"{s[a]:.3f} ({s[a + ' sparsity']:.2f}; {s[a + ' worst']:+.3f})" for a in arms]
+        lines.append(f"| {s['cohort']} | {s['users']} | {s['base']:.3f} | " + " | ".join(cells) + " |")
+    if len(table) > 1:
+        cells = [f"{statistics.mean(s[a] for s in table):.3f} ({statistics.mean(s[a + ' sparsity'] for s in table):.2f}; "
+                 f"{min(s[a + ' worst'] for s in table):+.3f})" for a in arms]
+        lines.append(f"| mean of cohorts | | {statistics.mean(s['base'] for s in table):.3f} | " + " | ".join(cells) + " |")
+        lines += ["", "Leave one cohort out (the arm the other cohorts score best: mean gain less every point a "
+                  "worst user falls more than 2 points below its base):", "",
+                  "| held out | chosen | acc | sparsity | worst user |", "|---|---|---|---|---|"]
+        lines += [f"| {f['held out']} | {f['chosen']} | {f['acc']:.3f} | {f['sparsity']:.2f} | {f['worst']:+.3f} |"
+                  for f in folds]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = CS.parser("python -m simulations.stop_rule_study", __doc__)
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of: {', '.join(ARMS)}")
+    a = p.parse_args(argv)
+    names = [k.strip() for k in a.arms.split(",") if k.strip()]
+    if bad := [k for k in names if k not in ARMS]:
+        raise SystemExit(f"unknown arm '{bad[0]}' (choose from: {', '.join(ARMS)})")
+    arms = {k: ARMS[k] for k in names}
+    rows = CS.run(a, lambda c, users: run_cohort(c, users, arms))
+    table = summarize(rows, arms)
+    folds = loco(table, arms) if len(table) > 1 else []
+    CS.write(Path(a.out), "stop_rule", rows, table, to_markdown(table, arms, folds))
+    CS.bar_plot(table, ["base", *arms], "The stop rule with and without the reference class's probability watched",
+                Path(a.out) / "stop_rule.png", figsize=(9, 4), fontsize=7)
+
+
+if __name__ == "__main__":
+    main()
