@@ -129,8 +129,15 @@ AGREE = 0.8         # ... and agrees with it on at least this share of the probe
 DEEP_SHIFT = 0.1    # full recalibration needs the layers past the input side to move beyond their class mix:
                     # at least this mean explained weight (leave-one-cohort-out: docs/adapt_study/loco.md)
 CHECK_SAMPLES = 64  # the check's pass: at most this many of the probe's samples
+AGREE_Z = 1.645     # the agreement fails only below AGREE by more than this many standard errors of an
+                    # agreement of AGREE on the check's samples (a one-sided 95% test; S24)
 SLACK = 2           # full recalibration may predict this many more classes than the safe one (chosen
                     # leave-one-cohort-out: docs/adapt_study/loco.md)
+
+
+def agree_floor(n: int) -> float:
+    """The lowest agreement on n samples that does not refute an agreement of AGREE (S24)."""
+    return AGREE - AGREE_Z * math.sqrt(AGREE * (1 - AGREE) / max(n, 1))
 
 
 def deep_shift(full: list, prior: list, spread: list, n_stem: int, kappa: float = KAPPA) -> float | None:

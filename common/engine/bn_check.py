@@ -12,7 +12,8 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device):
     layers past the input side moved beyond their class mix (deep_shift at least DEEP_SHIFT) and, on
     the probe (at most CHECK_SAMPLES of it), it predicts no more than SLACK classes beyond what a recalibration of only the
     channels the class mix cannot explain predicts (the checkpoint's class spread), and agrees with
-    it on at least AGREE of the samples; otherwise keep only the input side recalibrated. Returns
+    it on a share of the samples that does not refute AGREE (agree_floor); otherwise keep only the
+    input side recalibrated. Returns
     (mode, the recalibration keyword arguments of the kept mode, what the check saw, samples passed)."""
     bns, full = bn_layers(model), bn_prior(model)  # the statistics pass's, kept to restore
     shift = AD.deep_shift(full, prior, spread, AD.stem_count(model))
@@ -28,7 +29,7 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device):
     k_full, k_safe = AD.classes_predicted(logits[pick]), AD.classes_predicted(safe)
     agree = float((logits[pick].argmax(1) == safe.argmax(1)).float().mean())
     check.update(classes_full=k_full, classes_safe=k_safe, agreement=round(agree, 4))
-    if k_full <= k_safe + AD.SLACK and agree >= AD.AGREE:
+    if k_full <= k_safe + AD.SLACK and agree >= AD.agree_floor(len(xp)):
         load_bn_stats(bns, full)
         return "full", {}, check, len(xp)
     return "stem", stem_recal(model, prior, spread), check, len(xp)
