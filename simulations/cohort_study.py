@@ -1,10 +1,14 @@
-"""The frame of a study over the benchmark's cohorts: its command line (--fsdd, --out, --cohorts),
-each chosen cohort's users (bases cached under OUT/bases), and its outputs (csv, json, md and a
-bar plot of the mean held-out accuracy per arm and cohort)."""
+"""The frame of a study over the benchmark's cohorts: its command line (--fsdd, --out, --cohorts,
+--arms), each chosen cohort's users (bases cached under OUT/bases) personalized by each arm (a
+PruneConfig change), the per-cohort summary (mean, sparsity, worst user against its base), and its
+outputs (csv, json, md and a bar plot of the mean held-out accuracy per arm and cohort)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -37,6 +41,73 @@ def run(a: argparse.Namespace, run_cohort) -> list[dict]:
     for c in cohorts:
         rows += run_cohort(c, cohort_users(c, out, 0, ds))
     return rows
+
+
+def add_arms(p: argparse.ArgumentParser, arms: dict) -> None:
+    """--arms on the study's parser (all of its arms by default)."""
+    p.add_argument("--arms", default=",".join(arms), help=f"comma-separated subset of: {', '.join(arms)}")
+
+
+def chosen_arms(text: str, arms: dict) -> dict:
+    """The arms --arms names, in the study's order; an unknown one: one line and exit."""
+    names = [k.strip() for k in text.split(",") if k.strip()]
+    if bad := [k for k in names if k not in arms]:
+        raise SystemExit(f"unknown arm '{bad[0]}' (choose from: {', '.join(arms)})")
+    return {k: arms[k] for k in names}
+
+
+def run_arms(name: str, users, arms: dict, setup=None) -> list[dict]:
+    """One row per user: the base's held-out accuracy and, per arm, the personalized model's, its
+    sparsity and BatchNorm mode. `setup(change)`: a context manager that takes an arm's keys that
+    are not PruneConfig fields out of `change` and applies them for the arm's run."""
+    from common.engine.prune import fine_prune
+    from common.model.train import accuracy
+    from common.settings import PruneConfig
+
+    rows = []
+    for base, meta, u in users:
+        row = {"cohort": name, "user": u.user_id, "n": len(u.x), "base": accuracy(base, u.heldout_x, u.heldout_y)}
+        for arm, change in arms.items():
+            model, change = copy.deepcopy(base), dict(change)
+            with setup(change) if setup else contextlib.nullcontext():
+                res = fine_prune(model, u.x, PruneConfig(**change), base_meta=meta)
+            row[arm] = accuracy(model, u.heldout_x, u.heldout_y)
+            row[f"{arm} sparsity"] = round(res.sparsity, 4)
+            row[f"{arm} bn"] = res.adaptation.get("bn")
+        rows.append(row)
+        print(f"  {name} {u.user_id} (n={row['n']}): base {row['base']:.3f}, "
+              + ", ".join(f"{a} {row[a]:.3f}@{row[a + ' sparsity']:.2f}" for a in arms), flush=True)
+    return rows
+
+
+def summarize(rows: list[dict], arms) -> list[dict]:
+    """Per cohort: users, the base's mean, and per arm the mean accuracy, mean sparsity and the
+    worst user's accuracy against its base."""
+    out = []
+    for c in dict.fromkeys(r["cohort"] for r in rows):
+        sel = [r for r in rows if r["cohort"] == c]
+        s = {"cohort": c, "users": len(sel), "base": statistics.mean(r["base"] for r in sel)}
+        for a in arms:
+            s[a] = statistics.mean(r[a] for r in sel)
+            s[f"{a} sparsity"] = statistics.mean(r[f"{a} sparsity"] for r in sel)
+            s[f"{a} worst"] = min(r[a] - r["base"] for r in sel)
+        out.append(s)
+    return out
+
+
+def arms_table(title: str, table: list[dict], arms) -> list[str]:
+    """The summary as markdown lines: a row per cohort and, over several, the mean of cohorts;
+    each cell mean (sparsity; worst user against its base)."""
+    lines = [f"# {title}: mean held-out accuracy (sparsity; worst user vs its base)", "",
+             "| cohort | users | base | " + " | ".join(arms) + " |", "|---|---|---|" + "---|" * len(arms)]
+    for s in table:
+        cells = [f"{s[a]:.3f} ({s[a + ' sparsity']:.2f}; {s[a + ' worst']:+.3f})" for a in arms]
+        lines.append(f"| {s['cohort']} | {s['users']} | {s['base']:.3f} | " + " | ".join(cells) + " |")
+    if len(table) > 1:
+        cells = [f"{statistics.mean(s[a] for s in table):.3f} ({statistics.mean(s[a + ' sparsity'] for s in table):.2f}; "
+                 f"{min(s[a + ' worst'] for s in table):+.3f})" for a in arms]
+        lines.append(f"| mean of cohorts | | {statistics.mean(s['base'] for s in table):.3f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def bar_plot(table: list[dict], names: list, title: str, path: Path, figsize=(8, 4), fontsize: int = 8) -> None:

@@ -11,17 +11,13 @@ leave-one-cohort-out choice (docs/personalization.md, S22).
 """
 from __future__ import annotations
 
-import copy
 import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from common.engine.prune import fine_prune
 from common.engine.stop import RULES, Agreement, register
-from common.model.train import accuracy
-from common.settings import PruneConfig
 from simulations import cohort_study as CS
 
 TAUS = (0.005, 0.01, 0.02, 0.04)
@@ -55,34 +51,6 @@ for _t in TAUS:
 ARMS = {"default (agreement)": {}, **{f"soft {t:g}": {"stop_rule": f"soft-{t:g}"} for t in TAUS}}
 
 
-def run_cohort(name: str, users, arms: dict) -> list[dict]:
-    rows = []
-    for base, meta, u in users:
-        row = {"cohort": name, "user": u.user_id, "n": len(u.x), "base": accuracy(base, u.heldout_x, u.heldout_y)}
-        for arm, change in arms.items():
-            model = copy.deepcopy(base)
-            res = fine_prune(model, u.x, PruneConfig(**change), base_meta=meta)
-            row[arm] = accuracy(model, u.heldout_x, u.heldout_y)
-            row[f"{arm} sparsity"] = round(res.sparsity, 4)
-        rows.append(row)
-        print(f"  {name} {u.user_id} (n={row['n']}): base {row['base']:.3f}, "
-              + ", ".join(f"{a} {row[a]:.3f}@{row[a + ' sparsity']:.2f}" for a in arms), flush=True)
-    return rows
-
-
-def summarize(rows: list[dict], arms) -> list[dict]:
-    out = []
-    for c in dict.fromkeys(r["cohort"] for r in rows):
-        sel = [r for r in rows if r["cohort"] == c]
-        s = {"cohort": c, "users": len(sel), "base": statistics.mean(r["base"] for r in sel)}
-        for a in arms:
-            s[a] = statistics.mean(r[a] for r in sel)
-            s[f"{a} sparsity"] = statistics.mean(r[f"{a} sparsity"] for r in sel)
-            s[f"{a} worst"] = min(r[a] - r["base"] for r in sel)
-        out.append(s)
-    return out
-
-
 def objective(s: dict, arm: str) -> float:
     """A cohort's score for an arm: its mean gain over the base, less every point its worst user
     falls more than 2 points below its base (the adapt study's objective)."""
@@ -103,16 +71,8 @@ def loco(table: list[dict], arms) -> list[dict]:
 
 
 def to_markdown(table: list[dict], arms, folds: list[dict]) -> str:
-    lines = ["# The stop rule with the reference class's probability watched (S22): mean held-out accuracy "
-             "(sparsity; worst user vs its base)", "",
-             "| cohort | users | base | " + " | ".join(arms) + " |", "|---|---|---|" + "---|" * len(arms)]
-    for s in table:
-        cells = [f"{s[a]:.3f} ({s[a + ' sparsity']:.2f}; {s[a + ' worst']:+.3f})" for a in arms]
-        lines.append(f"| {s['cohort']} | {s['users']} | {s['base']:.3f} | " + " | ".join(cells) + " |")
+    lines = CS.arms_table("The stop rule with the reference class's probability watched (S22)", table, arms)
     if len(table) > 1:
-        cells = [f"{statistics.mean(s[a] for s in table):.3f} ({statistics.mean(s[a + ' sparsity'] for s in table):.2f}; "
-                 f"{min(s[a + ' worst'] for s in table):+.3f})" for a in arms]
-        lines.append(f"| mean of cohorts | | {statistics.mean(s['base'] for s in table):.3f} | " + " | ".join(cells) + " |")
         lines += ["", "Leave one cohort out (the arm the other cohorts score best: mean gain less every point a "
                   "worst user falls more than 2 points below its base):", "",
                   "| held out | chosen | acc | sparsity | worst user |", "|---|---|---|---|---|"]
@@ -123,14 +83,11 @@ def to_markdown(table: list[dict], arms, folds: list[dict]) -> str:
 
 def main(argv=None):
     p = CS.parser("python -m simulations.stop_rule_study", __doc__)
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of: {', '.join(ARMS)}")
+    CS.add_arms(p, ARMS)
     a = p.parse_args(argv)
-    names = [k.strip() for k in a.arms.split(",") if k.strip()]
-    if bad := [k for k in names if k not in ARMS]:
-        raise SystemExit(f"unknown arm '{bad[0]}' (choose from: {', '.join(ARMS)})")
-    arms = {k: ARMS[k] for k in names}
-    rows = CS.run(a, lambda c, users: run_cohort(c, users, arms))
-    table = summarize(rows, arms)
+    arms = CS.chosen_arms(a.arms, ARMS)
+    rows = CS.run(a, lambda c, users: CS.run_arms(c, users, arms))
+    table = CS.summarize(rows, arms)
     folds = loco(table, arms) if len(table) > 1 else []
     CS.write(Path(a.out), "stop_rule", rows, table, to_markdown(table, arms, folds))
     CS.bar_plot(table, ["base", *arms], "The stop rule with and without the reference class's probability watched",

@@ -82,7 +82,7 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
         else:
             stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs, classes=need_classes,
                                           means=means)
-            first = None
+            first = first_bn = None
     feats = cap.features(first)
     clock.lap("statistics pass")
     # inputs unlike anything the base was trained on get no irreversible cut: no pruning, no
@@ -97,8 +97,8 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
         info.update(check)
         if mode == "stem":  # the statistics pass again, on the model as it is kept: usage measured on
             # the network whose class mix full recalibration absorbed ranks the wrong connections
-            if PR.KEEP_INPUT_SIDE:
-                fold, first = fold and len(x) <= cfg.batch_size, None
+            if PR.KEEP_INPUT_SIDE:  # no probe first: no reference statistics from this pass
+                fold, first, first_bn = fold and len(x) <= cfg.batch_size, None, None
             with capture_features(model) as cap:
                 logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs,
                                                classes=need_classes, first=first, means=CP.compensating(cfg),
@@ -116,6 +116,4 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
         logits = F.linear(feats, last.weight.detach().float().cpu().flatten(1),
                           None if last.bias is None else last.bias.detach().float().cpu())
         clock.lap("head")
-    if first is None:
-        first_bn = None
     return Adapted(logits, stats, feats, recal, fold, searching and not unlike, unlike, head, info, extra, first_bn)
