@@ -130,13 +130,13 @@ class _Pending:
 class StatsCollector:
     """Context manager: attach hooks, run forward passes, read `.stats`."""
 
-    def __init__(self, model: nn.Module, outputs: bool = True, classes: bool = False, means: bool = False):
+    def __init__(self, model: nn.Module, outputs: bool = True, classes: bool = False, means: bool | set = False):
         """outputs=False skips mean activation and firing rate (only the firing scorer and the
         drift rule need them), which makes the pass noticeably cheaper. classes=True also sums
         each fully-connected layer's inputs per pseudo-class (the model's argmax for the batch);
         means=True (or a set of layer names: theirs) each layer's inputs over the samples."""
-        self.model = model
-        self.layers = prunable_layers(model)
+        self.model, self.layers = model, prunable_layers(model)
+        mean_of = self.layers.keys() if means is True else (means or ())  # the layers whose inputs are summed
         bn_after = following_batchnorm(model)
         mods = dict(model.named_modules())
         self.stats = UsageStats()
@@ -151,7 +151,7 @@ class StatsCollector:
             self.stats.layers[name] = st
             kept = _Pending(st)
             self._kept.append(kept)
-            self.handles.append(layer.register_forward_pre_hook(self._in_hook(st, kept, means is True or (bool(means) and name in means))))
+            self.handles.append(layer.register_forward_pre_hook(self._in_hook(st, kept, name in mean_of)))
             if classes and isinstance(layer, nn.Linear):
                 st.cls_sum = torch.zeros(0, w.shape[1], dtype=torch.float64, device=w.device)
                 st.cls_count = torch.zeros(0, dtype=torch.float64, device=w.device)
