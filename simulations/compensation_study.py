@@ -3,13 +3,14 @@
 pass's, moved by what the mask changes on the probe), and when candidates keep the input side's
 statistics from the statistics pass instead of re-estimating them on the probe (S20, not the
 default)? Every benchmark user is personalized by the default (S19 and S23) and its variants, at
-the label-free stop and at a fixed 0.7, beside the same adaptation with nothing pruned (what
-pruning costs), and scored on held-out labels.
+the label-free stop and at a fixed 0.7 (with and without paired statistics there, S25), beside the
+same adaptation with nothing pruned (what pruning costs; since S25 with the statistics pass's own
+statistics), and scored on held-out labels.
 
     python -m simulations.compensation_study --fsdd ../shared/data/fsdd --out runs/compensation
 
 Rows per cohort: mean accuracy and sparsity per arm, and each arm's worst user against its base
-(docs/personalization.md, S19, S20 and S23).
+(docs/personalization.md, S19, S20, S23 and S25).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ ARMS = {
     "S23 only": {"compensate": "off"},
     "input side kept (S20)": {"_keep": True, "paired_bn": False},
     "0.7": {"target_sparsity": 0.7},
+    "0.7 probe's own statistics": {"target_sparsity": 0.7, "paired_bn": False},
     "0.7 without compensate": {"target_sparsity": 0.7, "compensate": "off"},
     "0.7 input side kept": {"target_sparsity": 0.7, "_keep": True},
 }

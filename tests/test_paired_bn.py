@@ -64,11 +64,11 @@ def test_the_folded_reference_statistics_are_what_a_probe_pass_of_the_unpruned_m
         assert torch.allclose(folded[k], passed[k], rtol=1e-5, atol=1e-6), k
 
 
-def _kept_error(base, x, paired: bool):
+def _kept_error(base, x, paired: bool, **change):
     """The kept model's BatchNorm statistics against those the same pruned model has on all of
     the user's data (squared mean error in units of the true variance, summed over channels)."""
     model = copy.deepcopy(base)
-    res = fine_prune(model, x, PruneConfig(bn_adapt="full", head="linear", paired_bn=paired))
+    res = fine_prune(model, x, PruneConfig(bn_adapt="full", head="linear", paired_bn=paired, **change))
     truth = copy.deepcopy(base)
     res.mask.apply(truth)
     recalibrate_bn(truth, x, 256)
@@ -77,12 +77,15 @@ def _kept_error(base, x, paired: bool):
     return err, res.sparsity
 
 
-def test_paired_statistics_are_closer_than_the_probes_own_to_the_kept_models_on_all_the_data():
+@pytest.mark.parametrize("target", [None, 0.5])
+def test_paired_statistics_are_closer_than_the_probes_own_to_the_kept_models_on_all_the_data(target):
+    """At the label-free stop and at a fixed target (whose reference statistics come from the
+    statistics pass too: the probe is put first though no rule reads the reference's logits)."""
     wins = 0
     for seed in range(3):
         base, x = _base_and_data(seed)
-        paired, s1 = _kept_error(base, x, True)
-        own, s2 = _kept_error(base, x, False)
+        paired, s1 = _kept_error(base, x, True, target_sparsity=target)
+        own, s2 = _kept_error(base, x, False, target_sparsity=target)
         assert s1 == s2 > 0  # the same mask: pairing changes only the statistics it is kept with
         wins += paired < own
     assert wins == 3
@@ -111,3 +114,29 @@ def test_a_user_whose_mask_keeps_everything_keeps_the_statistics_pass_statistics
         # the same pass up to float rounding (the engine runs it in channels_last)
         assert torch.allclose(a.running_mean, b.running_mean, atol=1e-5)
         assert torch.allclose(a.running_var, b.running_var, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bn_adapt", ["full", "stem"])
+def test_a_target_of_zero_keeps_the_statistics_of_all_the_users_data_not_the_probes(bn_adapt):
+    """Nothing cut at a fixed target of 0: the model is the adaptation alone, its BatchNorm
+    statistics the statistics pass's over all of the user's data (once, a probe pass's: a quarter
+    of the data, the probe's sampling error in the kept model)."""
+    base, x = _base_and_data(2)
+    model = copy.deepcopy(base)
+    res = fine_prune(model, x, PruneConfig(bn_adapt=bn_adapt, head="linear", target_sparsity=0.0))
+    assert res.sparsity == 0
+    ref, probe_only = copy.deepcopy(base), copy.deepcopy(base)
+    if bn_adapt == "full":
+        recalibrate_bn(ref, x, 256)
+        recalibrate_bn(probe_only, x[PR.probe_pick(PruneConfig(), len(x))], 256)
+        pairs = zip(bn_layers(model), bn_layers(ref), bn_layers(probe_only))
+    else:  # the input side's statistics: its first layer follows the user, over all of the data
+        pairs = zip(bn_layers(model)[:1], bn_layers(ref)[:1], bn_layers(probe_only)[:1])
+    for kept, whole, probe in pairs:
+        if bn_adapt == "full":
+            assert torch.allclose(kept.running_mean, whole.running_mean, atol=1e-5)
+            assert torch.allclose(kept.running_var, whole.running_var, rtol=1e-4)
+            assert not torch.allclose(kept.running_mean, probe.running_mean, atol=1e-3)
+        else:
+            assert not torch.equal(kept.running_mean, base.bn1.running_mean)  # it followed the user
+    assert res.forward_samples == len(x)  # one statistics pass, no probe pass

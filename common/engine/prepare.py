@@ -66,7 +66,11 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
     keeps = mode == "stem" and PR.KEEP_INPUT_SIDE
     if keeps:
         fold = fold and len(x) <= cfg.batch_size
-    first = pick if fold and not keeps else None
+    # a fixed target's mask pairs its probe statistics with the reference's too (paired-bn): the
+    # probe put first gives the reference's for free, though no rule reads its logits
+    paired_target = (cfg.paired_bn and cfg.target_sparsity not in (None, 0) and cfg.recalibrate_bn
+                     and not cfg.base_stats and (len(x) - len(pick)) % cfg.batch_size != 1)
+    first = pick if (fold or paired_target) and not keeps else None
     # compensate needs the input means of the layers whose lost mean survives: under full
     # recalibration only those no BatchNorm follows (a stem pass below collects them all)
     means = CP.compensating(cfg) and (True if mode in ("stem", "none") else CP.unnormalized(model))

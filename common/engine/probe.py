@@ -204,20 +204,23 @@ class Probe:
 
     def keep(self, mask: Mask) -> None:
         """Leave the model pruned by `mask`, with the BatchNorm statistics of its probe pass
-        (one more pass over the probe where it was not probed, e.g. a fixed target)."""
+        (one more pass over the probe where it was not probed, e.g. a fixed target), paired with
+        the statistics pass's where the reference's probe statistics are known (paired-bn)."""
         self.load(mask)
         if self.estimates:
-            bn = self.bn.get(_bn_key(mask.sparsity()))
-            if bn is None:
+            key = _bn_key(mask.sparsity())
+            bn = self.bn.get(key)
+            own = bn is None
+            if own:
                 recalibrate_bn(self.model, self.x, self.cfg.batch_size, self.device, **self._recal())
                 self.samples += len(self.x)
                 self.clock.lap("final recalibration")
-            else:
-                # paired-bn (S23): the statistics pass's, moved by what the mask changes on the probe
-                if self.cfg.paired_bn and self.ref_bn is not None and _bn_key(mask.sparsity()) not in self.whole:
-                    bn = self._paired(bn)
+            # paired-bn (S23): the statistics pass's, moved by what the mask changes on the probe
+            if self.cfg.paired_bn and self.ref_bn is not None and key not in self.whole:
+                bn = self._paired(self.bn_live if own else bn)
+            if bn is not None:
                 torch._foreach_copy_([self.bn_live[k] for k in bn], list(bn.values()))
-                if self.targets and self.prior is not None:
+                if not own and self.targets and self.prior is not None:
                     # statistics borrowed from another mask (a back-off): a layer that keeps the
                     # base's statistics keeps them shifted by this mask's own lost mean
                     for t in self.targets:

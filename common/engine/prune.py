@@ -151,6 +151,12 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
         levels = schedule(cfg.step, cfg.max_sparsity, cfg.target_sparsity)
         mask = (masker(scores, dense, cfg.scope, scorer.structured, single=True)(levels[-1])
                 if cfg.target_sparsity != 0 and not a.unlike else dense)
+        if mask is dense and probe.estimates:
+            # nothing cut (a target of 0, inputs unlike the base's): the statistics pass's own
+            # statistics, all of the user's data, not a probe pass's
+            probe.reuse_start_bn(dense if restricted is None else apply_restriction(model, dense, restricted))
+        else:  # a fixed target's mask pairs its probe statistics with the reference's (paired-bn)
+            probe.folded_reference(a.first_bn)
         clock.lap("selection")
         reason = ("inputs unlike the base's training data: nothing pruned" if a.unlike
                   else f"reached target sparsity {cfg.target_sparsity:.3f}" if cfg.target_sparsity is not None
