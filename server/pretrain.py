@@ -12,9 +12,10 @@ from common.model.train import accuracy, train_supervised
 
 def pretrain(task_name: str, out, data=None, epochs=None, seed: int = 0, device: str = "cpu",
              exclude_speaker=None, vendor_frac: float = P.VENDOR_FRAC, progress=None, ds: D.Dataset | None = None,
-             indices=None) -> dict:
+             indices=None, arch_kwargs: dict | None = None) -> dict:
     """Train the task's base model on the vendor's labeled data and save it with its metadata.
-    `indices` = (train, test) overrides the default vendor split."""
+    `indices` = (train, test) overrides the default vendor split; `arch_kwargs` the task's model
+    arguments (e.g. {"batchnorm": False} for the digits CNN)."""
     import torch
 
     if not 0 < vendor_frac < 1:
@@ -23,7 +24,7 @@ def pretrain(task_name: str, out, data=None, epochs=None, seed: int = 0, device:
     ds = ds if ds is not None else load_task_data(task, data)
     tr, te = training_split(task.name, ds, seed, vendor_frac, exclude_speaker, indices)
     torch.manual_seed(seed)
-    kwargs = dict(task.arch_kwargs, num_classes=len(ds.classes))  # every architecture takes it
+    kwargs = dict(task.arch_kwargs, **(arch_kwargs or {}), num_classes=len(ds.classes))  # every one takes it
     model = build_model(task.arch, **kwargs)
     epochs = epochs or task.pretrain_epochs
     cost = train_supervised(model, ds.x[tr], ds.y[tr], epochs, lr=task.lr, seed=seed, device=device,
@@ -53,7 +54,7 @@ def add_vendor_record(path, ds: D.Dataset, train_idx) -> bool:
     from common.model.checkpoint import load_checkpoint
 
     model, meta, mask = load_checkpoint(path)
-    if "class_spread" in meta and "input_profile" in meta:
+    if all(k in meta for k in ("class_spread", "input_profile", "hidden_record")):
         return False
     idx = torch.as_tensor(train_idx)
     meta = dict(meta, **vendor_record(model, ds.x[idx], ds.y[idx]))

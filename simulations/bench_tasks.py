@@ -28,10 +28,14 @@ def _cached_pretrain(ck: Path, *args, **kw) -> dict | None:
     return pretrain(*args, **kw)
 
 
-def digits_task(out: Path, seed: int, n_users: int, epochs: int | None, style: bool = False):
+def digits_task(out: Path, seed: int, n_users: int, epochs: int | None, style: bool = False,
+                batchnorm: bool = True):
+    """Users of the digits CNN (`batchnorm` False: the same CNN without its BatchNorm layers):
+    n_users holding 2-3 classes, or with `style` the styled users."""
     ds = D.load_digits()
-    ck = out / "bases" / f"digits_s{seed}_e{epochs or 0}.pt"
-    _cached_pretrain(ck, "digits", ck, seed=seed, ds=ds, epochs=epochs)
+    ck = out / "bases" / f"digits{'' if batchnorm else '_nobn'}_s{seed}_e{epochs or 0}.pt"
+    _cached_pretrain(ck, "digits", ck, seed=seed, ds=ds, epochs=epochs,
+                     arch_kwargs=None if batchnorm else {"batchnorm": False})
     base, meta, _ = load_checkpoint(ck)
     if style:
         _, pool = P.vendor_and_pool("digits", ds, seed)
@@ -143,7 +147,8 @@ def resnet_few_task(out: Path, seed: int, n_users: int = 8, epochs: int = 6):
 
 
 # the benchmark's cohorts, in the order it runs them; the speech ones need the FSDD dataset
-COHORTS = ("digits", "digits-style", "resnet-few", "fsdd-loso", "fsdd-seen", "fsdd-cond", "fsdd-few")
+COHORTS = ("digits", "digits-style", "resnet-few", "fsdd-loso", "fsdd-seen", "fsdd-cond", "fsdd-few",
+           "digits-nobn", "digits-style-nobn")
 
 
 def cohort_users(name: str, out: Path, seed: int, ds: D.Dataset | None = None, digits_users: int = 10,
@@ -158,6 +163,8 @@ def cohort_users(name: str, out: Path, seed: int, ds: D.Dataset | None = None, d
         "fsdd-seen": lambda: fsdd_seen_task(out, ds, seed, fsdd_epochs, log),
         "fsdd-cond": lambda: fsdd_seen_task(out, ds, seed, fsdd_epochs, log, conditions=True),
         "fsdd-few": lambda: fsdd_loso_task(out, ds, seed, fsdd_epochs, log, few=True),
+        "digits-nobn": lambda: digits_task(out, seed, digits_users, digits_epochs, batchnorm=False),
+        "digits-style-nobn": lambda: digits_task(out, seed, digits_users, digits_epochs, style=True, batchnorm=False),
     }
     if name not in makers:
         raise ValueError(f"unknown cohort '{name}' (choose from: {', '.join(COHORTS)})")

@@ -1,9 +1,9 @@
 """Label-free adaptation that is safe under label shift: which BatchNorm statistics follow the
 user, decided per user without labels, and whether the user's inputs look like the base's at all.
 
-- The vendor records, with the base, what the device needs to tell a class mix from a shift:
-  per BatchNorm channel the share of its variance that lies between the classes (class_spread),
-  and the average input the model saw (input_profile).
+- The vendor records, with the base, what the device needs to tell a class mix from a shift: per
+  BatchNorm channel its between-class share of variance (class_spread), the average input the
+  model saw (input_profile), and the last hidden layer's moments (hidden_shift.py, S26).
 - A user holding a few classes moves the deep, class-specific channels; a new style, voice or
   room moves channels no class mix explains. Full recalibration (AdaBN) absorbs the class mix
   (ResNet18 users holding 2-3 classes: 0.98 -> 0.49); recalibrating only the channels whose move
@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.engine.bn import bn_layers
+from common.engine.bn import bn_layers, explained_weight
+from common.engine.hidden_shift import hidden_record
 from common.engine.stats import eta_squared
 from common.model.architectures import prunable_layers
 from common.model.batches import BATCH_SIZE
@@ -90,7 +91,8 @@ def vendor_record(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     """What a base checkpoint carries for the device (model metadata, JSON-able and small)."""
     prof = input_profile(model, x)
     return {"class_spread": [[round(float(v), 4) for v in t] for t in class_spread(model, x, y)],
-            "input_profile": {"shape": list(prof.shape), "values": [round(float(v), 5) for v in prof.flatten()]}}
+            "input_profile": {"shape": list(prof.shape), "values": [round(float(v), 5) for v in prof.flatten()]},
+            **hidden_record(model, x, y)}
 
 
 # ---------------------------------------------------------------- device side
@@ -147,8 +149,6 @@ def deep_shift(full: list, prior: list, spread: list, n_stem: int, kappa: float 
     a few classes of the base's own kind of input moves them little (ResNet18 users of 2-3 classes:
     0.015-0.068, full recalibration costs them 7-81 points); a new room, voice or style moves them
     much (0.18-0.88 on the benchmark's speech and styled users, where full recalibration gains)."""
-    from common.engine.bn import explained_weight
-
     ws = [explained_weight(mu, var, mb.to(mu), vb.to(var), sp, kappa)
           for (mu, var), (mb, vb), sp in list(zip(full, prior, spread))[n_stem:]]
     return float(torch.cat(ws).mean()) if ws else None

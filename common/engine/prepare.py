@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from common.engine import adapt as AD
 from common.engine import compensate as CP
+from common.engine import hidden_shift as HS
 from common.engine import probe as PR
 from common.engine.bn import bn_layers, bn_prior, recalibrate_bn
 from common.engine.bn_check import check_full, stem_recal
@@ -77,7 +78,10 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
     # the probe in one batch first: its BatchNorm statistics are the reference's probe pass's, which
     # the kept mask's are paired with (paired-bn)
     first_bn = [] if first is not None and len(first) <= cfg.batch_size else None
-    with capture_features(model) as cap, AD.FirstLayerInputs(model) as inputs:
+    # head auto on features that cannot follow the user: the last hidden layer's moments (S26)
+    hidden_check = cfg.head == "auto" and not recalibrating
+    with capture_features(model) as cap, AD.FirstLayerInputs(model) as inputs, \
+            HS.HiddenMoments(model, hidden_check) as hidden:
         if cfg.recalibrate_bn and not cfg.base_stats:
             # under a domain shift the base's own activations mislead the ranking: usage is
             # measured on the network the same pass adapts
@@ -113,7 +117,15 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
     info["bn"] = mode
     # the output layer from the user's features of the unpruned adapted model (the statistics
     # pass's: no pass of its own)
-    info["head"] = head = choose_head(cfg.head, logits, cfg.prototype_min_support, cfg.head_min_support)
+    head = choose_head(cfg.head, logits, cfg.prototype_min_support, cfg.head_min_support)
+    if hidden_check and head != "linear":
+        # prototypes of pseudo-labels on features that moved beyond the class mix, with nothing to
+        # bring them back, learn the base's errors; without the vendor's record nothing tells
+        shift = hidden.shift(HS.record_for(model, base_meta), AD.KAPPA)
+        info["hidden_shift"] = None if shift is None else round(shift, 4)
+        if shift is None or shift >= AD.DEEP_SHIFT:
+            head = "linear"
+    info["head"] = head
     if HEADS[head].write is not None:
         last = list(prunable_layers(model).values())[-1]
         HEADS[head].write(last, feats, logits)

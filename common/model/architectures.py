@@ -11,16 +11,18 @@ import torchaudio
 
 
 class SmallCNN(nn.Module):
-    """CNN for 8x8 grey images (scikit-learn digits)."""
+    """CNN for 8x8 grey images (scikit-learn digits); `batchnorm=False` builds it without its two
+    BatchNorm layers (a network whose features cannot follow a user by recalibration)."""
 
     def __init__(self, num_classes: int = 10, widths: tuple = (16, 32, 64), in_channels: int = 1,
-                 image_size: int = 8):
+                 image_size: int = 8, batchnorm: bool = True):
         super().__init__()
         c1, c2, h = widths
+        norm = nn.BatchNorm2d if batchnorm else (lambda _c: nn.Identity())
         self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(c1)
+        self.bn1 = norm(c1)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(c2)
+        self.bn2 = norm(c2)
         self.pool = nn.MaxPool2d(2)
         self.fc1 = nn.Linear(c2 * (image_size // 2) ** 2, h)
         self.fc2 = nn.Linear(h, num_classes)

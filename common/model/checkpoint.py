@@ -30,15 +30,15 @@ class CheckpointError(ValueError):
 # What a device needs to rebuild and feed a model: the one list of a checkpoint's model metadata
 MODEL_META = ("arch", "arch_kwargs", "task", "classes", "features")
 # What the vendor may record beside it for the device's adaptation checks (common/engine/adapt.py): optional
-VENDOR_META = ("class_spread", "input_profile")
-VENDOR_LIMITS = {"spread_values": 200_000, "profile_values": 65_536}
+VENDOR_META = ("class_spread", "input_profile", "hidden_record")
+VENDOR_LIMITS = {"spread_values": 200_000, "profile_values": 65_536, "hidden_values": 65_536}
 
 
 # What a device accepts from model metadata it did not make (a server's message, a downloaded
 # checkpoint): every size bounded before anything is allocated, no paths on this device named.
 LIMITS = {"widths": 4096, "num_classes": 10_000, "n_mels": 256, "image_size": 1024, "seconds": 30,
           "checkpoint_bytes": 1 << 30}
-ARCH_KEYS = {"smallcnn": {"num_classes", "widths", "in_channels", "image_size"},
+ARCH_KEYS = {"smallcnn": {"num_classes", "widths", "in_channels", "image_size", "batchnorm"},
              "kws": {"num_classes", "widths", "sample_rate", "n_mels", "clip_samples"},
              "resnet18": {"num_classes"}, "resnet50": {"num_classes"}}
 RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
@@ -60,6 +60,8 @@ def check_model_meta(meta: dict) -> dict:
     _count("num_classes", kw.get("num_classes", 10), LIMITS["num_classes"])
     _count("n_mels", kw.get("n_mels", 40), LIMITS["n_mels"])
     _count("in_channels", kw.get("in_channels", 1), 3)
+    if not isinstance(kw.get("batchnorm", True), bool):
+        raise CheckpointError(f"model metadata batchnorm={kw.get('batchnorm')!r} is not true or false")
     if kw.get("sample_rate", 8000) not in RATES:
         raise CheckpointError(f"model metadata sample_rate={kw.get('sample_rate')!r} is not one of {RATES}")
     check_features(feat)
@@ -128,6 +130,16 @@ def _check_vendor_record(meta: dict) -> None:
                       for d in shape) and math.prod(shape) <= VENDOR_LIMITS["profile_values"])
         if not (ok and _numbers(prof.get("values")) and len(prof["values"]) == math.prod(shape)):
             raise CheckpointError("model metadata input_profile is not a shape and its numbers")
+    hid = meta.get("hidden_record")
+    if hid is not None:
+        keys = ("mean", "var", "spread")
+        ok = isinstance(hid, dict) and set(hid) == {"layer", *keys} and isinstance(hid["layer"], str) \
+            and len(hid["layer"]) <= 200 and all(isinstance(hid[k], list) for k in keys)
+        if not (ok and 1 <= len(hid["mean"]) <= VENDOR_LIMITS["hidden_values"]
+                and len({len(hid[k]) for k in keys}) == 1 and _numbers(hid["mean"])
+                and _numbers(hid["var"], 0.0) and _numbers(hid["spread"], 0.0, 1.0)):
+            raise CheckpointError("model metadata hidden_record is not a layer name and its channels' mean, "
+                                  "variance and class spread")
 
 
 def check_model_fits(model: nn.Module, meta: dict, where: str) -> None:

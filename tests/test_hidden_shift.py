@@ -1,0 +1,147 @@
+"""Head auto on a network whose features cannot follow the user (no BatchNorm, S26): prototypes of
+pseudo-labels only where the last hidden layer moved no further than the user's class mix; a
+covariate-shifted user keeps the base's output layer and is not made worse, a user holding a few
+classes keeps the prototypes' gain; without the vendor's record the base's layer stays; the record
+travels checked."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from common.data import partition as PT
+from common.engine.adapt import DEEP_SHIFT, vendor_record
+from common.engine.hidden_shift import hidden_layer, record_for
+from common.engine.prune import fine_prune
+from common.model.architectures import build_model
+from common.model.train import accuracy, train_supervised
+from common.settings import PruneConfig
+
+K, D = 10, 16
+
+
+@pytest.fixture(scope="module")
+def gaussian_nobn():
+    """Ten Gaussian classes in 16 dimensions and an MLP without BatchNorm trained on them (seconds)."""
+    gen = torch.Generator().manual_seed(0)
+    means = torch.randn(K, D, generator=gen) * 1.5
+
+    def sample(classes, n, g):
+        y = torch.tensor(classes)[torch.randint(len(classes), (n,), generator=g)]
+        return means[y] + torch.randn(n, D, generator=g), y
+
+    x, y = sample(list(range(K)), 3000, gen)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(D, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
+                         nn.Linear(48, K))
+    train_supervised(base, x, y, epochs=15, lr=3e-3, batch_size=128)
+    return base.eval(), vendor_record(base, x, y), sample
+
+
+@pytest.fixture(scope="module")
+def digits_nobn(digits, digits_split):
+    """The digits CNN without BatchNorm, trained on the vendor's half, with its record."""
+    vend, _ = digits_split
+    torch.manual_seed(0)
+    m = build_model("smallcnn", num_classes=10, batchnorm=False)
+    train_supervised(m, digits.x[vend], digits.y[vend], epochs=15, lr=3e-3)
+    return m.eval(), vendor_record(m, digits.x[vend], digits.y[vend])
+
+
+def test_covariate_shifted_users_of_a_batchnorm_free_network_keep_the_base_layer_where_prototypes_hurt(
+        gaussian_nobn):
+    base, meta, sample = gaussian_nobn
+    hurt = []
+    for seed in range(4):
+        g = torch.Generator().manual_seed(10 + seed)
+        a, b = torch.eye(D) + 0.6 * torch.randn(D, D, generator=g), torch.randn(D, generator=g)
+        (xu, _), (xh, yh) = sample(list(range(K)), 120, g), sample(list(range(K)), 60, g)
+        xu, xh = xu @ a + b, xh @ a + b  # every class, seen through another sensor
+        base_acc = accuracy(base, xh, yh)
+        model = copy.deepcopy(base)
+        res = fine_prune(model, xu, PruneConfig(), base_meta=meta)
+        assert res.adaptation["head"] == "linear" and res.adaptation["hidden_shift"] >= DEEP_SHIFT
+        assert accuracy(model, xh, yh) >= base_acc - 0.02
+        forced = copy.deepcopy(base)  # what the check keeps these users from
+        fine_prune(forced, xu, PruneConfig(head="prototypes"), base_meta=meta)
+        hurt.append(accuracy(forced, xh, yh) - base_acc)
+    assert min(hurt) < -0.05, hurt
+
+
+def _few_class_user(digits, pool, classes, seed):
+    rng = np.random.default_rng(seed)
+    idx = np.asarray([i for i in pool if int(digits.y[i]) in classes])
+    own, held = PT.split_heldout(idx, 0.3, rng)
+    return digits.x[own], digits.x[held], digits.y[held]
+
+
+def test_users_holding_a_few_classes_of_a_batchnorm_free_network_keep_the_prototypes(digits, digits_split,
+                                                                                      digits_nobn):
+    base, meta = digits_nobn
+    _, pool = digits_split
+    for seed, classes in enumerate([(1, 7), (3, 5, 8), (0, 6, 9)]):
+        xu, xh, yh = _few_class_user(digits, pool, classes, seed)
+        model = copy.deepcopy(base)
+        res = fine_prune(model, xu, PruneConfig(), base_meta=meta)
+        assert res.adaptation["head"] == "prototypes", (classes, res.adaptation)
+        assert res.adaptation["hidden_shift"] < DEEP_SHIFT
+        assert accuracy(model, xh, yh) >= accuracy(base, xh, yh) - 0.02
+
+
+def test_without_the_vendors_record_a_batchnorm_free_network_keeps_the_base_layer(digits, digits_split, digits_nobn):
+    base, meta = digits_nobn
+    _, pool = digits_split
+    xu, _, _ = _few_class_user(digits, pool, (1, 7), 0)
+    res = fine_prune(copy.deepcopy(base), xu, PruneConfig(), base_meta={k: v for k, v in meta.items()
+                                                                          if k != "hidden_record"})
+    assert res.adaptation["head"] == "linear" and res.adaptation["hidden_shift"] is None
+    # a record of another model's layer is no record
+    res = fine_prune(copy.deepcopy(base), xu, PruneConfig(),
+                     base_meta=dict(meta, hidden_record=dict(meta["hidden_record"], layer="conv2")))
+    assert res.adaptation["head"] == "linear"
+
+
+def test_a_batchnorm_network_that_recalibrates_is_not_checked_but_one_that_does_not_is(digits_base, digits,
+                                                                                       digits_split):
+    vend, pool = digits_split
+    meta = vendor_record(digits_base, digits.x[vend], digits.y[vend])
+    xu, _, _ = _few_class_user(digits, pool, (1, 7), 0)
+    res = fine_prune(copy.deepcopy(digits_base), xu, PruneConfig(), base_meta=meta)
+    assert "hidden_shift" not in res.adaptation  # its features follow the user (bn-adapt auto)
+    res = fine_prune(copy.deepcopy(digits_base), xu, PruneConfig(recalibrate_bn=False), base_meta=meta)
+    assert "hidden_shift" in res.adaptation
+
+
+def test_the_record_names_the_last_hidden_layer_and_fits_only_it(digits_nobn):
+    base, meta = digits_nobn
+    rec = meta["hidden_record"]
+    assert rec["layer"] == hidden_layer(base) == "fc1"
+    assert len(rec["mean"]) == len(rec["var"]) == len(rec["spread"]) == base.fc1.out_features
+    assert all(0 <= v <= 1 for v in rec["spread"]) and all(v >= 0 for v in rec["var"])
+    assert record_for(base, meta) is not None
+    assert record_for(base, dict(meta, hidden_record=dict(rec, mean=rec["mean"][:-1]))) is None
+    assert record_for(base, None) is None
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize("record", [
+    {"layer": "fc1", "mean": [0.0, 1.0], "var": [1.0, 1.0], "spread": [0.5, 1.5]},   # spread above 1
+    {"layer": "fc1", "mean": [0.0, 1.0], "var": [-1.0, 1.0], "spread": [0.5, 0.5]},  # negative variance
+    {"layer": "fc1", "mean": [0.0], "var": [1.0, 1.0], "spread": [0.5, 0.5]},        # lengths differ
+    {"layer": "fc1", "mean": [0.0] * 70_000, "var": [1.0] * 70_000, "spread": [0.5] * 70_000},
+    {"layer": "fc1", "mean": [float("nan")], "var": [1.0], "spread": [0.5]},
+    {"layer": "x" * 300, "mean": [0.0], "var": [1.0], "spread": [0.5]},
+    {"layer": "fc1", "mean": [0.0], "var": [1.0], "spread": [0.5], "extra": 1},
+    "everything",
+])
+def test_a_malformed_hidden_record_from_the_other_side_is_refused(record):
+    from common.model.checkpoint import CheckpointError, check_model_meta
+
+    meta = {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10, "batchnorm": False}, "task": "digits",
+            "classes": [str(i) for i in range(10)], "features": {"kind": "image", "image_size": 8, "channels": 1}}
+    assert check_model_meta(meta)["arch_kwargs"]["batchnorm"] is False
+    with pytest.raises(CheckpointError, match="hidden_record"):
+        check_model_meta(dict(meta, hidden_record=record))
+    with pytest.raises(CheckpointError, match="batchnorm"):
+        check_model_meta(dict(meta, arch_kwargs={"num_classes": 10, "batchnorm": "no"}))
