@@ -104,11 +104,13 @@ def resnet_input(x: torch.Tensor, size: int = RESNET_SIZE) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def resnet_few_task(out: Path, seed: int, n_users: int = 8, epochs: int = 6):
+def resnet_few_task(out: Path, seed: int, n_users: int = 8, epochs: int = 6, style: bool = False):
     """ResNet18 (BatchNorm after every convolution) trained by the vendor on white-on-black digits
     at 32x32, RGB; each user holds 2-3 classes (label shift), and every other user writes in a
     colour of their own (ink and paper drawn per user, never inverted: the covariate shift on top).
-    The few-class users whose statistics full BatchNorm recalibration absorbs."""
+    The few-class users whose statistics full BatchNorm recalibration absorbs. `style`: other
+    users (another draw), each also writing in a style of its own (thick strokes, blur, low
+    contrast, rotation: a font), the shift that lives past the input side."""
     from common.engine.adapt import vendor_record
     from common.model.architectures import build_model
     from common.model.checkpoint import save_checkpoint
@@ -130,25 +132,29 @@ def resnet_few_task(out: Path, seed: int, n_users: int = 8, epochs: int = 6):
         save_checkpoint(ck, model, meta)
     base, meta, _ = load_checkpoint(ck)
     sub = ds.subset(pool)
-    rng = np.random.default_rng(seed + 1)
+    draw = seed + (100 if style else 1)
+    rng = np.random.default_rng(draw)
     users = []
-    for i, g in enumerate(PT.partition_class_subsets(sub.y.numpy(), n_users, (2, 3), seed + 1)):
+    for i, g in enumerate(PT.partition_class_subsets(sub.y.numpy(), n_users, (2, 3), draw)):
         pers, ev = PT.split_heldout(np.asarray(g), 0.3, rng)
         p, e = torch.as_tensor(np.asarray(pers)), torch.as_tensor(np.asarray(ev))
+        st = CO.image_style(CO.IMAGE_STYLES[i % len(CO.IMAGE_STYLES)], rng) if style else None
+        font = (lambda x, st=st: CO.apply_image(x, st)) if style else (lambda x: x)  # noqa: E731
         if i % 2:
             ink = rng.uniform(0.5, 1.0, 3).tolist()
             paper = (rng.uniform(0.0, 0.3, 3)).tolist()
-            look = lambda x, ink=ink, paper=paper: colour_images(resnet_input(x), ink, paper)  # noqa: E731
+            look = lambda x, ink=ink, paper=paper, f=font: colour_images(resnet_input(f(x)), ink, paper)  # noqa: E731
             uid = f"user{i}:ink{''.join(f'{v:.1f}' for v in ink)}"
         else:
-            look, uid = grey, f"user{i}"
+            look, uid = (lambda x, f=font: grey(f(x))), f"user{i}"  # noqa: E731
+        uid = f"user{i}:{CO._fmt(st)}" + uid[len(f"user{i}"):] if style else uid
         users.append((base, meta, BenchUser(uid, look(sub.x[p]), sub.y[p], look(sub.x[e]), sub.y[e])))
     return users
 
 
 # the benchmark's cohorts, in the order it runs them; the speech ones need the FSDD dataset
 COHORTS = ("digits", "digits-style", "resnet-few", "fsdd-loso", "fsdd-seen", "fsdd-cond", "fsdd-few",
-           "digits-nobn", "digits-style-nobn")
+           "digits-nobn", "digits-style-nobn", "resnet-style")
 
 
 def cohort_users(name: str, out: Path, seed: int, ds: D.Dataset | None = None, digits_users: int = 10,
@@ -159,6 +165,7 @@ def cohort_users(name: str, out: Path, seed: int, ds: D.Dataset | None = None, d
         "digits": lambda: digits_task(out, seed, digits_users, digits_epochs),
         "digits-style": lambda: digits_task(out, seed, digits_users, digits_epochs, style=True),
         "resnet-few": lambda: resnet_few_task(out, seed),
+        "resnet-style": lambda: resnet_few_task(out, seed, style=True),
         "fsdd-loso": lambda: fsdd_loso_task(out, ds, seed, fsdd_epochs, log),
         "fsdd-seen": lambda: fsdd_seen_task(out, ds, seed, fsdd_epochs, log),
         "fsdd-cond": lambda: fsdd_seen_task(out, ds, seed, fsdd_epochs, log, conditions=True),

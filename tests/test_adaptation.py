@@ -12,7 +12,7 @@ from common.data import partition as PT
 from common.data import readers as D
 from common.engine.prune import fine_prune, personalized_model
 from common.engine.scoring import get_scorer
-from common.model.train import accuracy
+from common.model.train import accuracy, train_supervised
 from common.settings import PruneConfig
 from simulations import baselines as BL
 from simulations import cohorts as CO
@@ -265,3 +265,12 @@ def test_restriction_after_adaptation_keeps_every_class_a_styled_user_has(digits
         absent += 10 - len(have)
         absent_kept += len(set(r.restricted_classes) - have)
     assert absent_kept < 0.2 * absent
+
+
+def test_training_skips_a_last_batch_of_one_that_batchnorm_cannot_train_on():
+    """The backprop baselines train on a user's few samples: 33 in batches of 32 left a batch of one,
+    which BatchNorm cannot normalize where a map is 1x1 (ResNet18 at 32x32)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(33, 4), torch.randint(3, (33,))
+    cost = train_supervised(model, x, y, epochs=2, batch_size=32)
+    assert cost["forward_samples"] == 2 * 32

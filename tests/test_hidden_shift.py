@@ -145,3 +145,4 @@ def test_a_malformed_hidden_record_from_the_other_side_is_refused(record):
         check_model_meta(dict(meta, hidden_record=record))
     with pytest.raises(CheckpointError, match="batchnorm"):
         check_model_meta(dict(meta, arch_kwargs={"num_classes": 10, "batchnorm": "no"}))
+

@@ -233,3 +233,58 @@ def test_a_backed_off_mask_keeps_batchnorm_statistics_of_its_own_under_full_reca
     for kept, fresh in zip(bn_layers(m), bn_layers(own)):
         assert torch.allclose(kept.running_mean, fresh.running_mean, atol=1e-5)
         assert torch.allclose(kept.running_var, fresh.running_var, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def resnet16():
+    """torchvision's ResNet18 (BatchNorm after every convolution) trained on grey digits at 16x16
+    for three epochs (seconds), with its vendor record."""
+    import torch.nn.functional as F
+
+    from common.data import partition as PT
+    from common.data import readers as D
+    from common.model.architectures import build_model
+
+    ds = D.load_digits()
+    vend, pool = PT.vendor_user_split(len(ds), 0.5, 0)
+    grey = lambda x: F.interpolate(x, size=16, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)  # noqa: E731
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same base on every machine
+    try:
+        torch.manual_seed(0)
+        model = build_model("resnet18", num_classes=10)
+        train_supervised(model, grey(ds.x[vend]), ds.y[vend], epochs=3, lr=3e-3)
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    return model, vendor_record(model, grey(ds.x[vend]), ds.y[vend]), ds, pool, grey
+
+
+def test_where_recalibrating_the_input_side_moves_the_kept_layers_away_none_follows_and_no_user_is_made_worse(
+        resnet16):
+    """S27: few-class users writing in thick strokes on a BatchNorm-heavy network: full
+    recalibration fails the check, and the input side's recalibration moves the layers that keep
+    the base's statistics further from them; then no layer follows, the base's output layer stays,
+    and the user keeps its base's accuracy where the input side's recalibration costs it."""
+    from common.data import partition as PT
+
+    base, meta, ds, pool, grey = resnet16
+    rng = np.random.default_rng(5)
+    took_none, stem_cost = [], []
+    for i, g in enumerate(PT.partition_class_subsets(ds.y[pool].numpy(), 8, (2, 3), 5)[:1]):
+        own, held = PT.split_heldout(np.asarray(pool)[np.asarray(g)], 0.3, rng)
+        style = CO.image_style("thick", rng)
+        xu, xh, yh = grey(CO.apply_image(ds.x[own], style)), grey(CO.apply_image(ds.x[held], style)), ds.y[held]
+        model = copy.deepcopy(base)
+        a = fine_prune(model, xu, PruneConfig(), base_meta=meta).adaptation
+        assert a.get("kept_shift_stem") is not None, a  # the check failed: the input side was tested
+        assert (a["bn"] == "none") == (a["kept_shift_stem"] >= a["kept_shift_none"])
+        if a["bn"] == "none":
+            assert a["head"] == "linear"
+            acc = accuracy(model, xh, yh)
+            assert acc >= accuracy(base, xh, yh) - 0.02
+            stem = copy.deepcopy(base)
+            fine_prune(stem, xu, PruneConfig(bn_adapt="stem"), base_meta=meta)
+            took_none.append(i)
+            stem_cost.append(accuracy(stem, xh, yh) - acc)
+    assert took_none and min(stem_cost) < -0.05, (took_none, stem_cost)

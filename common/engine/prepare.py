@@ -103,8 +103,8 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
     if mode == "auto":
         mode, recal, check, extra = check_full(model, x, pick, logits, prior, spread, cfg, device)
         info.update(check)
-        if mode == "stem":  # the statistics pass again, on the model as it is kept: usage measured on
-            # the network whose class mix full recalibration absorbed ranks the wrong connections
+        if mode in ("stem", "none"):  # the statistics pass again, on the model as it is kept: usage
+            # measured on the network whose class mix full recalibration absorbed ranks the wrong connections
             if PR.KEEP_INPUT_SIDE:  # no probe first: no reference statistics from this pass
                 fold, first, first_bn = fold and len(x) <= cfg.batch_size, None, None
             with capture_features(model) as cap:
@@ -118,7 +118,9 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
     # the output layer from the user's features of the unpruned adapted model (the statistics
     # pass's: no pass of its own)
     head = choose_head(cfg.head, logits, cfg.prototype_min_support, cfg.head_min_support)
-    if hidden_check and head != "linear":
+    if mode == "none" and cfg.head == "auto" and info.get("kept_shift_none") is not None:
+        head = "linear"  # S27: the deep layers moved beyond the class mix and none follows (as S26)
+    elif hidden_check and head != "linear":
         # prototypes of pseudo-labels on features that moved beyond the class mix, with nothing to
         # bring them back, learn the base's errors; without the vendor's record nothing tells
         shift = hidden.shift(HS.record_for(model, base_meta), AD.KAPPA)

@@ -25,6 +25,8 @@ def train_supervised(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
         order = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), batch_size):
             idx = order[i:i + batch_size]
+            if len(idx) < 2 < len(x):  # BatchNorm cannot train on one sample where a map is 1x1
+                continue
             xb, yb = x[idx].to(device), y[idx].to(device)
             if augment is not None:
                 xb = augment(xb, gen)
