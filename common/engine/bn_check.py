@@ -39,7 +39,7 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device):
     # the input side follows only where that brings the layers keeping the base's statistics
     # closer to them than they are without it (S27); else no layer follows
     stem, none = stem_recal(model, prior, spread), none_recal(prior)
-    kept = {k: AD.deep_shift(_moments(model, xp, r, cfg, device), prior, spread, AD.stem_count(model))
+    kept = {k: AD.deep_shift(_moments(model, xp, r, device), prior, spread, AD.stem_count(model))
             for k, r in (("stem", stem), ("none", none))}
     check.update({f"kept_shift_{k}": round(v, 4) for k, v in kept.items()})
     if kept["stem"] >= kept["none"]:
@@ -47,7 +47,7 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device):
     return "stem", stem, check, 3 * len(xp)
 
 
-def _moments(model, xp, recal, cfg, device) -> list:
+def _moments(model, xp, recal, device) -> list:
     """Each BatchNorm layer's input mean and variance over `xp` (samples and positions), the model
     recalibrated as `recal` says (its running statistics are left as that pass sets them)."""
     got = []
