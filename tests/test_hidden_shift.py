@@ -17,21 +17,13 @@ from common.engine.prune import fine_prune
 from common.model.architectures import build_model
 from common.model.train import accuracy, train_supervised
 from common.settings import PruneConfig
-
-K, D = 10, 16
+from tests.test_safe_default import D, K, gaussian_classes
 
 
 @pytest.fixture(scope="module")
 def gaussian_nobn():
     """Ten Gaussian classes in 16 dimensions and an MLP without BatchNorm trained on them (seconds)."""
-    gen = torch.Generator().manual_seed(0)
-    means = torch.randn(K, D, generator=gen) * 1.5
-
-    def sample(classes, n, g):
-        y = torch.tensor(classes)[torch.randint(len(classes), (n,), generator=g)]
-        return means[y] + torch.randn(n, D, generator=g), y
-
-    x, y = sample(list(range(K)), 3000, gen)
+    x, y, sample = gaussian_classes()
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(D, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
                          nn.Linear(48, K))

@@ -31,9 +31,9 @@ def _mlp():
     return nn.Sequential(*layers, nn.Linear(w, K))
 
 
-@pytest.fixture(scope="module")
-def gaussian_task():
-    """Ten Gaussian classes in 16 dimensions and a BatchNorm MLP trained on all of them (seconds)."""
+def gaussian_classes():
+    """Ten Gaussian classes in 16 dimensions: 3000 vendor samples of all of them, and
+    sample(classes, n, generator) for a user's."""
     gen = torch.Generator().manual_seed(0)
     means = torch.randn(K, D, generator=gen) * 1.5
 
@@ -42,6 +42,13 @@ def gaussian_task():
         return means[y] + torch.randn(n, D, generator=g), y
 
     x, y = sample(list(range(K)), 3000, gen)
+    return x, y, sample
+
+
+@pytest.fixture(scope="module")
+def gaussian_task():
+    """Ten Gaussian classes in 16 dimensions and a BatchNorm MLP trained on all of them (seconds)."""
+    x, y, sample = gaussian_classes()
     torch.manual_seed(0)
     base = _mlp()
     train_supervised(base, x, y, epochs=15, lr=3e-3, batch_size=128)

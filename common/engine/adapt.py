@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.engine.bn import bn_layers, explained_weight
-from common.engine.hidden_shift import hidden_record
+from common.engine.hidden_shift import hidden_record, over_labelled
 from common.engine.stats import eta_squared
 from common.model.architectures import prunable_layers
 from common.model.batches import BATCH_SIZE
@@ -41,27 +41,18 @@ def class_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: i
     bns = bn_layers(model)
     n_cls = int(y.max()) + 1
     acc = [None] * len(bns)
-    cur = {}
 
     def hook(i):
-        def pre(_m, args):
-            h = args[0].float()
+        def add(labels, h):
+            h = h.float()
             per = h.mean(tuple(range(2, h.dim()))) if h.dim() > 2 else h  # (N, C)
             sq = (h ** 2).mean(tuple(range(2, h.dim()))) if h.dim() > 2 else h ** 2
-            onehot = F.one_hot(cur["y"], n_cls).float()
+            onehot = F.one_hot(labels, n_cls).float()
             s = [onehot.T @ per, onehot.T @ sq, onehot.sum(0)]
             acc[i] = s if acc[i] is None else [a + b for a, b in zip(acc[i], s)]
-        return pre
+        return add
 
-    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(bns)]
-    model.eval()
-    try:
-        for i in range(0, len(x), batch_size):
-            cur["y"] = y[i:i + batch_size]
-            model(x[i:i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
+    over_labelled(model, x, y, {m: hook(i) for i, m in enumerate(bns)}, outputs=False, batch_size=batch_size)
     return acc
 
 

@@ -40,30 +40,45 @@ def _moments(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def hidden_record(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = BATCH_SIZE) -> dict:
-    """The vendor's side (labels allowed): the last hidden layer's name and, per output channel
-    over the vendor's data in eval mode, mean, variance (samples and positions) and eta^2; {}
-    for a model with no hidden layer."""
-    name = hidden_layer(model)
-    if name is None:
-        return {}
-    n_cls = int(y.max()) + 1
-    acc, cur = {}, {}
+def over_labelled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, hooks: dict, outputs: bool,
+                  batch_size: int = BATCH_SIZE) -> None:
+    """The vendor's side (labels allowed): `model` over the vendor's data in eval mode, batch by
+    batch, each module of `hooks` calling its function with (that batch's labels, the module's
+    input, or its output where `outputs`). Both vendor records are summed this way."""
+    cur = {}
 
-    def hook(_m, _args, out):
-        per, sq = _moments(out)
-        onehot = F.one_hot(cur["y"], n_cls).float()
-        for k, v in (("cls", onehot.T @ per), ("sq", sq.sum(0)), ("cnt", onehot.sum(0)), ("s1", per.sum(0))):
-            acc[k] = v if k not in acc else acc[k] + v
+    def hook(add):
+        return (lambda _m, _args, out: add(cur["y"], out)) if outputs else (lambda _m, args: add(cur["y"], args[0]))
 
-    handle = prunable_layers(model)[name].register_forward_hook(hook)
+    handles = [m.register_forward_hook(hook(add)) if outputs else m.register_forward_pre_hook(hook(add))
+               for m, add in hooks.items()]
     model.eval()
     try:
         for i in range(0, len(x), batch_size):
             cur["y"] = y[i:i + batch_size]
             model(x[i:i + batch_size])
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+
+
+def hidden_record(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = BATCH_SIZE) -> dict:
+    """The vendor's record of the last hidden layer: its name and, per output channel over the
+    vendor's data in eval mode, mean, variance (samples and positions) and eta^2; {} for a model
+    with no hidden layer."""
+    name = hidden_layer(model)
+    if name is None:
+        return {}
+    n_cls = int(y.max()) + 1
+    acc = {}
+
+    def add(labels, out):
+        per, sq = _moments(out)
+        onehot = F.one_hot(labels, n_cls).float()
+        for k, v in (("cls", onehot.T @ per), ("sq", sq.sum(0)), ("cnt", onehot.sum(0)), ("s1", per.sum(0))):
+            acc[k] = v if k not in acc else acc[k] + v
+
+    over_labelled(model, x, y, {prunable_layers(model)[name]: add}, outputs=True, batch_size=batch_size)
     n = acc["cnt"].sum()
     mean = acc["s1"] / n
     var = (acc["sq"] / n - mean ** 2).clamp_min(0)

@@ -62,15 +62,14 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
     # sample by its own statistics where a map is 1x1 (ResNet18's last stage at 32x32 inputs).
     # Where candidates keep the input side's statistics of the whole pass (probe.KEEP_INPUT_SIDE),
     # its logits are the reference when it ran as one batch, the probe not put first.
-    fold = (searching and cfg.recalibrate_bn and not cfg.base_stats and not need_stats
-            and (len(x) - len(pick)) % cfg.batch_size != 1)
+    probe_first = (cfg.recalibrate_bn and not cfg.base_stats and (len(x) - len(pick)) % cfg.batch_size != 1)
+    fold = searching and not need_stats and probe_first
     keeps = mode == "stem" and PR.KEEP_INPUT_SIDE
     if keeps:
         fold = fold and len(x) <= cfg.batch_size
     # a fixed target's mask pairs its probe statistics with the reference's too (paired-bn): the
     # probe put first gives the reference's for free, though no rule reads its logits
-    paired_target = (cfg.paired_bn and cfg.target_sparsity not in (None, 0) and cfg.recalibrate_bn
-                     and not cfg.base_stats and (len(x) - len(pick)) % cfg.batch_size != 1)
+    paired_target = cfg.paired_bn and cfg.target_sparsity not in (None, 0) and probe_first
     first = pick if (fold or paired_target) and not keeps else None
     # compensate needs the input means of the layers whose lost mean survives: under full
     # recalibration only those no BatchNorm follows (a stem pass below collects them all)
