@@ -221,22 +221,27 @@ def test_the_bench_table_reports_mean_worst_user_and_gap_to_the_best_baseline():
     assert r["worst_user_delta"] == -0.01 and r["sparsity"] == 0.55 and r["backprop_ceiling"] == 0.95
 
 
-def test_a_backed_off_mask_keeps_batchnorm_statistics_of_its_own_under_full_recalibration(digits, digits_split,
-                                                                                         digits_base):
-    """Where every BatchNorm layer follows the user, statistics estimated for the next, sparser
-    step do not fit the mask kept one step below it (a ResNet18 user: 0.89 -> 0.54 held out)."""
-    from common.engine.bn import bn_layers, recalibrate_bn
+@pytest.mark.parametrize("mode", ["full", "stem"])
+def test_a_backed_off_mask_keeps_batchnorm_statistics_of_its_own(mode, digits, digits_split, digits_base):
+    """Where BatchNorm layers follow the user (every one, or the input side's, S29), statistics
+    estimated for the next, sparser step do not fit the mask kept one step below it (a ResNet18
+    user: 0.89 -> 0.54 held out under full recalibration, 0.98 -> 0.84 under the input side's)."""
+    from common.engine.adapt import stem_profile
+    from common.engine.bn import bn_layers, bn_prior, recalibrate_bn
 
     pool = torch.as_tensor(digits_split[1][:150])
     x = digits.x[pool]
     # paired-bn off: the mask's own probe statistics as they are (paired-bn moves the statistics
-    # pass's by them, tests/test_paired_bn.py)
-    cfg = PruneConfig(bn_adapt="full", tolerance=0.0, stop_margin=1, evidence_samples=0, paired_bn=False)
+    # pass's by them, tests/test_paired_bn.py); compensate off: no lost mean moves the statistics
+    # the input side's recalibration leaves to the base
+    cfg = PruneConfig(bn_adapt=mode, tolerance=0.0, stop_margin=1, evidence_samples=0, paired_bn=False,
+                      compensate="off")
     m = copy.deepcopy(digits_base)
     r = fine_prune(m, x, cfg)
     assert "backed off to" in r.stop_reason, r.stop_reason
     own = copy.deepcopy(m)  # the kept mask, its statistics estimated on the probe as a probe pass does
-    recalibrate_bn(own, x[probe_pick(cfg, len(x))], 512)
+    recal = {} if mode == "full" else dict(profile=stem_profile(own), prior=bn_prior(digits_base))
+    recalibrate_bn(own, x[probe_pick(cfg, len(x))], 512, **recal)
     for kept, fresh in zip(bn_layers(m), bn_layers(own)):
         assert torch.allclose(kept.running_mean, fresh.running_mean, atol=1e-5)
         assert torch.allclose(kept.running_var, fresh.running_var, rtol=1e-4, atol=1e-5)
@@ -270,28 +275,65 @@ def resnet16():
 def test_where_recalibrating_the_input_side_moves_the_kept_layers_away_none_follows_and_no_user_is_made_worse(
         resnet16):
     """S27: few-class users writing in thick strokes on a BatchNorm-heavy network: full
-    recalibration fails the check, and the input side's recalibration moves the layers that keep
-    the base's statistics further from them; then no layer follows, the base's output layer stays,
-    and the user keeps its base's accuracy where the input side's recalibration costs it."""
+    recalibration fails the check; where the input side's recalibration does not bring the layers
+    that keep the base's statistics significantly closer to them (S28: beyond chance), no layer
+    follows, the base's output layer stays, and the user keeps its base's accuracy where the input
+    side's recalibration costs one of them more than 5 points."""
     from common.data import partition as PT
 
     base, meta, ds, pool, grey = resnet16
     rng = np.random.default_rng(5)
     took_none, stem_cost = [], []
-    for i, g in enumerate(PT.partition_class_subsets(ds.y[pool].numpy(), 8, (2, 3), 5)[:1]):
+    for i, g in enumerate(PT.partition_class_subsets(ds.y[pool].numpy(), 8, (2, 3), 5)[:4]):
         own, held = PT.split_heldout(np.asarray(pool)[np.asarray(g)], 0.3, rng)
         style = CO.image_style("thick", rng)
         xu, xh, yh = grey(CO.apply_image(ds.x[own], style)), grey(CO.apply_image(ds.x[held], style)), ds.y[held]
         model = copy.deepcopy(base)
         a = fine_prune(model, xu, PruneConfig(), base_meta=meta).adaptation
-        assert a.get("kept_shift_stem") is not None, a  # the check failed: the input side was tested
-        assert (a["bn"] == "none") == (a["kept_shift_stem"] >= a["kept_shift_none"])
-        if a["bn"] == "none":
-            assert a["head"] == "linear"
-            acc = accuracy(model, xh, yh)
-            assert acc >= accuracy(base, xh, yh) - 0.02
+        acc = accuracy(model, xh, yh)
+        assert acc >= accuracy(base, xh, yh) - 0.02, (i, a)
+        if a.get("kept_shift_stem") is None:  # the check passed or never ran
+            continue
+        if a["kept_shift_stem"] >= a["kept_shift_none"]:
+            assert a["bn"] == "none", a
+        if a["bn"] == "stem":
+            assert a["kept_shift_stem"] < a["kept_shift_none"], a
+        else:
+            assert a["bn"] == "none" and a["head"] == "linear", a
             stem = copy.deepcopy(base)
             fine_prune(stem, xu, PruneConfig(bn_adapt="stem"), base_meta=meta)
             took_none.append(i)
             stem_cost.append(accuracy(stem, xh, yh) - acc)
     assert took_none and min(stem_cost) < -0.05, (took_none, stem_cost)
+
+
+def test_few_class_users_with_a_handful_of_images_are_not_taken_for_a_shift(resnet16):
+    """S28: with 6-24 images the layers past the input side move by chance alone, so far that the
+    deep shift passes and full recalibration absorbed the class mix of few-class users in styles
+    (their base's accuracy down by 13-63 points). Counting only what moves beyond sampling noise,
+    none of them loses more than 2 points."""
+    from common.data import partition as PT
+
+    base, meta, ds, pool, grey = resnet16
+    rng = np.random.default_rng(5)
+    deltas, full_cost, seen = [], [], []
+    for i, g in enumerate(PT.partition_class_subsets(ds.y[pool].numpy(), 8, (2, 3), 5)):
+        own, held = PT.split_heldout(np.asarray(pool)[np.asarray(g)], 0.3, rng)
+        kind = ["thick", "blur", "contrast", "rotate", None][i % 5]
+        style = CO.image_style(kind, rng) if kind else None
+        if i not in (3, 5, 7):  # a rotation, thick strokes, faded ink
+            continue
+        look = (lambda x, s=style: grey(CO.apply_image(x, s)))
+        xu, xh, yh = look(ds.x[own]), look(ds.x[held]), ds.y[held]
+        for n in (6, 24):
+            x = xu[torch.randperm(len(xu), generator=torch.Generator().manual_seed(0))[:n]]
+            model = copy.deepcopy(base)
+            seen.append(fine_prune(model, x, PruneConfig(), base_meta=meta).adaptation)
+            deltas.append(accuracy(model, xh, yh) - accuracy(base, xh, yh))
+            forced = copy.deepcopy(base)
+            fine_prune(forced, x, PruneConfig(bn_adapt="full"), base_meta=meta)
+            full_cost.append(accuracy(forced, xh, yh) - accuracy(base, xh, yh))
+    assert min(deltas) >= -0.02, (deltas, seen)
+    assert min(full_cost) < -0.2, full_cost  # the collapse this guards against
+    for a in seen:  # where the check ran, full recalibration only past sampling noise as well
+        assert a["bn"] != "full" or a["deep_shift_evident"] >= DEEP_SHIFT, a

@@ -8,11 +8,10 @@ user, decided per user without labels, and whether the user's inputs look like t
   room moves channels no class mix explains. Full recalibration (AdaBN) absorbs the class mix
   (ResNet18 users holding 2-3 classes: 0.98 -> 0.49); recalibrating only the channels whose move
   the class mix cannot explain does not.
-- The check: full recalibration is kept when the layers past the input side moved beyond what
-  the class mix explains (deep_shift), and it predicts no more of the classes than that safe
-  recalibration does (two classes of slack) and agrees with it on most of the probe;
-  otherwise only the input side (the BatchNorm layers up to the first with several channels)
-  follows the user.
+- The check: full recalibration is kept when the layers past the input side moved beyond what the
+  class mix and sampling noise explain (deep_shift), it predicts no more of the classes than that
+  safe recalibration (two of slack) and agrees with it on most of the probe; otherwise only the
+  input side (the BatchNorm layers up to the first with several channels) follows, or none.
 - A user whose average input is anti-correlated with the base's (inverted contrast, swapped
   colours, another sample rate) is told so in one line; nothing irreversible is done for them."""
 from __future__ import annotations
@@ -133,16 +132,26 @@ def agree_floor(n: int) -> float:
     return AGREE - AGREE_Z * math.sqrt(AGREE * (1 - AGREE) / max(n, 1))
 
 
-def deep_shift(full: list, prior: list, spread: list, n_stem: int, kappa: float = KAPPA) -> float | None:
+def deep_shift(full: list, prior: list, spread: list, n_stem: int, kappa: float = KAPPA,
+               noise: list | None = None) -> float | None:
     """How far the BatchNorm layers past the input side moved beyond what the user's class mix
     explains: the mean over their channels of explained_weight, full recalibration's statistics
     (`full`) against the base's (`prior`); None for a network with no such layer. A user holding
     a few classes of the base's own kind of input moves them little (ResNet18 users of 2-3 classes:
     0.015-0.068, full recalibration costs them 7-81 points); a new room, voice or style moves them
-    much (0.18-0.88 on the benchmark's speech and styled users, where full recalibration gains)."""
-    ws = [explained_weight(mu, var, mb.to(mu), vb.to(var), sp, kappa)
-          for (mu, var), (mb, vb), sp in list(zip(full, prior, spread))[n_stem:]]
-    return float(torch.cat(ws).mean()) if ws else None
+    much (0.18-0.88 on the benchmark's speech and styled users, where full recalibration gains).
+    With `noise` (per layer past the input side, bn.sampling_noise), only what moved beyond chance (S28)."""
+    ws = deep_weights(full, prior, spread, n_stem, kappa, noise)
+    return None if ws is None else float(ws.mean())
+
+
+def deep_weights(full, prior, spread, n_stem: int, kappa: float = KAPPA, noise=None) -> torch.Tensor | None:
+    """deep_shift's explained weights, one per channel of the layers past the input side."""
+    rows = list(zip(full, prior, spread))[n_stem:]
+    noise = noise if noise is not None else [None] * len(rows)
+    ws = [explained_weight(mu, var, mb.to(mu), vb.to(var), sp, kappa, noise=nz)
+          for ((mu, var), (mb, vb), sp), nz in zip(rows, noise)]
+    return torch.cat(ws) if ws else None
 
 
 class _Enough(Exception):

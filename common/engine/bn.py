@@ -2,6 +2,8 @@
 data (AdaBN), in full or as a mixture with the base's, per layer and per channel."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,14 +28,67 @@ def bn_prior(model: nn.Module) -> list:
     return [(m.running_mean.detach().clone(), m.running_var.detach().clone()) for m in bn_layers(model)]
 
 
-def explained_weight(mean, var, mu_b, var_b, spread, kappa: float, eps: float = 1e-5):
+NOISE_Z = 1.645  # a move counts beyond sampling noise past this many standard errors (one-sided 95%, as
+                 # the check's agreement test, adapt.AGREE_Z)
+
+
+def per_sample_sums(h: torch.Tensor) -> tuple:
+    """A BatchNorm input's per-sample moments, summed over the samples: each sample's mean a and
+    mean square b over its positions, per channel, as (sum a, sum a^2, sum b, sum b^2, sum ab,
+    samples). Positions within a sample are correlated, so samples, not positions, set how far a
+    layer's statistics move by chance (S28). One read of the input each, no temporary of its size."""
+    h = h.detach().float()
+    dims = tuple(range(2, h.dim()))
+    if dims:
+        a = h.mean(dims)
+        b = torch.linalg.vector_norm(h, 2, dims) ** 2 / math.prod(h.shape[2:])
+    else:
+        a, b = h, h * h
+    return a.sum(0), (a * a).sum(0), b.sum(0), (b * b).sum(0), (a * b).sum(0), h.shape[0]
+
+
+def t_quantile(z: float, dof: int) -> float:
+    """Student's t quantile at the normal quantile z for `dof` degrees of freedom (Cornish-Fisher,
+    three terms: 2.35 for 3, 1.70 for 30, within 1% from 2 on): a standard error estimated on a few
+    samples is itself uncertain."""
+    g1 = (z ** 3 + z) / 4
+    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
+    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
+    return z + g1 / dof + g2 / dof ** 2 + g3 / dof ** 3
+
+
+def add_sums(total, s):
+    return s if total is None else tuple(p + q for p, q in zip(total, s))
+
+
+def sampling_noise(sums: tuple, var_b: torch.Tensor, n: int | None = None, z: float = NOISE_Z) -> torch.Tensor:
+    """Per channel, the squared move (explained_weight's units) that sampling noise alone reaches
+    with z standard errors (Student's, for errors estimated on the samples summed), for a layer's
+    statistics estimated on n samples (default: those summed; per_sample_sums, S28): the mean's
+    error against the base's variance plus the log-variance's (the delta method: the variance moves
+    by b - 2 m a per sample). Infinite below two samples: nothing tells a move from chance."""
+    sa, saa, sb, sbb, sab, k = sums
+    n = k if n is None else n
+    if k < 2 or n < 2:
+        return torch.full_like(sa, math.inf)
+    ma, mb = sa / k, sb / k
+    va, vb, cab = (saa - k * ma * ma) / (k - 1), (sbb - k * mb * mb) / (k - 1), (sab - k * ma * mb) / (k - 1)
+    var_d = (vb + 4 * ma * ma * va - 4 * ma * cab).clamp_min(0)
+    var = (mb - ma * ma).clamp_min(0)
+    t = t_quantile(z, k - 1)
+    return t * t * (va.clamp_min(0) / (var_b.to(va) + 1e-5) + var_d / (var + 1e-5) ** 2) / n
+
+
+def explained_weight(mean, var, mu_b, var_b, spread, kappa: float, eps: float = 1e-5, noise=None):
     """Per channel, how far its statistics follow the user: the share of their move that the
     user's class mix cannot explain. `spread` is the channel's between-class share of variance on
     the vendor's data (eta^2, common.engine.adapt.class_spread): a channel whose mean no class moves
-    follows the user fully; a class-specific one only where its move exceeds kappa x eta^2.
+    follows the user fully; a class-specific one only where its move exceeds kappa x eta^2, and,
+    given its `noise` (sampling_noise), only by what it moves beyond it (S28).
     move^2 is the squared mean shift plus the squared log-variance change, in base units."""
     move = (mean - mu_b) ** 2 / (var_b + eps) + torch.log((var + eps) / (var_b + eps)) ** 2
-    return (1 - kappa * spread.to(move) / move.clamp_min(1e-12)).clamp(0, 1)
+    explained = kappa * spread.to(move) + (0 if noise is None else noise.to(move))
+    return (1 - explained / move.clamp_min(1e-12)).clamp(0, 1)
 
 
 def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: float = 1.0, first_bn=None, i=0):
@@ -41,7 +96,8 @@ def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: floa
     (weight 1 - w) and the batch's own (weight w): mean (1-w) mu_b + w mu, variance the mixture's,
     (1-w) var_b + w var + w (1-w) (mu - mu_b)^2, with w per channel where `spread` is given.
     Layers downstream see the features as the kept model computes them; the batch's own moments
-    are summed, weighted by its samples, into `sums`."""
+    are summed, weighted by its samples, into `sums`, and, with `spread`, its per-sample moments
+    (per_sample_sums) into sums[3]: a channel follows only by what it moves beyond sampling noise (S28)."""
     mu_b, var_b = prior
 
     def forward(x):
@@ -53,17 +109,23 @@ def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: floa
         sums[0] += b
         sums[1] = sums[1] + mean * b
         sums[2] = sums[2] + var * (n / max(n - 1, 1)) * b  # unbiased, as BatchNorm's running_var
+        noise = None
+        if spread is not None:
+            per = per_sample_sums(x)
+            sums[3] = add_sums(sums[3], per)
+            noise = sampling_noise(per, var_b)
         if first_bn is not None and first_bn[i] is None:  # what a pass over the first batch alone keeps
-            first_bn[i] = _mix(mean, var * (n / max(n - 1, 1)), mu_b.to(mean), var_b.to(var), weight, spread, kappa)
+            first_bn[i] = _mix(mean, var * (n / max(n - 1, 1)), mu_b.to(mean), var_b.to(var), weight, spread, kappa,
+                               noise)
         if weight == 1.0 and spread is None:
             return out
-        mean_m, var_m = _mix(mean, var, mu_b.to(mean), var_b.to(var), weight, spread, kappa)
+        mean_m, var_m = _mix(mean, var, mu_b.to(mean), var_b.to(var), weight, spread, kappa, noise)
         return F.batch_norm(x, mean_m, var_m, m.weight, m.bias, False, 0.0, m.eps)
     return forward
 
 
-def _mix(mean, var, mu_b, var_b, weight: float, spread, kappa: float):
-    w = weight if spread is None else weight * explained_weight(mean, var, mu_b, var_b, spread, kappa)
+def _mix(mean, var, mu_b, var_b, weight: float, spread, kappa: float, noise=None):
+    w = weight if spread is None else weight * explained_weight(mean, var, mu_b, var_b, spread, kappa, noise=noise)
     return (1 - w) * mu_b + w * mean, (1 - w) * var_b + w * var + w * (1 - w) * (mean - mu_b) ** 2
 
 
@@ -91,7 +153,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
         first_bn[:] = [None] * len(bns)
     if weight < 1.0 or profile is not None or spread is not None:
         prior = prior if prior is not None else bn_prior(model)
-        sums = [[0, 0.0, 0.0] for _ in bns]
+        sums = [[0, 0.0, 0.0, None] for _ in bns]
         ws = [weight * (1.0 if profile is None else float(profile(i, len(bns)))) for i in range(len(bns))]
         sp = spread if spread is not None else [None] * len(bns)
         # a layer that keeps the base's statistics runs BatchNorm's own eval forward on them
@@ -109,9 +171,10 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
             for m, f in zip(bns, follows):
                 if f:
                     del m.forward
-        for m, (mu_b, var_b), (n, s1, s2), w, spr in zip(bns, prior, sums, ws, sp):
+        for m, (mu_b, var_b), (n, s1, s2, per), w, spr in zip(bns, prior, sums, ws, sp):
             if n:
-                mean, var = _mix(s1 / n, s2 / n, mu_b.to(s1), var_b.to(s1), w, spr, kappa)
+                noise = None if per is None else sampling_noise(per, var_b)
+                mean, var = _mix(s1 / n, s2 / n, mu_b.to(s1), var_b.to(s1), w, spr, kappa, noise)
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
         model.eval()

@@ -1,23 +1,33 @@
 """bn-adapt auto's label-free check: after the statistics pass recalibrated every BatchNorm layer,
-keep that (full) only where the layers past the input side moved beyond their class mix and it
-agrees with a recalibration that cannot absorb one; otherwise only the input side follows the user,
-where following it brings the other layers closer to the base's statistics (S27), else none does."""
+keep that (full) only where the layers past the input side moved beyond their class mix and beyond
+what the user's few samples move them by chance (S28), and it agrees with a recalibration that
+cannot absorb a class mix; otherwise only the input side follows the user, where following it
+brings the other layers significantly closer to the base's statistics (S27, S28), else none does."""
 from __future__ import annotations
 
 import torch
 
 from common.engine import adapt as AD
-from common.engine.bn import bn_layers, bn_prior, load_bn_stats, recalibrate_bn
+from common.engine.bn import (
+    add_sums,
+    bn_layers,
+    bn_prior,
+    load_bn_stats,
+    per_sample_sums,
+    recalibrate_bn,
+    sampling_noise,
+)
 
 
 def check_full(model, x, pick, logits, prior, spread, cfg, device):
     """bn-adapt auto, after the statistics pass recalibrated every layer: keep that (full) where the
-    layers past the input side moved beyond their class mix (deep_shift at least DEEP_SHIFT) and, on
+    layers past the input side moved beyond their class mix (deep_shift at least DEEP_SHIFT, and so
+    beyond sampling noise on the user's samples, S28) and, on
     the probe (at most CHECK_SAMPLES of it), it predicts no more than SLACK classes beyond what a recalibration of only the
     channels the class mix cannot explain predicts (the checkpoint's class spread), and agrees with
     it on a share of the samples that does not refute AGREE (agree_floor); otherwise keep only the
     input side recalibrated, where that brings the layers that keep the base's statistics closer to
-    them on those samples than no recalibration does (S27; else none follows). Returns
+    them on those samples than no recalibration does, beyond chance (S27, S28; else none follows). Returns
     (mode, the recalibration keyword arguments of the kept mode, what the check saw, samples passed)."""
     bns, full = bn_layers(model), bn_prior(model)  # the statistics pass's, kept to restore
     shift = AD.deep_shift(full, prior, spread, AD.stem_count(model))
@@ -29,42 +39,75 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device):
         return "stem", stem_recal(model, prior, spread), check, 0
     pick = pick[:AD.CHECK_SAMPLES]  # a class the user has shows in 64 samples; the check costs at most that
     xp = x[pick]
-    safe, _ = recalibrate_bn(model, xp, cfg.batch_size, device, prior=prior, spread=spread, kappa=AD.KAPPA)
+    n_stem = AD.stem_count(model)
+    with PerSampleSpread(bns[n_stem:]) as spread_a:
+        safe, _ = recalibrate_bn(model, xp, cfg.batch_size, device, prior=prior, spread=spread, kappa=AD.KAPPA)
+    # S28: the move must also exceed what sampling noise alone gives on the user's samples
+    noise = [sampling_noise(per, var_b, len(x)) for per, (_, var_b) in zip(spread_a.sums, prior[n_stem:])]
+    evident = AD.deep_shift(full, prior, spread, n_stem, noise=noise)
     k_full, k_safe = AD.classes_predicted(logits[pick]), AD.classes_predicted(safe)
     agree = float((logits[pick].argmax(1) == safe.argmax(1)).float().mean())
     check.update(classes_full=k_full, classes_safe=k_safe, agreement=round(agree, 4))
-    if k_full <= k_safe + AD.SLACK and agree >= AD.agree_floor(len(xp)):
+    if evident is not None:
+        check["deep_shift_evident"] = round(evident, 4)
+    if (k_full <= k_safe + AD.SLACK and agree >= AD.agree_floor(len(xp))
+            and (evident is None or evident >= AD.DEEP_SHIFT)):
         load_bn_stats(bns, full)
         return "full", {}, check, len(xp)
     # the input side follows only where that brings the layers keeping the base's statistics
     # closer to them than they are without it (S27); else no layer follows
     stem, none = stem_recal(model, prior, spread), none_recal(prior)
-    kept = {k: AD.deep_shift(_moments(model, xp, r, device), prior, spread, AD.stem_count(model))
-            for k, r in (("stem", stem), ("none", none))}
-    check.update({f"kept_shift_{k}": round(v, 4) for k, v in kept.items()})
-    if kept["stem"] >= kept["none"]:
+    if len(bns) <= n_stem:  # no layer past the input side that it could move away
+        return "stem", stem, check, len(xp)
+    kept = {k: _kept_weights(model, xp, r, device, prior, spread, n_stem) for k, r in (("stem", stem), ("none", none))}
+    check.update({f"kept_shift_{k}": round(float(v.mean()), 4) for k, v in kept.items()})
+    if not _closer(kept["stem"], kept["none"]):
         return "none", none, check, 3 * len(xp)
     return "stem", stem, check, 3 * len(xp)
 
 
-def _moments(model, xp, recal, device) -> list:
-    """Each BatchNorm layer's input mean and variance over `xp` (samples and positions), the model
-    recalibrated as `recal` says (its running statistics are left as that pass sets them)."""
-    got = []
+def _closer(a, b, z: float = AD.AGREE_Z) -> bool:
+    """Whether per-channel weights `a` lie below `b` on average by more than z standard errors of
+    their paired difference across channels (one-sided; S28: a tie within chance keeps the base's)."""
+    d = (a - b).float()
+    return bool(d.mean() < -z * d.std() / max(len(d), 1) ** 0.5) if len(d) > 1 else bool(d.sum() < 0)
 
-    def pre(_m, args):
-        h = args[0].detach().float()
-        dims = tuple(d for d in range(h.dim()) if d != 1)
-        var, mean = torch.var_mean(h, dim=dims, unbiased=False)
-        got.append((mean, var))
 
-    handles = [m.register_forward_pre_hook(pre) for m in bn_layers(model)]
-    try:
-        recalibrate_bn(model, xp, len(xp), device, **recal)
-    finally:
-        for h in handles:
+class PerSampleSpread:
+    """Forward pre-hooks on BatchNorm layers: each layer's per-sample input moments, summed
+    (per_sample_sums, S28)."""
+
+    def __init__(self, layers: list):
+        self.layers, self.sums, self.handles = layers, [None] * len(layers), []
+
+    def _hook(self, i):
+        def pre(_m, args):
+            self.sums[i] = add_sums(self.sums[i], per_sample_sums(args[0]))
+        return pre
+
+    def __enter__(self):
+        self.handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.layers)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
             h.remove()
-    return got
+
+
+def _kept_weights(model, xp, recal, device, prior, spread, n_stem: int) -> torch.Tensor:
+    """S27's measure, per channel: with the model recalibrated as `recal` says, how far the layers
+    past the input side moved from the base's statistics beyond their class mix, their input moments over `xp`
+    (samples and positions) against the base's, and, since S28, beyond what sampling noise on those
+    few samples moves them by (otherwise the comparison reads chance on a user of a few samples)."""
+    layers = bn_layers(model)
+    with PerSampleSpread(layers) as per:
+        recalibrate_bn(model, xp, len(xp), device, **recal)
+    moments = []
+    for sa, _, sb, _, _, k in per.sums:
+        mean = sa / k
+        moments.append((mean, (sb / k - mean * mean).clamp_min(0)))
+    noise = [sampling_noise(s, var_b) for s, (_, var_b) in zip(per.sums[n_stem:], prior[n_stem:])]
+    return AD.deep_weights(moments, prior, spread, n_stem, noise=noise)
 
 
 def none_recal(prior) -> dict:

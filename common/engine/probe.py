@@ -9,7 +9,6 @@ import time
 import torch
 import torch.nn as nn
 
-from common.engine import adapt as AD
 from common.engine import compensate as CP
 from common.engine.bn import bn_layers, recalibrate_bn
 from common.engine.forward import forward_pass
@@ -168,17 +167,6 @@ class Probe:
             else:
                 out[k] = v
         return out
-
-    def follows_deep(self) -> bool:
-        """Whether a pass re-estimates the statistics of every BatchNorm layer (full recalibration),
-        not only the input side's."""
-        return self.estimates and not self.recal and len(self.bns) > AD.stem_count(self.model)
-
-    def alias_bn(self, mask: Mask, like: Mask) -> None:
-        """`mask` keeps the BatchNorm statistics the probe pass of `like` estimated."""
-        src = self.bn.get(_bn_key(like.sparsity()))
-        if src is not None:
-            self.bn[_bn_key(mask.sparsity())] = src
 
     def reuse_start_bn(self, mask: Mask) -> None:
         """`mask` keeps the BatchNorm statistics the model had when pruning started (those of the
