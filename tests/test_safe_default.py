@@ -308,10 +308,10 @@ def test_where_recalibrating_the_input_side_moves_the_kept_layers_away_none_foll
 
 
 def test_few_class_users_with_a_handful_of_images_are_not_taken_for_a_shift(resnet16):
-    """S28: with 6-24 images the layers past the input side move by chance alone, so far that the
-    deep shift passes and full recalibration absorbed the class mix of few-class users in styles
-    (their base's accuracy down by 13-63 points). Counting only what moves beyond sampling noise,
-    none of them loses more than 2 points."""
+    """S28: with a handful of images the layers past the input side move by chance alone, so far
+    that the deep shift passes and full recalibration absorbed the class mix of few-class users in
+    styles (6 images: their base's accuracy down by 13-57 points). Counting only what moves beyond
+    sampling noise, none of them loses more than 2 points, with 6 images or 12."""
     from common.data import partition as PT
 
     base, meta, ds, pool, grey = resnet16
@@ -325,7 +325,7 @@ def test_few_class_users_with_a_handful_of_images_are_not_taken_for_a_shift(resn
             continue
         look = (lambda x, s=style: grey(CO.apply_image(x, s)))
         xu, xh, yh = look(ds.x[own]), look(ds.x[held]), ds.y[held]
-        for n in (6, 24):
+        for n in (6, 12):
             x = xu[torch.randperm(len(xu), generator=torch.Generator().manual_seed(0))[:n]]
             model = copy.deepcopy(base)
             seen.append(fine_prune(model, x, PruneConfig(), base_meta=meta).adaptation)

@@ -91,13 +91,15 @@ def explained_weight(mean, var, mu_b, var_b, spread, kappa: float, eps: float = 
     return (1 - explained / move.clamp_min(1e-12)).clamp(0, 1)
 
 
-def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: float = 1.0, first_bn=None, i=0):
+def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: float = 1.0, first_bn=None, i=0,
+                   chance: bool = True):
     """A BatchNorm forward that normalizes each batch by the mixture of the base's distribution
     (weight 1 - w) and the batch's own (weight w): mean (1-w) mu_b + w mu, variance the mixture's,
     (1-w) var_b + w var + w (1-w) (mu - mu_b)^2, with w per channel where `spread` is given.
     Layers downstream see the features as the kept model computes them; the batch's own moments
-    are summed, weighted by its samples, into `sums`, and, with `spread`, its per-sample moments
-    (per_sample_sums) into sums[3]: a channel follows only by what it moves beyond sampling noise (S28)."""
+    are summed, weighted by its samples, into `sums`, and, with `spread` and `chance`, its per-sample
+    moments (per_sample_sums) into sums[3]: a channel follows only what it moves beyond sampling
+    noise (S28)."""
     mu_b, var_b = prior
 
     def forward(x):
@@ -110,7 +112,7 @@ def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: floa
         sums[1] = sums[1] + mean * b
         sums[2] = sums[2] + var * (n / max(n - 1, 1)) * b  # unbiased, as BatchNorm's running_var
         noise = None
-        if spread is not None:
+        if spread is not None and chance:
             per = per_sample_sums(x)
             sums[3] = add_sums(sums[3], per)
             noise = sampling_noise(per, var_b)
@@ -133,7 +135,7 @@ def _mix(mean, var, mu_b, var_b, weight: float, spread, kappa: float, noise=None
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: str = "cpu",
                    hooks: bool | None = None, classes: bool = False, first: torch.Tensor | None = None,
                    weight: float = 1.0, prior: list | None = None, profile=None, spread: list | None = None,
-                   kappa: float = 1.0, means: bool = False, first_bn: list | None = None):
+                   kappa: float = 1.0, means: bool = False, first_bn: list | None = None, chance: bool = True):
     """Re-estimate BatchNorm running statistics on the user's data (forward only). The same pass
     gives the logits (each batch normalized by its own statistics: with one batch, what the
     recalibrated model outputs) and, with `hooks` not None, usage statistics of the recalibrated
@@ -147,7 +149,8 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
     recalibration (AdaBN), which takes BatchNorm's own train-mode path.
 
     `first_bn`: an empty list, filled with each layer's (mean, var) as a pass over the first batch
-    alone would have left them (with `first` in one batch: a probe pass's, for free)."""
+    alone would have left them (with `first` in one batch: a probe pass's, for free). `chance`:
+    with `spread`, a channel follows only what it moved beyond sampling noise too (S28)."""
     bns = bn_layers(model)
     if first_bn is not None:
         first_bn[:] = [None] * len(bns)
@@ -160,7 +163,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
         follows = [w > 0 for w in ws]
         for i, (m, pr, s, w, spr, f) in enumerate(zip(bns, prior, sums, ws, sp, follows)):
             if f:
-                m.forward = _mixed_forward(m, pr, s, w, spr, kappa, first_bn, i)
+                m.forward = _mixed_forward(m, pr, s, w, spr, kappa, first_bn, i, chance)
             else:
                 load_bn_stats([m], [pr])
                 if first_bn is not None:

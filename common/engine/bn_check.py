@@ -40,8 +40,9 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device):
     pick = pick[:AD.CHECK_SAMPLES]  # a class the user has shows in 64 samples; the check costs at most that
     xp = x[pick]
     n_stem = AD.stem_count(model)
-    with PerSampleSpread(bns[n_stem:]) as spread_a:
-        safe, _ = recalibrate_bn(model, xp, cfg.batch_size, device, prior=prior, spread=spread, kappa=AD.KAPPA)
+    with PerSampleSpread(bns[n_stem:]) as spread_a:  # the safe reference as the check's thresholds were set on
+        safe, _ = recalibrate_bn(model, xp, cfg.batch_size, device, prior=prior, spread=spread, kappa=AD.KAPPA,
+                                 chance=False)
     # S28: the move must also exceed what sampling noise alone gives on the user's samples
     noise = [sampling_noise(per, var_b, len(x)) for per, (_, var_b) in zip(spread_a.sums, prior[n_stem:])]
     evident = AD.deep_shift(full, prior, spread, n_stem, noise=noise)
