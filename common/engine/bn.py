@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,17 +35,18 @@ NOISE_Z = 1.645  # a move counts beyond sampling noise past this many standard e
 
 def per_sample_sums(h: torch.Tensor) -> tuple:
     """A BatchNorm input's per-sample moments, summed over the samples: each sample's mean a and
-    mean square b over its positions, per channel, as (sum a, sum a^2, sum b, sum b^2, sum ab,
-    samples). Positions within a sample are correlated, so samples, not positions, set how far a
-    layer's statistics move by chance (S28). One read of the input each, no temporary of its size."""
+    mean square b over its positions, per channel, as ((5, channels): sum a, sum a^2, sum b, sum b^2,
+    sum ab; samples). Positions within a sample are correlated, so samples, not positions, set how
+    far a layer's statistics move by chance (S28). A large input is squared a piece at a time."""
     h = h.detach().float()
     dims = tuple(range(2, h.dim()))
-    if dims:
-        a = h.mean(dims)
-        b = torch.linalg.vector_norm(h, 2, dims) ** 2 / math.prod(h.shape[2:])
-    else:
+    if not dims:
         a, b = h, h * h
-    return a.sum(0), (a * a).sum(0), b.sum(0), (b * b).sum(0), (a * b).sum(0), h.shape[0]
+    else:
+        a = h.mean(dims)
+        rows = max(1, (1 << 20) // max(h[:1].numel(), 1))  # about 4 MB of squares at a time
+        b = (h * h).mean(dims) if rows >= len(h) else torch.cat([(c * c).mean(dims) for c in h.split(rows)])
+    return torch.stack((a, a * a, b, b * b, a * b)).sum(1), h.shape[0]
 
 
 def t_quantile(z: float, dof: int) -> float:
@@ -58,7 +60,7 @@ def t_quantile(z: float, dof: int) -> float:
 
 
 def add_sums(total, s):
-    return s if total is None else tuple(p + q for p, q in zip(total, s))
+    return s if total is None else (total[0] + s[0], total[1] + s[1])
 
 
 def sampling_noise(sums: tuple, var_b: torch.Tensor, n: int | None = None, z: float = NOISE_Z) -> torch.Tensor:
@@ -67,16 +69,23 @@ def sampling_noise(sums: tuple, var_b: torch.Tensor, n: int | None = None, z: fl
     statistics estimated on n samples (default: those summed; per_sample_sums, S28): the mean's
     error against the base's variance plus the log-variance's (the delta method: the variance moves
     by b - 2 m a per sample). Infinite below two samples: nothing tells a move from chance."""
-    sa, saa, sb, sbb, sab, k = sums
+    s, k = sums
     n = k if n is None else n
     if k < 2 or n < 2:
-        return torch.full_like(sa, math.inf)
-    ma, mb = sa / k, sb / k
-    va, vb, cab = (saa - k * ma * ma) / (k - 1), (sbb - k * mb * mb) / (k - 1), (sab - k * ma * mb) / (k - 1)
-    var_d = (vb + 4 * ma * ma * va - 4 * ma * cab).clamp_min(0)
-    var = (mb - ma * ma).clamp_min(0)
+        return torch.full_like(s[0], math.inf)
+    # a few elementwise operations on one vector per channel: NumPy's call costs a fraction of a
+    # tensor operation's (a digits user's passes call this a dozen times)
+    m = (s.double() / k).cpu().numpy()
+    ma, mb = m[0], m[2]
+    va, vab_b = m[1] - ma * ma, m[3] - mb * mb
+    cab = m[4] - ma * mb
+    f = k / (k - 1)
+    var_d = np.maximum(f * (vab_b + 4 * ma * ma * va - 4 * ma * cab), 0)
+    var = np.maximum(mb - ma * ma, 0)
     t = t_quantile(z, k - 1)
-    return t * t * (va.clamp_min(0) / (var_b.to(va) + 1e-5) + var_d / (var + 1e-5) ** 2) / n
+    vb = var_b.detach().double().cpu().numpy()
+    out = t * t * (np.maximum(f * va, 0) / (vb + 1e-5) + var_d / (var + 1e-5) ** 2) / n
+    return torch.from_numpy(out.astype(np.float32)).to(s.device)
 
 
 def explained_weight(mean, var, mu_b, var_b, spread, kappa: float, eps: float = 1e-5, noise=None):
@@ -109,13 +118,14 @@ def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: floa
         var = (invstd.pow(-2) - m.eps).clamp_min(0)
         n, b = x.numel() // x.shape[1], x.shape[0]
         sums[0] += b
+        sums[5] += 1
         sums[1] = sums[1] + mean * b
         sums[2] = sums[2] + var * (n / max(n - 1, 1)) * b  # unbiased, as BatchNorm's running_var
         noise = None
         if spread is not None and chance:
             per = per_sample_sums(x)
             sums[3] = add_sums(sums[3], per)
-            noise = sampling_noise(per, var_b)
+            noise = sums[4] = sampling_noise(per, var_b)  # a pass of one batch: the whole pass's too
         if first_bn is not None and first_bn[i] is None:  # what a pass over the first batch alone keeps
             first_bn[i] = _mix(mean, var * (n / max(n - 1, 1)), mu_b.to(mean), var_b.to(var), weight, spread, kappa,
                                noise)
@@ -156,7 +166,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
         first_bn[:] = [None] * len(bns)
     if weight < 1.0 or profile is not None or spread is not None:
         prior = prior if prior is not None else bn_prior(model)
-        sums = [[0, 0.0, 0.0, None] for _ in bns]
+        sums = [[0, 0.0, 0.0, None, None, 0] for _ in bns]
         ws = [weight * (1.0 if profile is None else float(profile(i, len(bns)))) for i in range(len(bns))]
         sp = spread if spread is not None else [None] * len(bns)
         # a layer that keeps the base's statistics runs BatchNorm's own eval forward on them
@@ -174,9 +184,9 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
             for m, f in zip(bns, follows):
                 if f:
                     del m.forward
-        for m, (mu_b, var_b), (n, s1, s2, per), w, spr in zip(bns, prior, sums, ws, sp):
+        for m, (mu_b, var_b), (n, s1, s2, per, last, batches), w, spr in zip(bns, prior, sums, ws, sp):
             if n:
-                noise = None if per is None else sampling_noise(per, var_b)
+                noise = None if per is None else last if batches == 1 else sampling_noise(per, var_b)
                 mean, var = _mix(s1 / n, s2 / n, mu_b.to(s1), var_b.to(s1), w, spr, kappa, noise)
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)

@@ -104,9 +104,9 @@ def _kept_weights(model, xp, recal, device, prior, spread, n_stem: int) -> torch
     with PerSampleSpread(layers) as per:
         recalibrate_bn(model, xp, len(xp), device, **recal)
     moments = []
-    for sa, _, sb, _, _, k in per.sums:
-        mean = sa / k
-        moments.append((mean, (sb / k - mean * mean).clamp_min(0)))
+    for s, k in per.sums:
+        mean = s[0] / k
+        moments.append((mean, (s[2] / k - mean * mean).clamp_min(0)))
     noise = [sampling_noise(s, var_b) for s, (_, var_b) in zip(per.sums[n_stem:], prior[n_stem:])]
     return AD.deep_weights(moments, prior, spread, n_stem, noise=noise)
 
