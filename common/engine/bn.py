@@ -29,8 +29,7 @@ def bn_prior(model: nn.Module) -> list:
     return [(m.running_mean.detach().clone(), m.running_var.detach().clone()) for m in bn_layers(model)]
 
 
-NOISE_Z = 1.645  # a move counts beyond sampling noise past this many standard errors (one-sided 95%, as
-                 # the check's agreement test, adapt.AGREE_Z)
+NOISE_Z = 1.645  # beyond sampling noise: past this many standard errors (one-sided 95%, as adapt.AGREE_Z)
 
 
 def per_sample_sums(h: torch.Tensor) -> tuple:
@@ -75,7 +74,7 @@ def sampling_noise(sums: tuple, var_b: torch.Tensor, n: int | None = None, z: fl
         return torch.full_like(s[0], math.inf)
     # a few elementwise operations on one vector per channel: NumPy's call costs a fraction of a
     # tensor operation's (a digits user's passes call this a dozen times)
-    m = (s.double() / k).cpu().numpy()
+    m = s.cpu().numpy().astype(np.float64) / k
     ma, mb = m[0], m[2]
     va, vab_b = m[1] - ma * ma, m[3] - mb * mb
     cab = m[4] - ma * mb
@@ -83,9 +82,26 @@ def sampling_noise(sums: tuple, var_b: torch.Tensor, n: int | None = None, z: fl
     var_d = np.maximum(f * (vab_b + 4 * ma * ma * va - 4 * ma * cab), 0)
     var = np.maximum(mb - ma * ma, 0)
     t = t_quantile(z, k - 1)
-    vb = var_b.detach().double().cpu().numpy()
+    vb = var_b.detach().cpu().numpy().astype(np.float64)
     out = t * t * (np.maximum(f * va, 0) / (vb + 1e-5) + var_d / (var + 1e-5) ** 2) / n
     return torch.from_numpy(out.astype(np.float32)).to(s.device)
+
+
+class Chance:
+    """Per BatchNorm layer, the per-sample moments of its input over all of the user's data
+    (per_sample_sums, from the statistics pass): a later pass over k of the same samples (a probe
+    pass) takes its sampling noise from them, computed once per layer and size (S28)."""
+
+    def __init__(self, sums: list):
+        self.sums, self._noise = sums, {}
+
+    def noise(self, i: int, var_b: torch.Tensor, n: int) -> torch.Tensor | None:
+        if self.sums[i] is None:
+            return None
+        key = (i, n, id(var_b))
+        if key not in self._noise:
+            self._noise[key] = sampling_noise(self.sums[i], var_b, n)
+        return self._noise[key]
 
 
 def explained_weight(mean, var, mu_b, var_b, spread, kappa: float, eps: float = 1e-5, noise=None):
@@ -101,14 +117,14 @@ def explained_weight(mean, var, mu_b, var_b, spread, kappa: float, eps: float = 
 
 
 def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: float = 1.0, first_bn=None, i=0,
-                   chance: bool = True):
+                   chance: bool = True, chance_from: Chance | None = None):
     """A BatchNorm forward that normalizes each batch by the mixture of the base's distribution
     (weight 1 - w) and the batch's own (weight w): mean (1-w) mu_b + w mu, variance the mixture's,
     (1-w) var_b + w var + w (1-w) (mu - mu_b)^2, with w per channel where `spread` is given.
     Layers downstream see the features as the kept model computes them; the batch's own moments
     are summed, weighted by its samples, into `sums`, and, with `spread` and `chance`, its per-sample
-    moments (per_sample_sums) into sums[3]: a channel follows only what it moves beyond sampling
-    noise (S28)."""
+    moments (per_sample_sums) into sums[3], or, given `chance_from`, none: its noise is theirs (S28);
+    a channel follows only what it moves beyond sampling noise."""
     mu_b, var_b = prior
 
     def forward(x):
@@ -122,7 +138,9 @@ def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: floa
         sums[1] = sums[1] + mean * b
         sums[2] = sums[2] + var * (n / max(n - 1, 1)) * b  # unbiased, as BatchNorm's running_var
         noise = None
-        if spread is not None and chance:
+        if spread is not None and chance and chance_from is not None:
+            noise = chance_from.noise(i, var_b, b)
+        elif spread is not None and chance:
             per = per_sample_sums(x)
             sums[3] = add_sums(sums[3], per)
             noise = sums[4] = sampling_noise(per, var_b)  # a pass of one batch: the whole pass's too
@@ -145,7 +163,8 @@ def _mix(mean, var, mu_b, var_b, weight: float, spread, kappa: float, noise=None
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: str = "cpu",
                    hooks: bool | None = None, classes: bool = False, first: torch.Tensor | None = None,
                    weight: float = 1.0, prior: list | None = None, profile=None, spread: list | None = None,
-                   kappa: float = 1.0, means: bool = False, first_bn: list | None = None, chance: bool = True):
+                   kappa: float = 1.0, means: bool = False, first_bn: list | None = None, chance: bool = True,
+                   chance_from: Chance | None = None, chance_out: list | None = None):
     """Re-estimate BatchNorm running statistics on the user's data (forward only). The same pass
     gives the logits (each batch normalized by its own statistics: with one batch, what the
     recalibrated model outputs) and, with `hooks` not None, usage statistics of the recalibrated
@@ -160,7 +179,9 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
 
     `first_bn`: an empty list, filled with each layer's (mean, var) as a pass over the first batch
     alone would have left them (with `first` in one batch: a probe pass's, for free). `chance`:
-    with `spread`, a channel follows only what it moved beyond sampling noise too (S28)."""
+    with `spread`, a channel follows only what it moved beyond sampling noise too (S28), measured
+    in this pass (then left in `chance_out`, an empty list, one entry per layer) or, for a pass over
+    some of the same samples, taken from an earlier one's (`chance_from`)."""
     bns = bn_layers(model)
     if first_bn is not None:
         first_bn[:] = [None] * len(bns)
@@ -173,7 +194,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
         follows = [w > 0 for w in ws]
         for i, (m, pr, s, w, spr, f) in enumerate(zip(bns, prior, sums, ws, sp, follows)):
             if f:
-                m.forward = _mixed_forward(m, pr, s, w, spr, kappa, first_bn, i, chance)
+                m.forward = _mixed_forward(m, pr, s, w, spr, kappa, first_bn, i, chance, chance_from)
             else:
                 load_bn_stats([m], [pr])
                 if first_bn is not None:
@@ -184,9 +205,12 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
             for m, f in zip(bns, follows):
                 if f:
                     del m.forward
-        for m, (mu_b, var_b), (n, s1, s2, per, last, batches), w, spr in zip(bns, prior, sums, ws, sp):
+        if chance_out is not None:
+            chance_out[:] = [s[3] for s in sums]
+        for i, (m, (mu_b, var_b), (n, s1, s2, per, last, batches), w, spr) in enumerate(zip(bns, prior, sums, ws, sp)):
             if n:
-                noise = None if per is None else last if batches == 1 else sampling_noise(per, var_b)
+                noise = (None if spr is None or not chance else chance_from.noise(i, var_b, n) if chance_from
+                         else last if batches == 1 else sampling_noise(per, var_b))
                 mean, var = _mix(s1 / n, s2 / n, mu_b.to(s1), var_b.to(s1), w, spr, kappa, noise)
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)

@@ -13,7 +13,7 @@ from common.engine import adapt as AD
 from common.engine import compensate as CP
 from common.engine import hidden_shift as HS
 from common.engine import probe as PR
-from common.engine.bn import bn_layers, bn_prior, recalibrate_bn
+from common.engine.bn import Chance, bn_layers, bn_prior, recalibrate_bn
 from common.engine.bn_check import check_full, stem_recal
 from common.engine.forward import capture_features
 from common.engine.heads import HEADS, choose_head
@@ -84,8 +84,10 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
         if cfg.recalibrate_bn and not cfg.base_stats:
             # under a domain shift the base's own activations mislead the ranking: usage is
             # measured on the network the same pass adapts
+            chance = []
             logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs, classes=need_classes,
-                                           first=first, means=means, first_bn=first_bn, **recal)
+                                           first=first, means=means, first_bn=first_bn, chance_out=chance, **recal)
+            recal = _with_chance(recal, chance)
         else:
             stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs, classes=need_classes,
                                           means=means)
@@ -106,10 +108,12 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
             # measured on the network whose class mix full recalibration absorbed ranks the wrong connections
             if PR.KEEP_INPUT_SIDE:  # no probe first: no reference statistics from this pass
                 fold, first, first_bn = fold and len(x) <= cfg.batch_size, None, None
+            chance = []
             with capture_features(model) as cap:
                 logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs,
                                                classes=need_classes, first=first, means=CP.compensating(cfg),
-                                               first_bn=first_bn, **recal)
+                                               first_bn=first_bn, chance_out=chance, **recal)
+            recal = _with_chance(recal, chance)
             feats = cap.features(first)
             extra += len(x)
         clock.lap("adaptation check")
@@ -134,3 +138,9 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
                           None if last.bias is None else last.bias.detach().float().cpu())
         clock.lap("head")
     return Adapted(logits, stats, feats, recal, fold, searching and not unlike, unlike, head, info, extra, first_bn)
+
+
+def _with_chance(recal: dict, chance: list) -> dict:
+    """The kept mode's recalibration, its sampling noise taken from the statistics pass's samples
+    (all of the user's data) for every later pass over some of them (the probe's; S28)."""
+    return dict(recal, chance_from=Chance(chance)) if recal.get("spread") is not None else recal
