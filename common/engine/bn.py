@@ -88,9 +88,8 @@ def sampling_noise(sums: tuple, var_b: torch.Tensor, n: int | None = None, z: fl
 
 
 class Chance:
-    """Per BatchNorm layer, the per-sample moments of its input over all of the user's data
-    (per_sample_sums, from the statistics pass): a later pass over k of the same samples (a probe
-    pass) takes its sampling noise from them, computed once per layer and size (S28)."""
+    """Per BatchNorm layer, its input's per-sample moments over all of the user's data (the statistics
+    pass's): a later pass over k of the samples (a probe's) takes its noise from them, once per size (S28)."""
 
     def __init__(self, sums: list):
         self.sums, self._noise = sums, {}
@@ -111,8 +110,9 @@ def explained_weight(mean, var, mu_b, var_b, spread, kappa: float, eps: float = 
     follows the user fully; a class-specific one only where its move exceeds kappa x eta^2, and,
     given its `noise` (sampling_noise), only by what it moves beyond it (S28).
     move^2 is the squared mean shift plus the squared log-variance change, in base units."""
-    move = (mean - mu_b) ** 2 / (var_b + eps) + torch.log((var + eps) / (var_b + eps)) ** 2
-    explained = kappa * spread.to(move) + (0 if noise is None else noise.to(move))
+    vb = var_b + eps
+    move = (mean - mu_b) ** 2 / vb + torch.log((var + eps) / vb) ** 2
+    explained = kappa * spread.to(move) if noise is None else kappa * spread.to(move) + noise.to(move)
     return (1 - explained / move.clamp_min(1e-12)).clamp(0, 1)
 
 
@@ -144,12 +144,12 @@ def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: floa
             per = per_sample_sums(x)
             sums[3] = add_sums(sums[3], per)
             noise = sums[4] = sampling_noise(per, var_b)  # a pass of one batch: the whole pass's too
+        mu, vb = mu_b.to(mean), var_b.to(var)
         if first_bn is not None and first_bn[i] is None:  # what a pass over the first batch alone keeps
-            first_bn[i] = _mix(mean, var * (n / max(n - 1, 1)), mu_b.to(mean), var_b.to(var), weight, spread, kappa,
-                               noise)
+            first_bn[i] = _mix(mean, var * (n / max(n - 1, 1)), mu, vb, weight, spread, kappa, noise)
         if weight == 1.0 and spread is None:
             return out
-        mean_m, var_m = _mix(mean, var, mu_b.to(mean), var_b.to(var), weight, spread, kappa, noise)
+        mean_m, var_m = _mix(mean, var, mu, vb, weight, spread, kappa, noise)
         return F.batch_norm(x, mean_m, var_m, m.weight, m.bias, False, 0.0, m.eps)
     return forward
 
