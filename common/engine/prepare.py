@@ -121,8 +121,9 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
     # the output layer from the user's features of the unpruned adapted model (the statistics
     # pass's: no pass of its own)
     head = choose_head(cfg.head, logits, cfg.prototype_min_support, cfg.head_min_support)
-    if mode == "none" and cfg.head == "auto" and info.get("kept_shift_none") is not None:
-        head = "linear"  # S27: the deep layers moved beyond the class mix and none follows (as S26)
+    if (mode == "none" and cfg.head == "auto" and info.get("kept_shift_none") is not None
+            and info.get("deep_shift_evident", 1.0) >= AD.DEEP_SHIFT):
+        head = "linear"  # S27: the deep layers moved beyond the class mix (and chance, S28) and none follows (as S26)
     elif hidden_check and head != "linear":
         # prototypes of pseudo-labels on features that moved beyond the class mix, with nothing to
         # bring them back, learn the base's errors; without the vendor's record nothing tells
