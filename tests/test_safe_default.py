@@ -298,8 +298,8 @@ def test_where_recalibrating_the_input_side_moves_the_kept_layers_away_none_foll
             assert a["bn"] == "none", a
         if a["bn"] == "stem":
             assert a["kept_shift_stem"] < a["kept_shift_none"], a
-        else:
-            assert a["bn"] == "none" and a["head"] == "linear", a
+        else:  # the base's output layer where the deep layers moved beyond chance (S26, S28)
+            assert a["bn"] == "none" and (a["head"] == "linear" or a["deep_shift_evident"] < DEEP_SHIFT), a
             stem = copy.deepcopy(base)
             fine_prune(stem, xu, PruneConfig(bn_adapt="stem"), base_meta=meta)
             took_none.append(i)
