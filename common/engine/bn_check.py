@@ -30,7 +30,8 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device):
     them on those samples than no recalibration does, beyond chance (S27, S28; else none follows). Returns
     (mode, the recalibration keyword arguments of the kept mode, what the check saw, samples passed)."""
     bns, full = bn_layers(model), bn_prior(model)  # the statistics pass's, kept to restore
-    shift = AD.deep_shift(full, prior, spread, AD.stem_count(model))
+    n_stem = AD.stem_count(model)
+    shift = AD.deep_shift(full, prior, spread, n_stem)
     check = {} if shift is None else {"deep_shift": round(shift, 4)}
     load_bn_stats(bns, prior)
     if shift is not None and shift < AD.DEEP_SHIFT:
@@ -39,7 +40,6 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device):
         return "stem", stem_recal(model, prior, spread), check, 0
     pick = pick[:AD.CHECK_SAMPLES]  # a class the user has shows in 64 samples; the check costs at most that
     xp = x[pick]
-    n_stem = AD.stem_count(model)
     with PerSampleSpread(bns[n_stem:]) as spread_a:  # the safe reference as the check's thresholds were set on
         safe, _ = recalibrate_bn(model, xp, cfg.batch_size, device, prior=prior, spread=spread, kappa=AD.KAPPA,
                                  chance=False)
@@ -100,15 +100,14 @@ def _kept_weights(model, xp, recal, device, prior, spread, n_stem: int) -> torch
     past the input side moved from the base's statistics beyond their class mix, their input moments over `xp`
     (samples and positions) against the base's, and, since S28, beyond what sampling noise on those
     few samples moves them by (otherwise the comparison reads chance on a user of a few samples)."""
-    layers = bn_layers(model)
-    with PerSampleSpread(layers) as per:
+    with PerSampleSpread(bn_layers(model)[n_stem:]) as per:  # the input side's are not compared
         recalibrate_bn(model, xp, len(xp), device, **recal)
     moments = []
     for s, k in per.sums:
         mean = s[0] / k
         moments.append((mean, (s[2] / k - mean * mean).clamp_min(0)))
-    noise = [sampling_noise(s, var_b) for s, (_, var_b) in zip(per.sums[n_stem:], prior[n_stem:])]
-    return AD.deep_weights(moments, prior, spread, n_stem, noise=noise)
+    noise = [sampling_noise(s, var_b) for s, (_, var_b) in zip(per.sums, prior[n_stem:])]
+    return AD.deep_weights(moments, prior[n_stem:], spread[n_stem:], 0, noise=noise)
 
 
 def none_recal(prior) -> dict:

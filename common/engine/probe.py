@@ -209,8 +209,9 @@ class Probe:
             if bn is not None:
                 torch._foreach_copy_([self.bn_live[k] for k in bn], list(bn.values()))
                 if not own and self.targets and self.prior is not None:
-                    # statistics borrowed from another mask (a back-off): a layer that keeps the
-                    # base's statistics keeps them shifted by this mask's own lost mean
+                    # statistics estimated before this load (its probe pass, or the statistics
+                    # pass's): a layer that keeps the base's statistics keeps them shifted by this
+                    # mask's own lost mean
                     for t in self.targets:
                         if t.bn_index is not None and not self.follows[t.bn_index]:
                             self.bns[t.bn_index].running_mean.copy_(self.prior[t.bn_index][0])

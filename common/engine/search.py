@@ -14,11 +14,14 @@ def search_bound(cfg, n: int) -> float:
     return cfg.max_sparsity * (n / (n + cfg.evidence_samples) if cfg.evidence_samples else 1.0)
 
 
-def back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: str, history, probe: Probe):
+def back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: str, history):
     """Where the rule failed, the step `margin` steps below the last that passed: the failing
     level was found on a probe of 32-128 samples, and the step just before a cliff is where held-out
     samples flip first (a user of 200 samples: the probe agreed fully at 0.72, the rest of its
-    data 97.5%, held-out accuracy 0.98 -> 0.94)."""
+    data 97.5%, held-out accuracy 0.98 -> 0.94). A level the search did not probe gets BatchNorm
+    statistics of its own when it is kept (Probe.keep: one probe pass), never the next step's (a
+    ResNet18 user keeping them: 0.89 -> 0.54 held out under full recalibration; under the input
+    side's alone, S29: 0.98 -> 0.84, where its own keep 1.00)."""
     i = last_ok - margin
     if i < 0:
         return dense, reason + (f"; backed off {margin} step(s): nothing pruned" if margin else ""), history
@@ -27,11 +30,6 @@ def back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: 
     probed = [k for k in masks if i - 1 <= k <= i]
     i = max(probed) if probed else i
     mask = masks[i] if i in masks else at(levels[i])
-    if i not in masks and last_ok in masks and probe.estimates:
-        # the mask kept has BatchNorm statistics of its own: one probe pass estimates them. The next
-        # step's differ (a ResNet18 user under full recalibration keeping them: 0.89 -> 0.54 held
-        # out; under the input side's alone, S29: 0.98 -> 0.84, where its own keep 1.00)
-        probe(mask, "back-off pass")
     return mask, reason + (f"; backed off to {levels[i]:.3f}" if margin else ""), history
 
 
@@ -82,7 +80,7 @@ def search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clo
             return dense, failed(fail_v, levels[0]) + " (nothing pruned)", history
         if hi == len(levels):
             return masks[lo], f"reached the search bound {levels[-1]:.3f} within tolerance", history
-        return back_off(lo, cfg.stop_margin, masks, at, levels, dense, failed(fail_v, levels[hi]), history, probe)
+        return back_off(lo, cfg.stop_margin, masks, at, levels, dense, failed(fail_v, levels[hi]), history)
 
     mask, kept = dense, {}
     for i, level in enumerate(levels):
@@ -90,7 +88,7 @@ def search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clo
         cand = mask_at(scores, mask, level, cfg.scope, structured) if cfg.rescore else at(level)
         ok, v = check(cand)
         if not ok:
-            return back_off(i - 1, cfg.stop_margin, kept, at, levels, dense, failed(v, level), history, probe)
+            return back_off(i - 1, cfg.stop_margin, kept, at, levels, dense, failed(v, level), history)
         mask = kept[i] = cand
         if cfg.rescore:  # usage of the surviving connections, measured in the pruned network
             probe_x = probe.data[:probe_samples(cfg, len(probe.data))]
