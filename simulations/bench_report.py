@@ -14,9 +14,9 @@ SCORERS = ("usage", "usage-share", "discriminative", "firing", "magnitude", "ran
 WITH_BN = ("usage+bn", "magnitude+bn", "discriminative+bn")  # criteria compared with BatchNorm recalibration
 DEFAULT = ("default", "stop")                  # the engine's defaults, whatever they are
 # the engine's default before the safe one: every BatchNorm layer recalibrated, the base's output
-# layer, output restriction, no search bound and no back-off
+# layer, output restriction, no search bound, no back-off and no second probe
 PREVIOUS_DEFAULT = dict(bn_adapt="full", head="linear", restrict_outputs=True, evidence_samples=0, stop_margin=0,
-                        compensate="off", paired_bn=False)
+                        confirm=False, compensate="off", paired_bn=False)
 HEADLINE = ("usage+bn+restrict", "stop")       # the previous default: usage, full recalibration, restriction
 DISC = ("discriminative+bn+restrict", "stop")  # the same with pseudo-class-discriminative magnitude
 BACKPROP = "backprop-5ep (labels)"

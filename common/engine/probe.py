@@ -114,6 +114,7 @@ class Probe:
         self.prior = self.base_prior
         self.ref_bn = None  # the unpruned reference's probe statistics (reference(), folded_reference())
         self.whole = set()  # keys of self.bn estimated on all of the user's data, not on the probe
+        self.kept = {}  # sparsity -> the BatchNorm statistics keep() left: keeping the same mask again copies them
 
     def __call__(self, mask: Mask, phase: str = "probe passes", sparsity: float | None = None):
         """One pass over the probe with `mask` applied: (logits, stats or None). With
@@ -197,6 +198,9 @@ class Probe:
         self.load(mask)
         if self.estimates:
             key = _bn_key(mask.sparsity())
+            if key in self.kept:  # kept before (the second probe judged it): its statistics again
+                torch._foreach_copy_([self.bn_live[k] for k in self.kept[key]], list(self.kept[key].values()))
+                return
             bn = self.bn.get(key)
             own = bn is None
             if own:
@@ -215,3 +219,4 @@ class Probe:
                     for t in self.targets:
                         if t.bn_index is not None and not self.follows[t.bn_index]:
                             self.bns[t.bn_index].running_mean.copy_(self.prior[t.bn_index][0])
+            self.kept[key] = {k: v.clone() for k, v in self.bn_live.items()}

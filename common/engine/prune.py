@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from common.engine.confirm import Confirm, confirm_pick
 from common.engine.forward import engine_layout, features_and_logits, settle_layout, to_layout
 from common.engine.heads import HEADS
 from common.engine.prepare import Adapted, adapt
@@ -185,8 +186,13 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
         if restricted is not None:
             restrict_logits(ref_logits, restricted)
         rule = make_rule(cfg.stop_rule, cfg.tolerance, ref_logits, ref_stats if need_stats else None)
+        # the second probe (S31): a rule that reads the probe's activation statistics has none there
+        second = confirm_pick(cfg, len(x)) if cfg.confirm and not rule.needs_stats else []
+        confirm = (Confirm(probe, x, second, cfg, restricted, dense, None if probe.estimates else a.logits[second])
+                   if len(second) else None)
         mask, reason, history = search(schedule(cfg.step, search_bound(cfg, evidence)), scores, dense, cfg, rule,
-                                       probe, restricted, tick, clock)
+                                       probe, restricted, tick, clock, confirm)
+        history += confirm.history if confirm is not None else []
     if restricted is not None:
         mask = apply_restriction(model, mask, restricted)
         clock.lap("selection")

@@ -1,7 +1,9 @@
 """The stop rule's search: the schedule's sparsity levels, bisected (or walked) until the label-free
-rule fails on the probe, then backed off; how far it may search is bounded by the user's data."""
+rule fails on the probe, then backed off and judged again on a second probe; how far it may search
+is bounded by the user's data."""
 from __future__ import annotations
 
+from common.engine.confirm import confirmed
 from common.engine.probe import Clock, Probe, collect_stats, probe_samples
 from common.engine.restrict import apply_restriction, restrict_logits
 from common.engine.scoring import get_scorer
@@ -14,14 +16,15 @@ def search_bound(cfg, n: int) -> float:
     return cfg.max_sparsity * (n / (n + cfg.evidence_samples) if cfg.evidence_samples else 1.0)
 
 
-def back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: str, history):
+def back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: str, history, confirm=None):
     """Where the rule failed, the step `margin` steps below the last that passed: the failing
     level was found on a probe of 32-128 samples, and the step just before a cliff is where held-out
     samples flip first (a user of 200 samples: the probe agreed fully at 0.72, the rest of its
     data 97.5%, held-out accuracy 0.98 -> 0.94). A level the search did not probe gets BatchNorm
     statistics of its own when it is kept (Probe.keep: one probe pass), never the next step's (a
     ResNet18 user keeping them: 0.89 -> 0.54 held out under full recalibration; under the input
-    side's alone, S29: 0.98 -> 0.84, where its own keep 1.00)."""
+    side's alone, S29: 0.98 -> 0.84, where its own keep 1.00). `confirm`: the second probe judges
+    the step kept (common/engine/confirm.py)."""
     i = last_ok - margin
     if i < 0:
         return dense, reason + (f"; backed off {margin} step(s): nothing pruned" if margin else ""), history
@@ -29,12 +32,19 @@ def back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: 
     # did) one step further down costs no probe pass of its own to keep
     probed = [k for k in masks if i - 1 <= k <= i]
     i = max(probed) if probed else i
-    mask = masks[i] if i in masks else at(levels[i])
-    return mask, reason + (f"; backed off to {levels[i]:.3f}" if margin else ""), history
+    reason += f"; backed off to {levels[i]:.3f}" if margin else ""
+    if confirm is None:
+        return (masks[i] if i in masks else at(levels[i])), reason, history
+    j, mask = confirmed(i, masks, at, levels, dense, confirm)
+    if j < i:
+        reason += (f"; the second probe failed at {levels[i]:.3f}: "
+                   + (f"kept {levels[j]:.3f}" if j >= 0 else "nothing pruned"))
+    return mask, reason, history
 
 
-def search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clock: Clock):
-    """The schedule's step the rule accepts: bisection over the nested masks, or linear."""
+def search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clock: Clock, confirm=None):
+    """The schedule's step the rule accepts: bisection over the nested masks, or linear; then, with
+    `confirm`, on the second probe too."""
     history = []
     structured = get_scorer(cfg.scoring).structured
     # bisection asks for ~5 sparsities: one k-th value selection each costs less than sorting all
@@ -79,8 +89,9 @@ def search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clo
         if lo < 0:
             return dense, failed(fail_v, levels[0]) + " (nothing pruned)", history
         if hi == len(levels):
-            return masks[lo], f"reached the search bound {levels[-1]:.3f} within tolerance", history
-        return back_off(lo, cfg.stop_margin, masks, at, levels, dense, failed(fail_v, levels[hi]), history)
+            return back_off(lo, 0, masks, at, levels, dense,
+                            f"reached the search bound {levels[-1]:.3f} within tolerance", history, confirm)
+        return back_off(lo, cfg.stop_margin, masks, at, levels, dense, failed(fail_v, levels[hi]), history, confirm)
 
     mask, kept = dense, {}
     for i, level in enumerate(levels):
@@ -88,7 +99,7 @@ def search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clo
         cand = mask_at(scores, mask, level, cfg.scope, structured) if cfg.rescore else at(level)
         ok, v = check(cand)
         if not ok:
-            return back_off(i - 1, cfg.stop_margin, kept, at, levels, dense, failed(v, level), history)
+            return back_off(i - 1, cfg.stop_margin, kept, at, levels, dense, failed(v, level), history, confirm)
         mask = kept[i] = cand
         if cfg.rescore:  # usage of the surviving connections, measured in the pruned network
             probe_x = probe.data[:probe_samples(cfg, len(probe.data))]
@@ -98,4 +109,7 @@ def search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clo
             clock.lap("probe passes")
             scores = compute_scores(probe.model, st, cfg.scoring, cfg.seed, keep_last=cfg.head != "linear")
             clock.lap("scores")
-    return mask, f"reached the search bound {levels[-1]:.3f} within tolerance", history
+    reason = f"reached the search bound {levels[-1]:.3f} within tolerance"
+    if confirm is None or not kept:
+        return mask, reason, history
+    return back_off(len(levels) - 1, 0, kept, at, levels, dense, reason, history, confirm)
