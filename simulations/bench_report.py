@@ -13,6 +13,7 @@ LEVELS = (0.5, 0.7, 0.9)
 SCORERS = ("usage", "usage-share", "discriminative", "firing", "magnitude", "random")
 WITH_BN = ("usage+bn", "magnitude+bn", "discriminative+bn")  # criteria compared with BatchNorm recalibration
 DEFAULT = ("default", "stop")                  # the engine's defaults, whatever they are
+SECOND = ("default+second probe", "stop")      # the same, its stop judged again on a second probe (S31)
 # the engine's default before the safe one: every BatchNorm layer recalibrated, the base's output
 # layer, output restriction, no search bound, no back-off and no second probe
 PREVIOUS_DEFAULT = dict(bn_adapt="full", head="linear", restrict_outputs=True, evidence_samples=0, stop_margin=0,
@@ -58,7 +59,8 @@ def headline(summary: list[dict]) -> list[dict]:
 
 BASELINES4 = ("adabn", "t3a", "lame", "adabn+t3a")
 PERSONALIZATION = [("base", "-"), ("adabn", "-"), ("t3a", "-"), ("lame", "-"), ("adabn+t3a", "-"),
-                   ("stem-bn+t3a", "-"), ("tent (backprop, no labels)", "-"), DEFAULT, HEADLINE, ("usage+bn (base stats)", "0.7"),
+                   ("stem-bn+t3a", "-"), ("tent (backprop, no labels)", "-"), DEFAULT, SECOND, HEADLINE,
+                   ("usage+bn (base stats)", "0.7"),
                    ("usage+bn", "0.7"), ("magnitude+bn", "0.7"), ("discriminative+bn", "0.7"),
                    ("discriminative+bn", "stop"), DISC, ("discriminative+bn+proto", "0.7"),
                    ("discriminative+bn+proto", "stop"), (BACKPROP, "-")]

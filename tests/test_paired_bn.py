@@ -66,11 +66,9 @@ def test_the_folded_reference_statistics_are_what_a_probe_pass_of_the_unpruned_m
 
 def _kept_error(base, x, paired: bool, **change):
     """The kept model's BatchNorm statistics against those the same pruned model has on all of
-    the user's data (squared mean error in units of the true variance, summed over channels). The
-    second probe judges each mask with the statistics it is kept with, so pairing could change the
-    step kept: off here, where only the statistics are compared."""
+    the user's data (squared mean error in units of the true variance, summed over channels)."""
     model = copy.deepcopy(base)
-    res = fine_prune(model, x, PruneConfig(bn_adapt="full", head="linear", paired_bn=paired, confirm=False, **change))
+    res = fine_prune(model, x, PruneConfig(bn_adapt="full", head="linear", paired_bn=paired, **change))
     truth = copy.deepcopy(base)
     res.mask.apply(truth)
     recalibrate_bn(truth, x, 256)

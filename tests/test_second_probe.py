@@ -79,7 +79,7 @@ def test_the_kept_mask_passes_the_stop_rule_on_samples_the_search_never_saw(nobn
     alone, second = [], []
     for u in users:
         a_off, r_off = _agreement_on_second_probe(base, meta, u, PruneConfig(confirm=False))
-        a_on, r_on = _agreement_on_second_probe(base, meta, u, PruneConfig())
+        a_on, r_on = _agreement_on_second_probe(base, meta, u, PruneConfig(confirm=True))
         alone.append(a_off)
         second.append(a_on)
         assert r_on.sparsity <= r_off.sparsity + 1e-9  # it only ever takes sparsity back
@@ -92,7 +92,7 @@ def test_every_pass_over_the_second_probe_is_counted(nobn_styled):
     base, meta, users = nobn_styled
     u = users[0]
     off = fine_prune(copy.deepcopy(base), u.x, PruneConfig(confirm=False), base_meta=meta)
-    on = fine_prune(copy.deepcopy(base), u.x, PruneConfig(), base_meta=meta)
+    on = fine_prune(copy.deepcopy(base), u.x, PruneConfig(confirm=True), base_meta=meta)
     passes = [h for h in on.history if "second_probe" in h]
     assert passes and all(h["second_probe"] == len(confirm_pick(PruneConfig(), len(u.x))) for h in passes)
     # without BatchNorm the statistics pass gave the unpruned model's logits there: no pass of its own
@@ -104,7 +104,7 @@ def test_a_user_whose_probe_took_every_sample_has_no_second_probe(digits, digits
     x = digits.x[torch.as_tensor(pool[:30])]
     off_model, on_model = copy.deepcopy(digits_base), copy.deepcopy(digits_base)
     off = fine_prune(off_model, x, PruneConfig(confirm=False))
-    on = fine_prune(on_model, x, PruneConfig())
+    on = fine_prune(on_model, x, PruneConfig(confirm=True))
     assert off.mask == on.mask and off.history == on.history
     for a, b in zip(off_model.state_dict().values(), on_model.state_dict().values()):
         assert torch.equal(a, b)
