@@ -24,6 +24,7 @@ from simulations.bench_report import PREVIOUS_DEFAULT as BEFORE  # noqa: E402
 
 METHODS = {  # name: engine settings (fixed targets: equal sparsity across users)
     "default": None,  # the engine's defaults as they are, at the label-free stop
+    "default+second probe": dict(confirm=True),  # its stop judged again on a second probe (S31)
     "previous default": BEFORE,
     "unstructured usage 0.5": dict(target_sparsity=0.5),
     "unstructured usage 0.5, no BN recalibration": dict(target_sparsity=0.5, recalibrate_bn=False),
@@ -110,7 +111,7 @@ def main(argv=None) -> dict:
         compacts = {}
         for name, kw in methods.items():
             m = copy.deepcopy(base)
-            if kw is None or name == "previous default":
+            if kw is None or name in ("previous default", "default+second probe"):
                 r = fine_prune(m, x, PruneConfig(**(kw or {})), dev, base_meta=vendor)
                 row[name] = accuracy(personalized_model(m, r), hx, hy, device=dev)
                 row[name + ": sparsity"] = round(r.sparsity, 4)
