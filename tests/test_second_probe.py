@@ -108,3 +108,22 @@ def test_a_user_whose_probe_took_every_sample_has_no_second_probe(digits, digits
     assert off.mask == on.mask and off.history == on.history
     for a, b in zip(off_model.state_dict().values(), on_model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_the_command_line_flag_turns_the_second_probe_on(tmp_path, digits_cli_base, digits, digits_split):
+    from common.cli import main
+    from common.model.checkpoint import load_checkpoint
+
+    _, pool = digits_split
+    data = tmp_path / "x.npy"
+    np.save(data, digits.x[torch.as_tensor(pool[:100])].numpy())
+    histories = {}
+    for flag in ([], ["--confirm"]):
+        out = tmp_path / f"me{len(flag)}.pt"
+        assert main(["personalize", "--model", str(digits_cli_base), "--data", str(data), "--out", str(out), *flag]) == 0
+        _, meta, _ = load_checkpoint(out)
+        p = meta["personalization"]
+        assert p["settings"]["confirm"] is bool(flag)
+        histories[bool(flag)] = [h for h in p["history"] if "second_probe" in h]
+    assert not histories[False] and histories[True]
+    assert all(h["second_probe"] == 32 for h in histories[True])  # 100 samples: a probe of 32, then the next 32
