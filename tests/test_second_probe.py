@@ -35,7 +35,7 @@ class _Judge:
     """A second probe that passes exactly the schedule steps up to `last_ok`."""
 
     def __init__(self, last_ok):
-        self.last_ok, self.asked, self.history = last_ok, [], []
+        self.last_ok, self.asked = last_ok, []
 
     def __call__(self, mask):
         self.asked.append(mask)

@@ -24,18 +24,19 @@ class Confirm:
     """`confirm(mask)`: whether the stop rule passes on the second probe, the model pruned by
     `mask` as it is kept (its BatchNorm statistics: Probe.keep), against the unpruned model kept
     the same way. Each pass is counted in the probe's samples and logged in the search's history.
-    `known`: the unpruned model's logits on the second probe where the statistics pass gave them
-    as the kept model outputs them (no BatchNorm statistics re-estimated: no pass of its own)."""
+    `stats_logits`: the statistics pass's logits over all of x; where no pass re-estimates BatchNorm
+    statistics they are the unpruned model's as it is kept, so its pass over the second probe is saved."""
 
-    def __init__(self, probe, x: torch.Tensor, idx: torch.Tensor, cfg, restricted, dense,
-                 known: torch.Tensor | None = None):
+    def __init__(self, probe, x: torch.Tensor, idx: torch.Tensor, cfg, restricted, dense, stats_logits: torch.Tensor):
         self.probe, self.cfg, self.restricted, self.history = probe, cfg, restricted, []
         self.x = next(device_batches(x, len(idx), probe.device, idx))
-        if known is not None:
-            known = known.clone()
+        if probe.estimates:
+            ref = self._logits(dense)
+        else:
+            ref = stats_logits[idx]  # a copy (index tensor): restrict_logits may write into it
             if restricted is not None:
-                restrict_logits(known, restricted)
-        self.rule = make_rule(cfg.stop_rule, cfg.tolerance, self._logits(dense) if known is None else known, None)
+                restrict_logits(ref, restricted)
+        self.rule = make_rule(cfg.stop_rule, cfg.tolerance, ref, None)
 
     def _logits(self, mask):
         if self.restricted is not None:

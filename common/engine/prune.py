@@ -188,8 +188,7 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
         rule = make_rule(cfg.stop_rule, cfg.tolerance, ref_logits, ref_stats if need_stats else None)
         # the second probe (S31): a rule that reads the probe's activation statistics has none there
         second = confirm_pick(cfg, len(x)) if cfg.confirm and not rule.needs_stats else []
-        confirm = (Confirm(probe, x, second, cfg, restricted, dense, None if probe.estimates else a.logits[second])
-                   if len(second) else None)
+        confirm = Confirm(probe, x, second, cfg, restricted, dense, a.logits) if len(second) else None
         mask, reason, history = search(schedule(cfg.step, search_bound(cfg, evidence)), scores, dense, cfg, rule,
                                        probe, restricted, tick, clock, confirm)
         history += confirm.history if confirm is not None else []
