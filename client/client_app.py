@@ -17,6 +17,8 @@ from flwr.common.logger import log
 from client.device import Device, device_inputs, research_accuracy
 from client.faults import injected_fault
 from common.data.protocol import simulated_user
+from common.engine.class_prior import class_shape
+from common.engine.prior import Prior
 from common.memory import set_memory
 from common.model.architectures import prunable_shapes
 from common.wire import envelope as E
@@ -160,7 +162,7 @@ def _train(msg: Message, context: Context, cfg: dict, cancel: threading.Event) -
     _check(cancel)
     epsilon = _privacy(device, cfg, context)
     payload = device.upload(mask, info, cfg["summary-level"], base_fp, model_bytes(base), cfg["seed"], epsilon,
-                            cfg["sketch-frac"])
+                            cfg["sketch-frac"], classes=cfg["class-sums"])
 
     reply = RecordDict({
         E.SUMMARY: ConfigRecord({E.SUMMARY_DATA: payload, E.SUMMARY_LEVEL: cfg["summary-level"]}),
@@ -174,15 +176,28 @@ def _train(msg: Message, context: Context, cfg: dict, cancel: threading.Event) -
 
 
 def received_prior(msg: Message, base, cfg: dict):
-    """The federation's prior this round's message carries, checked against this device's base
-    (common/wire/prior.py), or None: without one the device works as in a one-round run."""
-    if E.PRIOR not in msg.content.array_records:
+    """The federation's prior this round's message carries (the mask shares, the class directions,
+    or both), checked against this device's base (common/wire/prior.py), or None: without one the
+    device works as in a one-round run."""
+    records = msg.content.array_records
+    if E.PRIOR not in records and E.CLASSES not in records:
         return None
-    if E.PRIOR_META not in msg.content.config_records:
-        raise PW.PriorError("the prior comes without its metadata")
-    shapes = prunable_shapes(base)
-    return PW.from_records(msg.content[E.PRIOR], msg.content[E.PRIOR_META], shapes, cfg["prior-samples"],
-                           epsilon=cfg["privacy-epsilon"] or None)
+    shares = classes = None
+    if E.PRIOR in records:
+        if E.PRIOR_META not in msg.content.config_records:
+            raise PW.PriorError("the prior comes without its metadata")
+        shares = PW.from_records(msg.content[E.PRIOR], msg.content[E.PRIOR_META], prunable_shapes(base),
+                                 cfg["prior-samples"], epsilon=cfg["privacy-epsilon"] or None)
+    if E.CLASSES in records:
+        if cfg["privacy-epsilon"]:
+            raise PW.PriorError("a private run has no class directions: the server built them from exact means")
+        if E.CLASSES_META not in msg.content.config_records:
+            raise PW.PriorError("the class prior comes without its metadata")
+        classes = PW.classes_from_records(msg.content[E.CLASSES], msg.content[E.CLASSES_META], class_shape(base))
+    if shares is None:
+        return Prior(None, float(cfg["prior-samples"]), classes.voters, classes)
+    shares.classes = classes
+    return shares
 
 
 def reply_metrics(info, upload_bytes: int, num_samples: int, private: bool) -> dict:

@@ -101,13 +101,15 @@ class Device:
         return key
 
     def upload(self, mask: Mask, info: Personalization, level: str, base_fp: str, model_size: int, seed: int,
-               epsilon: float | None = None, sketch_frac: float = SKETCH_FRAC) -> bytes:
+               epsilon: float | None = None, sketch_frac: float = SKETCH_FRAC, classes: bool = False) -> bytes:
         """The summary this device uploads; `epsilon` from Device.privacy, `sketch_frac` the run's. A private one is
         randomized by permanent randomized response keyed by this device's secret: however the
         server varies its request (settings, a nudged base, rounds), the same mask gives the same
-        noisy bits, so fresh noise cannot be collected and voted away."""
+        noisy bits, so fresh noise cannot be collected and voted away. `classes`: the run asks for
+        the class means (class-sums); a private device never sends them."""
         if epsilon is None:
-            return summary_bytes(mask, info, level, base_fp, model_size, seed, sketch_frac=sketch_frac)
+            return summary_bytes(mask, info, level, base_fp, model_size, seed, sketch_frac=sketch_frac,
+                                 classes=info.class_means() if classes else None)
         if level != "bitmap":
             raise PermissionError(f"this device sends only private bitmap summaries; the server asks for '{level}'")
         return encode(build_summary(mask, info.hist, level, base_fp, model_size, seed, epsilon=epsilon,
@@ -119,10 +121,12 @@ class Device:
 
 
 def summary_bytes(mask: Mask, info: Personalization, level: str, base_fp: str, model_size: int, seed: int,
-                  epsilon: float | None = None, sketch_frac: float = SKETCH_FRAC) -> bytes:
-    """What the device uploads. With `epsilon`, the mask bits are randomized on the device first."""
+                  epsilon: float | None = None, sketch_frac: float = SKETCH_FRAC,
+                  classes: tuple | None = None) -> bytes:
+    """What the device uploads. With `epsilon`, the mask bits are randomized on the device first.
+    `classes`: the class means and counts the summary carries (not with `epsilon`)."""
     return encode(build_summary(mask, info.hist, level, base_fp, model_size, seed, sketch_frac=sketch_frac,
-                                epsilon=epsilon))
+                                epsilon=epsilon, classes=classes))
 
 
 def research_accuracy(base, device: Device, heldout_x, heldout_y) -> dict:

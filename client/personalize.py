@@ -42,7 +42,14 @@ class Personalization:
     hist: dict = field(default_factory=dict)   # usage histograms for the summary
     history: list = field(default_factory=list)
     adaptation: dict = field(default_factory=dict)  # BatchNorm mode, head, what the checks saw
+    classes: dict = field(default_factory=dict)  # the class means and counts a summary may carry
     resumed: bool = False
+
+    def class_means(self) -> tuple | None:
+        """(means, counts) as tensors, or None for a checkpoint made before they were kept."""
+        if not self.classes:
+            return None
+        return torch.tensor(self.classes["means"], dtype=torch.float32), torch.tensor(self.classes["counts"])
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Personalization | None":
@@ -65,7 +72,10 @@ def data_fingerprint(x: torch.Tensor) -> str:
 def prior_fingerprint(prior: Prior) -> str:
     """Identifies the federation's prior a personalization was made with, and its weight."""
     h = hashlib.sha256(repr(float(prior.samples)).encode())
-    for k in sorted(prior.pruned):
+    if prior.classes is not None:
+        for t in (prior.classes.means, prior.classes.freq):
+            h.update(np.ascontiguousarray(t.detach().cpu().float().numpy()))
+    for k in sorted(prior.pruned or {}):
         h.update(k.encode())
         h.update(np.ascontiguousarray(prior.pruned[k].detach().cpu().float().numpy()))
     return h.hexdigest()[:16]
@@ -107,12 +117,21 @@ def personalize(base: torch.nn.Module, meta: dict, x: torch.Tensor, cfg: PruneCo
             model, mask, arch_kwargs = drop_classes(model, mask, meta["arch"], arch_kwargs, res.restricted_classes)
     info = Personalization(key, base_fp, cfg.settings(), res.sparsity, res.stop_reason, res.seconds,
                            res.forward_samples, res.restricted_classes, do_compact,
-                           usage_histograms(usage_scores(base, res.stats)), res.history, adaptation=res.adaptation)
+                           usage_histograms(usage_scores(base, res.stats)), res.history, adaptation=res.adaptation,
+                           classes=_classes_record(res.class_means))
     new_meta = dict(model_meta(meta), arch_kwargs=arch_kwargs, base_fingerprint=base_fp, compacted=do_compact,
                     personalization=asdict(info), **({"pruning_history": history} if history else {}))
     # 0600: a personalized model records which classes this user has
     save_checkpoint(out_path, model, new_meta, mask=mask, restricted=res.restricted_classes, private=True)
     return res.mask, info
+
+
+def _classes_record(class_means: tuple | None) -> dict:
+    """The class means and counts as the checkpoint's metadata keeps them (JSON numbers)."""
+    if class_means is None:
+        return {}
+    means, counts = class_means
+    return {"means": means.float().tolist(), "counts": [int(c) for c in counts.round().tolist()]}
 
 
 def _resume(path: Path, key: str):

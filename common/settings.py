@@ -188,11 +188,16 @@ SETTINGS = [
     # ---- the server
     S("prior", "auto", "later rounds: the server sends each device the share of devices (at least slim-min-clients, "
       "outliers out) that pruned each connection in the round before, and the device blends it with its own "
-      "ranking: on, off, or auto (on where the summaries are bitmaps and there is no slim base)", {RUN},
+      "ranking: on, off, or auto (on where the summaries are bitmaps and there is no slim base); unless off, also "
+      "the class directions of class-sums", {RUN},
       choices=("auto", "on", "off")),
     S("prior-samples", 32.0, "how many of a device's own samples the server's prior is worth: a device with n "
       "samples ranks by its own scores w = n / (n + this) and by the prior the rest, and its stop rule may search "
       "as far as n + min((1 - w) x this, 2n) samples allow", {RUN, CLIENT}, low=0.0),
+    S("class-sums", True, "later rounds with the prior: each device also uploads the mean of its centred features "
+      "per class it predicts (classes x features numbers and the counts; never in private mode), and the server "
+      "gives back their means over at least slim-min-clients devices, which data-poor devices whose data spread "
+      "over the classes blend into their output layer (P6, docs/federation.md)", {RUN, CLIENT}),
     S("slim-base", False, "derive a slimmer shared base from the consensus and send it next round", {RUN}),
     S("slim-min-clients", 5, "slim base: fewest clients whose (non-outlier) masks it may be derived from; with "
       "fewer it would reveal what they pruned", {RUN}, low=2),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from common.engine import class_prior as CPR
 from common.model.mask import Mask
 from common.wire.privacy import debias, estimate_pruned_count
 from common.wire.summary import SKETCH_BITS, Summary
@@ -225,3 +226,16 @@ def pruned_shares(bitmaps: dict[str, Mask], epsilon: float | None = None) -> dic
             share = torch.from_numpy(debias(share.numpy(), epsilon)).clamp(0, 1)
         out[k] = share.float()
     return out
+
+
+def class_directions(summaries: dict[str, Summary], outliers: list[str], min_clients: int):
+    """The class directions the next round gives back: the class means of every summary that
+    carries them, outliers out, pooled (common/engine/class_prior.py: each device's mean of a class
+    counts once), over at least `min_clients` devices. Returns (ClassPrior or None, its record)."""
+    got = {k: s.classes for k, s in summaries.items() if s.classes is not None and k not in set(outliers)}
+    if len(got) < min_clients:
+        return None, {"skipped": f"{len(got)} devices sent class means (outliers out), slim-min-clients is "
+                                 f"{min_clients}"}
+    prior = CPR.pool(list(got.values()))
+    return prior, {"voters": len(got), "spread": round(CPR.spread(prior.freq), 3),
+                   "classes_predicted": int((prior.means.norm(dim=1) > 0).sum())}

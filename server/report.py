@@ -128,6 +128,8 @@ def to_markdown(report: dict) -> str:
             lines.append(f"- slim shared base: {rnd['slim_base']}")
         if "prior" in rnd:
             lines.append(f"- prior for the next round: {md_text(rnd['prior'], 2000)}")
+        if "class_prior" in rnd:
+            lines.append(f"- class directions for the next round: {md_text(rnd['class_prior'], 2000)}")
         lines.append("")
     if report.get("rounds_compared"):
         lines += R.to_markdown(report["rounds_compared"], len(report["rounds"]), md_text)

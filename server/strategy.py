@@ -1,8 +1,9 @@
 """The server's Flower strategy: send the base model once, collect and validate mask summaries,
 analyze shared sparsity and give back what it learned in the next round: the federation's prior
-(the share of devices that pruned each connection) or a slimmer shared base. Why ~320 lines: a
-reply is checked field by field where it is read, so the whole trust boundary of the server is one
-file (the envelope's names are common/wire/envelope.py's)."""
+(the share of devices that pruned each connection, and the class directions pooled from their
+class means) or a slimmer shared base. Why ~340 lines: a reply is checked field by field where it
+is read, so the whole trust boundary of the server is one file (the envelope's names are
+common/wire/envelope.py's)."""
 from __future__ import annotations
 
 import copy
@@ -18,14 +19,15 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from common.engine.class_prior import class_shape
 from common.model.architectures import prunable_shapes
 from common.model.checkpoint import fingerprint
 from common.model.compact import compact
 from common.wire import envelope as E
 from common.wire import prior as PW
-from common.wire.federation import CLIENT_KEYS, base_to_records, model_bytes, prior_enabled
+from common.wire.federation import CLIENT_KEYS, base_to_records, class_prior_enabled, model_bytes, prior_enabled
 from common.wire.summary import SummaryError, decode, sketch_budget
-from server.analysis import analyze, consensus, pruned_per_layer, pruned_shares, robust_voters
+from server.analysis import analyze, class_directions, consensus, pruned_per_layer, pruned_shares, robust_voters
 
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.:@+-]{1,64}")
 MAX_REASON = 500
@@ -42,6 +44,7 @@ class FinePruneStrategy(Strategy):
         self._claims: dict[str, set] = {}  # client id -> the authenticated nodes that ever claimed it
         self.epsilon = cfg["privacy-epsilon"] if cfg["privacy-epsilon"] > 0 else None
         self._prior = None          # the records of the prior this round sends, or None
+        self._classes = None        # the records of the class directions this round sends, or None
         self._no_prior: set = set()  # nodes whose last mask was an outlier: they get none
         self._prior_sent: set = set()  # nodes this round's prior went to
         self._set_base(base, meta)
@@ -55,6 +58,8 @@ class FinePruneStrategy(Strategy):
         self.max_summary_bytes = sum(math.prod(v) for v in self.shapes.values()) // 8 + (256 << 10)
         self.sketch_bins = sketch_budget([math.prod(v) for v in self.shapes.values()], self.model_bytes,
                                          self.cfg["sketch-frac"])
+        # the class means a reply may carry (class-sums): the output layer's classes x features
+        self.classes_shape = class_shape(base) if class_prior_enabled(self.cfg) else None
 
     def summary(self) -> None:
         log(INFO, "\t├── FinePruneStrategy: %s clients (min %s), summary level %s, scoring %s",
@@ -81,6 +86,8 @@ class FinePruneStrategy(Strategy):
         nodes = self._wait_for_nodes(grid)
         conf = {k: self.cfg[k] for k in CLIENT_KEYS}
         conf.update({E.BASE_FINGERPRINT: self.fp, E.OUT_DIR: self.cfg["out-dir"], E.ROUND: server_round})
+        # class means only where a later round gives back their pool
+        conf["class-sums"] = self.classes_shape is not None and server_round < self.cfg["num-rounds"]
         base_arrays, base_meta = base_to_records(self.base, self.meta)
         msgs = []
         for nid in nodes:
@@ -90,10 +97,13 @@ class FinePruneStrategy(Strategy):
                 content[E.BASE_META] = base_meta
             if self._prior is not None and nid not in self._no_prior:
                 content[E.PRIOR], content[E.PRIOR_META] = self._prior
+            if self._classes is not None:  # an outlier mask does not vote, but its device may gain from them
+                content[E.CLASSES], content[E.CLASSES_META] = self._classes
             msgs.append(Message(content=content, dst_node_id=nid, message_type=MessageType.TRAIN,
                                 group_id=str(server_round)))
         self._sent = {m.metadata.dst_node_id: (E.BASE in m.content.array_records) for m in msgs}
-        self._prior_sent = {m.metadata.dst_node_id for m in msgs if E.PRIOR in m.content.array_records}
+        self._prior_sent = {m.metadata.dst_node_id for m in msgs
+                            if E.PRIOR in m.content.array_records or E.CLASSES in m.content.array_records}
         self._out = msgs
         log(INFO, "round %d: sending to %d nodes (%d get the base model, %d the prior)", server_round, len(msgs),
             sum(self._sent.values()), len(self._prior_sent))
@@ -157,11 +167,17 @@ class FinePruneStrategy(Strategy):
         new_arrays = None
         if self.cfg["slim-base"] and server_round < self.cfg["num-rounds"]:
             new_arrays = self._slim_base(summaries, record)
+        self._prior = self._classes = None
         if prior_enabled(self.cfg) and server_round < self.cfg["num-rounds"]:
             self._make_prior(summaries, rows, record, server_round)
         elif self.cfg["prior"] == "auto" and server_round < self.cfg["num-rounds"]:
             record["prior"] = {"skipped": "the prior is built from masks: it needs summary-level bitmap"
                                if self.cfg["summary-level"] != "bitmap" else "slim-base replaces the base instead"}
+        if self.classes_shape is not None and server_round < self.cfg["num-rounds"]:
+            node_of = {r["id"]: r["node"] for r in rows}
+            outliers = [c for c in node_of if node_of[c] in self._no_prior]
+            classes, record["class_prior"] = class_directions(summaries, outliers, self.cfg["slim-min-clients"])
+            self._classes = None if classes is None else PW.classes_to_records(classes, server_round)
         if self.on_round is not None:
             self.on_round(record)
         metrics = MetricRecord({"accepted": len(rows), "rejected": len(rejected), "failed": len(failed)})
@@ -195,7 +211,8 @@ class FinePruneStrategy(Strategy):
         extra = set(content.keys()) - set(E.REPLY_RECORDS)
         if extra or content.array_records:
             raise SummaryError(f"reply carries more than a summary: {sorted(extra) or 'arrays'}", "extra-content")
-        summ = decode(data, self.fp, self.shapes, self.max_summary_bytes, self.epsilon, self.sketch_bins)
+        summ = decode(data, self.fp, self.shapes, self.max_summary_bytes, self.epsilon, self.sketch_bins,
+                      self.classes_shape)
         if summ.level != self.cfg["summary-level"]:  # a valid summary of another level wipes the analysis
             raise SummaryError(f"summary level '{summ.level}' is not the run's '{self.cfg['summary-level']}'", "level")
         sizes = [math.prod(v) for v in self.shapes.values()]
@@ -214,6 +231,8 @@ class FinePruneStrategy(Strategy):
             v = _finite(m, "num_samples")
             if not (0 <= v <= 1e9 and v == int(v)):
                 raise SummaryError(f"metric num_samples={v!r} is not a sample count", "metrics")
+        if summ.classes is not None and int(summ.classes[1].sum()) != int(m.get("num_samples", -1)):
+            raise SummaryError("class counts do not add up to the reported sample count", "metrics")
         row = {"id": cid, "node": msg.metadata.src_node_id, "sparsity": sparsity,
                "upload_bytes": len(data), "upload_fraction": len(data) / self.model_bytes,
                "summary_level": summ.level, "prune_seconds": float(m["prune_seconds"]),

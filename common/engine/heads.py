@@ -87,6 +87,10 @@ class Head:
 
 HEADS = {"linear": Head(None), "prototypes": Head(write_prototypes, rebuild_at_target=True),
          "blend": Head(write_blend)}
+# the federation's class directions (common/engine/class_prior.py): written with the prior the
+# device received, never chosen by name; a fixed target keeps it as written (it weighs the base's rows)
+HEAD_WITH_PRIOR = "class-prior"
+HEADS[HEAD_WITH_PRIOR] = Head(None)
 
 
 def choose_head(name: str, logits: torch.Tensor, min_support: float, floor: float = 0.0) -> str:

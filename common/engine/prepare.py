@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from common.engine import adapt as AD
+from common.engine import class_prior as CPR
 from common.engine import compensate as CP
 from common.engine import hidden_shift as HS
 from common.engine import probe as PR
 from common.engine.bn import Chance, bn_layers, bn_prior, recalibrate_bn
 from common.engine.bn_check import check_full, stem_recal
 from common.engine.forward import capture_features
-from common.engine.heads import HEADS, choose_head
+from common.engine.heads import HEAD_WITH_PRIOR, HEADS, choose_head
 from common.engine.probe import collect_stats
 from common.engine.stats import UsageStats
 from common.model.architectures import prunable_layers
@@ -36,12 +37,16 @@ class Adapted:
     info: dict
     extra: int  # samples the checks pushed through the model
     first_bn: list | None = None  # the BatchNorm statistics of the pass's first batch (the probe, fold)
+    class_means: tuple | None = None  # what this device adds to the federation's class directions
 
 
-def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> Adapted:
+def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
+          class_prior: CPR.ClassPrior | None = None) -> Adapted:
     """The statistics pass (BatchNorm follows the user, usage is measured on the adapted network),
     the input check, bn-adapt auto's check and the head, written before pruning so the stop rule
-    judges the model as kept."""
+    judges the model as kept. `class_prior`: the federation's class directions
+    (common/engine/class_prior.py); a device whose own samples are too few per class for prototypes
+    of its own blends them with the base's layer instead."""
     need_outputs, need_classes = "outputs" in scorer.needs or need_stats, "classes" in scorer.needs
     # the stop rule's search, unless the statistics pass finds inputs unlike the base's (below)
     searching = cfg.target_sparsity is None and cfg.stop_rule != "none"
@@ -121,24 +126,38 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock) -> 
     # the output layer from the user's features of the unpruned adapted model (the statistics
     # pass's: no pass of its own)
     head = choose_head(cfg.head, logits, cfg.prototype_min_support, cfg.head_min_support)
+    gated = False  # a gate below refused pseudo-labels' features: nothing learns from them
     if (mode == "none" and cfg.head == "auto" and info.get("kept_shift_none") is not None
             and info.get("deep_shift_evident", 1.0) >= AD.DEEP_SHIFT):
-        head = "linear"  # S27: the deep layers moved beyond the class mix (and chance, S28) and none follows (as S26)
+        # S27: the deep layers moved beyond the class mix (and chance, S28) and none follows (as S26)
+        head, gated = "linear", True
     elif hidden_check and head != "linear":
         # prototypes of pseudo-labels on features that moved beyond the class mix, with nothing to
         # bring them back, learn the base's errors; without the vendor's record nothing tells
         shift = hidden.shift(HS.record_for(model, base_meta), AD.KAPPA)
         info["hidden_shift"] = None if shift is None else round(shift, 4)
         if shift is None or shift >= AD.DEEP_SHIFT:
-            head = "linear"
+            head, gated = "linear", True
+    last = list(prunable_layers(model).values())[-1]
+    write = HEADS[head].write
+    mine = CPR.class_means(feats, logits)  # from the base's layer's pseudo-labels, before any rewrite
+    if cfg.head == "auto" and head != "prototypes" and not gated and CPR.usable(last, class_prior):
+        # too few samples per class for prototypes of its own, and no gate above refused
+        # pseudo-labels' features: the federation's class directions blended with the base's
+        # layer, where the device's data spreads over the classes as the pool's does
+        fits, own, pooled = CPR.spread_fits(mine[1], class_prior)
+        info["class_prior"] = {"spread": round(own, 3), "pool_spread": round(pooled, 3), "used": fits}
+        if fits:
+            head = HEAD_WITH_PRIOR
+            write = lambda *a: CPR.write_class_blend(*a, class_prior)  # noqa: E731
     info["head"] = head
-    if HEADS[head].write is not None:
-        last = list(prunable_layers(model).values())[-1]
-        HEADS[head].write(last, feats, logits)
+    if write is not None:
+        write(last, feats, logits)
         logits = F.linear(feats, last.weight.detach().float().cpu().flatten(1),
                           None if last.bias is None else last.bias.detach().float().cpu())
         clock.lap("head")
-    return Adapted(logits, stats, feats, recal, fold, searching and not unlike, unlike, head, info, extra, first_bn)
+    return Adapted(logits, stats, feats, recal, fold, searching and not unlike, unlike, head, info, extra, first_bn,
+                   mine)
 
 
 def _with_chance(recal: dict, chance: list) -> dict:

@@ -14,16 +14,21 @@ from dataclasses import dataclass
 
 import torch
 
+from common.engine.class_prior import ClassPrior
+
 
 @dataclass
 class Prior:
     """What the server gives back: per prunable layer, the share of devices that pruned each
     connection (a tensor of the weight's shape, values in [0, 1]); `samples`, how many of the
     device's own samples it is worth (the device's setting prior-samples); `voters`, how many
-    devices it aggregates (the server's word)."""
-    pruned: dict
+    devices it aggregates (the server's word); `classes`, the federation's class directions
+    (common/engine/class_prior.py), where the server sends them. `pruned` is None where the server
+    sends class directions alone (summaries without masks)."""
+    pruned: dict | None
     samples: float
     voters: int = 0
+    classes: ClassPrior | None = None
 
 
 def own_weight(n: int, strength: float) -> float:

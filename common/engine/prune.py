@@ -43,11 +43,12 @@ class PruneResult:
     stats: UsageStats | None = None  # usage statistics of the unpruned model on the user's data
     phases: dict = field(default_factory=dict)  # phase -> wall seconds (where the time went)
     adaptation: dict = field(default_factory=dict)  # what adapted: BatchNorm mode, head, the checks' values
+    class_means: tuple | None = None  # (means, counts): this device's share of the class directions
 
     def summary(self) -> dict:
         d = asdict(self)
-        d.pop("mask")
-        d.pop("stats")
+        for k in ("mask", "stats", "class_means"):
+            d.pop(k)
         return d
 
 
@@ -82,7 +83,8 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     scorer = get_scorer(cfg.scoring)
     need_stats = RULES[cfg.stop_rule].needs_stats
     pick = probe_pick(cfg, len(x))
-    a = adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock)
+    a = adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
+              None if prior is None else prior.classes)
     # refit's target: the unpruned model as adapted by the statistics pass
     dense_adapted = copy.deepcopy(model) if cfg.refit else None
     tick(1, 3, "statistics collected")
@@ -118,7 +120,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     clock.lap("mask apply")
     tick(3, 3, reason)
     return PruneResult(mask, sparsity, reason, restricted, time.perf_counter() - t0, fwd, history, a.stats,
-                       clock.phases, a.info)
+                       clock.phases, a.info, a.class_means)
 
 
 def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, clock, tick, prior: Prior | None):
@@ -139,7 +141,7 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
         producers = {p for p, _ in links}
         scores = {k: v if k in producers else torch.full_like(v, math.inf) for k, v in scores.items()}
     evidence = len(x)
-    if prior is not None:
+    if prior is not None and prior.pruned is not None:
         w = own_weight(len(x), prior.samples)
         scores = blend(scores, prior.pruned, w, scorer.structured)
         # the prior's evidence, weighed as in the ranking, and at most twice the device's own: the

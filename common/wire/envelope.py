@@ -11,6 +11,7 @@ BASE_FINGERPRINT, OUT_DIR, ROUND = "base-fingerprint", "out-dir", "round"
 ROUND_KEYS = (BASE_FINGERPRINT, OUT_DIR, ROUND)
 BASE, BASE_META = "base", "base-meta"   # array record and its metadata: only when the node lacks the base
 PRIOR, PRIOR_META = "prior", "prior-meta"  # the federation's prior (common/wire/prior.py): rounds after the first
+CLASSES, CLASSES_META = "class-prior", "class-prior-meta"  # its class directions (the same module)
 
 # ---- device -> server: a reply holds exactly these records
 SUMMARY, INFO, METRICS = "summary", "info", "metrics"

@@ -59,6 +59,14 @@ def prior_enabled(cfg: dict) -> bool:
                                     and not cfg["slim-base"])
 
 
+def class_prior_enabled(cfg: dict) -> bool:
+    """Whether devices upload class means and the server gives back their pool in the rounds after
+    the first (settings prior and class-sums): never in a private run (the means are exact), nor
+    with a slim base (its output layer reads other features)."""
+    return (cfg["prior"] != "off" and cfg["class-sums"] and cfg["num-rounds"] > 1 and not cfg["privacy-epsilon"]
+            and not cfg["slim-base"])
+
+
 def prune_settings(cfg: dict):
     """The engine's PruneConfig from a run's settings, checked as the engine will check it."""
     from common.engine.prune import check_config

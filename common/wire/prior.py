@@ -1,8 +1,9 @@
 """The federation's prior on the wire: per prunable layer, the share of devices that pruned each
 connection, one byte per connection (0-255), in an array record beside a small record that says how
-many devices it aggregates. The server builds it from at least slim-min-clients masks; the device
-checks every field against its own base before any of it is used (names, dtypes, shapes, values),
-and refuses a prior that does not fit with one line saying why."""
+many devices it aggregates; and the class directions (common/engine/class_prior.py), float32 means
+and class frequencies, likewise. The server builds each from at least slim-min-clients devices; the
+device checks every field against its own base before any of it is used (names, dtypes, shapes,
+values), and refuses a prior that does not fit with one line saying why."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import json
 import numpy as np
 import torch
 
+from common.engine import class_prior as CPR
 from common.engine.prior import Prior
 from common.wire.privacy import keep_probability
 
@@ -74,3 +76,42 @@ def denoise(share: torch.Tensor, voters: int, epsilon: float) -> torch.Tensor:
     q = share * p + (1 - share) * (1 - p)  # how often a device reports the connection pruned
     se = torch.sqrt(q * (1 - q) / voters) / (2 * p - 1)
     return (share - NOISE_Z * se).clamp_min(0)
+
+
+def classes_to_records(prior: CPR.ClassPrior, round_: int):
+    """The class directions as Flower records: (ArrayRecord of the means and frequencies, ConfigRecord)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    arrays = ArrayRecord({"means": Array(prior.means.float().numpy()), "freq": Array(prior.freq.float().numpy())})
+    return arrays, ConfigRecord({"meta": json.dumps({"voters": int(prior.voters), "round": int(round_)})})
+
+
+def classes_from_records(arrays, meta_record, shape: tuple, min_voters: int = 2) -> CPR.ClassPrior:
+    """The class directions a device received, checked against its base's output layer (`shape`:
+    classes, features): two float32 arrays of those shapes, finite, frequencies a distribution,
+    no mean longer than a centred feature's can be, and at least `min_voters` devices behind them."""
+    try:
+        voters = json.loads(meta_record["meta"])["voters"]
+    except (KeyError, TypeError, ValueError):
+        raise PriorError("the class prior's metadata is not JSON with a voter count") from None
+    if not isinstance(voters, int) or isinstance(voters, bool) or voters < min_voters:
+        raise PriorError(f"the class prior pools {voters!r} devices, fewer than {min_voters}")
+    if set(arrays.keys()) != {"means", "freq"}:
+        raise PriorError(f"the class prior holds {sorted(arrays.keys())[:4]}, not means and freq")
+    got = {}
+    for k, want in (("means", tuple(shape)), ("freq", (shape[0],))):
+        try:
+            v = arrays[k].numpy()
+        except Exception:
+            raise PriorError(f"the class prior's {k} is not a readable array") from None
+        if v.dtype != np.float32 or tuple(v.shape) != want:
+            raise PriorError(f"the class prior's {k} is {v.dtype} {tuple(v.shape)}, not float32 {want}")
+        got[k] = torch.from_numpy(v.copy())
+    prior = CPR.ClassPrior(got["means"], got["freq"], voters)
+    try:
+        CPR.check_class_prior(prior, *shape)
+    except ValueError as exc:
+        raise PriorError(str(exc)) from None
+    if (prior.means.norm(dim=1) > CPR.MAX_NORM * (1 + 1e-3)).any():
+        raise PriorError(f"the class prior holds a mean longer than {CPR.MAX_NORM}")
+    return prior

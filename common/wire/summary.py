@@ -10,15 +10,21 @@ Private mode (bitmap only, `epsilon` set): the bitmap is randomized response of 
 (common/wire/privacy.py), per-layer counts are those of the noisy bitmap, and no usage histograms are
 sent; the header names the mechanism and epsilon so the server can debias.
 
+Any level of a run whose prior pools class directions may carry the device's class means
+(common/engine/class_prior.py): classes x features float16 numbers and the class counts, in the
+header; never a private one.
+
 Layer names and shapes are not sent: they follow from the base model, named by its fingerprint.
 Wire format: MAGIC | u32 header length | JSON header | u32 sketch length | sketch | bitmap.
 
-Why ~270 lines in one module: building, encoding, decoding and validating a summary are one
+Why ~320 lines in one module: building, encoding, decoding and validating a summary are one
 contract with the server; every field written here is checked here, so a change to one side is
 seen beside the other.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import struct
@@ -62,6 +68,7 @@ class Summary:
     bitmap: Mask | None = None        # exact mask (pruned = False), or its randomized response
     version: int = FORMAT_VERSION
     epsilon: float | None = None      # private mode: randomized response at this epsilon
+    classes: tuple | None = None      # (means (classes, features), counts (classes,)): class_prior's
 
 
 # ---------------------------------------------------------------- hashing
@@ -114,10 +121,14 @@ def usage_histograms(usage: dict[str, torch.Tensor]) -> list[list[int]]:
 
 def build_summary(mask: Mask, hist: list[list[int]], level: str, fingerprint: str, model_bytes: int,
                   seed: int = 0, sketch_frac: float = SKETCH_FRAC, epsilon: float | None = None,
-                  privacy_seed: int | None = None, privacy_key: bytes | None = None) -> Summary:
+                  privacy_seed: int | None = None, privacy_key: bytes | None = None,
+                  classes: tuple | None = None) -> Summary:
     """`epsilon`: private mode (bitmap level only). `privacy_key` (a device's secret): permanent
     randomized response, the same noisy bits however often it is asked; else `privacy_seed` makes
-    its noise repeatable (tests), and without either the noise comes from the OS."""
+    its noise repeatable (tests), and without either the noise comes from the OS. `classes`: the
+    device's class means and counts (never with `epsilon`)."""
+    if classes is not None and epsilon is not None:
+        raise ValueError("a private summary carries no class means: they are exact")
     if level not in LEVELS:
         raise ValueError(f"unknown summary level '{level}' (choose from: {', '.join(LEVELS)})")
     if epsilon is not None:
@@ -128,6 +139,8 @@ def build_summary(mask: Mask, hist: list[list[int]], level: str, fingerprint: st
         hist = None
     layers = list(mask.layers.values())
     s = Summary(level, fingerprint, [int((~m).sum()) for m in layers], hist, epsilon=epsilon)
+    if classes is not None:
+        s.classes = (classes[0].detach().float().cpu().to(torch.float16), classes[1].detach().cpu().round().long())
     if level == "sketch":
         s.bins = sketch_budget([m.numel() for m in layers], model_bytes, sketch_frac)
         s.sketch = [sketch_layer(np.flatnonzero(~m.flatten().numpy()), k, i, seed)
@@ -143,6 +156,9 @@ def encode(s: Summary) -> bytes:
             "bins": s.bins, "bits": SKETCH_BITS}
     if s.epsilon is not None:
         head["privacy"] = {"mechanism": PRIVACY_MECHANISM, "epsilon": s.epsilon}
+    if s.classes is not None:
+        means = s.classes[0].to(torch.float16).contiguous().numpy()
+        head["classes"] = {"means": base64.b64encode(means.tobytes()).decode(), "counts": s.classes[1].tolist()}
     header = json.dumps(head, separators=(",", ":")).encode()
     sketch = b""
     if s.sketch is not None:
@@ -154,11 +170,14 @@ def encode(s: Summary) -> bytes:
 
 
 def decode(data: bytes, fingerprint: str, shapes: dict[str, tuple], max_bytes: int = MAX_SUMMARY_BYTES,
-           epsilon: float | None = None, sketch_bins: list[int] | None = None) -> Summary:
+           epsilon: float | None = None, sketch_bins: list[int] | None = None,
+           classes_shape: tuple | None = None) -> Summary:
     """Parse and validate a summary against the base model it claims to describe and the run's
     privacy setting (`epsilon`: private summaries at exactly this epsilon; None: no private ones).
     `sketch_bins`: the run's sketch size per layer; a sketch of any other size is refused (the
-    analysis compares sketches bin by bin). Raises SummaryError naming the first problem found."""
+    analysis compares sketches bin by bin). `classes_shape`: (classes, features) where the run
+    asks for class means (a summary may still lack them); None: a summary that carries them is
+    refused. Raises SummaryError naming the first problem found."""
     if not isinstance(data, (bytes, bytearray)):
         raise SummaryError(f"summary is {type(data).__name__}, expected bytes", "format")
     if len(data) > max_bytes:
@@ -210,6 +229,8 @@ def decode(data: bytes, fingerprint: str, shapes: dict[str, tuple], max_bytes: i
                     and sum(row) == size):
                 raise SummaryError("usage histogram malformed (wrong bins, negative or wrong total)", "range")
     s = Summary(level, h["fp"], pruned, hist, version=h["v"], epsilon=eps)
+    if "classes" in h:
+        s.classes = _classes_of(h["classes"], classes_shape, eps)
     if level == "sketch":
         bins = h.get("bins")
         if h.get("bits") != SKETCH_BITS or not (isinstance(bins, list) and len(bins) == len(sizes)
@@ -245,6 +266,33 @@ def decode(data: bytes, fingerprint: str, shapes: dict[str, tuple], max_bytes: i
     elif bitmap_raw:
         raise SummaryError(f"level '{level}' carries an unexpected bitmap", "format")
     return s
+
+
+def _classes_of(c, shape: tuple | None, eps: float | None) -> tuple:
+    """A summary's class means and counts, checked (common/engine/class_prior.py says what fits)."""
+    from common.engine.class_prior import check_contribution
+
+    if eps is not None:
+        raise SummaryError("a private summary must not carry class means", "privacy")
+    if shape is None:
+        raise SummaryError("summary carries class means the run does not ask for", "extra-content")
+    if not (isinstance(c, dict) and set(c) == {"means", "counts"} and isinstance(c["means"], str)
+            and isinstance(c["counts"], list) and len(c["counts"]) == shape[0]
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10**9 for v in c["counts"])):
+        raise SummaryError("class means malformed (want base64 float16 means and a whole count per class)", "shape")
+    try:
+        raw = base64.b64decode(c["means"], validate=True)
+    except (binascii.Error, ValueError):
+        raise SummaryError("class means are not base64", "format") from None
+    if len(raw) != 2 * shape[0] * shape[1]:
+        raise SummaryError(f"class means have {len(raw)} bytes, {shape[0]} x {shape[1]} float16 take "
+                           f"{2 * shape[0] * shape[1]}", "shape")
+    means = torch.from_numpy(np.frombuffer(raw, dtype=np.float16).reshape(shape).astype(np.float32))
+    counts = torch.tensor(c["counts"], dtype=torch.float32)
+    why = check_contribution(means, counts, *shape)
+    if why is not None:
+        raise SummaryError(why, "range")
+    return means, counts
 
 
 def _privacy_of(h: dict, level: str, expected: float | None) -> float | None:

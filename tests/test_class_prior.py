@@ -1,0 +1,277 @@
+"""The federation's class directions (P6): pooled from many data-poor devices' class means, they lift
+a device whose channel shifts its features, which personalizing alone cannot; a device holding few
+classes, or enough samples per class for prototypes of its own, is left exactly as alone; they are
+released only over k devices, travel checked both ways, and never leave a private device."""
+import base64
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from common.engine import class_prior as CPR
+from common.engine.prior import Prior
+from common.engine.prune import fine_prune
+from common.model.architectures import build_model, prunable_layers
+from common.model.checkpoint import fingerprint
+from common.model.mask import Mask
+from common.settings import PruneConfig
+from common.wire import prior as PW
+from common.wire.federation import DEFAULTS, class_prior_enabled, model_bytes
+from common.wire.summary import SummaryError, build_summary, decode, encode, usage_histograms
+from server.strategy import FinePruneStrategy
+from tests.conftest import FakeGrid
+from tests.test_adaptation import Guarded
+from tests.test_server import META, _reply
+
+K, F, H = 5, 4, 4  # classes; input features and hidden units of each class
+HUMS = [0.9 + 0.025 * i for i in range(12)]  # how loudly each device's channel hums on class 0's features
+
+
+def _base():
+    """Class c reads its own F features through its own H hidden units; no BatchNorm, so nothing
+    on a device follows its channel."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(K * F, K * H), nn.ReLU(), nn.Linear(K * H, K))
+    with torch.no_grad():
+        m[0].weight.uniform_(-0.02, 0.02)
+        m[0].bias.zero_()
+        m[2].weight.uniform_(-0.02, 0.02)
+        m[2].bias.zero_()
+        for c in range(K):
+            m[0].weight[c * H:(c + 1) * H, c * F:(c + 1) * F] = 1.0
+            m[2].weight[c, c * H:(c + 1) * H] = 1.0
+    return m.eval()
+
+
+def _sample(n, hum, g, classes=tuple(range(K))):
+    y = torch.tensor(classes)[torch.arange(n) % len(classes)]
+    x = 0.2 * torch.rand(n, K * F, generator=g)
+    for i, c in enumerate(y.tolist()):
+        x[i, c * F:(c + 1) * F] += 1 + 0.3 * torch.rand(F, generator=g)
+    x[:, :F] += hum  # the channel's hum looks like class 0
+    return x, y
+
+
+def _acc(m, x, y):
+    with torch.no_grad():
+        return float((m(x).argmax(1) == y).float().mean())
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    """Twelve devices of 10 unlabeled samples (2 per class), each under its own hum; round 1 alone,
+    and the class directions pooled from their class means."""
+    g = torch.Generator().manual_seed(0)
+    base = _base()
+    devices = [(_sample(10, h, g), _sample(200, h, g)) for h in HUMS]
+    alone = []
+    for (x, _), _ in devices:
+        m = copy.deepcopy(base)
+        alone.append((m, fine_prune(m, x, PruneConfig())))
+    return base, devices, alone, CPR.pool([r.class_means for _, r in alone]), g
+
+
+def test_class_directions_lift_data_poor_devices_that_personalizing_alone_leaves_behind(fleet):
+    base, devices, alone, pooled, _ = fleet
+    gains = []
+    for ((x, _), (hx, hy)), (m_alone, r_alone) in zip(devices, alone):
+        m = copy.deepcopy(base)
+        r = fine_prune(m, x, PruneConfig(), prior=Prior(None, 32.0, len(devices), pooled))
+        assert _acc(m, hx, hy) >= _acc(m_alone, hx, hy) - 0.02  # no device loses
+        gains.append(_acc(m, hx, hy) - _acc(m_alone, hx, hy))
+        if r.adaptation["head"] == "class-prior":
+            assert r_alone.adaptation["head"] == "linear"  # two samples per class: alone keeps the base's layer
+    (x, _), (hx, hy) = devices[-3]  # a loud hum: the base and the device alone lose a third of its samples
+    assert _acc(base, hx, hy) < 0.7 and _acc(alone[-3][0], hx, hy) < 0.7
+    m = copy.deepcopy(base)
+    fine_prune(m, x, PruneConfig(), prior=Prior(None, 32.0, len(devices), pooled))
+    assert _acc(m, hx, hy) > 0.95
+    assert sum(gains) / len(gains) > 0.08  # 12 devices: +0.095 on average
+
+
+def test_a_device_holding_few_classes_or_plenty_of_samples_is_left_exactly_as_alone(fleet):
+    """Two classes of five: its mean lies between them and the directions would pull toward the
+    others (spread gate). 200 samples: prototypes of its own. Both: the same model, bit for bit."""
+    base, _, _, pooled, g = fleet
+    for x, _ in (_sample(10, 1.0, g, classes=(1, 2)), _sample(200, 1.0, g)):
+        a, b = copy.deepcopy(base), copy.deepcopy(base)
+        ra = fine_prune(a, x, PruneConfig())
+        rb = fine_prune(b, x, PruneConfig(), prior=Prior(None, 32.0, 12, pooled))
+        assert rb.adaptation["head"] != "class-prior"
+        assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
+        assert all(torch.equal(ra.mask.layers[k], rb.mask.layers[k]) for k in ra.mask.layers)
+
+
+def test_class_directions_run_no_backward_pass_and_take_no_labels(fleet):
+    base, devices, _, pooled, _ = fleet
+    (x, _), _ = devices[-3]
+    guarded = Guarded(copy.deepcopy(base))  # asking for a gradient of the input raises
+    with torch.enable_grad():
+        r = fine_prune(guarded, x, PruneConfig(), prior=Prior(None, 32.0, 12, pooled))
+    assert r.adaptation["head"] == "class-prior"
+    assert all(p.grad is None for p in guarded.parameters())
+
+
+# ---------------------------------------------------------------- the server: k or more devices
+def _reply_n(instr, data, cid, samples):
+    """A reply whose metrics say how many samples the device has (the class counts must add up)."""
+    r = _reply(instr, data, cid, 0.0)
+    r.content["metrics"]["num_samples"] = samples
+    return r
+
+
+def _means(k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(30, 64, generator=g)
+    return CPR.class_means(x, torch.randn(30, 10, generator=g))
+
+
+def _round_one(tmp_path, n, k, level="sketch"):
+    base = build_model("smallcnn")
+    cfg = dict(DEFAULTS, **{"num-clients": n, "min-clients": 1, "summary-level": level, "num-rounds": 2,
+                            "slim-min-clients": k, "out-dir": str(tmp_path)})
+    strat = FinePruneStrategy(base, META, cfg)
+    msgs = list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(n)))
+    assert all(m.content["config"]["class-sums"] is True for m in msgs)  # asked for: a later round pools them
+    fp, size = fingerprint(base), model_bytes(base)
+    hist = usage_histograms({name: m.weight.abs() for name, m in prunable_layers(base).items()})
+    replies, sent = [], []
+    for i, instr in enumerate(msgs):
+        means, counts = _means(i)
+        sent.append((means.half().float(), counts))
+        data = encode(build_summary(Mask.dense(base), hist, level, fp, size, classes=(means, counts)))
+        replies.append(_reply_n(instr, data, f"u{i}", 30))
+    strat.aggregate_train(1, replies)
+    msgs2 = list(strat.configure_train(2, ArrayRecord(), ConfigRecord(), FakeGrid(n)))
+    return strat, msgs2, sent
+
+
+@pytest.mark.security
+def test_no_class_directions_are_released_over_fewer_than_k_devices(identity, tmp_path):
+    strat, msgs2, _ = _round_one(tmp_path, n=4, k=5)
+    assert "skipped" in strat.rounds[0]["class_prior"]
+    assert not any("class-prior" in m.content.array_records for m in msgs2)
+    assert all(m.content["config"]["class-sums"] is False for m in msgs2)  # the last round: nothing to pool
+
+
+def test_k_devices_give_every_device_the_mean_of_their_class_means(identity, tmp_path):
+    strat, msgs2, sent = _round_one(tmp_path, n=6, k=5)
+    assert strat.rounds[0]["class_prior"]["voters"] == 6
+    got = [m for m in msgs2 if "class-prior" in m.content.array_records]
+    assert len(got) == 6
+    prior = PW.classes_from_records(got[0].content["class-prior"], got[0].content["class-prior-meta"], (10, 64))
+    want = CPR.pool(sent)
+    assert torch.allclose(prior.means, want.means, atol=1e-6) and torch.allclose(prior.freq, want.freq)
+
+
+def test_class_means_travel_in_any_summary_level_but_never_in_a_private_run():
+    cfg = dict(DEFAULTS, **{"num-rounds": 2})
+    assert class_prior_enabled(cfg)
+    assert not class_prior_enabled(dict(cfg, **{"num-rounds": 1}))
+    assert not class_prior_enabled(dict(cfg, **{"privacy-epsilon": 1.0, "summary-level": "bitmap"}))
+    assert not class_prior_enabled(dict(cfg, **{"prior": "off"}))
+    assert not class_prior_enabled(dict(cfg, **{"class-sums": False}))
+    base = build_model("smallcnn")
+    with pytest.raises(ValueError, match="private"):
+        build_summary(Mask.dense(base), None, "bitmap", "f" * 64, 1, epsilon=1.0, classes=_means(0))
+
+
+# ---------------------------------------------------------------- both sides check what crosses the wire
+def _summary(spoil=None):
+    base = build_model("smallcnn")
+    shapes = {k: tuple(m.weight.shape) for k, m in prunable_layers(base).items()}
+    hist = usage_histograms({name: m.weight.abs() for name, m in prunable_layers(base).items()})
+    fp = fingerprint(base)
+    data = encode(build_summary(Mask.dense(base), hist, "sketch", fp, model_bytes(base), classes=_means(1)))
+    if spoil is not None:
+        head_len = int.from_bytes(data[6:10], "little")
+        h = json.loads(data[10:10 + head_len])
+        spoil(h["classes"])
+        header = json.dumps(h).encode()
+        data = data[:6] + len(header).to_bytes(4, "little") + header + data[10 + head_len:]
+    return data, fp, shapes
+
+
+def test_class_means_round_trip_as_float16_and_counts_exactly():
+    data, fp, shapes = _summary()
+    s = decode(data, fp, shapes, classes_shape=(10, 64))
+    means, counts = _means(1)
+    assert torch.equal(s.classes[0], means.half().float()) and torch.equal(s.classes[1], counts)
+
+
+def _set(key, value):
+    return lambda c: c.__setitem__(key, value)
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("spoil, kind", [
+    (_set("counts", [3] * 9), "shape"),
+    (_set("counts", [-1] + [3] * 9), "shape"),
+    (_set("counts", [True] * 10), "shape"),
+    (_set("means", "!!not base64!!"), "format"),
+    (_set("means", base64.b64encode(b"\0" * 10).decode()), "shape"),
+    (_set("means", base64.b64encode(torch.full((10, 64), 60000.0).half().numpy().tobytes()).decode()), "range"),
+    (_set("means", base64.b64encode(torch.full((10, 64), float("nan")).half().numpy().tobytes()).decode()), "range"),
+    (_set("counts", [0] * 10), "range"),  # means for classes that stand for no samples
+    (_set("extra", 1), "shape"),
+])
+def test_a_malformed_summarys_class_means_are_refused_with_their_kind(spoil, kind):
+    data, fp, shapes = _summary(spoil)
+    with pytest.raises(SummaryError) as err:
+        decode(data, fp, shapes, classes_shape=(10, 64))
+    assert err.value.kind == kind
+
+
+@pytest.mark.security
+def test_class_means_a_run_does_not_ask_for_are_refused():
+    data, fp, shapes = _summary()
+    with pytest.raises(SummaryError) as err:
+        decode(data, fp, shapes)
+    assert err.value.kind == "extra-content"
+
+
+@pytest.mark.security
+def test_the_server_counts_class_counts_that_disagree_with_the_sample_count(identity, tmp_path):
+    base = build_model("smallcnn")
+    cfg = dict(DEFAULTS, **{"num-clients": 1, "min-clients": 1, "num-rounds": 2, "out-dir": str(tmp_path)})
+    strat = FinePruneStrategy(base, META, cfg)
+    msg = list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(1)))[0]
+    hist = usage_histograms({name: m.weight.abs() for name, m in prunable_layers(base).items()})
+    data = encode(build_summary(Mask.dense(base), hist, "sketch", fingerprint(base), model_bytes(base),
+                                classes=_means(2)))
+    strat.aggregate_train(1, [_reply_n(msg, data, "u0", 31)])  # the means stand for 30
+    assert strat.rounds[0]["incidents"]["rejected"] == {"metrics": 1}
+
+
+def _class_records(**change):
+    means, freq = torch.zeros(10, 64), torch.full((10,), 0.1)
+    means[:, 0] = 0.5
+    arrays = {"means": Array(means.numpy()), "freq": Array(freq.numpy())}
+    meta = {"voters": 6, "round": 1}
+    for k, v in change.items():
+        if k in arrays or k == "extra":
+            arrays[k] = v
+        else:
+            meta[k] = v
+    return ArrayRecord(arrays), ConfigRecord({"meta": json.dumps(meta)})
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("change, why", [
+    ({"voters": 1}, "fewer than"),
+    ({"means": Array(torch.zeros(10, 64, dtype=torch.float64).numpy())}, "not float32"),
+    ({"means": Array(torch.zeros(10, 63).numpy())}, "not float32"),
+    ({"means": Array(torch.full((10, 64), float("inf")).numpy())}, "not finite"),
+    ({"means": Array(torch.ones(10, 64).numpy())}, "longer than"),
+    ({"freq": Array(torch.ones(10).numpy())}, "not a distribution"),
+    ({"extra": Array(torch.ones(1).numpy())}, "not means and freq"),
+])
+def test_a_device_refuses_class_directions_that_do_not_fit_its_base(change, why):
+    arrays, meta = _class_records(**change)
+    with pytest.raises(PW.PriorError, match=why):
+        PW.classes_from_records(arrays, meta, (10, 64))
+    good = PW.classes_from_records(*_class_records(), (10, 64))
+    assert good.voters == 6
