@@ -275,3 +275,23 @@ def test_a_device_refuses_class_directions_that_do_not_fit_its_base(change, why)
         PW.classes_from_records(arrays, meta, (10, 64))
     good = PW.classes_from_records(*_class_records(), (10, 64))
     assert good.voters == 6
+
+
+def test_bench_federation_sends_styled_devices_the_class_directions_and_private_ones_none(tmp_path,
+                                                                                        digits_server_base):
+    import shutil
+
+    from simulations import bench_federation as BF
+
+    (tmp_path / "bases").mkdir()
+    shutil.copy(digits_server_base, tmp_path / "bases" / "digits_s0_e0.pt")
+    plain = BF.styled_federation(2, 0, None, tmp_path, {"slim-min-clients": 3})
+    private = BF.styled_federation(2, 0, 2.0, tmp_path, {"slim-min-clients": 3})
+    assert len(plain) == len(private) == 8 and all(r["samples"] == 20 for r in plain)
+    assert all(r["with_prior"] for r in plain)  # every device gets the class directions
+    # 20 images of ten classes: too few for prototypes of their own
+    assert sum(r["head_prior"] == "class-prior" for r in plain) >= 4
+    assert not any(r["head_prior"] == "class-prior" for r in private)  # a private run has none
+    table = BF.summarize(plain + private)
+    assert [(t["federation"], t["epsilon"]) for t in table] == [("styled", 0), ("styled", 2.0)]
+    assert table[0]["class_prior_used"] >= 4 and table[1]["class_prior_used"] == 0

@@ -3,9 +3,9 @@ lies, as no device's few samples can. A device centres its penultimate features 
 (which removes what its speaker, channel or style adds to every sample) and scales them by its own
 mean feature norm, then averages them per pseudo-label: C means of d numbers and C counts. Pooled
 over many devices (each device's mean of a class counting once), they point from a device's mean
-toward each class. A data-poor device's head blends the base's logits with those directions,
-centred on its own mean and scaled to spread as the base's logits do over its data: still one
-linear layer (P6, docs/federation.md).
+toward each class. A data-poor device's head blends the base's logits (two thirds) with those
+directions' (one third), centred on its own mean and scaled to spread as the base's logits do over
+its data: still one linear layer (P6, docs/federation.md).
 
 Centring on the device's mean removes a domain offset only where the device's data spreads over
 the classes as the pool's does: a user holding 2 of 10 classes has its mean between those two, and
@@ -21,6 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MAX_NORM = 2.0  # a centred, scaled feature's mean lies within twice the mean norm of the features
+# the directions' share of the blended logits; the base's layer weighs twice as much (how it was
+# chosen, and what one half costs the worst devices: docs/federation.md, P6)
+DIRECTIONS_WEIGHT = 1 / 3
 
 
 @dataclass
@@ -124,13 +127,14 @@ def spread_fits(counts: torch.Tensor, prior: ClassPrior) -> tuple[bool, float, f
 
 @torch.no_grad()
 def write_class_blend(last: nn.Linear, feats: torch.Tensor, logits: torch.Tensor, prior: ClassPrior) -> None:
-    """The output layer becomes half the base's logits and half the pooled directions' (the
-    device's features centred on its own mean and scaled as the devices scaled theirs), the
+    """The output layer becomes two thirds the base's logits and one third the pooled directions'
+    (the device's features centred on its own mean and scaled as the devices scaled theirs), the
     directions' scaled so both spread alike over the device's data."""
     d = prior.directions()
     u, mu, s = centred(feats)
     scale = logits.float().std() / (u @ d.T).std().clamp_min(1e-12)
     w = last.weight.detach().float().cpu()
     b = last.bias.detach().float().cpu()
-    last.weight.copy_((0.5 * w + 0.5 * scale * d / s).to(last.weight))
-    last.bias.copy_((0.5 * b - 0.5 * scale * (d @ mu) / s).to(last.bias))
+    a = DIRECTIONS_WEIGHT
+    last.weight.copy_(((1 - a) * w + a * scale * d / s).to(last.weight))
+    last.bias.copy_(((1 - a) * b - a * scale * (d @ mu) / s).to(last.bias))
