@@ -10,7 +10,7 @@ summary bytes, randomized on the device in private mode, with the class means wh
 them); the server decodes them, picks its voters and builds the prior with its own code
 (server/analysis.py), and the prior travels through the wire format and the device's checks
 (common/wire/prior.py). Flower is left out only to measure 300 devices in minutes: the same code
-runs under Flower (tests/test_simulation.py). Why ~320 lines: three federations share one two-round
+runs under Flower (tests/test_simulation.py). Why ~330 lines: three federations share one two-round
 protocol, its table and its plot.
 
     fineprune bench-federation --fsdd ../shared/data/fsdd --styled --out runs/bench_federation
@@ -255,25 +255,36 @@ def to_markdown(table: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Per federation, the change from round 1 to round 2 of every device (sparsity above, held-out
+    accuracy below): against its sample count where devices differ in it (digits), else against
+    the federation's size (jittered); private runs in grey."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key in sorted({_key(r) for r in rows}):
-        sel = [r for r in rows if _key(r) == key and r["with_prior"]]
-        label = f"{key[0]}, {key[1]} devices" + (f", epsilon {key[2]:g}" if key[2] else "")
-        axes[0].scatter([r["samples"] for r in sel], [r["sparsity_prior"] - r["sparsity_alone"] for r in sel],
-                        s=10, alpha=0.6, label=label)
-        axes[1].scatter([r["samples"] for r in sel], [100 * (r["prior"] - r["alone"]) for r in sel],
-                        s=10, alpha=0.6, label=label)
-    for ax, what in zip(axes, ("sparsity", "held-out accuracy (points)")):
-        ax.axhline(0, color="k", lw=0.6)
-        ax.set_xscale("log")
-        ax.set_xlabel("device's unlabeled samples")
-        ax.set_ylabel(f"{what}, round 2 - round 1")
-        ax.set_title(f"{what.split(' (')[0]}: with the prior minus alone", fontsize=10)
-        ax.legend(fontsize=7)
+    feds = sorted({r["federation"] for r in rows})
+    fig, axes = plt.subplots(2, len(feds), figsize=(4.2 * len(feds), 6.5), squeeze=False)
+    rng = np.random.default_rng(0)
+    for j, fed in enumerate(feds):
+        sel = [r for r in rows if r["federation"] == fed and r["with_prior"]]
+        by_samples = len({r["samples"] for r in sel}) > 1
+        for private in (True, False):
+            pts = [r for r in sel if bool(r["epsilon"]) == private]
+            x = np.array([r["samples"] if by_samples else r["clients"] for r in pts], dtype=float)
+            if not by_samples:
+                x = x * np.exp(rng.uniform(-0.08, 0.08, len(x)))
+            style = {"color": "0.7", "label": "private (epsilon 1, 2)"} if private else {"color": "C0", "label": "plain"}
+            axes[0, j].scatter(x, [r["sparsity_prior"] - r["sparsity_alone"] for r in pts], s=8, alpha=0.5, **style)
+            axes[1, j].scatter(x, [100 * (r["prior"] - r["alone"]) for r in pts], s=8, alpha=0.5, **style)
+        for i, what in enumerate(("sparsity", "held-out accuracy (points)")):
+            ax = axes[i, j]
+            ax.axhline(0, color="k", lw=0.6)
+            ax.set_xscale("log")
+            ax.set_xlabel("device's unlabeled samples" if by_samples else "devices in the federation")
+            ax.set_ylabel(f"{what}, round 2 - round 1", fontsize=8)
+            ax.set_title(f"{fed}: {what.split(' (')[0]}", fontsize=10)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write_png(path, fig)
 
