@@ -93,9 +93,11 @@ def test_private_summaries_run_end_to_end_and_round_two_gets_a_prior_from_the_no
 
 def test_round_two_blends_the_federations_prior_and_the_report_compares_the_rounds(tmp_path, digits_server_base):
     # data-poor devices (11 images each), where the prior moves the most
+    # the mask prior alone (class-sums off: every device would get the class directions)
     report = simulate({"num-clients": 6, "out-dir": str(tmp_path), "summary-level": "bitmap", "num-rounds": 2,
                        "slim-min-clients": 3, "partitioning": "sampled", "client-samples": 16,
-                       "base-checkpoint": str(digits_server_base)})
+                       "class-sums": False, "base-checkpoint": str(digits_server_base)})
+    assert "class_prior" not in report["rounds"][0]
     prior = report["rounds"][0]["prior"]
     assert prior["voters"] >= 3 and 0 < prior["mean_share"] < 1
     rows = {r["id"]: r for r in report["rounds_compared"]}
@@ -113,6 +115,18 @@ def test_round_two_blends_the_federations_prior_and_the_report_compares_the_roun
     assert (tmp_path / "rounds.png").stat().st_size > 0
     md = (tmp_path / "report.md").read_text()
     assert "Round 1 (alone) against round 2" in md
+
+
+def test_sketch_summaries_carry_class_means_through_flower_and_round_two_sends_their_pool(tmp_path,
+                                                                                          digits_server_base):
+    report = simulate({"num-clients": 4, "out-dir": str(tmp_path), "num-rounds": 2, "slim-min-clients": 3,
+                       "base-checkpoint": str(digits_server_base)})
+    assert not report["rejected"] and len(report["clients"]) == 4
+    pooled = report["rounds"][0]["class_prior"]
+    assert pooled["voters"] == 4 and pooled["classes_predicted"] >= 5
+    assert "skipped" in report["rounds"][0]["prior"]  # sketches: no mask prior, the class directions only
+    assert all(c["with_prior"] for c in report["clients"])
+    assert "class directions for the next round" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.fault

@@ -67,7 +67,8 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     `progress(done, total, text)` is called as work advances. `base_meta`: the base checkpoint's
     metadata, with what its vendor recorded for the device (class spread, input profile; see
     common/engine/adapt.py); without them the checks fall back to their conservative side. `prior`:
-    what the federation's last round pruned (common/engine/prior.py); None: the device alone."""
+    what the federation's last round pruned (common/engine/prior.py) and its class directions
+    (common/engine/class_prior.py); None: the device alone."""
     check_config(cfg)
     if len(x) == 0:
         raise ValueError("no personalization data: the user's data set is empty")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.engine.class_prior import check_contribution
 from common.model.mask import BitCountError, Mask, pack_bits, unpack_bits
 from common.settings import BY_NAME
 from common.wire.privacy import check_epsilon, permanent_randomize, randomize
@@ -270,8 +271,6 @@ def decode(data: bytes, fingerprint: str, shapes: dict[str, tuple], max_bytes: i
 
 def _classes_of(c, shape: tuple | None, eps: float | None) -> tuple:
     """A summary's class means and counts, checked (common/engine/class_prior.py says what fits)."""
-    from common.engine.class_prior import check_contribution
-
     if eps is not None:
         raise SummaryError("a private summary must not carry class means", "privacy")
     if shape is None:
