@@ -58,8 +58,12 @@ class FinePruneStrategy(Strategy):
         self.max_summary_bytes = sum(math.prod(v) for v in self.shapes.values()) // 8 + (256 << 10)
         self.sketch_bins = sketch_budget([math.prod(v) for v in self.shapes.values()], self.model_bytes,
                                          self.cfg["sketch-frac"])
-        # the class means a reply may carry (class-sums): the output layer's classes x features
+        # the class means a reply may carry (class-sums): the output layer's classes x features, in
+        # base64 float16 beside a count of up to 10 digits per class
         self.classes_shape = class_shape(base) if class_prior_enabled(self.cfg) else None
+        if self.classes_shape is not None:
+            c, d = self.classes_shape
+            self.max_summary_bytes += 4 * math.ceil(2 * c * d / 3) + 12 * c
 
     def summary(self) -> None:
         log(INFO, "\t├── FinePruneStrategy: %s clients (min %s), summary level %s, scoring %s",

@@ -295,3 +295,36 @@ def test_bench_federation_sends_styled_devices_the_class_directions_and_private_
     table = BF.summarize(plain + private)
     assert [(t["federation"], t["epsilon"]) for t in table] == [("styled", 0), ("styled", 2.0)]
     assert table[0]["class_prior_used"] >= 4 and table[1]["class_prior_used"] == 0
+
+
+def test_the_servers_size_limit_leaves_room_for_the_class_means_of_a_thousand_classes(identity, tmp_path):
+    """1,000 classes of 512 features: 1.4 MB of class means, far more than the bitmap's allowance."""
+    base = build_model("smallcnn", num_classes=1000, widths=(4, 4, 512))
+    cfg = dict(DEFAULTS, **{"num-clients": 1, "min-clients": 1, "num-rounds": 2, "out-dir": str(tmp_path)})
+    strat = FinePruneStrategy(base, META, cfg)
+    msg = list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(1)))[0]
+    hist = usage_histograms({name: m.weight.abs() for name, m in prunable_layers(base).items()})
+    g = torch.Generator().manual_seed(0)
+    means = CPR.class_means(torch.randn(3000, 512, generator=g), torch.randn(3000, 1000, generator=g))
+    data = encode(build_summary(Mask.dense(base), hist, "sketch", fingerprint(base), model_bytes(base), classes=means))
+    assert len(data) > sum(m.weight.numel() for m in prunable_layers(base).values()) // 8 + (256 << 10)
+    strat.aggregate_train(1, [_reply_n(msg, data, "u0", 3000)])
+    assert strat.rounds[0]["incidents"]["rejected"] == {} and len(strat.rounds[0]["clients"]) == 1
+
+
+def test_a_resumed_personalization_uploads_the_class_means_it_made(tmp_path, digits_server_base):
+    from client.personalize import personalize
+    from common.data.protocol import simulated_user
+    from common.model.checkpoint import load_checkpoint
+    from common.wire.federation import merged_config, prune_settings
+
+    base, meta, _ = load_checkpoint(digits_server_base)
+    cfg = merged_config({}, {"num-clients": 10})
+    x = simulated_user(cfg, 0, 10).unlabeled
+    _, made = personalize(base, meta, x, prune_settings(cfg), tmp_path / "p.pt")
+    _, again = personalize(base, meta, x, prune_settings(cfg), tmp_path / "p.pt")
+    assert again.resumed and not made.resumed
+    want = fine_prune(copy.deepcopy(base), x, prune_settings(cfg), base_meta=meta).class_means
+    for m in (made, again):
+        means, counts = m.class_means()
+        assert torch.equal(means, want[0].half().float()) and torch.equal(counts, want[1].long())

@@ -5,6 +5,7 @@ judges the model as it is kept."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +150,7 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
         info["class_prior"] = {"spread": round(own, 3), "pool_spread": round(pooled, 3), "used": fits}
         if fits:
             head = HEAD_WITH_PRIOR
-            write = lambda *a: CPR.write_class_blend(*a, class_prior)  # noqa: E731
+            write = partial(CPR.write_class_blend, prior=class_prior)
     info["head"] = head
     if write is not None:
         write(last, feats, logits)
