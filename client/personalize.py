@@ -4,7 +4,6 @@ were personalized before, with the usage histograms its summary needs (computed 
 statistics pass pruning already made, never a second pass)."""
 from __future__ import annotations
 
-import base64
 import copy
 import hashlib
 import json
@@ -25,7 +24,7 @@ from common.model.compact import compact
 from common.model.mask import Mask
 from common.model.restricted import OutputRestricted, drop_classes
 from common.settings import PruneConfig
-from common.wire.summary import usage_histograms
+from common.wire.summary import means_from_text, means_text, usage_histograms
 
 
 @dataclass
@@ -51,8 +50,7 @@ class Personalization:
         if not self.classes:
             return None
         c = self.classes
-        raw = np.frombuffer(base64.b64decode(c["means"]), dtype=np.float16).reshape(c["shape"])
-        return torch.from_numpy(raw.astype(np.float32)), torch.tensor(c["counts"])
+        return means_from_text(c["means"], c["shape"]), torch.tensor(c["counts"])
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Personalization | None":
@@ -135,8 +133,7 @@ def _classes_record(class_means: tuple | None) -> dict:
     if class_means is None:
         return {}
     means, counts = class_means
-    raw = means.detach().float().cpu().to(torch.float16).contiguous().numpy().tobytes()
-    return {"means": base64.b64encode(raw).decode(), "shape": list(means.shape),
+    return {"means": means_text(means), "shape": list(means.shape),
             "counts": [int(c) for c in counts.round().tolist()]}
 
 

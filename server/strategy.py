@@ -178,8 +178,7 @@ class FinePruneStrategy(Strategy):
             record["prior"] = {"skipped": "the prior is built from masks: it needs summary-level bitmap"
                                if self.cfg["summary-level"] != "bitmap" else "slim-base replaces the base instead"}
         if self.classes_shape is not None and server_round < self.cfg["num-rounds"]:
-            node_of = {r["id"]: r["node"] for r in rows}
-            outliers = [c for c in node_of if node_of[c] in self._no_prior]
+            outliers = record.get("prior", {}).get("outliers", [])  # the mask prior's, this round
             classes, record["class_prior"] = class_directions(summaries, outliers, self.cfg["slim-min-clients"])
             self._classes = None if classes is None else PW.classes_to_records(classes, server_round)
         if self.on_round is not None:

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from common.engine import class_prior as CPR
@@ -24,6 +23,8 @@ from common.wire.summary import SummaryError, build_summary, decode, encode, usa
 from server.strategy import FinePruneStrategy
 from tests.conftest import FakeGrid
 from tests.test_adaptation import Guarded
+from tests.test_prior import _acc
+from tests.test_prior import _base as prior_base
 from tests.test_server import META, _reply
 
 K, F, H = 5, 4, 4  # classes; input features and hidden units of each class
@@ -32,18 +33,8 @@ HUMS = [0.9 + 0.025 * i for i in range(12)]  # how loudly each device's channel 
 
 def _base():
     """Class c reads its own F features through its own H hidden units; no BatchNorm, so nothing
-    on a device follows its channel."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(K * F, K * H), nn.ReLU(), nn.Linear(K * H, K))
-    with torch.no_grad():
-        m[0].weight.uniform_(-0.02, 0.02)
-        m[0].bias.zero_()
-        m[2].weight.uniform_(-0.02, 0.02)
-        m[2].bias.zero_()
-        for c in range(K):
-            m[0].weight[c * H:(c + 1) * H, c * F:(c + 1) * F] = 1.0
-            m[2].weight[c, c * H:(c + 1) * H] = 1.0
-    return m.eval()
+    on a device follows its channel (test_prior's network, at these sizes and without its tie-break)."""
+    return prior_base(K, F, H, tie_break=0.0)
 
 
 def _sample(n, hum, g, classes=tuple(range(K))):
@@ -53,11 +44,6 @@ def _sample(n, hum, g, classes=tuple(range(K))):
         x[i, c * F:(c + 1) * F] += 1 + 0.3 * torch.rand(F, generator=g)
     x[:, :F] += hum  # the channel's hum looks like class 0
     return x, y
-
-
-def _acc(m, x, y):
-    with torch.no_grad():
-        return float((m(x).argmax(1) == y).float().mean())
 
 
 @pytest.fixture(scope="module")

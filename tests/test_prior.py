@@ -28,20 +28,21 @@ from tests.test_server import META, _reply
 K, F, H = 4, 5, 4  # classes; input features and hidden units of each class
 
 
-def _base():
-    """Class c reads its own F features through its own H hidden units; every other connection is
-    small. Without BatchNorm (a BatchNorm-free network)."""
+def _base(k=K, f=F, h=H, tie_break=0.05):
+    """Class c reads its own f features through its own h hidden units; every other connection is
+    small. Without BatchNorm (a BatchNorm-free network). `tie_break`: the last class's bias, so a
+    class whose evidence is gone is not right by a tie."""
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(K * F, K * H), nn.ReLU(), nn.Linear(K * H, K))
+    m = nn.Sequential(nn.Linear(k * f, k * h), nn.ReLU(), nn.Linear(k * h, k))
     with torch.no_grad():
         m[0].weight.uniform_(-0.02, 0.02)
         m[0].bias.zero_()
         m[2].weight.uniform_(-0.02, 0.02)
         m[2].bias.zero_()
-        m[2].bias[K - 1] = 0.05  # a class whose evidence is gone is not right by a tie
-        for c in range(K):
-            m[0].weight[c * H:(c + 1) * H, c * F:(c + 1) * F] = 1.0
-            m[2].weight[c, c * H:(c + 1) * H] = 1.0
+        m[2].bias[k - 1] = tie_break
+        for c in range(k):
+            m[0].weight[c * h:(c + 1) * h, c * f:(c + 1) * f] = 1.0
+            m[2].weight[c, c * h:(c + 1) * h] = 1.0
     return m.eval()
 
 

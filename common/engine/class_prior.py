@@ -101,6 +101,8 @@ def check_class_prior(prior: ClassPrior, classes: int, features: int) -> None:
         raise ValueError("the class prior holds values that are not finite")
     if prior.freq.min() < 0 or abs(float(prior.freq.sum()) - 1) > 1e-3:
         raise ValueError("the class prior's frequencies are not a distribution")
+    if (prior.means.float().norm(dim=1) > MAX_NORM * (1 + 1e-3)).any():
+        raise ValueError(f"the class prior holds a mean longer than {MAX_NORM}")
 
 
 def usable(last: nn.Module, prior: ClassPrior | None) -> bool:

@@ -112,6 +112,4 @@ def classes_from_records(arrays, meta_record, shape: tuple, min_voters: int = 2)
         CPR.check_class_prior(prior, *shape)
     except ValueError as exc:
         raise PriorError(str(exc)) from None
-    if (prior.means.norm(dim=1) > CPR.MAX_NORM * (1 + 1e-3)).any():
-        raise PriorError(f"the class prior holds a mean longer than {CPR.MAX_NORM}")
     return prior

@@ -158,8 +158,7 @@ def encode(s: Summary) -> bytes:
     if s.epsilon is not None:
         head["privacy"] = {"mechanism": PRIVACY_MECHANISM, "epsilon": s.epsilon}
     if s.classes is not None:
-        means = s.classes[0].to(torch.float16).contiguous().numpy()
-        head["classes"] = {"means": base64.b64encode(means.tobytes()).decode(), "counts": s.classes[1].tolist()}
+        head["classes"] = {"means": means_text(s.classes[0]), "counts": s.classes[1].tolist()}
     header = json.dumps(head, separators=(",", ":")).encode()
     sketch = b""
     if s.sketch is not None:
@@ -269,6 +268,17 @@ def decode(data: bytes, fingerprint: str, shapes: dict[str, tuple], max_bytes: i
     return s
 
 
+def means_text(means: torch.Tensor) -> str:
+    """Class means as they travel and are kept: float16, base64."""
+    return base64.b64encode(means.detach().cpu().to(torch.float16).contiguous().numpy().tobytes()).decode()
+
+
+def means_from_text(text: str, shape) -> torch.Tensor:
+    """means_text's inverse, as float32 of `shape` (its length checked by the caller where untrusted)."""
+    raw = base64.b64decode(text)
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.float16).reshape(tuple(shape)).astype(np.float32))
+
+
 def _classes_of(c, shape: tuple | None, eps: float | None) -> tuple:
     """A summary's class means and counts, checked (common/engine/class_prior.py says what fits)."""
     if eps is not None:
@@ -286,7 +296,7 @@ def _classes_of(c, shape: tuple | None, eps: float | None) -> tuple:
     if len(raw) != 2 * shape[0] * shape[1]:
         raise SummaryError(f"class means have {len(raw)} bytes, {shape[0]} x {shape[1]} float16 take "
                            f"{2 * shape[0] * shape[1]}", "shape")
-    means = torch.from_numpy(np.frombuffer(raw, dtype=np.float16).reshape(shape).astype(np.float32))
+    means = means_from_text(c["means"], shape)
     counts = torch.tensor(c["counts"], dtype=torch.float32)
     why = check_contribution(means, counts, *shape)
     if why is not None:
