@@ -131,9 +131,11 @@ SETTINGS = [
       "dozen samples cannot see what pruning costs (0: no bound)", {RUN, CLIENT, PRUNE}, low=0),
     S("stop-margin", 1, "where the stop rule failed, keep this many schedule steps below the last that passed "
       "(a guard against the probe's sampling error)", {RUN, CLIENT, PRUNE}, low=0, high=10),
-    S("confirm", False, "judge the stop rule's pick again on a second probe, as many of the user's samples that the "
+    S("confirm", "auto", "judge the stop rule's pick again on a second probe, as many of the user's samples that the "
       "search never saw, and bisect the levels below it where the rule fails there: safer stops for one or two "
-      "passes over the second probe more (S31, docs/personalization.md)", {RUN, CLIENT, PRUNE}),
+      "passes over the second probe more (S31, docs/personalization.md). on, off, or auto: only where a gate "
+      "found a shift that nothing on the device follows, so pruning is all that changes the model (S35)",
+      {RUN, CLIENT, PRUNE}, choices=("auto", "on", "off")),
     S("tolerance", 0.02, "how far the stop rule may degrade (agreement: >= 98% of the probe by default)",
       {RUN, CLIENT, PRUNE}, low=0.0, high=1.0),
     S("search", "bisect", "bisect over the nested schedule, or linear step by step", {RUN, CLIENT, PRUNE},

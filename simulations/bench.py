@@ -92,7 +92,7 @@ def plan() -> list[tuple[str, str, dict]]:
     proto = dict(scoring="discriminative", recalibrate_bn=True, head="prototypes")
     p.append(("discriminative+bn+proto", "0.7", dict(proto, target_sparsity=0.7)))
     p.append(("discriminative+bn+proto", "stop", proto))  # the label-free stop, not a matched control
-    return [(*DEFAULT, {}), (*SECOND, dict(confirm=True))] + [(m, lv, {**BEFORE, **kw}) for m, lv, kw in p]
+    return [(*DEFAULT, {}), (*SECOND, dict(confirm="on"))] + [(m, lv, {**BEFORE, **kw}) for m, lv, kw in p]
 
 
 def baseline_rows(common: dict, base, user: BenchUser) -> list[dict]:

@@ -17,7 +17,7 @@ SECOND = ("default+second probe", "stop")      # the same, its stop judged again
 # the engine's default before the safe one: every BatchNorm layer recalibrated, the base's output
 # layer, output restriction, no search bound, no back-off and no second probe
 PREVIOUS_DEFAULT = dict(bn_adapt="full", head="linear", restrict_outputs=True, evidence_samples=0, stop_margin=0,
-                        confirm=False, compensate="off", paired_bn=False)
+                        confirm="off", compensate="off", paired_bn=False)
 HEADLINE = ("usage+bn+restrict", "stop")       # the previous default: usage, full recalibration, restriction
 DISC = ("discriminative+bn+restrict", "stop")  # the same with pseudo-class-discriminative magnitude
 BACKPROP = "backprop-5ep (labels)"

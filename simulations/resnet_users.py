@@ -24,7 +24,7 @@ from simulations.bench_report import PREVIOUS_DEFAULT as BEFORE  # noqa: E402
 
 METHODS = {  # name: engine settings (fixed targets: equal sparsity across users)
     "default": None,  # the engine's defaults as they are, at the label-free stop
-    "default+second probe": dict(confirm=True),  # its stop judged again on a second probe (S31)
+    "default+second probe": dict(confirm="on"),  # its stop judged again on a second probe (S31)
     "previous default": BEFORE,
     "unstructured usage 0.5": dict(target_sparsity=0.5),
     "unstructured usage 0.5, no BN recalibration": dict(target_sparsity=0.5, recalibrate_bn=False),

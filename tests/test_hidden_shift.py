@@ -1,7 +1,8 @@
 """Head auto on a network whose features cannot follow the user (no BatchNorm, S26): prototypes of
 pseudo-labels only where the last hidden layer moved no further than the user's class mix; a
 covariate-shifted user keeps the base's output layer and is not made worse, a user holding a few
-classes keeps the prototypes' gain; without the vendor's record the base's layer stays; the record
+classes keeps the prototypes' gain; S36: an unshifted user holding every class keeps the base's
+layer, where prototypes cost; without the vendor's record the base's layer stays; the record
 travels checked."""
 import copy
 
@@ -12,7 +13,7 @@ import torch.nn as nn
 
 from common.data import partition as PT
 from common.engine.adapt import DEEP_SHIFT, vendor_record
-from common.engine.hidden_shift import hidden_layer, record_for
+from common.engine.hidden_shift import NO_LABEL_SHIFT, hidden_layer, record_for
 from common.engine.prune import fine_prune
 from common.model.architectures import build_model
 from common.model.train import accuracy, train_supervised
@@ -79,6 +80,44 @@ def test_users_holding_a_few_classes_of_a_batchnorm_free_network_keep_the_protot
         assert res.adaptation["head"] == "prototypes", (classes, res.adaptation)
         assert res.adaptation["hidden_shift"] < DEEP_SHIFT
         assert accuracy(model, xh, yh) >= accuracy(base, xh, yh) - 0.02
+
+
+def test_unshifted_users_holding_every_class_of_a_batchnorm_free_network_keep_the_base_layer(gaussian_nobn):
+    """S36: features that did not move and pseudo-labels spread over nearly every class leave a
+    rebuilt layer nothing to learn but the base's errors; nothing then adapts the model, so its stop
+    is judged on the second probe too (S35)."""
+    base, meta, sample = gaussian_nobn
+    for seed in range(4):
+        g = torch.Generator().manual_seed(50 + seed)
+        (xu, _), (xh, yh) = sample(list(range(K)), 120, g), sample(list(range(K)), 100, g)
+        model = copy.deepcopy(base)
+        res = fine_prune(model, xu, PruneConfig(), base_meta=meta)
+        a = res.adaptation
+        assert a["hidden_shift"] < DEEP_SHIFT and a["label_spread"] >= NO_LABEL_SHIFT
+        assert a["head"] == "linear" and a["nothing_adapts"] and not a["head_gated"]
+        assert any("second_probe" in h for h in res.history)
+        assert accuracy(model, xh, yh) >= accuracy(base, xh, yh) - 0.02
+
+
+def test_every_class_unshifted_on_the_batchnorm_free_digits_cnn_prototypes_cost_and_the_base_layer_does_not(
+        digits, digits_split, digits_nobn):
+    base, meta = digits_nobn
+    _, pool = digits_split
+    rng = np.random.default_rng(0)
+    kept, forced, bases = [], [], []
+    for _ in range(4):
+        idx = torch.as_tensor(rng.choice(np.asarray(pool), 190, replace=False))
+        xu, xh, yh = digits.x[idx[40:]], digits.x[idx[:40]], digits.y[idx[:40]]
+        bases.append(accuracy(base, xh, yh))
+        model = copy.deepcopy(base)
+        res = fine_prune(model, xu, PruneConfig(), base_meta=meta)
+        assert res.adaptation["head"] == "linear" and res.adaptation["label_spread"] >= NO_LABEL_SHIFT
+        kept.append(accuracy(model, xh, yh))
+        other = copy.deepcopy(base)  # today's choice for these users before S36: prototypes (15 per class)
+        fine_prune(other, xu, PruneConfig(head="prototypes"), base_meta=meta)
+        forced.append(accuracy(other, xh, yh))
+    assert np.mean(kept) >= np.mean(bases) - 0.01
+    assert np.mean(forced) < np.mean(kept), (forced, kept, bases)
 
 
 def test_without_the_vendors_record_a_batchnorm_free_network_keeps_the_base_layer(digits, digits_split, digits_nobn):

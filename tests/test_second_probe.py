@@ -78,8 +78,8 @@ def test_the_kept_mask_passes_the_stop_rule_on_samples_the_search_never_saw(nobn
     base, meta, users = nobn_styled
     alone, second = [], []
     for u in users:
-        a_off, r_off = _agreement_on_second_probe(base, meta, u, PruneConfig(confirm=False))
-        a_on, r_on = _agreement_on_second_probe(base, meta, u, PruneConfig(confirm=True))
+        a_off, r_off = _agreement_on_second_probe(base, meta, u, PruneConfig(confirm="off"))
+        a_on, r_on = _agreement_on_second_probe(base, meta, u, PruneConfig(confirm="on"))
         alone.append(a_off)
         second.append(a_on)
         assert r_on.sparsity <= r_off.sparsity + 1e-9  # it only ever takes sparsity back
@@ -91,8 +91,8 @@ def test_the_kept_mask_passes_the_stop_rule_on_samples_the_search_never_saw(nobn
 def test_every_pass_over_the_second_probe_is_counted(nobn_styled):
     base, meta, users = nobn_styled
     u = users[0]
-    off = fine_prune(copy.deepcopy(base), u.x, PruneConfig(confirm=False), base_meta=meta)
-    on = fine_prune(copy.deepcopy(base), u.x, PruneConfig(confirm=True), base_meta=meta)
+    off = fine_prune(copy.deepcopy(base), u.x, PruneConfig(confirm="off"), base_meta=meta)
+    on = fine_prune(copy.deepcopy(base), u.x, PruneConfig(confirm="on"), base_meta=meta)
     passes = [h for h in on.history if "second_probe" in h]
     assert passes and all(h["second_probe"] == len(confirm_pick(PruneConfig(), len(u.x))) for h in passes)
     # without BatchNorm the statistics pass gave the unpruned model's logits there: no pass of its own
@@ -103,8 +103,8 @@ def test_a_user_whose_probe_took_every_sample_has_no_second_probe(digits, digits
     _, pool = digits_split
     x = digits.x[torch.as_tensor(pool[:30])]
     off_model, on_model = copy.deepcopy(digits_base), copy.deepcopy(digits_base)
-    off = fine_prune(off_model, x, PruneConfig(confirm=False))
-    on = fine_prune(on_model, x, PruneConfig(confirm=True))
+    off = fine_prune(off_model, x, PruneConfig(confirm="off"))
+    on = fine_prune(on_model, x, PruneConfig(confirm="on"))
     assert off.mask == on.mask and off.history == on.history
     for a, b in zip(off_model.state_dict().values(), on_model.state_dict().values()):
         assert torch.equal(a, b)
@@ -118,12 +118,28 @@ def test_the_command_line_flag_turns_the_second_probe_on(tmp_path, digits_cli_ba
     data = tmp_path / "x.npy"
     np.save(data, digits.x[torch.as_tensor(pool[:100])].numpy())
     histories = {}
-    for flag in ([], ["--confirm"]):
+    for flag in ([], ["--confirm", "on"]):
         out = tmp_path / f"me{len(flag)}.pt"
-        assert main(["personalize", "--model", str(digits_cli_base), "--data", str(data), "--out", str(out), *flag]) == 0
+        args = ["personalize", "--model", str(digits_cli_base), "--data", str(data), "--out", str(out), *flag]
+        assert main(args) == 0
         _, meta, _ = load_checkpoint(out)
         p = meta["personalization"]
-        assert p["settings"]["confirm"] is bool(flag)
+        assert p["settings"]["confirm"] == ("on" if flag else "auto")
+        assert p["adaptation"]["nothing_adapts"] is False  # a user of the digits CNN: its statistics follow it
         histories[bool(flag)] = [h for h in p["history"] if "second_probe" in h]
+    # auto, on a user whose adaptation follows its data: no second probe
     assert not histories[False] and histories[True]
     assert all(h["second_probe"] == 32 for h in histories[True])  # 100 samples: a probe of 32, then the next 32
+
+
+def test_the_default_judges_the_stop_again_where_nothing_on_the_device_follows_the_shift(nobn_styled):
+    """S35: a styled user of a BatchNorm-free network keeps the base's output layer (S26's gate), so
+    pruning is all that moves its model; the default then judges the stop on the second probe, as
+    `on` does, and where no gate fired it runs none (the test above)."""
+    base, meta, users = nobn_styled
+    for u in users[:4]:
+        auto = fine_prune(copy.deepcopy(base), u.x, PruneConfig(), base_meta=meta)
+        on = fine_prune(copy.deepcopy(base), u.x, PruneConfig(confirm="on"), base_meta=meta)
+        assert auto.adaptation["head_gated"] is True and auto.adaptation["nothing_adapts"] is True
+        assert any("second_probe" in h for h in auto.history)
+        assert auto.mask == on.mask and auto.history == on.history

@@ -11,7 +11,10 @@ last hidden layer moved no further than the user's class mix explains (S26).
 - A user holding a few classes moves them by its class mix alone; a new style moves them beyond
   it. Prototypes of a shifted network's pseudo-labels learn its errors (a BatchNorm-free digits
   CNN, styled users: T3A -6.8 points, one user -20), where on unshifted features they gain (users
-  holding 2-3 classes: +1.5)."""
+  holding 2-3 classes: +1.5).
+- Where they did not move, prototypes can learn only the user's class mix: none where the
+  pseudo-labels spread over nearly every class (NO_LABEL_SHIFT), and there the base's layer stays
+  (S36: users holding every class, unshifted, whom prototypes cost; docs/personalization.md)."""
 from __future__ import annotations
 
 import torch
@@ -22,6 +25,10 @@ from common.engine.bn import explained_weight
 from common.engine.stats import eta_squared
 from common.model.architectures import prunable_layers
 from common.model.batches import BATCH_SIZE
+
+# the share of the classes the pseudo-labels must spread over for no label shift to show (S36;
+# leave-one-cohort-out, every fold: docs/personalization.md)
+NO_LABEL_SHIFT = 0.6
 
 
 def hidden_layer(model: nn.Module) -> str | None:

@@ -18,7 +18,7 @@ from common.engine import probe as PR
 from common.engine.bn import Chance, bn_layers, bn_prior, recalibrate_bn
 from common.engine.bn_check import check_full, stem_recal
 from common.engine.forward import capture_features
-from common.engine.heads import HEAD_WITH_PRIOR, HEADS, choose_head
+from common.engine.heads import HEAD_WITH_PRIOR, HEADS, choose_head, spread_classes
 from common.engine.probe import collect_stats
 from common.engine.stats import UsageStats
 from common.model.architectures import prunable_layers
@@ -39,6 +39,7 @@ class Adapted:
     extra: int  # samples the checks pushed through the model
     first_bn: list | None = None  # the BatchNorm statistics of the pass's first batch (the probe, fold)
     class_means: tuple | None = None  # what this device adds to the federation's class directions
+    still: bool = False  # nothing here adapts the model: no statistics follow the user, the base's layer
 
 
 def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
@@ -139,6 +140,14 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
         info["hidden_shift"] = None if shift is None else round(shift, 4)
         if shift is None or shift >= AD.DEEP_SHIFT:
             head, gated = "linear", True
+        else:
+            # features that did not move, which nothing follows: a rebuilt layer can learn only the
+            # user's class mix, and where the pseudo-labels spread over nearly every class there is
+            # none to learn, only the base's errors (S36)
+            label_spread = spread_classes(logits) / logits.shape[1]
+            info["label_spread"] = round(label_spread, 4)
+            if label_spread >= HS.NO_LABEL_SHIFT:
+                head = "linear"
     last = list(prunable_layers(model).values())[-1]
     write = HEADS[head].write
     mine = CPR.class_means(feats, logits)  # from the base's layer's pseudo-labels, before any rewrite
@@ -151,14 +160,18 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
         if fits:
             head = HEAD_WITH_PRIOR
             write = partial(CPR.write_class_blend, prior=class_prior)
-    info["head"] = head
+    info["head"], info["head_gated"] = head, gated
+    # nothing on the device adapts the model: no statistics follow the user and the output layer is
+    # the base's, so pruning alone moves it (confirm auto, S35)
+    still = head == "linear" and (not recalibrating or mode == "none")
+    info["nothing_adapts"] = still
     if write is not None:
         write(last, feats, logits)
         logits = F.linear(feats, last.weight.detach().float().cpu().flatten(1),
                           None if last.bias is None else last.bias.detach().float().cpu())
         clock.lap("head")
     return Adapted(logits, stats, feats, recal, fold, searching and not unlike, unlike, head, info, extra, first_bn,
-                   mine)
+                   mine, still)
 
 
 def _with_chance(recal: dict, chance: list) -> dict:
