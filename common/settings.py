@@ -29,6 +29,7 @@ class Setting:
     low: float | None = None      # inclusive bounds for numbers
     high: float | None = None
     high_open: bool = False       # the upper bound itself is not allowed
+    aliases: tuple = ()           # (spelling, value) pairs also accepted: a setting's former spellings
 
     @property
     def attr(self) -> str:
@@ -49,6 +50,7 @@ class Setting:
         """A value from TOML, a command line or a wire -> the checked Python value."""
         if self.default is None and (value is None or str(value).strip().lower() in (AUTO, "")):
             return None
+        value = dict(self.aliases).get(str(value).strip().lower(), value)
         t = self.type
         try:
             if t is bool:
@@ -135,7 +137,8 @@ SETTINGS = [
       "search never saw, and bisect the levels below it where the rule fails there: safer stops for one or two "
       "passes over the second probe more (S31, docs/personalization.md). on, off, or auto: only where a gate "
       "found a shift that nothing on the device follows, so pruning is all that changes the model (S35)",
-      {RUN, CLIENT, PRUNE}, choices=("auto", "on", "off")),
+      {RUN, CLIENT, PRUNE}, choices=("auto", "on", "off"),
+      aliases=(("true", "on"), ("false", "off"))),  # its spelling when it was a switch
     S("tolerance", 0.02, "how far the stop rule may degrade (agreement: >= 98% of the probe by default)",
       {RUN, CLIENT, PRUNE}, low=0.0, high=1.0),
     S("search", "bisect", "bisect over the nested schedule, or linear step by step", {RUN, CLIENT, PRUNE},

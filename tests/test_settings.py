@@ -49,12 +49,23 @@ def test_auto_is_the_spelling_of_unset_everywhere():
     assert prune_settings(merged_config({}, {"target-sparsity": "auto"})).target_sparsity is None
 
 
+def test_a_settings_former_spelling_is_still_read():
+    """confirm was a switch before it had auto (S35): a run config or script that says true or
+    false keeps meaning on or off, and the engine refuses a Python bool with one line."""
+    assert prune_settings(merged_config({}, {"confirm": True})).confirm == "on"
+    assert prune_settings(merged_config({}, {"confirm": "false"})).confirm == "off"
+    assert PruneConfig().confirm == "auto"
+    with pytest.raises(ValueError, match="unknown confirm 'True'"):
+        PruneConfig(confirm=True).validate()
+
+
 @pytest.mark.badinput
 @pytest.mark.parametrize("values, msg", [
     ({"tolerance": "nan"}, "tolerance must be a finite number"),
     ({"tolerance": 2.0}, "tolerance must be <= 1.0"),
     ({"step": 0}, "step must be >= 0.001"),
     ({"scoring": "vibes"}, "unknown scoring 'vibes'"),
+    ({"confirm": "maybe"}, "unknown confirm 'maybe'"),
     ({"rescore": True}, "it needs search 'linear'"),
     ({"base-stats": True, "recalibrate-bn": False}, "needs recalibrate_bn"),
     ({"num-clients": 0}, "num clients must be >= 1"),
