@@ -58,7 +58,7 @@ from simulations.peak_memory import peak_mb
 
 BASELINES = ("adabn", "t3a", "adabn+t3a", "stem-bn+t3a", "lame", "tent (backprop, no labels)")
 TASKS = ("digits", "fsdd-loso", "fsdd-seen", "digits-style", "fsdd-cond", "fsdd-few", "resnet-few", "digits-nobn",
-         "digits-style-nobn", "resnet-style")
+         "digits-style-nobn", "resnet-style", "digits-all-nobn")
 MEMORY_METHODS = {("base", "-"), ("bn-recal", "-"), ("usage", "0.7"), ("usage", "stop"), DEFAULT, HEADLINE,
                   (BACKPROP, "-")}
 # every other row names the engine of before the safe default: full recalibration, the base's

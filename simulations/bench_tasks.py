@@ -29,9 +29,10 @@ def _cached_pretrain(ck: Path, *args, **kw) -> dict | None:
 
 
 def digits_task(out: Path, seed: int, n_users: int, epochs: int | None, style: bool = False,
-                batchnorm: bool = True):
+                batchnorm: bool = True, every_class: bool = False):
     """Users of the digits CNN (`batchnorm` False: the same CNN without its BatchNorm layers):
-    n_users holding 2-3 classes, or with `style` the styled users."""
+    n_users holding 2-3 classes, or with `style` the styled users, or with `every_class` n_users
+    holding every class as the vendor's data looks (no shift of any kind: 150 images, 40 held out)."""
     ds = D.load_digits()
     ck = out / "bases" / f"digits{'' if batchnorm else '_nobn'}_s{seed}_e{epochs or 0}.pt"
     _cached_pretrain(ck, "digits", ck, seed=seed, ds=ds, epochs=epochs,
@@ -41,6 +42,10 @@ def digits_task(out: Path, seed: int, n_users: int, epochs: int | None, style: b
         _, pool = P.vendor_and_pool("digits", ds, seed)
         return [(base, meta, u) for u in CO.image_style_users(ds, pool, seed)]
     _, pool = P.vendor_and_pool("digits", ds, seed)
+    if every_class:
+        rng = np.random.default_rng([seed, 36])  # a stream of its own: no other cohort's draws move
+        draws = [rng.choice(np.asarray(pool), 190, replace=False) for _ in range(n_users)]
+        return [(base, meta, _user(f"user{i}", ds, d[40:], d[:40])) for i, d in enumerate(draws)]
     sub = ds.subset(pool)
     rng = np.random.default_rng(seed)
     users = []
@@ -154,7 +159,7 @@ def resnet_few_task(out: Path, seed: int, n_users: int = 8, epochs: int = 6, sty
 
 # the benchmark's cohorts, in the order it runs them; the speech ones need the FSDD dataset
 COHORTS = ("digits", "digits-style", "resnet-few", "fsdd-loso", "fsdd-seen", "fsdd-cond", "fsdd-few",
-           "digits-nobn", "digits-style-nobn", "resnet-style")
+           "digits-nobn", "digits-style-nobn", "resnet-style", "digits-all-nobn")
 
 
 def cohort_users(name: str, out: Path, seed: int, ds: D.Dataset | None = None, digits_users: int = 10,
@@ -172,6 +177,8 @@ def cohort_users(name: str, out: Path, seed: int, ds: D.Dataset | None = None, d
         "fsdd-few": lambda: fsdd_loso_task(out, ds, seed, fsdd_epochs, log, few=True),
         "digits-nobn": lambda: digits_task(out, seed, digits_users, digits_epochs, batchnorm=False),
         "digits-style-nobn": lambda: digits_task(out, seed, digits_users, digits_epochs, style=True, batchnorm=False),
+        "digits-all-nobn": lambda: digits_task(out, seed, digits_users, digits_epochs, batchnorm=False,
+                                               every_class=True),
     }
     if name not in makers:
         raise ValueError(f"unknown cohort '{name}' (choose from: {', '.join(COHORTS)})")
