@@ -135,8 +135,9 @@ SETTINGS = [
       "(a guard against the probe's sampling error)", {RUN, CLIENT, PRUNE}, low=0, high=10),
     S("confirm", "auto", "judge the stop rule's pick again on a second probe, as many of the user's samples that the "
       "search never saw, and bisect the levels below it where the rule fails there: safer stops for one or two "
-      "passes over the second probe more (S31, docs/personalization.md). on, off, or auto: only where a gate "
-      "found a shift that nothing on the device follows, so pruning is all that changes the model (S35)",
+      "passes over the second probe more (S31, docs/personalization.md). on, off, or auto: only where nothing "
+      "on the device adapts the model (no statistics follow the user, the base's output layer), so pruning is "
+      "all that changes it (S35)",
       {RUN, CLIENT, PRUNE}, choices=("auto", "on", "off"),
       aliases=(("true", "on"), ("false", "off"))),  # its spelling when it was a switch
     S("tolerance", 0.02, "how far the stop rule may degrade (agreement: >= 98% of the probe by default)",

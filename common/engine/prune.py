@@ -190,7 +190,7 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
             restrict_logits(ref_logits, restricted)
         rule = make_rule(cfg.stop_rule, cfg.tolerance, ref_logits, ref_stats if need_stats else None)
         # the second probe (S31): a rule that reads the probe's activation statistics has none there;
-        # auto: where a gate found a shift nothing here follows, pruning alone moves the model (S35)
+        # auto: where nothing here adapts the model, pruning alone moves it (S35)
         confirming = cfg.confirm == "on" or (cfg.confirm == "auto" and a.still)
         second = confirm_pick(cfg, len(x)) if confirming and not rule.needs_stats else []
         confirm = Confirm(probe, x, second, cfg, restricted, dense, a.logits) if len(second) else None
