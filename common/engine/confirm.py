@@ -2,8 +2,9 @@
 kept. The search keeps the sparsest level at which its own probe passed, and that selection makes
 the probe's verdict optimistic (S30: probe agreement 1.000, the rest of the user's data 0.92-0.97
 on BatchNorm-free styled digits). Where the rule fails on the second probe, the levels below are
-bisected on it (S31). `confirm auto`, the default, runs it only where a gate found a shift that
-nothing on the device follows, so pruning alone moves the model (S35); `on` for every user."""
+bisected on it (S31). `confirm auto`, the default, runs it only where nothing on the device
+adapts the model (no statistics follow the user, the base's output layer), so pruning alone moves
+it (S35); `on` for every user."""
 from __future__ import annotations
 
 import torch
