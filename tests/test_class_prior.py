@@ -23,7 +23,7 @@ from common.wire.summary import SummaryError, build_summary, decode, encode, usa
 from server.strategy import FinePruneStrategy
 from tests.conftest import FakeGrid
 from tests.test_adaptation import Guarded
-from tests.test_prior import _acc
+from tests.test_prior import _acc, server_rounds
 from tests.test_prior import _base as prior_base
 from tests.test_server import META, _reply
 
@@ -116,22 +116,16 @@ def _means(k):
 
 
 def _round_one(tmp_path, n, k, level="sketch"):
-    base = build_model("smallcnn")
-    cfg = dict(DEFAULTS, **{"num-clients": n, "min-clients": 1, "summary-level": level, "num-rounds": 2,
-                            "slim-min-clients": k, "out-dir": str(tmp_path)})
-    strat = FinePruneStrategy(base, META, cfg)
-    msgs = list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(n)))
-    assert all(m.content["config"]["class-sums"] is True for m in msgs)  # asked for: a later round pools them
-    fp, size = fingerprint(base), model_bytes(base)
-    hist = usage_histograms({name: m.weight.abs() for name, m in prunable_layers(base).items()})
-    replies, sent = [], []
-    for i, instr in enumerate(msgs):
+    sent = []
+
+    def reply(i, instr, base, summary):
+        fp, size, hist = summary
         means, counts = _means(i)
         sent.append((means.half().float(), counts))
         data = encode(build_summary(Mask.dense(base), hist, level, fp, size, classes=(means, counts)))
-        replies.append(_reply_n(instr, data, f"u{i}", 30))
-    strat.aggregate_train(1, replies)
-    msgs2 = list(strat.configure_train(2, ArrayRecord(), ConfigRecord(), FakeGrid(n)))
+        return _reply_n(instr, data, f"u{i}", 30)
+    strat, msgs, msgs2 = server_rounds(tmp_path, n, k, reply, **{"summary-level": level})
+    assert all(m.content["config"]["class-sums"] is True for m in msgs)  # asked for: a later round pools them
     return strat, msgs2, sent
 
 

@@ -120,27 +120,40 @@ def test_the_prior_runs_no_backward_pass_and_takes_no_labels(federation):
 
 
 # ---------------------------------------------------------------- the server: aggregates of k or more
-def _round_one(tmp_path, n, k, epsilon=0.0, outlier=False):
+def server_rounds(tmp_path, n, k, reply, **config):
+    """A strategy of n devices of the digits CNN (`slim-min-clients` k, two rounds, `config` on top):
+    round 1's instructions, each device's reply from reply(i, instruction, base, (fingerprint,
+    size, usage histograms)), aggregated, then round 2's instructions. Returns (strategy, round 1's,
+    round 2's)."""
     base = build_model("smallcnn")
-    cfg = dict(DEFAULTS, **{"num-clients": n, "min-clients": 1, "summary-level": "bitmap", "num-rounds": 2,
-                            "slim-min-clients": k, "privacy-epsilon": epsilon, "out-dir": str(tmp_path)})
+    cfg = dict(DEFAULTS, **{"num-clients": n, "min-clients": 1, "num-rounds": 2, "slim-min-clients": k,
+                            "out-dir": str(tmp_path), **config})
     strat = FinePruneStrategy(base, META, cfg)
     msgs = list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(n)))
-    assert not any("prior" in m.content.array_records for m in msgs)  # round 1: alone
-    fp, size = fingerprint(base), model_bytes(base)
-    hist = usage_histograms({name: m.weight.abs() for name, m in prunable_layers(base).items()})
+    summary = (fingerprint(base), model_bytes(base),
+               usage_histograms({name: m.weight.abs() for name, m in prunable_layers(base).items()}))
+    strat.aggregate_train(1, [reply(i, instr, base, summary) for i, instr in enumerate(msgs)])
+    return strat, msgs, list(strat.configure_train(2, ArrayRecord(), ConfigRecord(), FakeGrid(n)))
+
+
+def _round_one(tmp_path, n, k, epsilon=0.0, outlier=False):
     g = torch.Generator().manual_seed(1)
-    common = {name: torch.rand(m.weight.shape, generator=g) < 0.4 for name, m in prunable_layers(base).items()}
-    replies, truth = [], []
-    for i, instr in enumerate(msgs):
+    truth, common = [], {}
+
+    def reply(i, instr, base, summary):
+        fp, size, hist = summary
+        if not common:
+            common.update({name: torch.rand(m.weight.shape, generator=g) < 0.4
+                           for name, m in prunable_layers(base).items()})
         p = 0.95 if outlier and i == n - 1 else 0.1
         mask = Mask({name: ~(c | (torch.rand(c.shape, generator=g) < p)) for name, c in common.items()})
         truth.append(mask)
         data = build_summary(mask, None if epsilon else hist, "bitmap", fp, size,
                              epsilon=epsilon or None, privacy_key=bytes([i]) * 32 if epsilon else None)
-        replies.append(_reply(instr, encode(data), f"u{i}", mask.sparsity()))
-    strat.aggregate_train(1, replies)
-    msgs2 = list(strat.configure_train(2, ArrayRecord(), ConfigRecord(), FakeGrid(n)))
+        return _reply(instr, encode(data), f"u{i}", mask.sparsity())
+    strat, msgs, msgs2 = server_rounds(tmp_path, n, k, reply, **{"summary-level": "bitmap",
+                                                                 "privacy-epsilon": epsilon})
+    assert not any("prior" in m.content.array_records for m in msgs)  # round 1: alone
     return strat, msgs2, truth
 
 
