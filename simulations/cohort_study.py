@@ -24,6 +24,7 @@ def parser(prog: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--fsdd", help="FSDD directory (e.g. ../shared/data/fsdd), for the speech cohorts")
     p.add_argument("--out", required=True, help="output folder (bases cached under OUT/bases)")
     p.add_argument("--cohorts", default=",".join(COHORTS), help=f"comma-separated subset of: {', '.join(COHORTS)}")
+    p.add_argument("--seed", type=int, default=0, help="the cohorts' seed (bases and users; 0: the bench's)")
     return p
 
 
@@ -39,7 +40,7 @@ def run(a: argparse.Namespace, run_cohort) -> list[dict]:
     ds = D.load_fsdd(a.fsdd) if a.fsdd and any(c.startswith("fsdd") for c in cohorts) else None
     rows = []
     for c in cohorts:
-        rows += run_cohort(c, cohort_users(c, out, 0, ds))
+        rows += run_cohort(c, cohort_users(c, out, a.seed, ds))
     return rows
 
 

@@ -20,11 +20,12 @@ def back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: 
     """Where the rule failed, the step `margin` steps below the last that passed: the failing
     level was found on a probe of 32-128 samples, and the step just before a cliff is where held-out
     samples flip first (a user of 200 samples: the probe agreed fully at 0.72, the rest of its
-    data 97.5%, held-out accuracy 0.98 -> 0.94). A level the search did not probe gets BatchNorm
-    statistics of its own when it is kept (Probe.keep: one probe pass), never the next step's (a
-    ResNet18 user keeping them: 0.89 -> 0.54 held out under full recalibration; under the input
-    side's alone, S29: 0.98 -> 0.84, where its own keep 1.00). `confirm`: the second probe judges
-    the step kept (common/engine/confirm.py)."""
+    data 97.5%, held-out accuracy 0.98 -> 0.94); two steps by default, since the search keeps the
+    sparsest step its own probe passed, so that verdict is optimistic (S30, S38). A level the
+    search did not probe gets BatchNorm statistics of its own when it is kept (Probe.keep: one
+    probe pass), never the next step's (a ResNet18 user keeping them: 0.89 -> 0.54 held out under
+    full recalibration; under the input side's alone, S29: 0.98 -> 0.84, where its own keep 1.00).
+    `confirm`: the second probe judges the step kept (common/engine/confirm.py)."""
     i = last_ok - margin
     if i < 0:
         return dense, reason + (f"; backed off {margin} step(s): nothing pruned" if margin else ""), history
