@@ -96,6 +96,33 @@ def summarize(rows: list[dict], arms) -> list[dict]:
     return out
 
 
+def objective(s: dict, arm: str) -> float:
+    """A cohort's score for an arm: its mean gain over the base, less every point its worst user
+    falls more than 2 points below its base (the adapt study's objective)."""
+    return s[arm] - s["base"] - max(0.0, -s[f"{arm} worst"] - 0.02)
+
+
+def loco(table: list[dict], arms, floor: float | None = None) -> list[dict]:
+    """Per held-out cohort: the arm the other cohorts score best (mean objective; ties: the
+    sparser), among those whose mean sparsity over them is at least `floor` where one is given
+    (all arms where none reaches it), and what it gives the held-out one."""
+    out = []
+    for held in table:
+        rest = [s for s in table if s is not held]
+        sparsity = {a: statistics.mean(s[f"{a} sparsity"] for s in rest) for a in arms}
+        ok = [a for a in arms if floor is None or sparsity[a] >= floor] or list(arms)
+        pick = max(ok, key=lambda a: (round(statistics.mean(objective(s, a) for s in rest), 6), sparsity[a]))
+        out.append({"held out": held["cohort"], "chosen": pick, "acc": held[pick],
+                    "sparsity": held[f"{pick} sparsity"], "worst": held[f"{pick} worst"]})
+    return out
+
+
+def loco_lines(intro: str, folds: list[dict]) -> list[str]:
+    """The leave-one-cohort-out folds as markdown lines after `intro`."""
+    return ["", intro, "", "| held out | chosen | acc | sparsity | worst user |", "|---|---|---|---|---|"] + [
+        f"| {f['held out']} | {f['chosen']} | {f['acc']:.3f} | {f['sparsity']:.2f} | {f['worst']:+.3f} |" for f in folds]
+
+
 def arms_table(title: str, table: list[dict], arms) -> list[str]:
     """The summary as markdown lines: a row per cohort and, over several, the mean of cohorts;
     each cell mean (sparsity; worst user against its base)."""

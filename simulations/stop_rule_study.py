@@ -11,7 +11,6 @@ leave-one-cohort-out choice (docs/personalization.md, S22).
 """
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 import torch
@@ -51,33 +50,11 @@ for _t in TAUS:
 ARMS = {"default (agreement)": {}, **{f"soft {t:g}": {"stop_rule": f"soft-{t:g}"} for t in TAUS}}
 
 
-def objective(s: dict, arm: str) -> float:
-    """A cohort's score for an arm: its mean gain over the base, less every point its worst user
-    falls more than 2 points below its base (the adapt study's objective)."""
-    return s[arm] - s["base"] - max(0.0, -s[f"{arm} worst"] - 0.02)
-
-
-def loco(table: list[dict], arms) -> list[dict]:
-    """Per held-out cohort: the arm the other cohorts score best (mean objective; ties: the
-    sparser), and what it gives the held-out one."""
-    out = []
-    for held in table:
-        rest = [s for s in table if s is not held]
-        pick = max(arms, key=lambda a: (round(statistics.mean(objective(s, a) for s in rest), 6),
-                                        statistics.mean(s[f"{a} sparsity"] for s in rest)))
-        out.append({"held out": held["cohort"], "chosen": pick, "acc": held[pick],
-                    "sparsity": held[f"{pick} sparsity"], "worst": held[f"{pick} worst"]})
-    return out
-
-
 def to_markdown(table: list[dict], arms, folds: list[dict]) -> str:
     lines = CS.arms_table("The stop rule with the reference class's probability watched (S22)", table, arms)
     if len(table) > 1:
-        lines += ["", "Leave one cohort out (the arm the other cohorts score best: mean gain less every point a "
-                  "worst user falls more than 2 points below its base):", "",
-                  "| held out | chosen | acc | sparsity | worst user |", "|---|---|---|---|---|"]
-        lines += [f"| {f['held out']} | {f['chosen']} | {f['acc']:.3f} | {f['sparsity']:.2f} | {f['worst']:+.3f} |"
-                  for f in folds]
+        lines += CS.loco_lines("Leave one cohort out (the arm the other cohorts score best: mean gain less every "
+                               "point a worst user falls more than 2 points below its base):", folds)
     return "\n".join(lines) + "\n"
 
 
@@ -88,7 +65,7 @@ def main(argv=None):
     arms = CS.chosen_arms(a.arms, ARMS)
     rows = CS.run(a, lambda c, users: CS.run_arms(c, users, arms))
     table = CS.summarize(rows, arms)
-    folds = loco(table, arms) if len(table) > 1 else []
+    folds = CS.loco(table, arms) if len(table) > 1 else []
     CS.write(Path(a.out), "stop_rule", rows, table, to_markdown(table, arms, folds))
     CS.bar_plot(table, ["base", *arms], "The stop rule with and without the reference class's probability watched",
                 Path(a.out) / "stop_rule.png", figsize=(9, 4), fontsize=7)

@@ -156,3 +156,21 @@ def test_head_rebuild_study_refuses_unknown_cohorts_and_speech_without_data(tmp_
     with pytest.raises(ValueError, match="needs --fsdd"):
         HR.main(["--cohorts", "fsdd-cond", "--out", str(tmp_path / "y")])
     assert not (tmp_path / "x").exists()
+
+
+def test_leave_one_cohort_out_keeps_to_the_sparsity_floor_and_counts_a_worst_user_past_two_points():
+    """The cohort studies' choice (S22, S38): the arm the other cohorts score best, a worst user more
+    than 2 points below its base counted against it, among the arms that keep their sparsity."""
+    from simulations import cohort_study as CS
+
+    def row(c, a_worst):
+        return {"cohort": c, "base": 0.90, "a": 0.95, "a sparsity": 0.6, "a worst": a_worst,
+                "b": 0.96, "b sparsity": 0.4, "b worst": 0.0}
+
+    table = [row(c, 0.0) for c in "xyz"]
+    assert {f["chosen"] for f in CS.loco(table, ["a", "b"])} == {"b"}  # the better mean, sparsity aside
+    assert {f["chosen"] for f in CS.loco(table, ["a", "b"], floor=0.5)} == {"a"}  # b falls below the floor
+    table = [row(c, -0.10) for c in "xyz"]  # a's worst user 10 points below its base: 8 past 2 counted
+    assert {f["chosen"] for f in CS.loco(table, ["a", "b"])} == {"b"}
+    assert CS.loco(table, ["a", "b"], floor=0.9)[0]["chosen"] == "b"  # no arm reaches it: all may be chosen
+    assert round(CS.objective(table[0], "a"), 3) == -0.03  # 5 points gained, 8 counted against
