@@ -86,7 +86,8 @@ def test_the_prior_lifts_a_data_poor_user_that_personalizing_alone_hurts(federat
     assert _acc(base, xh, yh) == 1.0
     assert _acc(alone, xh, yh) < 0.8  # alone, class 0's connections went first
     assert _acc(helped, xh, yh) == 1.0  # the others used them: they stay
-    assert r_prior.sparsity > r_alone.sparsity + 0.2  # and the device prunes more, what the others pruned
+    # and the device prunes more, what the others pruned, though not to the bound their evidence raised (P8)
+    assert r_prior.sparsity > r_alone.sparsity + 0.05
 
 
 def test_a_prior_worth_no_samples_gives_the_mask_of_personalizing_alone(federation):

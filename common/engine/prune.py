@@ -194,8 +194,11 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
         confirming = cfg.confirm == "on" or (cfg.confirm == "auto" and a.still)
         second = confirm_pick(cfg, len(x)) if confirming and not rule.needs_stats else []
         confirm = Confirm(probe, x, second, cfg, restricted, dense, a.logits) if len(second) else None
-        mask, reason, history = search(schedule(cfg.step, search_bound(cfg, evidence)), scores, dense, cfg, rule,
-                                       probe, restricted, tick, clock, confirm)
+        levels, own = schedule(cfg.step, search_bound(cfg, evidence)), search_bound(cfg, len(x))
+        if all(abs(v - own) > 1e-6 for v in levels) and levels[-1] > own:  # a prior raised the bound:
+            levels = sorted([*levels, own])  # the device's own is a step too (P8)
+        mask, reason, history = search(levels, scores, dense, cfg, rule, probe, restricted, tick, clock, confirm,
+                                       own_bound=own)
         history += confirm.history if confirm is not None else []
     if restricted is not None:
         mask = apply_restriction(model, mask, restricted)

@@ -16,7 +16,8 @@ def search_bound(cfg, n: int) -> float:
     return cfg.max_sparsity * (n / (n + cfg.evidence_samples) if cfg.evidence_samples else 1.0)
 
 
-def back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: str, history, confirm=None):
+def back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: str, history, confirm=None,
+             floor: int = -1):
     """Where the rule failed, the step `margin` steps below the last that passed: the failing
     level was found on a probe of 32-128 samples, and the step just before a cliff is where held-out
     samples flip first (a user of 200 samples: the probe agreed fully at 0.72, the rest of its
@@ -25,13 +26,14 @@ def back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: 
     search did not probe gets BatchNorm statistics of its own when it is kept (Probe.keep: one
     probe pass), never the next step's (a ResNet18 user keeping them: 0.89 -> 0.54 held out under
     full recalibration; under the input side's alone, S29: 0.98 -> 0.84, where its own keep 1.00).
-    `confirm`: the second probe judges the step kept (common/engine/confirm.py)."""
+    `confirm`: the second probe judges the step kept (common/engine/confirm.py). `floor`: a step
+    that a probed one further down never goes below (P8: the device's own bound)."""
     i = last_ok - margin
     if i < 0:
         return dense, reason + (f"; backed off {margin} step(s): nothing pruned" if margin else ""), history
     # a level the search probed already (passing: every probed level below the last that passed
     # did) one step further down costs no probe pass of its own to keep
-    probed = [k for k in masks if i - 1 <= k <= i]
+    probed = [k for k in masks if max(i - 1, floor) <= k <= i]
     i = max(probed) if probed else i
     reason += f"; backed off to {levels[i]:.3f}" if margin else ""
     if confirm is None:
@@ -43,9 +45,27 @@ def back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: 
     return mask, reason, history
 
 
-def search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clock: Clock, confirm=None):
+def own_step(levels, own_bound: float | None) -> int:
+    """The last schedule step within the device's own search bound (-1: none)."""
+    if own_bound is None:
+        return len(levels) - 1
+    return max((k for k, v in enumerate(levels) if v <= own_bound + 1e-6), default=-1)
+
+
+def prior_margin(levels, last_ok: int, margin: int, own_bound: float | None) -> int:
+    """Where the search reached a bound that a prior's evidence raised past the device's own
+    (common/engine/prior.py), the steps past the device's own bound passed only its probe, whose
+    verdict there is as optimistic as anywhere (S30, S38): back off `margin` steps, but never below
+    the last step within the device's own bound (P8). Elsewhere no back-off at the bound."""
+    own = own_step(levels, own_bound)
+    return 0 if last_ok <= own else last_ok - max(own, last_ok - margin)
+
+
+def search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clock: Clock, confirm=None,
+           own_bound: float | None = None):
     """The schedule's step the rule accepts: bisection over the nested masks, or linear; then, with
-    `confirm`, on the second probe too."""
+    `confirm`, on the second probe too. `own_bound`: the device's own search bound, where a prior
+    raised `levels` past it."""
     history = []
     structured = get_scorer(cfg.scoring).structured
     # bisection asks for ~5 sparsities: one k-th value selection each costs less than sorting all
@@ -90,8 +110,9 @@ def search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clo
         if lo < 0:
             return dense, failed(fail_v, levels[0]) + " (nothing pruned)", history
         if hi == len(levels):
-            return back_off(lo, 0, masks, at, levels, dense,
-                            f"reached the search bound {levels[-1]:.3f} within tolerance", history, confirm)
+            return back_off(lo, prior_margin(levels, lo, cfg.stop_margin, own_bound), masks, at, levels, dense,
+                            f"reached the search bound {levels[-1]:.3f} within tolerance", history, confirm,
+                            floor=own_step(levels, own_bound))
         return back_off(lo, cfg.stop_margin, masks, at, levels, dense, failed(fail_v, levels[hi]), history, confirm)
 
     mask, kept = dense, {}
@@ -111,6 +132,8 @@ def search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clo
             scores = compute_scores(probe.model, st, cfg.scoring, cfg.seed, keep_last=cfg.head != "linear")
             clock.lap("scores")
     reason = f"reached the search bound {levels[-1]:.3f} within tolerance"
-    if confirm is None or not kept:
+    m = prior_margin(levels, len(levels) - 1, cfg.stop_margin, own_bound)
+    if (confirm is None and not m) or not kept:
         return mask, reason, history
-    return back_off(len(levels) - 1, 0, kept, at, levels, dense, reason, history, confirm)
+    return back_off(len(levels) - 1, m, kept, at, levels, dense, reason, history, confirm,
+                    floor=own_step(levels, own_bound))
