@@ -5,8 +5,9 @@ ranking weighs w = n / (n + strength), the prior the rest. The prior also counts
 min((1 - w) x strength, 2n) samples of evidence in how far the stop rule may search
 (common/engine/search.py): what many devices pruned, a device of a dozen samples may prune too,
 while the stop rule still judges every step on the device's own probe, which is why the prior
-never more than triples a device's evidence. Without a prior nothing here runs and the engine is
-as before."""
+never more than triples a device's evidence; where that probe passes every step past the
+device's own bound, the search backs off there (P8, common/engine/search.py). Without a prior
+nothing here runs and the engine is as before."""
 from __future__ import annotations
 
 import math
