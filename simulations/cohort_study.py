@@ -119,8 +119,9 @@ def loco(table: list[dict], arms, floor: float | None = None) -> list[dict]:
 
 def loco_lines(intro: str, folds: list[dict]) -> list[str]:
     """The leave-one-cohort-out folds as markdown lines after `intro`."""
-    return ["", intro, "", "| held out | chosen | acc | sparsity | worst user |", "|---|---|---|---|---|"] + [
-        f"| {f['held out']} | {f['chosen']} | {f['acc']:.3f} | {f['sparsity']:.2f} | {f['worst']:+.3f} |" for f in folds]
+    rows = [f"| {f['held out']} | {f['chosen']} | {f['acc']:.3f} | {f['sparsity']:.2f} | {f['worst']:+.3f} |"
+            for f in folds]
+    return ["", intro, "", "| held out | chosen | acc | sparsity | worst user |", "|---|---|---|---|---|", *rows]
 
 
 def arms_table(title: str, table: list[dict], arms) -> list[str]:
