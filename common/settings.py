@@ -131,9 +131,10 @@ SETTINGS = [
       choices=Plugins("stop-rule")),
     S("evidence-samples", 32, "a user with n samples is pruned at most max-sparsity x n / (n + this): a probe of a "
       "dozen samples cannot see what pruning costs (0: no bound)", {RUN, CLIENT, PRUNE}, low=0),
-    S("stop-margin", 2, "where the stop rule failed, keep this many schedule steps below the last that passed "
-      "(a guard against the probe's sampling error and the search's optimism: S9, S38)", {RUN, CLIENT, PRUNE},
-      low=0, high=10),
+    S("stop-margin", 2, "where the stop rule failed, or the search reached a bound that the federation's prior "
+      "raised past the device's own (never below its own there), keep this many schedule steps below the last "
+      "that passed (a guard against the probe's sampling error and the search's optimism: S9, S38, P8)",
+      {RUN, CLIENT, PRUNE}, low=0, high=10),
     S("confirm", "auto", "judge the stop rule's pick again on a second probe, as many of the user's samples that the "
       "search never saw, and bisect the levels below it where the rule fails there: safer stops for one or two "
       "passes over the second probe more (S31, docs/personalization.md). on, off, or auto: only where nothing "
