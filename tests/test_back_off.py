@@ -50,14 +50,17 @@ def test_no_back_off_at_the_devices_own_bound_and_at_a_bound_a_prior_raised_neve
     """P8: where a prior's evidence raised the search bound past the device's own, the steps past its
     own passed only its probe; the search backs off there as where the rule fails, but never below
     the device's own bound, which its own data justify (and which is a step of the schedule)."""
-    from common.engine.search import prior_margin
+    from common.engine.search import own_step, prior_margin
+
+    def margin(levels, last_ok, m, own_bound):
+        return prior_margin(last_ok, m, own_step(levels, own_bound))
 
     own = [0.1, 0.19, 0.271, 0.344, 0.41]  # the device's own schedule: bound 0.41
-    assert prior_margin(own, 4, 2, 0.41) == 0 and prior_margin(own, 4, 2, None) == 0
+    assert margin(own, 4, 2, 0.41) == 0 and margin(own, 4, 2, None) == 0
     raised = [0.1, 0.19, 0.271, 0.33, 0.344, 0.41, 0.469, 0.515]  # a prior raised 0.33 to 0.515
-    assert prior_margin(raised, 7, 2, 0.33) == 2  # two steps back: 0.41, still past its own bound
-    assert prior_margin(raised, 4, 2, 0.33) == 1  # one step past its own bound: back to it
-    assert prior_margin(raised, 3, 2, 0.33) == 0  # at its own bound
+    assert margin(raised, 7, 2, 0.33) == 2  # two steps back: 0.41, still past its own bound
+    assert margin(raised, 4, 2, 0.33) == 1  # one step past its own bound: back to it
+    assert margin(raised, 3, 2, 0.33) == 0  # at its own bound
 
 
 def test_a_prior_that_raises_the_bound_never_leaves_a_device_sparser_than_two_steps_short_of_it(

@@ -52,12 +52,11 @@ def own_step(levels, own_bound: float | None) -> int:
     return max((k for k, v in enumerate(levels) if v <= own_bound + 1e-6), default=-1)
 
 
-def prior_margin(levels, last_ok: int, margin: int, own_bound: float | None) -> int:
+def prior_margin(last_ok: int, margin: int, own: int) -> int:
     """Where the search reached a bound that a prior's evidence raised past the device's own
-    (common/engine/prior.py), the steps past the device's own bound passed only its probe, whose
-    verdict there is as optimistic as anywhere (S30, S38): back off `margin` steps, but never below
-    the last step within the device's own bound (P8). Elsewhere no back-off at the bound."""
-    own = own_step(levels, own_bound)
+    (common/engine/prior.py), the steps past the device's own bound (its last step `own`) passed
+    only its probe, whose verdict there is as optimistic as anywhere (S30, S38): back off `margin`
+    steps, but never below `own` (P8). Elsewhere no back-off at the bound."""
     return 0 if last_ok <= own else last_ok - max(own, last_ok - margin)
 
 
@@ -67,6 +66,7 @@ def search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clo
     `confirm`, on the second probe too. `own_bound`: the device's own search bound, where a prior
     raised `levels` past it."""
     history = []
+    own = own_step(levels, own_bound)
     structured = get_scorer(cfg.scoring).structured
     # bisection asks for ~5 sparsities: one k-th value selection each costs less than sorting all
     # scores once; a linear search asks for up to 28
@@ -110,9 +110,9 @@ def search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clo
         if lo < 0:
             return dense, failed(fail_v, levels[0]) + " (nothing pruned)", history
         if hi == len(levels):
-            return back_off(lo, prior_margin(levels, lo, cfg.stop_margin, own_bound), masks, at, levels, dense,
+            return back_off(lo, prior_margin(lo, cfg.stop_margin, own), masks, at, levels, dense,
                             f"reached the search bound {levels[-1]:.3f} within tolerance", history, confirm,
-                            floor=own_step(levels, own_bound))
+                            floor=own)
         return back_off(lo, cfg.stop_margin, masks, at, levels, dense, failed(fail_v, levels[hi]), history, confirm)
 
     mask, kept = dense, {}
@@ -132,8 +132,7 @@ def search(levels, scores, dense, cfg, rule, probe: Probe, restricted, tick, clo
             scores = compute_scores(probe.model, st, cfg.scoring, cfg.seed, keep_last=cfg.head != "linear")
             clock.lap("scores")
     reason = f"reached the search bound {levels[-1]:.3f} within tolerance"
-    m = prior_margin(levels, len(levels) - 1, cfg.stop_margin, own_bound)
+    m = prior_margin(len(levels) - 1, cfg.stop_margin, own)
     if (confirm is None and not m) or not kept:
         return mask, reason, history
-    return back_off(len(levels) - 1, m, kept, at, levels, dense, reason, history, confirm,
-                    floor=own_step(levels, own_bound))
+    return back_off(len(levels) - 1, m, kept, at, levels, dense, reason, history, confirm, floor=own)
