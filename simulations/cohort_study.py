@@ -124,6 +124,24 @@ def loco_lines(intro: str, folds: list[dict]) -> list[str]:
     return ["", intro, "", "| held out | chosen | acc | sparsity | worst user |", "|---|---|---|---|---|", *rows]
 
 
+def arms_study(argv, prog: str, doc: str, arms: dict, stem: str, title: str, plot_title: str, loco_intro: str,
+               floor: float | None = None) -> None:
+    """A study of `arms` over the chosen cohorts, its command line (`prog`, `doc`) parsed from `argv`:
+    every user personalized by each arm, the summary with the leave-one-cohort-out choice (`floor`:
+    loco's), OUT/stem.csv/.json/.md and OUT/stem.png."""
+    p = parser(prog, doc)
+    add_arms(p, arms)
+    a = p.parse_args(argv)
+    chosen = chosen_arms(a.arms, arms)
+    rows = run(a, lambda c, users: run_arms(c, users, chosen))
+    table = summarize(rows, chosen)
+    lines = arms_table(title, table, chosen)
+    if len(table) > 1:
+        lines += loco_lines(loco_intro, loco(table, chosen, floor))
+    write(Path(a.out), stem, rows, table, "\n".join(lines) + "\n")
+    bar_plot(table, ["base", *chosen], plot_title, Path(a.out) / f"{stem}.png", figsize=(9, 4), fontsize=7)
+
+
 def arms_table(title: str, table: list[dict], arms) -> list[str]:
     """The summary as markdown lines: a row per cohort and, over several, the mean of cohorts;
     each cell mean (sparsity; worst user against its base)."""

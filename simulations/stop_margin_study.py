@@ -12,34 +12,18 @@ leave-one-cohort-out choice (docs/personalization.md, S38).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from simulations import cohort_study as CS
 
 ARMS = {f"margin {k}": {"stop_margin": k} for k in (1, 2, 3)}
 SPARSITY_FLOOR = 0.5
 
 
-def to_markdown(table: list[dict], arms, folds: list[dict]) -> str:
-    lines = CS.arms_table("The stop's back-off, in schedule steps (S38)", table, arms)
-    if len(table) > 1:
-        lines += CS.loco_lines(f"Leave one cohort out (of the arms whose mean sparsity over the other cohorts is at "
-                               f"least {SPARSITY_FLOOR}, the one they score best: mean gain less every point a worst "
-                               "user falls more than 2 points below its base):", folds)
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None):
-    p = CS.parser("python -m simulations.stop_margin_study", __doc__)
-    CS.add_arms(p, ARMS)
-    a = p.parse_args(argv)
-    arms = CS.chosen_arms(a.arms, ARMS)
-    rows = CS.run(a, lambda c, users: CS.run_arms(c, users, arms))
-    table = CS.summarize(rows, arms)
-    folds = CS.loco(table, arms, SPARSITY_FLOOR) if len(table) > 1 else []
-    CS.write(Path(a.out), "stop_margin", rows, table, to_markdown(table, arms, folds))
-    CS.bar_plot(table, ["base", *arms], "The stop's back-off in schedule steps", Path(a.out) / "stop_margin.png",
-                figsize=(9, 4), fontsize=7)
+    CS.arms_study(argv, "python -m simulations.stop_margin_study", __doc__, ARMS, "stop_margin",
+                  "The stop's back-off, in schedule steps (S38)", "The stop's back-off in schedule steps",
+                  f"Leave one cohort out (of the arms whose mean sparsity over the other cohorts is at least "
+                  f"{SPARSITY_FLOOR}, the one they score best: mean gain less every point a worst user falls more "
+                  "than 2 points below its base):", SPARSITY_FLOOR)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ leave-one-cohort-out choice (docs/personalization.md, S22).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
@@ -50,25 +48,12 @@ for _t in TAUS:
 ARMS = {"default (agreement)": {}, **{f"soft {t:g}": {"stop_rule": f"soft-{t:g}"} for t in TAUS}}
 
 
-def to_markdown(table: list[dict], arms, folds: list[dict]) -> str:
-    lines = CS.arms_table("The stop rule with the reference class's probability watched (S22)", table, arms)
-    if len(table) > 1:
-        lines += CS.loco_lines("Leave one cohort out (the arm the other cohorts score best: mean gain less every "
-                               "point a worst user falls more than 2 points below its base):", folds)
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None):
-    p = CS.parser("python -m simulations.stop_rule_study", __doc__)
-    CS.add_arms(p, ARMS)
-    a = p.parse_args(argv)
-    arms = CS.chosen_arms(a.arms, ARMS)
-    rows = CS.run(a, lambda c, users: CS.run_arms(c, users, arms))
-    table = CS.summarize(rows, arms)
-    folds = CS.loco(table, arms) if len(table) > 1 else []
-    CS.write(Path(a.out), "stop_rule", rows, table, to_markdown(table, arms, folds))
-    CS.bar_plot(table, ["base", *arms], "The stop rule with and without the reference class's probability watched",
-                Path(a.out) / "stop_rule.png", figsize=(9, 4), fontsize=7)
+    CS.arms_study(argv, "python -m simulations.stop_rule_study", __doc__, ARMS, "stop_rule",
+                  "The stop rule with the reference class's probability watched (S22)",
+                  "The stop rule with and without the reference class's probability watched",
+                  "Leave one cohort out (the arm the other cohorts score best: mean gain less every point a worst "
+                  "user falls more than 2 points below its base):")
 
 
 if __name__ == "__main__":
