@@ -10,7 +10,7 @@ summary bytes, randomized on the device in private mode, with the class means wh
 them); the server decodes them, picks its voters and builds the prior with its own code
 (server/analysis.py), and the prior travels through the wire format and the device's checks
 (common/wire/prior.py). Flower is left out only to measure 300 devices in minutes: the same code
-runs under Flower (tests/test_simulation.py). Why ~330 lines: three federations share one two-round
+runs under Flower (tests/test_simulation.py). Why ~355 lines: three federations share one two-round
 protocol, its table and its plot.
 
     fineprune bench-federation --fsdd ../shared/data/fsdd --styled --out runs/bench_federation
@@ -85,7 +85,7 @@ def speech_federation(per_condition: int, seed: int, epsilon: float | None, out:
     ck = out / "bases" / "fsdd_seen_s0_e12.pt"
     _cached_pretrain(ck, "fsdd", ck, seed=0, ds=ds, epochs=12, indices=P.seen_speaker_split(ds))
     base, meta, _ = load_checkpoint(ck)
-    users = [Device(d["id"], d["x"], d["hx"], d["hy"]) for cond in FS.CONDITIONS
+    users = [Device(d["id"], d["x"], d["hx"], d["hy"], d["slot"]) for cond in FS.CONDITIONS
              for d in FS.devices(ds, cond, per_condition, SPEECH_CLIPS, seed)]
     cfg = merged_config({}, dict(over, **{"num-clients": len(users), "seed": seed, "num-rounds": 2, "task": "fsdd"}))
     return two_rounds(base, meta, users, cfg, epsilon, {"federation": "speech", "clients": len(users),
@@ -97,12 +97,11 @@ def styled_federation(per_style: int, seed: int, epsilon: float | None, out: Pat
     """Data-poor devices of styled digits: 20 unlabeled images (of all ten classes) per device in a
     style of its own (thick strokes, blur, low contrast or rotation, cycled), `per_style` devices
     per style, 40 held-out images each, on the digits CNN (`batchnorm` False: without its
-    BatchNorm layers); two rounds (two_rounds). No choice of the class directions was made on them."""
-    from common.data import protocol as P
+    BatchNorm layers); two rounds (two_rounds). No choice of the class directions was made on them.
+    Nested draws, as the speech devices': the first 8 devices at 5 or 10 per style are those at 2."""
     from common.data import readers as D
     from common.model.checkpoint import load_checkpoint
     from common.wire.federation import merged_config
-    from simulations import cohorts as CO
     from simulations.bench_tasks import _cached_pretrain
 
     ds = D.load_digits()
@@ -110,13 +109,23 @@ def styled_federation(per_style: int, seed: int, epsilon: float | None, out: Pat
     _cached_pretrain(ck, "digits", ck, seed=0, ds=ds, epochs=None,
                      arch_kwargs=None if batchnorm else {"batchnorm": False})
     base, meta, _ = load_checkpoint(ck)
-    _, pool = P.vendor_and_pool("digits", ds, 0)
-    users = [Device(u.user_id, u.x, u.heldout_x, u.heldout_y) for u in
-             CO.image_style_users(ds, pool, 1000 * seed + per_style, n_users=4 * per_style, n_images=60, heldout=40)]
+    users = styled_devices(ds, per_style, seed)
     cfg = merged_config({}, dict(over, **{"num-clients": len(users), "seed": seed, "num-rounds": 2}))
     tags = {"federation": "styled" + ("" if batchnorm else "-nobn"), "clients": len(users),
             "per_condition": per_style, "seed": seed}
     return two_rounds(base, meta, users, cfg, epsilon, tags)
+
+
+def styled_devices(ds, per_style: int, seed: int) -> list:
+    """`per_style` devices per style, 20 unlabeled and 40 held-out images each; nested: the first
+    devices of each style are the same whatever `per_style`."""
+    from common.data import protocol as P
+    from simulations import cohorts as CO
+
+    _, pool = P.vendor_and_pool("digits", ds, 0)
+    made = CO.image_style_users(ds, pool, 1000 * seed + 1, n_users=len(CO.IMAGE_STYLES) * per_style, n_images=60,
+                                heldout=40)
+    return [Device(u.user_id, u.x, u.heldout_x, u.heldout_y, i // len(CO.IMAGE_STYLES)) for i, u in enumerate(made)]
 
 
 SPEECH_CLIPS = 20  # the issue's data-poor speech devices
@@ -128,6 +137,7 @@ class Device:
     unlabeled: torch.Tensor
     heldout_x: torch.Tensor
     heldout_y: torch.Tensor
+    slot: int | None = None  # the device's place among those sharing its condition (nested draws)
 
 
 def two_rounds(base, meta, users: list, cfg: dict, epsilon: float | None, tags: dict) -> list[dict]:
@@ -158,7 +168,7 @@ def two_rounds(base, meta, users: list, cfg: dict, epsilon: float | None, tags: 
                                         classes=info.class_means() if cshape else None))
             summaries[pid] = decode(data, fp, shapes, epsilon=epsilon, classes_shape=cshape)
             model = load_checkpoint(Path(tmp) / f"{pid}.pt")[0]
-            rows.append({**tags, "epsilon": epsilon or 0, "user": str(u.id), "samples": len(u.unlabeled),
+            rows.append({**tags, "epsilon": epsilon or 0, "user": str(u.id), "slot": u.slot, "samples": len(u.unlabeled),
                          "heldout": len(u.heldout_y), "upload_bytes": len(data),
                          "base": accuracy(base, u.heldout_x, u.heldout_y),
                          "alone": accuracy(model, u.heldout_x, u.heldout_y), "sparsity_alone": info.sparsity,
@@ -207,8 +217,19 @@ def _key(r: dict) -> tuple:
     return r["federation"], r["clients"], r["epsilon"]
 
 
+def shared_slots(rows: list[dict]) -> dict:
+    """Per federation and epsilon, how many devices per condition every size of the run holds: the
+    nested draws make those devices the same at every size, so their gain compares sizes paired."""
+    out = {}
+    for r in rows:
+        if r.get("slot") is not None:
+            k = (r["federation"], r["epsilon"])
+            out[k] = min(out.get(k, r["per_condition"]), r["per_condition"])
+    return out
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    table = []
+    table, shared = [], shared_slots(rows)
     for key in sorted({_key(r) for r in rows}):
         sel = [r for r in rows if _key(r) == key]
         row = {"federation": key[0], "clients": key[1], "epsilon": key[2], "devices": len(sel),
@@ -228,6 +249,10 @@ def summarize(rows: list[dict]) -> list[dict]:
         row["prior_vs_alone"] = row["prior"] - row["alone"]
         row["worst_vs_alone"] = min(r["prior"] - r["alone"] for r in sel)
         row["largest_change"] = max(abs(r["prior"] - r["alone"]) for r in sel)
+        k = shared.get((key[0], key[2]))
+        common = [r["prior"] - r["alone"] for r in sel if k is not None and r.get("slot") is not None and r["slot"] < k]
+        row["shared_devices"] = len(common)
+        row["shared_prior_vs_alone"] = statistics.mean(common) if common else None
         table.append(row)
     return table
 
@@ -237,21 +262,30 @@ def to_markdown(table: list[dict]) -> str:
              "Mean held-out accuracy over devices and draws; worst device against its base; devices more "
              "than 2 points below their base; mean sparsity; how many devices blended the class directions into "
              "their head; the mean upload. The label-free baselines ran on the same devices' unlabeled data; the "
-             "backprop ceiling is not here (a simulated user keeps no labels for them).", "",
+             "backprop ceiling is not here (a simulated user keeps no labels for them). The speech and styled "
+             "draws are nested: the first devices of each condition are the same at every size, and 'devices of "
+             "every size' is the gain on them alone (their count in brackets), the same devices compared across "
+             "sizes.", "",
              "| federation | devices per run | epsilon | devices (draws) | median samples | with prior | class prior "
              "used | upload (bytes) | base | alone | alone worst | alone < -2 | alone sparsity | prior | prior worst | "
-             "prior < -2 | prior sparsity | prior - alone | worst device, prior - alone | "
+             "prior < -2 | prior sparsity | prior - alone | prior - alone, devices of every size | "
+             "worst device, prior - alone | "
              + " | ".join(f"{arm} (worst)" for arm in BASELINES) + " |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(BASELINES)]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(BASELINES)]
     for r in table:
         lines.append(f"| {r['federation']} | {r['clients']} | {r['epsilon'] or '-'} | {r['devices']} ({r['draws']}) | "
                      f"{r['median_samples']:g} | {r['with_prior']} | {r['class_prior_used']} | "
                      f"{r['upload_bytes']:.0f} | {r['base']:.4f} | {r['alone']:.4f} | "
                      f"{r['alone_worst']:+.3f} | {r['alone_below_2']} | {r['alone_sparsity']:.3f} | {r['prior']:.4f} | "
                      f"{r['prior_worst']:+.3f} | {r['prior_below_2']} | {r['prior_sparsity']:.3f} | "
-                     f"{100 * r['prior_vs_alone']:+.2f} pts | {100 * r['worst_vs_alone']:+.1f} | "
+                     f"{100 * r['prior_vs_alone']:+.2f} pts | {_shared(r)} | {100 * r['worst_vs_alone']:+.1f} | "
                      + " | ".join(f"{r[arm]:.4f} ({r[arm + '_worst']:+.3f})" for arm in BASELINES) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _shared(r: dict) -> str:
+    v = r.get("shared_prior_vs_alone")
+    return "-" if v is None else f"{100 * v:+.2f} pts ({r['shared_devices']})"
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -59,17 +59,19 @@ ARMS = ("base", "adabn-alone", "t3a-alone", "lame-alone", "adabn+t3a-alone", "de
 
 def devices(ds, cond: str, k: int, clips: int, seed: int) -> list[dict]:
     """k devices under `cond`: device d is speaker (d + condition index) mod 6 with `clips` clips
-    of takes 5-24 drawn for it, held-out takes 0-4, all under the condition (own noise draws)."""
+    of takes 5-24 drawn for it, held-out takes 0-4, all under the condition (own noise draws).
+    Device d is the same whatever k (nested draws): the first 2 devices of a condition at 5 or 10
+    per condition are those at 2, so a device's gain can be compared across federation sizes."""
     speakers = sorted(set(ds.groups.tolist()))
     ci = list(CONDITIONS).index(cond)
-    rng = np.random.default_rng(seed * 1000 + ci * 100 + k)
     out = []
     for d in range(k):
+        rng = np.random.default_rng(seed * 100_000 + ci * 1_000 + d)
         spk = speakers[(d + ci) % len(speakers)]
         pers, ev = P.speaker_user(ds, spk, (P.TEST_TAKES, P.VENDOR_TAKE))
         pick = rng.choice(pers, size=min(clips, len(pers)), replace=False)
         s = seed * 7919 + ci * 997 + d * 2
-        out.append({"id": f"{cond}-{d}:{spk}", "speaker": spk,
+        out.append({"id": f"{cond}-{d}:{spk}", "speaker": spk, "slot": d,
                     "x": CO.apply_speech(ds.x[torch.as_tensor(pick)], CONDITIONS[cond], 8000, s),
                     "hx": CO.apply_speech(ds.x[torch.as_tensor(ev)], CONDITIONS[cond], 8000, s + 1),
                     "hy": ds.y[torch.as_tensor(ev)], "y": ds.y[torch.as_tensor(pick)]})

@@ -277,6 +277,42 @@ def test_bench_federation_sends_styled_devices_the_class_directions_and_private_
     assert table[0]["class_prior_used"] >= 4 and table[1]["class_prior_used"] == 0
 
 
+def test_bench_federation_draws_nested_devices_so_a_devices_gain_compares_across_sizes():
+    from common.data import readers as D
+    from simulations import bench_federation as BF
+
+    ds = D.load_digits()
+    two, three = BF.styled_devices(ds, 2, 0), BF.styled_devices(ds, 3, 0)
+    assert [d.slot for d in two] == [0] * 4 + [1] * 4 and len(three) == 12 and three[8].slot == 2
+    for a, b in zip(two, three):  # the first two per style are the same devices at either size
+        assert a.id == b.id and torch.equal(a.unlabeled, b.unlabeled) and torch.equal(a.heldout_x, b.heldout_x)
+    assert not torch.equal(BF.styled_devices(ds, 2, 1)[0].unlabeled, two[0].unlabeled)  # another draw
+
+    def row(k, slot, gain):
+        return {"federation": "speech", "clients": 4 * k, "epsilon": 0, "per_condition": k, "slot": slot, "seed": 0,
+                "samples": 20, "with_prior": True, "head_prior": "-", "upload_bytes": 1, "base": 0.5, "alone": 0.5,
+                "prior": 0.5 + gain, "sparsity_alone": 0.3, "sparsity_prior": 0.3, **dict.fromkeys(BF.BASELINES, 0.5)}
+    rows = [row(2, s, 0.1) for s in (0, 1)] + [row(5, s, 0.2 if s < 2 else -0.4) for s in range(5)]
+    table = {t["clients"]: t for t in BF.summarize(rows)}
+    # over all devices the larger federation looks worse; on the devices both hold it gains more
+    assert table[20]["prior_vs_alone"] < table[8]["prior_vs_alone"]
+    assert table[8]["shared_prior_vs_alone"] == pytest.approx(0.1) and table[8]["shared_devices"] == 2
+    assert table[20]["shared_prior_vs_alone"] == pytest.approx(0.2) and table[20]["shared_devices"] == 2
+    assert "+20.00 pts (2)" in BF.to_markdown(list(table.values()))
+
+
+def test_the_data_poor_speech_devices_are_nested_across_federation_sizes(fsdd_dir):
+    from common.data import readers as D
+    from simulations import federation_prior_study as FS
+
+    ds = D.load_fsdd(fsdd_dir)
+    cond = list(FS.CONDITIONS)[1]
+    two, five = FS.devices(ds, cond, 2, 20, 0), FS.devices(ds, cond, 5, 20, 0)
+    assert [d["slot"] for d in five] == list(range(5))
+    for a, b in zip(two, five):
+        assert a["id"] == b["id"] and torch.equal(a["x"], b["x"]) and torch.equal(a["hx"], b["hx"])
+
+
 def test_the_servers_size_limit_leaves_room_for_the_class_means_of_a_thousand_classes(identity, tmp_path):
     """1,000 classes of 512 features: 1.4 MB of class means, far more than the bitmap's allowance."""
     base = build_model("smallcnn", num_classes=1000, widths=(4, 4, 512))
