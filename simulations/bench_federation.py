@@ -168,7 +168,8 @@ def two_rounds(base, meta, users: list, cfg: dict, epsilon: float | None, tags: 
                                         classes=info.class_means() if cshape else None))
             summaries[pid] = decode(data, fp, shapes, epsilon=epsilon, classes_shape=cshape)
             model = load_checkpoint(Path(tmp) / f"{pid}.pt")[0]
-            rows.append({**tags, "epsilon": epsilon or 0, "user": str(u.id), "slot": u.slot, "samples": len(u.unlabeled),
+            rows.append({**tags, "epsilon": epsilon or 0, "user": str(u.id), "slot": u.slot,
+                         "samples": len(u.unlabeled),
                          "heldout": len(u.heldout_y), "upload_bytes": len(data),
                          "base": accuracy(base, u.heldout_x, u.heldout_y),
                          "alone": accuracy(model, u.heldout_x, u.heldout_y), "sparsity_alone": info.sparsity,
@@ -271,7 +272,7 @@ def to_markdown(table: list[dict]) -> str:
              "prior < -2 | prior sparsity | prior - alone | prior - alone, devices of every size | "
              "worst device, prior - alone | "
              + " | ".join(f"{arm} (worst)" for arm in BASELINES) + " |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(BASELINES)]
+             "|---" * 20 + "|" + "---|" * len(BASELINES)]
     for r in table:
         lines.append(f"| {r['federation']} | {r['clients']} | {r['epsilon'] or '-'} | {r['devices']} ({r['draws']}) | "
                      f"{r['median_samples']:g} | {r['with_prior']} | {r['class_prior_used']} | "

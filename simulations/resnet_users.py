@@ -66,6 +66,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True)
     p.add_argument("--methods", default="", help="method names to run, separated by ';' (default: all)")
     p.add_argument("--base", help="the base.pt an earlier run of this script wrote: its users again, no training")
+    p.add_argument("--user-seed", type=int, default=0, help="the draw of users (0: the users of every run so far)")
     a = p.parse_args(argv)
     methods = {k: v for k, v in METHODS.items() if not a.methods or k in a.methods.split(";")}
     warnings.simplefilter("ignore")
@@ -102,7 +103,7 @@ def main(argv=None) -> dict:
     out = {"size": size, "epochs": a.epochs, "train_seconds": round(time.time() - t0, 1),
            "vendor_test_accuracy": accuracy(base, up(ds.x[te]), ds.y[te], device=dev), "users": []}
     print(f"trained in {out['train_seconds']} s; vendor test accuracy {out['vendor_test_accuracy']:.3f}", flush=True)
-    cfg = merged_config({}, {})
+    cfg = merged_config({}, {"seed": a.user_seed})
     feats = {"kind": "image", "image_size": size, "channels": 3}
     for pid in range(a.users):
         u = simulated_user(cfg, pid, 10)

@@ -98,6 +98,26 @@ def test_a_prior_worth_no_samples_gives_the_mask_of_personalizing_alone(federati
     assert all(torch.equal(alone.layers[k], nothing.layers[k]) for k in alone.layers)
 
 
+def test_a_prior_that_opens_no_step_of_the_search_leaves_a_device_with_data_as_alone(federation):
+    """P9: 450 samples bound the search at 0.887; the prior's 2 samples of evidence move it by
+    0.0004, past no step of the schedule, so its ranking would only reorder the device's own."""
+    from common.engine.search import opens_a_step
+
+    cfg = PruneConfig()
+    assert not opens_a_step(cfg, 450, 32 * 32 / 482)  # a 450-clip speaker
+    assert not opens_a_step(cfg, 105, 32 * 32 / 137)  # 0.728 -> 0.740: no step between
+    assert opens_a_step(cfg, 57, 32 * 32 / 89) and opens_a_step(cfg, 20, 32 * 32 / 52)  # 0.608 -> 0.647 passes 0.613
+    base, prior, g = federation
+    xu, _ = _sample(list(range(K)), 450, g)
+    alone = fine_prune(copy.deepcopy(base), xu, PruneConfig())
+    with_prior = fine_prune(copy.deepcopy(base), xu, PruneConfig(), prior=prior)
+    assert with_prior.adaptation["prior_ranking"] is False
+    assert all(torch.equal(alone.mask.layers[k], with_prior.mask.layers[k]) for k in alone.mask.layers)
+    assert with_prior.sparsity == alone.sparsity and with_prior.stop_reason == alone.stop_reason
+    x8, _ = _sample([1, 2, 3], 8, g)  # the data-poor device: the prior opens steps, and is used
+    assert fine_prune(copy.deepcopy(base), x8, PruneConfig(), prior=prior).adaptation["prior_ranking"] is True
+
+
 @pytest.mark.security
 def test_a_hostile_prior_cannot_cost_a_device_with_data_its_accuracy(federation):
     """A server that sends the opposite of what the devices pruned (prune what is used), worth a

@@ -6,8 +6,10 @@ min((1 - w) x strength, 2n) samples of evidence in how far the stop rule may sea
 (common/engine/search.py): what many devices pruned, a device of a dozen samples may prune too,
 while the stop rule still judges every step on the device's own probe, which is why the prior
 never more than triples a device's evidence; where that probe passes every step past the
-device's own bound, the search backs off there (P8, common/engine/search.py). Without a prior
-nothing here runs and the engine is as before."""
+device's own bound, the search backs off there (P8, common/engine/search.py). Where that
+evidence opens no step of the search past the device's own bound (a device with plenty of data),
+the prior is not used: its ranking would only reorder what the device's own data rank (P9).
+Without a prior nothing here runs and the engine is as before."""
 from __future__ import annotations
 
 import math

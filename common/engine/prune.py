@@ -22,7 +22,7 @@ from common.engine.probe import Clock, Probe, probe_pick
 from common.engine.refit import refit_consumers
 from common.engine.restrict import apply_restriction, doubtful_removals, restrict_logits, restricted_classes
 from common.engine.scoring import get_scorer
-from common.engine.search import search, search_bound
+from common.engine.search import opens_a_step, search, search_bound
 from common.engine.select import compute_scores, masker, schedule
 from common.engine.stats import UsageStats
 from common.engine.stop import RULES, make_rule
@@ -144,10 +144,14 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
     evidence = len(x)
     if prior is not None and prior.pruned is not None:
         w = own_weight(len(x), prior.samples)
-        scores = blend(scores, prior.pruned, w, scorer.structured)
         # the prior's evidence, weighed as in the ranking, and at most twice the device's own: the
         # stop rule that judges what the prior lets it search is the device's (docs/federation.md)
-        evidence += min((1 - w) * prior.samples, 2 * len(x))
+        extra = min((1 - w) * prior.samples, 2 * len(x))
+        # P9: where that evidence opens no step past the device's own bound, the prior is not used
+        a.info["prior_ranking"] = not a.searching or opens_a_step(cfg, len(x), extra)
+        if a.info["prior_ranking"]:
+            scores = blend(scores, prior.pruned, w, scorer.structured)
+            evidence += extra
     clock.lap("scores")
     probe = Probe(model, x, pick, cfg, device, need_stats, clock, a.recal, a.stats)
     clock.lap("mask apply")

@@ -7,13 +7,21 @@ from common.engine.confirm import confirmed
 from common.engine.probe import Clock, Probe, collect_stats, probe_samples
 from common.engine.restrict import apply_restriction, restrict_logits
 from common.engine.scoring import get_scorer
-from common.engine.select import compute_scores, mask_at, masker
+from common.engine.select import compute_scores, mask_at, masker, schedule
 
 
 def search_bound(cfg, n: int) -> float:
     """How far the stop rule may search on a user with n samples: max-sparsity, times
     n / (n + evidence-samples) (24 samples: 0.41, 60: 0.62, 450: 0.89 of 0.95)."""
     return cfg.max_sparsity * (n / (n + cfg.evidence_samples) if cfg.evidence_samples else 1.0)
+
+
+def opens_a_step(cfg, n: int, extra: float) -> bool:
+    """Whether `extra` samples of evidence beyond the device's own n (a prior's) let the search
+    reach a schedule step past the device's own bound (P9: where they do not, the prior cannot move
+    the search, and its ranking would only reorder connections the device's own data rank)."""
+    own, raised = search_bound(cfg, n), search_bound(cfg, n + extra)
+    return any(own + 1e-6 < v < raised - 1e-6 for v in schedule(cfg.step, raised))
 
 
 def back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: str, history, confirm=None,
