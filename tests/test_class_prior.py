@@ -91,6 +91,29 @@ def test_a_device_holding_few_classes_or_plenty_of_samples_is_left_exactly_as_al
         assert all(torch.equal(ra.mask.layers[k], rb.mask.layers[k]) for k in ra.mask.layers)
 
 
+def test_class_directions_that_would_narrow_a_devices_predictions_are_refused(fleet):
+    """P10: the loud-hum device takes the pooled directions, which spread its predictions wider
+    than the base's layer does. Directions that send half of any device's samples to one class
+    (that class's direction, every other class its opposite) would narrow them: refused, and the
+    device is left bit for bit as alone."""
+    base, devices, alone, pooled, _ = fleet
+    (x, _), _ = devices[-3]
+    r = fine_prune(copy.deepcopy(base), x, PruneConfig(), prior=Prior(None, 32.0, 12, pooled))
+    used = r.adaptation["class_prior"]
+    assert used["used"] and used["blend_soft_spread"] > used["soft_spread"]
+    means = -pooled.means.clone()
+    means[0] = pooled.means[0]
+    narrowing = CPR.ClassPrior(means, pooled.freq, 12)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    ra = fine_prune(a, x, PruneConfig())
+    rb = fine_prune(b, x, PruneConfig(), prior=Prior(None, 32.0, 12, narrowing))
+    refused = rb.adaptation["class_prior"]
+    assert not refused["used"] and refused["blend_soft_spread"] < refused["soft_spread"]
+    assert rb.adaptation["head"] == ra.adaptation["head"] == "linear"
+    assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(ra.mask.layers[k], rb.mask.layers[k]) for k in ra.mask.layers)
+
+
 def test_class_directions_run_no_backward_pass_and_take_no_labels(fleet):
     base, devices, _, pooled, _ = fleet
     (x, _), _ = devices[-3]

@@ -11,7 +11,10 @@ Centring on the device's mean removes a domain offset only where the device's da
 the classes as the pool's does: a user holding 2 of 10 classes has its mean between those two, and
 the directions would pull its samples toward classes it does not have (the digits federation of
 50 few-class users: 8-14 of 50 lost more than 2 points). So a device uses them only where its
-pseudo-labels spread over at least half as many classes as the pool's (`spread_fits`)."""
+pseudo-labels spread over at least half as many classes as the pool's (`spread_fits`), and only
+where the blend spreads its mean prediction over more classes than the layer it replaces (`widens`,
+P10): the directions undo a shift that collapsed the predictions, and where they narrow them they
+add the pool's errors (or a server's: directions that send every sample to one class are refused)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -128,15 +131,33 @@ def spread_fits(counts: torch.Tensor, prior: ClassPrior) -> tuple[bool, float, f
 
 
 @torch.no_grad()
-def write_class_blend(last: nn.Linear, feats: torch.Tensor, logits: torch.Tensor, prior: ClassPrior) -> None:
-    """The output layer becomes two thirds the base's logits and one third the pooled directions'
-    (the device's features centred on its own mean and scaled as the devices scaled theirs), the
-    directions' scaled so both spread alike over the device's data."""
+def blend_layer(last: nn.Linear, feats: torch.Tensor, logits: torch.Tensor, prior: ClassPrior):
+    """The blended layer's weight and bias: two thirds the base's logits and one third the pooled
+    directions' (the device's features centred on its own mean and scaled as the devices scaled
+    theirs), the directions' scaled so both spread alike over the device's data."""
     d = prior.directions()
     u, mu, s = centred(feats)
     scale = logits.float().std() / (u @ d.T).std().clamp_min(1e-12)
     w = last.weight.detach().float().cpu()
     b = last.bias.detach().float().cpu()
     a = DIRECTIONS_WEIGHT
-    last.weight.copy_(((1 - a) * w + a * scale * d / s).to(last.weight))
-    last.bias.copy_(((1 - a) * b - a * scale * (d @ mu) / s).to(last.bias))
+    return (1 - a) * w + a * scale * d / s, (1 - a) * b - a * scale * (d @ mu) / s
+
+
+@torch.no_grad()
+def widens(last: nn.Linear, feats: torch.Tensor, logits: torch.Tensor, prior: ClassPrior) -> tuple[bool, float, float]:
+    """P10: whether the blend spreads the device's mean prediction over more classes than the
+    layer it replaces (a shift that collapsed the predictions onto a few classes is what the
+    directions undo; where they narrow them they add the pool's errors): (widens, before, after)."""
+    w, b = blend_layer(last, feats, logits, prior)
+    before = spread(F.softmax(logits.float(), 1).mean(0))
+    after = spread(F.softmax(feats.float() @ w.T + b, 1).mean(0))
+    return after > before, before, after
+
+
+@torch.no_grad()
+def write_class_blend(last: nn.Linear, feats: torch.Tensor, logits: torch.Tensor, prior: ClassPrior) -> None:
+    """The output layer becomes the blend (blend_layer)."""
+    w, b = blend_layer(last, feats, logits, prior)
+    last.weight.copy_(w.to(last.weight))
+    last.bias.copy_(b.to(last.bias))

@@ -157,6 +157,10 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
         # layer, where the device's data spreads over the classes as the pool's does
         fits, own, pooled = CPR.spread_fits(mine[1], class_prior)
         info["class_prior"] = {"spread": round(own, 3), "pool_spread": round(pooled, 3), "used": fits}
+        if fits:  # P10: and only where the blend spreads the predictions wider than the layer it replaces
+            wider, before, after = CPR.widens(last, feats, logits, class_prior)
+            fits = info["class_prior"]["used"] = wider
+            info["class_prior"].update(soft_spread=round(before, 3), blend_soft_spread=round(after, 3))
         if fits:
             head = HEAD_WITH_PRIOR
             write = partial(CPR.write_class_blend, prior=class_prior)
