@@ -158,6 +158,25 @@ def test_head_rebuild_study_refuses_unknown_cohorts_and_speech_without_data(tmp_
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.badinput
+def test_few_class_study_cuts_a_user_to_its_first_classes_and_refuses_what_it_cannot_run(tmp_path):
+    import torch
+
+    from simulations import few_class_study as FC
+    from simulations.cohorts import BenchUser
+
+    y, hy = torch.tensor([3, 1, 1, 7, 3, 1, 7]), torch.tensor([1, 3, 7, 7])
+    u = BenchUser("u", torch.arange(7.0)[:, None], y, torch.arange(4.0)[:, None], hy)
+    one = FC.cut(u, 1)  # class 1: three unlabeled samples, one held out: too few
+    assert one is None
+    two = FC.cut(u, 2)  # classes 1 and 3
+    assert two.user_id == "u|2" and two.x.flatten().tolist() == [0.0, 1.0, 2.0, 4.0, 5.0]
+    assert two.y.tolist() == [3, 1, 1, 3, 1] and two.heldout_y.tolist() == [1, 3]
+    with pytest.raises(SystemExit, match="unknown cohort or speech without --fsdd: imagenet, fsdd-loso"):
+        FC.main(["digits,imagenet,fsdd-loso", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
 def test_leave_one_cohort_out_keeps_to_the_sparsity_floor_and_counts_a_worst_user_past_two_points():
     """The cohort studies' choice (S22, S38): the arm the other cohorts score best, a worst user more
     than 2 points below its base counted against it, among the arms that keep their sparsity."""
