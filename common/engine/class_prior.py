@@ -145,19 +145,21 @@ def blend_layer(last: nn.Linear, feats: torch.Tensor, logits: torch.Tensor, prio
 
 
 @torch.no_grad()
-def widens(last: nn.Linear, feats: torch.Tensor, logits: torch.Tensor, prior: ClassPrior) -> tuple[bool, float, float]:
-    """P10: whether the blend spreads the device's mean prediction over more classes than the
-    layer it replaces (a shift that collapsed the predictions onto a few classes is what the
-    directions undo; where they narrow them they add the pool's errors): (widens, before, after)."""
-    w, b = blend_layer(last, feats, logits, prior)
+def widens(layer: tuple, feats: torch.Tensor, logits: torch.Tensor) -> tuple[bool, float, float]:
+    """P10: whether the blended `layer` (blend_layer's weight and bias) spreads the device's mean
+    prediction over more classes than the layer it replaces, whose `logits` these are (a shift that
+    collapsed the predictions onto a few classes is what the directions undo; where they narrow them
+    they add the pool's errors): (widens, before, after)."""
+    w, b = layer
     before = spread(F.softmax(logits.float(), 1).mean(0))
     after = spread(F.softmax(feats.float() @ w.T + b, 1).mean(0))
     return after > before, before, after
 
 
 @torch.no_grad()
-def write_class_blend(last: nn.Linear, feats: torch.Tensor, logits: torch.Tensor, prior: ClassPrior) -> None:
-    """The output layer becomes the blend (blend_layer)."""
-    w, b = blend_layer(last, feats, logits, prior)
+def write_layer(last: nn.Linear, feats: torch.Tensor, logits: torch.Tensor, layer: tuple) -> None:
+    """The output layer becomes `layer` (blend_layer's weight and bias), computed once for the
+    check and the write; a head's write signature."""
+    w, b = layer
     last.weight.copy_(w.to(last.weight))
     last.bias.copy_(b.to(last.bias))

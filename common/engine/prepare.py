@@ -158,12 +158,12 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
         fits, own, pooled = CPR.spread_fits(mine[1], class_prior)
         info["class_prior"] = {"spread": round(own, 3), "pool_spread": round(pooled, 3), "used": fits}
         if fits:  # P10: and only where the blend spreads the predictions wider than the layer it replaces
-            wider, before, after = CPR.widens(last, feats, logits, class_prior)
-            fits = info["class_prior"]["used"] = wider
-            info["class_prior"].update(soft_spread=round(before, 3), blend_soft_spread=round(after, 3))
-        if fits:
-            head = HEAD_WITH_PRIOR
-            write = partial(CPR.write_class_blend, prior=class_prior)
+            layer = CPR.blend_layer(last, feats, logits, class_prior)
+            wider, before, after = CPR.widens(layer, feats, logits)
+            info["class_prior"].update(used=wider, soft_spread=round(before, 3), blend_soft_spread=round(after, 3))
+            if wider:
+                head = HEAD_WITH_PRIOR
+                write = partial(CPR.write_layer, layer=layer)
     info["head"], info["head_gated"] = head, gated
     # nothing on the device adapts the model: no statistics follow the user and the output layer is
     # the base's, so pruning alone moves it (confirm auto, S35)

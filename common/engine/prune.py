@@ -22,7 +22,7 @@ from common.engine.probe import Clock, Probe, probe_pick
 from common.engine.refit import refit_consumers
 from common.engine.restrict import apply_restriction, doubtful_removals, restrict_logits, restricted_classes
 from common.engine.scoring import get_scorer
-from common.engine.search import opens_a_step, search, search_bound
+from common.engine.search import opens_a_step, search, search_levels
 from common.engine.select import compute_scores, masker, schedule
 from common.engine.stats import UsageStats
 from common.engine.stop import RULES, make_rule
@@ -141,17 +141,17 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
     if cfg.refit:  # only units that refit can make up for go: those with one reader
         producers = {p for p, _ in links}
         scores = {k: v if k in producers else torch.full_like(v, math.inf) for k, v in scores.items()}
-    evidence = len(x)
+    extra = 0.0  # samples of evidence the prior adds to the device's own in the search's bound
     if prior is not None and prior.pruned is not None:
         w = own_weight(len(x), prior.samples)
         # the prior's evidence, weighed as in the ranking, and at most twice the device's own: the
         # stop rule that judges what the prior lets it search is the device's (docs/federation.md)
-        extra = min((1 - w) * prior.samples, 2 * len(x))
+        worth = min((1 - w) * prior.samples, 2 * len(x))
         # P9: where that evidence opens no step past the device's own bound, the prior is not used
-        a.info["prior_ranking"] = not a.searching or opens_a_step(cfg, len(x), extra)
+        a.info["prior_ranking"] = not a.searching or opens_a_step(cfg, len(x), worth)
         if a.info["prior_ranking"]:
             scores = blend(scores, prior.pruned, w, scorer.structured)
-            evidence += extra
+            extra = worth
     clock.lap("scores")
     probe = Probe(model, x, pick, cfg, device, need_stats, clock, a.recal, a.stats)
     clock.lap("mask apply")
@@ -198,9 +198,7 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
         confirming = cfg.confirm == "on" or (cfg.confirm == "auto" and a.still)
         second = confirm_pick(cfg, len(x)) if confirming and not rule.needs_stats else []
         confirm = Confirm(probe, x, second, cfg, restricted, dense, a.logits) if len(second) else None
-        levels, own = schedule(cfg.step, search_bound(cfg, evidence)), search_bound(cfg, len(x))
-        if all(abs(v - own) > 1e-6 for v in levels) and levels[-1] > own:  # a prior raised the bound:
-            levels = sorted([*levels, own])  # the device's own is a step too (P8)
+        levels, own = search_levels(cfg, len(x), extra)
         mask, reason, history = search(levels, scores, dense, cfg, rule, probe, restricted, tick, clock, confirm,
                                        own_bound=own)
         history += confirm.history if confirm is not None else []

@@ -16,12 +16,23 @@ def search_bound(cfg, n: int) -> float:
     return cfg.max_sparsity * (n / (n + cfg.evidence_samples) if cfg.evidence_samples else 1.0)
 
 
+def search_levels(cfg, n: int, extra: float = 0.0) -> tuple[list, float]:
+    """The schedule's steps up to the search bound of the device's n samples and `extra` samples of
+    a prior's evidence, and the device's own bound; where the prior raised the bound past the
+    device's own, the device's own is a step too (P8)."""
+    own = search_bound(cfg, n)
+    levels = schedule(cfg.step, search_bound(cfg, n + extra))
+    if all(abs(v - own) > 1e-6 for v in levels) and levels[-1] > own:
+        levels = sorted([*levels, own])
+    return levels, own
+
+
 def opens_a_step(cfg, n: int, extra: float) -> bool:
     """Whether `extra` samples of evidence beyond the device's own n (a prior's) let the search
     reach a schedule step past the device's own bound (P9: where they do not, the prior cannot move
     the search, and its ranking would only reorder connections the device's own data rank)."""
-    own, raised = search_bound(cfg, n), search_bound(cfg, n + extra)
-    return any(own + 1e-6 < v < raised - 1e-6 for v in schedule(cfg.step, raised))
+    levels, own = search_levels(cfg, n, extra)
+    return any(own + 1e-6 < v < levels[-1] - 1e-6 for v in levels)
 
 
 def back_off(last_ok: int, margin: int, masks: dict, at, levels, dense, reason: str, history, confirm=None,
