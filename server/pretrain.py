@@ -54,7 +54,7 @@ def add_vendor_record(path, ds: D.Dataset, train_idx) -> bool:
     from common.model.checkpoint import load_checkpoint
 
     model, meta, mask = load_checkpoint(path)
-    if all(k in meta for k in ("class_spread", "input_profile", "hidden_record")):
+    if all(k in meta for k in ("class_spread", "class_moments", "input_profile", "hidden_record")):
         return False
     idx = torch.as_tensor(train_idx)
     meta = dict(meta, **vendor_record(model, ds.x[idx], ds.y[idx]))

@@ -136,6 +136,9 @@ def resnet_few_task(out: Path, seed: int, n_users: int = 8, epochs: int = 6, sty
                 **vendor_record(model, grey(ds.x[vendor]), ds.y[vendor])}
         save_checkpoint(ck, model, meta)
     base, meta, _ = load_checkpoint(ck)
+    if "class_moments" not in meta:  # a base from before the per-class moments: its record again, same data
+        meta = dict(meta, **vendor_record(base, grey(ds.x[vendor]), ds.y[vendor]))
+        save_checkpoint(ck, base, meta)
     sub = ds.subset(pool)
     draw = seed + (100 if style else 1)
     rng = np.random.default_rng(draw)

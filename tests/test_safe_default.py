@@ -186,6 +186,13 @@ def test_the_input_side_ends_at_the_first_layer_with_several_channels():
     ({"input_profile": {"shape": [1, 2, 2], "values": [0.0, 1.0, 2.0]}}, "input_profile"),
     ({"input_profile": {"shape": [70_000], "values": [0.0] * 10}}, "input_profile"),
     ({"input_profile": {"shape": [1, 1, 4], "values": [0.0, float("nan"), 1.0, 2.0]}}, "input_profile"),
+    ({"class_moments": [{"mean": [[0.0, 1.0]], "square": [[1.0, -1.0]]}]}, "class_moments"),
+    ({"class_moments": [{"mean": [[0.0, 1.0]], "square": [[1.0]]}]}, "class_moments"),
+    ({"class_moments": [{"mean": [[0.0]], "square": [[1.0]]}, {"mean": [[0.0]] * 2, "square": [[1.0]] * 2}]},
+     "class_moments"),
+    ({"class_moments": [{"mean": [[0.0] * 1000] * 500, "square": [[1.0] * 1000] * 501}]}, "class_moments"),
+    ({"class_moments": [{"mean": [[float("inf")]], "square": [[1.0]]}]}, "class_moments"),
+    ({"class_moments": "everything"}, "class_moments"),
 ])
 def test_a_malformed_vendor_record_from_the_other_side_is_refused(record, why):
     from common.model.checkpoint import CheckpointError, check_model_meta
@@ -204,6 +211,64 @@ def test_a_vendor_record_that_does_not_fit_the_model_is_ignored(digits_base):
     assert spread_for(digits_base, None) is None
     good = [[0.0] * m.num_features for m in digits_base.modules() if isinstance(m, nn.BatchNorm2d)]
     assert [t.shape[0] for t in spread_for(digits_base, {"class_spread": good})] == [len(v) for v in good]
+
+
+def test_class_moments_that_do_not_fit_the_model_are_ignored(gaussian_task):
+    from common.engine.class_mix import moments_for
+
+    base, meta, _ = gaussian_task
+    moments = moments_for(base, meta)
+    assert [tuple(m.shape) for m, _ in moments] == [(K, 48)] * 4
+    assert moments_for(base, dict(meta, class_moments=meta["class_moments"][:3])) is None
+    short = [{"mean": r["mean"][:5], "square": r["square"][:5]} for r in meta["class_moments"]]
+    assert moments_for(base, dict(meta, class_moments=short)) is None  # 5 classes, the model has 10
+    assert moments_for(base, None) is None
+
+
+def test_class_mix_statistics_in_the_vendors_own_mix_are_full_recalibration():
+    from common.engine.bn import class_mix_stats
+
+    g = torch.Generator().manual_seed(0)
+    mean, var, mu_b = torch.randn(3, 32, generator=g)
+    var, var_b = var.abs() + 0.1, torch.rand(32, generator=g) + 0.1
+    m, v = class_mix_stats(mean, var, mu_b, var_b, mu_b, var_b)
+    assert torch.allclose(m, mean) and torch.allclose(v, var)
+    # a mix that predicts a higher mean and a narrower spread than the base's: the user's own
+    # statistics, moved by what the mix predicts
+    m, v = class_mix_stats(mean, var, mu_b, var_b, mu_b + 1.0, var_b / 4)
+    assert torch.allclose(m, mean - 2 * var.sqrt() / var_b.sqrt()) and torch.allclose(v, 4 * var)
+
+
+def test_class_mix_recalibration_follows_a_shift_without_absorbing_the_class_mix(gaussian_task):
+    """S43: few-class users whose inputs also shifted. Full recalibration follows the shift and
+    absorbs the class mix; class-mix recalibration, with the mix estimated label-free (the
+    recalibration that cannot absorb it, its mean probabilities), keeps every user at or above
+    its base and ahead of full; for a user holding every class it is full recalibration's gain."""
+    from common.engine.adapt import KAPPA, spread_for
+    from common.engine.bn import bn_prior, recalibrate_bn
+    from common.engine.class_mix import class_mix, moments_for
+
+    base, meta, sample = gaussian_task
+    moments, spread, prior = moments_for(base, meta), spread_for(base, meta), bn_prior(base)
+    offset = 2 * torch.randn(D, generator=torch.Generator().manual_seed(7))
+    shift = lambda x: x + offset  # noqa: E731  (a covariate shift on top of the class mix)
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for cls in ([0, 3], [1, 4], [2, 5, 7], list(range(K))):
+        xu, _ = sample(cls, 128, g)
+        xh, yh = sample(cls, 400, g)
+        xu, xh = shift(xu), shift(xh)
+        safe, _ = recalibrate_bn(copy.deepcopy(base), xu, 256, prior=prior, spread=spread, kappa=KAPPA)
+        mixed = copy.deepcopy(base)
+        recalibrate_bn(mixed, xu, 256, prior=prior,
+                       classmix=class_mix(moments, torch.softmax(safe, 1).mean(0)))
+        full = copy.deepcopy(base)
+        recalibrate_bn(full, xu, 256)
+        rows.append([accuracy(m, xh, yh) for m in (base, full, mixed)])
+    for b, f, m in rows[:3]:
+        assert m >= b - 0.02 and m > f, rows
+    b, f, m = rows[3]
+    assert f > b + 0.1 and m >= f - 0.02, rows  # the shift full recalibration follows, followed as far
 
 
 def test_the_bench_table_reports_mean_worst_user_and_gap_to_the_best_baseline():

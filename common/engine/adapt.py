@@ -3,7 +3,8 @@ user, decided per user without labels, and whether the user's inputs look like t
 
 - The vendor records, with the base, what the device needs to tell a class mix from a shift: per
   BatchNorm channel its between-class share of variance (class_spread), the average input the
-  model saw (input_profile), and the last hidden layer's moments (hidden_shift.py, S26).
+  model saw (input_profile), the last hidden layer's moments (hidden_shift.py, S26) and, per class,
+  each channel's moments (class_mix.py, S43).
 - A user holding a few classes moves the deep, class-specific channels; a new style, voice or
   room moves channels no class mix explains. Full recalibration (AdaBN) absorbs the class mix
   (ResNet18 users holding 2-3 classes: 0.98 -> 0.49); recalibrating only the channels whose move
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.engine import class_mix as CM
 from common.engine.bn import bn_layers, explained_weight
 from common.engine.hidden_shift import hidden_record, over_labelled
 from common.engine.stats import eta_squared
@@ -55,13 +57,6 @@ def class_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: i
     return acc
 
 
-def class_spread(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = BATCH_SIZE) -> list:
-    """Per BatchNorm layer and channel, the share of the channel's variance over the vendor's data
-    (eval mode, samples and positions) that lies between the classes' means: eta^2 in [0, 1].
-    What a user holding a few of the classes can move the channel's statistics by."""
-    return [eta_squared(s1, cnt, s2.sum(0)) for s1, s2, cnt in class_sums(model, x, y, batch_size)]
-
-
 def input_profile(model: nn.Module, x: torch.Tensor, batch_size: int = BATCH_SIZE, device: str = "cpu") -> torch.Tensor:
     """The average input of the model's first layer (for audio models, the spectrogram after its
     own front end), pooled to at most PROFILE_SIDE x PROFILE_SIDE per channel: (C, h, w), or
@@ -80,7 +75,9 @@ def pooled_profile(mean: torch.Tensor) -> torch.Tensor:
 def vendor_record(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     """What a base checkpoint carries for the device (model metadata, JSON-able and small)."""
     prof = input_profile(model, x)
-    return {"class_spread": [[round(float(v), 4) for v in t] for t in class_spread(model, x, y)],
+    sums = class_sums(model, x, y)
+    return {"class_spread": [[round(float(v), 4) for v in eta_squared(s1, cnt, s2.sum(0))] for s1, s2, cnt in sums],
+            "class_moments": CM.recorded_moments(sums),
             "input_profile": {"shape": list(prof.shape), "values": [round(float(v), 5) for v in prof.flatten()]},
             **hidden_record(model, x, y)}
 

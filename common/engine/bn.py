@@ -1,5 +1,7 @@
 """BatchNorm following the user, forward only: the layers' statistics re-estimated on the user's
-data (AdaBN), in full or as a mixture with the base's, per layer and per channel."""
+data (AdaBN), in full, as a mixture with the base's per layer and per channel, or moved by what the
+user's class mix predicts (S43). Over 250 lines: every partial mode runs the one mixed forward
+and keeps the statistics it normalized by, so the modes and their sampling noise (S28) live here."""
 from __future__ import annotations
 
 import math
@@ -106,7 +108,7 @@ class Chance:
 def explained_weight(mean, var, mu_b, var_b, spread, kappa: float, eps: float = 1e-5, noise=None):
     """Per channel, how far its statistics follow the user: the share of their move that the
     user's class mix cannot explain. `spread` is the channel's between-class share of variance on
-    the vendor's data (eta^2, common.engine.adapt.class_spread): a channel whose mean no class moves
+    the vendor's data (eta^2, the vendor record's class_spread): a channel whose mean no class moves
     follows the user fully; a class-specific one only where its move exceeds kappa x eta^2, and,
     given its `noise` (sampling_noise), only by what it moves beyond it (S28).
     move^2 is the squared mean shift plus the squared log-variance change, in base units."""
@@ -117,14 +119,15 @@ def explained_weight(mean, var, mu_b, var_b, spread, kappa: float, eps: float = 
 
 
 def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: float = 1.0, first_bn=None, i=0,
-                   chance: bool = True, chance_from: Chance | None = None):
+                   chance: bool = True, chance_from: Chance | None = None, mix=None):
     """A BatchNorm forward that normalizes each batch by the mixture of the base's distribution
     (weight 1 - w) and the batch's own (weight w): mean (1-w) mu_b + w mu, variance the mixture's,
     (1-w) var_b + w var + w (1-w) (mu - mu_b)^2, with w per channel where `spread` is given.
     Layers downstream see the features as the kept model computes them; the batch's own moments
     are summed, weighted by its samples, into `sums`, and, with `spread` and `chance`, its per-sample
     moments (per_sample_sums) into sums[3], or, given `chance_from`, none: its noise is theirs (S28);
-    a channel follows only what it moves beyond sampling noise."""
+    a channel follows only what it moves beyond sampling noise. `mix`: the class mix's (mean, var)
+    of this layer (class_mix_stats)."""
     mu_b, var_b = prior
 
     def forward(x):
@@ -146,17 +149,30 @@ def _mixed_forward(m, prior, sums: list, weight: float, spread=None, kappa: floa
             noise = sums[4] = sampling_noise(per, var_b)  # a pass of one batch: the whole pass's too
         mu, vb = mu_b.to(mean), var_b.to(var)
         if first_bn is not None and first_bn[i] is None:  # what a pass over the first batch alone keeps
-            first_bn[i] = _mix(mean, var * (n / max(n - 1, 1)), mu, vb, weight, spread, kappa, noise)
-        if weight == 1.0 and spread is None:
+            first_bn[i] = _mix(mean, var * (n / max(n - 1, 1)), mu, vb, weight, spread, kappa, noise, mix)
+        if weight == 1.0 and spread is None and mix is None:
             return out
-        mean_m, var_m = _mix(mean, var, mu, vb, weight, spread, kappa, noise)
+        mean_m, var_m = _mix(mean, var, mu, vb, weight, spread, kappa, noise, mix)
         return F.batch_norm(x, mean_m, var_m, m.weight, m.bias, False, 0.0, m.eps)
     return forward
 
 
-def _mix(mean, var, mu_b, var_b, weight: float, spread, kappa: float, noise=None):
+def _mix(mean, var, mu_b, var_b, weight: float, spread, kappa: float, noise=None, mix=None):
+    if mix is not None:
+        return class_mix_stats(mean, var, mu_b, var_b, *mix)
     w = weight if spread is None else weight * explained_weight(mean, var, mu_b, var_b, spread, kappa, noise=noise)
     return (1 - w) * mu_b + w * mean, (1 - w) * var_b + w * var + w * (1 - w) * (mean - mu_b) ** 2
+
+
+def class_mix_stats(mean, var, mu_b, var_b, mean_pi, var_pi):
+    """A channel's statistics that follow the user only in what its class mix does not predict
+    (S43): `mean_pi`, `var_pi` are the channel's over the vendor's data drawn in the user's class
+    mix (common.engine.class_mix.class_mix). The user's features are normalized to the moments the
+    base's normalized features have in that mix, an affine shift per channel: mean + a (mu_b -
+    mean_pi), variance a^2 var_b, with a^2 = var / var_pi. In the vendor's own mix it is full
+    recalibration."""
+    a2 = var / var_pi.to(var)
+    return mean + a2.sqrt() * (mu_b - mean_pi.to(mean)), a2 * var_b
 
 
 @torch.no_grad()
@@ -164,7 +180,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
                    hooks: bool | None = None, classes: bool = False, first: torch.Tensor | None = None,
                    weight: float = 1.0, prior: list | None = None, profile=None, spread: list | None = None,
                    kappa: float = 1.0, means: bool = False, first_bn: list | None = None, chance: bool = True,
-                   chance_from: Chance | None = None, chance_out: list | None = None):
+                   chance_from: Chance | None = None, chance_out: list | None = None, classmix: list | None = None):
     """Re-estimate BatchNorm running statistics on the user's data (forward only). The same pass
     gives the logits (each batch normalized by its own statistics: with one batch, what the
     recalibrated model outputs) and, with `hooks` not None, usage statistics of the recalibrated
@@ -181,20 +197,23 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
     alone would have left them (with `first` in one batch: a probe pass's, for free). `chance`:
     with `spread`, a channel follows only what it moved beyond sampling noise too (S28), measured
     in this pass (then left in `chance_out`, an empty list, one entry per layer) or, for a pass over
-    some of the same samples, taken from an earlier one's (`chance_from`)."""
+    some of the same samples, taken from an earlier one's (`chance_from`). `classmix`: per layer,
+    the (mean, var) the user's class mix predicts (common.engine.class_mix.class_mix): every channel
+    follows only what that mix does not predict (class_mix_stats, S43; with `prior`)."""
     bns = bn_layers(model)
     if first_bn is not None:
         first_bn[:] = [None] * len(bns)
-    if weight < 1.0 or profile is not None or spread is not None:
+    if weight < 1.0 or profile is not None or spread is not None or classmix is not None:
         prior = prior if prior is not None else bn_prior(model)
         sums = [[0, 0.0, 0.0, None, None, 0] for _ in bns]
         ws = [weight * (1.0 if profile is None else float(profile(i, len(bns)))) for i in range(len(bns))]
         sp = spread if spread is not None else [None] * len(bns)
+        cm = classmix if classmix is not None else [None] * len(bns)
         # a layer that keeps the base's statistics runs BatchNorm's own eval forward on them
         follows = [w > 0 for w in ws]
         for i, (m, pr, s, w, spr, f) in enumerate(zip(bns, prior, sums, ws, sp, follows)):
             if f:
-                m.forward = _mixed_forward(m, pr, s, w, spr, kappa, first_bn, i, chance, chance_from)
+                m.forward = _mixed_forward(m, pr, s, w, spr, kappa, first_bn, i, chance, chance_from, cm[i])
             else:
                 load_bn_stats([m], [pr])
                 if first_bn is not None:
@@ -207,11 +226,12 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: s
                     del m.forward
         if chance_out is not None:
             chance_out[:] = [s[3] for s in sums]
-        for i, (m, (mu_b, var_b), (n, s1, s2, per, last, batches), w, spr) in enumerate(zip(bns, prior, sums, ws, sp)):
+        for i, (m, (mu_b, var_b), (n, s1, s2, per, last, batches), w, spr, c) in enumerate(
+                zip(bns, prior, sums, ws, sp, cm)):
             if n:
                 noise = (None if spr is None or not chance else chance_from.noise(i, var_b, n) if chance_from
                          else last if batches == 1 else sampling_noise(per, var_b))
-                mean, var = _mix(s1 / n, s2 / n, mu_b.to(s1), var_b.to(s1), w, spr, kappa, noise)
+                mean, var = _mix(s1 / n, s2 / n, mu_b.to(s1), var_b.to(s1), w, spr, kappa, noise, c)
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
         model.eval()

@@ -2,12 +2,15 @@
 keep that (full) only where the layers past the input side moved beyond their class mix and beyond
 what the user's few samples move them by chance (S28), and it agrees with a recalibration that
 cannot absorb a class mix; otherwise only the input side follows the user, where following it
-brings the other layers significantly closer to the base's statistics (S27, S28), else none does."""
+brings the other layers significantly closer to the base's statistics (S27, S28), else none does.
+Full recalibration of a user whose pseudo-labels hold few classes follows only what their class
+mix does not predict (class-mix, S43)."""
 from __future__ import annotations
 
 import torch
 
 from common.engine import adapt as AD
+from common.engine import class_mix as CM
 from common.engine.bn import (
     add_sums,
     bn_layers,
@@ -17,9 +20,10 @@ from common.engine.bn import (
     recalibrate_bn,
     sampling_noise,
 )
+from common.engine.hidden_shift import NO_LABEL_SHIFT
 
 
-def check_full(model, x, pick, logits, prior, spread, cfg, device):
+def check_full(model, x, pick, logits, prior, spread, cfg, device, moments=None):
     """bn-adapt auto, after the statistics pass recalibrated every layer: keep that (full) where the
     layers past the input side moved beyond their class mix (deep_shift at least DEEP_SHIFT, and so
     beyond sampling noise on the user's samples, S28) and, on
@@ -27,7 +31,11 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device):
     channels the class mix cannot explain predicts (the checkpoint's class spread), and agrees with
     it on a share of the samples that does not refute AGREE (agree_floor); otherwise keep only the
     input side recalibrated, where that brings the layers that keep the base's statistics closer to
-    them on those samples than no recalibration does, beyond chance (S27, S28; else none follows). Returns
+    them on those samples than no recalibration does, beyond chance (S27, S28; else none follows).
+    Where full passes, but the safe recalibration's pseudo-labels spread over less than
+    NO_LABEL_SHIFT of the classes (a class mix to keep out of the statistics) and the checkpoint
+    records each class's moments (`moments`, class_mix.moments_for): class-mix, every channel following
+    only what the class mix those pseudo-labels estimate does not predict (S43). Returns
     (mode, the recalibration keyword arguments of the kept mode, what the check saw, samples passed)."""
     bns, full = bn_layers(model), bn_prior(model)  # the statistics pass's, kept to restore
     n_stem = AD.stem_count(model)
@@ -53,6 +61,12 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device):
         check["deep_shift_evident"] = round(evident, 4)
     if (k_full <= k_safe + AD.SLACK and agree >= AD.agree_floor(len(xp))
             and (evident is None or evident >= AD.DEEP_SHIFT)):
+        share = CM.pseudo_label_share(safe)
+        check["safe_label_share"] = round(share, 4)
+        if moments is not None and share < NO_LABEL_SHIFT:
+            # S43: the class mix the safe recalibration sees, its mean probabilities
+            pi = torch.softmax(safe.float(), 1).mean(0)
+            return "class-mix", dict(prior=prior, classmix=CM.class_mix(moments, pi)), check, len(xp)
         load_bn_stats(bns, full)
         return "full", {}, check, len(xp)
     # the input side follows only where that brings the layers keeping the base's statistics

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from common.engine import adapt as AD
+from common.engine import class_mix as CMX
 from common.engine import class_prior as CPR
 from common.engine import compensate as CP
 from common.engine import hidden_shift as HS
@@ -109,16 +110,19 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
             "vendor_record": spread is not None}
     extra = 0
     if mode == "auto":
-        mode, recal, check, extra = check_full(model, x, pick, logits, prior, spread, cfg, device)
+        mode, recal, check, extra = check_full(model, x, pick, logits, prior, spread, cfg, device,
+                                               CMX.moments_for(model, base_meta))
         info.update(check)
-        if mode in ("stem", "none"):  # the statistics pass again, on the model as it is kept: usage
-            # measured on the network whose class mix full recalibration absorbed ranks the wrong connections
-            if PR.KEEP_INPUT_SIDE:  # no probe first: no reference statistics from this pass
+        if mode in ("stem", "none", "class-mix"):  # the statistics pass again, on the model as it is kept:
+            # usage measured on the network whose class mix full recalibration absorbed ranks the wrong
+            # connections
+            if PR.KEEP_INPUT_SIDE and mode != "class-mix":  # no probe first: no reference statistics from this pass
                 fold, first, first_bn = fold and len(x) <= cfg.batch_size, None, None
             chance = []
             with capture_features(model) as cap:
                 logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs,
-                                               classes=need_classes, first=first, means=CP.compensating(cfg),
+                                               classes=need_classes, first=first, means=CP.compensating(cfg) and (
+                                                   means if mode == "class-mix" else True),
                                                first_bn=first_bn, chance_out=chance, **recal)
             recal = _with_chance(recal, chance)
             feats = cap.features(first)

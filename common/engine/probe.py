@@ -101,12 +101,15 @@ class Probe:
         # whether a pass re-estimates BatchNorm statistics (KEEP_INPUT_SIDE: not where only the input
         # side follows the user; then a candidate keeps the statistics pass's, its lost means put back);
         # a network without BatchNorm has none to re-estimate
-        self.estimates = bool(cfg.recalibrate_bn) and bool(self.bns) and not (self.recal and KEEP_INPUT_SIDE)
+        # class-mix (S43) re-estimates every layer in full, each moved by what its class mix predicts
+        mixed = "classmix" in self.recal
+        self.estimates = (bool(cfg.recalibrate_bn) and bool(self.bns)
+                          and not (self.recal and not mixed and KEEP_INPUT_SIDE))
         profile = self.recal.get("profile")
         self.follows = [self.estimates and (profile is None or float(profile(i, len(self.bns))) > 0)
                         for i in range(len(self.bns))]
         # layers re-estimated in full (no mixture with the base's statistics) centre themselves
-        full = [f and not self.recal for f in self.follows]
+        full = [f and (not self.recal or mixed) for f in self.follows]
         self.targets = (CP.plan(model, stats, self.start, {i for i, f in enumerate(full) if f})
                         if CP.compensating(cfg) else [])
         # the base's statistics a partial re-estimation mixes in, and them shifted for the candidate

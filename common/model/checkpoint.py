@@ -30,8 +30,9 @@ class CheckpointError(ValueError):
 # What a device needs to rebuild and feed a model: the one list of a checkpoint's model metadata
 MODEL_META = ("arch", "arch_kwargs", "task", "classes", "features")
 # What the vendor may record beside it for the device's adaptation checks (common/engine/adapt.py): optional
-VENDOR_META = ("class_spread", "input_profile", "hidden_record")
-VENDOR_LIMITS = {"spread_values": 200_000, "profile_values": 65_536, "hidden_values": 65_536}
+VENDOR_META = ("class_spread", "class_moments", "input_profile", "hidden_record")
+VENDOR_LIMITS = {"spread_values": 200_000, "moment_values": 1_000_000, "profile_values": 65_536,
+                 "hidden_values": 65_536}
 
 
 # What a device accepts from model metadata it did not make (a server's message, a downloaded
@@ -122,6 +123,10 @@ def _check_vendor_record(meta: dict) -> None:
         if not (isinstance(spread, list) and sum(len(v) if isinstance(v, list) else 0 for v in spread)
                 <= VENDOR_LIMITS["spread_values"] and all(_numbers(v, 0.0, 1.0) for v in spread)):
             raise CheckpointError("model metadata class_spread is not lists of numbers in [0, 1]")
+    moments = meta.get("class_moments")
+    if moments is not None and not _moments_ok(moments):
+        raise CheckpointError("model metadata class_moments is not, per layer, each class's channel means and "
+                              "mean squares")
     prof = meta.get("input_profile")
     if prof is not None:
         shape = prof.get("shape") if isinstance(prof, dict) else None
@@ -140,6 +145,30 @@ def _check_vendor_record(meta: dict) -> None:
                 and _numbers(hid["var"], 0.0) and _numbers(hid["spread"], 0.0, 1.0)):
             raise CheckpointError("model metadata hidden_record is not a layer name and its channels' mean, "
                                   "variance and class spread")
+
+
+def _moments_ok(moments) -> bool:
+    """Per BatchNorm layer {"mean": rows, "square": rows}: one row per class, as many classes in
+    every layer, finite numbers, squares not negative, VENDOR_LIMITS["moment_values"] in all."""
+    if not isinstance(moments, list):
+        return False
+    total, classes = 0, set()
+    for layer in moments:
+        if not (isinstance(layer, dict) and set(layer) == {"mean", "square"}):
+            return False
+        mean, square = layer["mean"], layer["square"]
+        if not (isinstance(mean, list) and isinstance(square, list) and len(mean) == len(square) >= 1):
+            return False
+        widths = {len(r) if isinstance(r, list) else -1 for r in mean + square}
+        if len(widths) != 1 or min(widths) < 1:
+            return False
+        total += 2 * len(mean) * widths.pop()
+        classes.add(len(mean))
+        if total > VENDOR_LIMITS["moment_values"] or len(classes) > 1:
+            return False
+        if not (all(_numbers(r) for r in mean) and all(_numbers(r, 0.0) for r in square)):
+            return False
+    return True
 
 
 def check_model_fits(model: nn.Module, meta: dict, where: str) -> None:
