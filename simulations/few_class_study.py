@@ -55,7 +55,7 @@ def measure(base, meta, u: BenchUser) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| cohort | classes held | users | bn full | deep shift (mean) | base: held-out / own | default | "
+    lines = ["| cohort | classes held | users | bn full / class-mix | deep shift (mean) | base: held-out / own | default | "
              "users > 2 below base: held-out / own | worst: held-out / own | T3A |", "|---" * 10 + "|"]
     for c, k in sorted({(r["cohort"], r["k"]) for r in rows}):
         sel = [r for r in rows if (r["cohort"], r["k"]) == (c, k)]
@@ -63,7 +63,7 @@ def table(rows: list[dict]) -> str:
         below = [sum(r["default"][i] - r["base"][i] < -0.02 for r in sel) for i in (0, 1)]
         worst = [min(r["default"][i] - r["base"][i] for r in sel) for i in (0, 1)]
         shift = [r["deep_shift"] for r in sel if r["deep_shift"] is not None]
-        lines.append(f"| {c} | {k} | {len(sel)} | {sum(r['bn'] == 'full' for r in sel)} | "
+        lines.append(f"| {c} | {k} | {len(sel)} | {sum(r['bn'] == 'full' for r in sel)} / {sum(r['bn'] == 'class-mix' for r in sel)} | "
                      f"{statistics.mean(shift) if shift else float('nan'):.3f} | {mean[0]:.3f} / {mean[1]:.3f} | "
                      f"{mean[2]:.3f} / {mean[3]:.3f} | {below[0]} / {below[1]} | {worst[0]:+.2f} / {worst[1]:+.2f} | "
                      f"{mean[4]:.3f} / {mean[5]:.3f} |")

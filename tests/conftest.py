@@ -69,6 +69,21 @@ def fsdd_dir():
     return FSDD
 
 
+@pytest.fixture(scope="session")
+def fsdd_seen_base(tmp_path_factory, fsdd_dir):
+    """The KWS network trained (8 epochs, about a minute) on the seen speakers' takes, with the
+    vendor record: (base, metadata, the dataset). Built once for every speech test that needs it."""
+    from common.data.protocol import seen_speaker_split
+    from common.model.checkpoint import load_checkpoint
+    from server.pretrain import pretrain
+
+    ds = D.load_fsdd(fsdd_dir)
+    path = tmp_path_factory.mktemp("kws") / "kws.pt"
+    pretrain("fsdd", path, ds=ds, epochs=8, seed=0, indices=seen_speaker_split(ds))
+    base, meta, _ = load_checkpoint(path)
+    return base, meta, ds
+
+
 @pytest.fixture
 def identity():
     """Flower messages need a task identity; the strategy tests make them outside a run."""

@@ -218,18 +218,12 @@ def test_class_separation_is_high_for_a_class_feature_and_low_for_noise():
     assert bool((s[:, 0] > s[:, 1]).all())
 
 
-def test_prototype_head_on_pruned_model_beats_base_and_adabn_for_speakers_in_their_own_conditions(tmp_path, fsdd_dir):
+def test_prototype_head_on_pruned_model_beats_base_and_adabn_for_speakers_in_their_own_conditions(fsdd_seen_base):
     """Speech users under their own acoustic condition (the first four of the fsdd-cond cohort:
     noise, reverberation, telephone band, speed): discriminative pruning to 70% sparsity with the
     prototype head, forward only and label-free, raises mean held-out accuracy over the base and
     over AdaBN (benchmark, all 12 such users: 0.810 vs AdaBN 0.737, base 0.617)."""
-    from common.data.protocol import seen_speaker_split
-    from common.model.checkpoint import load_checkpoint
-    from server.pretrain import pretrain
-
-    ds = D.load_fsdd(fsdd_dir)
-    pretrain("fsdd", tmp_path / "kws.pt", ds=ds, epochs=8, seed=0, indices=seen_speaker_split(ds))
-    base = load_checkpoint(tmp_path / "kws.pt")[0]
+    base, _, ds = fsdd_seen_base
     users = CO.speech_condition_users(ds, seed=0)[:4]
     b, a, p = [], [], []
     for u in users:
