@@ -90,6 +90,8 @@ def main(argv=None) -> dict:
     t0 = time.time()
     if a.base:  # a base this script trained before (its base.pt): the users again, no training
         base, vendor, _ = load_checkpoint(a.base)
+        if "class_moments" not in vendor:  # a base from before the per-class moments: the record again
+            vendor = dict(vendor, **vendor_record(base, up(ds.x[tr]), ds.y[tr]))
     else:
         base = build_model("resnet18", num_classes=10)
         train_supervised(base, up(ds.x[tr]), ds.y[tr], epochs=a.epochs, lr=1e-3, device=dev)
