@@ -73,17 +73,15 @@ def _digits(out: Path, seed: int, n: int | None):
 
 def _kws(out: Path, seed: int, n: int | None, fsdd: str | None):
     from common.data import readers as D
-    from server.pretrain import add_vendor_record, pretrain, training_split
+    from simulations.bench_tasks import _cached_pretrain
 
     if not fsdd or not Path(fsdd).is_dir():
         raise ValueError("the kws workload needs --fsdd DIR (the Free Spoken Digit Dataset)")
     ds = D.load_fsdd(fsdd)
     speaker = sorted(set(ds.groups.tolist()))[0]
     ck = out / "bases" / f"fsdd_without_{speaker}_s{seed}_e0.pt"
-    if not ck.is_file():  # the benchmark's leave-one-speaker-out base: this speaker is new to it
-        pretrain("fsdd", ck, seed=seed, exclude_speaker=speaker, ds=ds)
-    else:  # a base from before the vendor record's latest fields: the record again, from its training data
-        add_vendor_record(ck, ds, training_split("fsdd", ds, seed, exclude_speaker=speaker)[0])
+    # the benchmark's leave-one-speaker-out base (this speaker is new to it), trained once
+    _cached_pretrain(ck, "fsdd", ck, seed=seed, exclude_speaker=speaker, ds=ds)
     base, meta, _ = load_checkpoint(ck)
     VENDOR[id(base)] = meta
     pick = torch.as_tensor((ds.groups == speaker) & (ds.takes >= 5))

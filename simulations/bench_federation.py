@@ -53,15 +53,13 @@ def federation(clients: int, seed: int, epsilon: float | None, out: Path, over: 
     from common.data.protocol import simulated_user, task_dataset, vendor_train_test
     from common.model.checkpoint import load_checkpoint
     from common.wire.federation import merged_config
-    from server.pretrain import add_vendor_record, pretrain
+    from simulations.bench_tasks import _cached_pretrain
 
     cfg = merged_config({}, dict(over, **{"num-clients": clients, "seed": seed, "num-rounds": 2}))
     base_path = out / "bases" / f"base_{cfg['task']}_s{seed}.pt"
     ds = task_dataset(cfg["task"], cfg["data-path"])
-    if not base_path.exists():
-        pretrain(cfg["task"], base_path, seed=seed, ds=ds, indices=vendor_train_test(cfg["task"], ds, seed))
-    else:  # a base from before the vendor record's latest fields: the record again, from its training data
-        add_vendor_record(base_path, ds, vendor_train_test(cfg["task"], ds, seed)[0])
+    _cached_pretrain(base_path, cfg["task"], base_path, seed=seed, ds=ds,
+                     indices=vendor_train_test(cfg["task"], ds, seed))
     base, meta, _ = load_checkpoint(base_path)
     users = []
     for pid in range(clients):

@@ -3,7 +3,7 @@
 against its base and T3A on the frozen base. Accuracy is scored on the held-out samples and, as a
 second and larger reading, on the user's own samples (their labels score only). One JSON line per
 user and k, and a table per cohort: where the default's BatchNorm check reads a class mix as a
-shift (docs/personalization.md, "Not protected").
+shift, and whether class-mix recalibration (S43, docs/personalization.md) protects those users.
 
     python -m simulations.few_class_study digits,resnet-few,fsdd-loso,fsdd-seen \
         --fsdd ../shared/data/fsdd --out runs/few_class
@@ -55,15 +55,16 @@ def measure(base, meta, u: BenchUser) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| cohort | classes held | users | bn full / class-mix | deep shift (mean) | base: held-out / own | default | "
-             "users > 2 below base: held-out / own | worst: held-out / own | T3A |", "|---" * 10 + "|"]
+    lines = ["| cohort | classes held | users | bn full / class-mix | deep shift (mean) | base: held-out / own | "
+             "default | users > 2 below base: held-out / own | worst: held-out / own | T3A |", "|---" * 10 + "|"]
     for c, k in sorted({(r["cohort"], r["k"]) for r in rows}):
         sel = [r for r in rows if (r["cohort"], r["k"]) == (c, k)]
         mean = [statistics.mean(r[a][i] for r in sel) for a in ("base", "default", "t3a") for i in (0, 1)]
         below = [sum(r["default"][i] - r["base"][i] < -0.02 for r in sel) for i in (0, 1)]
         worst = [min(r["default"][i] - r["base"][i] for r in sel) for i in (0, 1)]
         shift = [r["deep_shift"] for r in sel if r["deep_shift"] is not None]
-        lines.append(f"| {c} | {k} | {len(sel)} | {sum(r['bn'] == 'full' for r in sel)} / {sum(r['bn'] == 'class-mix' for r in sel)} | "
+        modes = [sum(r["bn"] == m for r in sel) for m in ("full", "class-mix")]
+        lines.append(f"| {c} | {k} | {len(sel)} | {modes[0]} / {modes[1]} | "
                      f"{statistics.mean(shift) if shift else float('nan'):.3f} | {mean[0]:.3f} / {mean[1]:.3f} | "
                      f"{mean[2]:.3f} / {mean[3]:.3f} | {below[0]} / {below[1]} | {worst[0]:+.2f} / {worst[1]:+.2f} | "
                      f"{mean[4]:.3f} / {mean[5]:.3f} |")

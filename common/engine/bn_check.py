@@ -23,7 +23,7 @@ from common.engine.bn import (
 from common.engine.hidden_shift import NO_LABEL_SHIFT
 
 
-def check_full(model, x, pick, logits, prior, spread, cfg, device, moments=None):
+def check_full(model, x, pick, logits, prior, spread, cfg, device, meta=None):
     """bn-adapt auto, after the statistics pass recalibrated every layer: keep that (full) where the
     layers past the input side moved beyond their class mix (deep_shift at least DEEP_SHIFT, and so
     beyond sampling noise on the user's samples, S28) and, on
@@ -33,9 +33,10 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device, moments=None)
     input side recalibrated, where that brings the layers that keep the base's statistics closer to
     them on those samples than no recalibration does, beyond chance (S27, S28; else none follows).
     Where full passes, but the safe recalibration's pseudo-labels spread over less than
-    NO_LABEL_SHIFT of the classes (a class mix to keep out of the statistics) and the checkpoint
-    records each class's moments (`moments`, class_mix.moments_for): class-mix, every channel following
-    only what the class mix those pseudo-labels estimate does not predict (S43). Returns
+    NO_LABEL_SHIFT of the classes (a class mix to keep out of the statistics) and the checkpoint's
+    metadata (`meta`) records each class's moments (class_mix.moments_for, read only then): class-mix,
+    every channel following only what the class mix those pseudo-labels estimate does not predict
+    (S43). Returns
     (mode, the recalibration keyword arguments of the kept mode, what the check saw, samples passed)."""
     bns, full = bn_layers(model), bn_prior(model)  # the statistics pass's, kept to restore
     n_stem = AD.stem_count(model)
@@ -63,7 +64,8 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device, moments=None)
             and (evident is None or evident >= AD.DEEP_SHIFT)):
         share = CM.pseudo_label_share(safe)
         check["safe_label_share"] = round(share, 4)
-        if moments is not None and share < NO_LABEL_SHIFT:
+        moments = CM.moments_for(model, meta) if share < NO_LABEL_SHIFT else None
+        if moments is not None:
             # S43: the class mix the safe recalibration sees, its mean probabilities
             pi = torch.softmax(safe.float(), 1).mean(0)
             return "class-mix", dict(prior=prior, classmix=CM.class_mix(moments, pi)), check, len(xp)

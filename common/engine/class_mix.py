@@ -10,9 +10,11 @@ import torch
 import torch.nn as nn
 
 from common.engine.bn import bn_layers
+from common.engine.class_prior import spread
 from common.model.architectures import prunable_layers
+from common.model.checkpoint import VENDOR_LIMITS
 
-MOMENT_VALUES = 1_000_000  # the most per-class moments (means and squares) a vendor record carries
+MOMENT_VALUES = VENDOR_LIMITS["moment_values"]  # the most a vendor record carries, as a device accepts
 
 
 def recorded_moments(sums: list) -> list | None:
@@ -61,6 +63,4 @@ def class_mix(moments: list, pi: torch.Tensor) -> list:
 def pseudo_label_share(logits: torch.Tensor) -> float:
     """Over what share of the classes hard pseudo-labels spread: exp of the entropy of their
     frequencies, over the number of classes (a user holding 3 of 10 classes evenly: 0.3)."""
-    q = torch.bincount(logits.argmax(1), minlength=logits.shape[1]).float()
-    q = q / q.sum().clamp_min(1)
-    return float(torch.exp(-(q * q.clamp_min(1e-12).log()).sum())) / logits.shape[1]
+    return spread(torch.bincount(logits.argmax(1), minlength=logits.shape[1])) / logits.shape[1]

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from common.engine import adapt as AD
-from common.engine import class_mix as CMX
 from common.engine import class_prior as CPR
 from common.engine import compensate as CP
 from common.engine import hidden_shift as HS
@@ -110,8 +109,7 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
             "vendor_record": spread is not None}
     extra = 0
     if mode == "auto":
-        mode, recal, check, extra = check_full(model, x, pick, logits, prior, spread, cfg, device,
-                                               CMX.moments_for(model, base_meta))
+        mode, recal, check, extra = check_full(model, x, pick, logits, prior, spread, cfg, device, base_meta)
         info.update(check)
         if mode in ("stem", "none", "class-mix"):  # the statistics pass again, on the model as it is kept:
             # usage measured on the network whose class mix full recalibration absorbed ranks the wrong
@@ -121,8 +119,8 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
             chance = []
             with capture_features(model) as cap:
                 logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs,
-                                               classes=need_classes, first=first, means=CP.compensating(cfg) and (
-                                                   means if mode == "class-mix" else True),
+                                               classes=need_classes, first=first,
+                                               means=means if mode == "class-mix" else CP.compensating(cfg),
                                                first_bn=first_bn, chance_out=chance, **recal)
             recal = _with_chance(recal, chance)
             feats = cap.features(first)
