@@ -195,7 +195,8 @@ SETTINGS = [
     S("research-accuracy", True, "simulation only: held-out labeled accuracy, for research", {RUN, CLIENT}),
     # ---- the server
     S("prior", "auto", "later rounds: the server sends each device the share of devices (at least slim-min-clients, "
-      "outliers out) that pruned each connection in the round before, and the device blends it with its own "
+      "outliers out; in private mode each randomized mask counts tanh(epsilon/2)^2 of one) that pruned each "
+      "connection in the round before, and the device blends it with its own "
       "ranking: on, off, or auto (on where the summaries are bitmaps and there is no slim base); unless off, also "
       "the class directions of class-sums", {RUN},
       choices=("auto", "on", "off")),

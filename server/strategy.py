@@ -26,6 +26,7 @@ from common.model.compact import compact
 from common.wire import envelope as E
 from common.wire import prior as PW
 from common.wire.federation import CLIENT_KEYS, base_to_records, class_prior_enabled, model_bytes, prior_enabled
+from common.wire.privacy import effective_voters
 from common.wire.summary import SummaryError, decode, sketch_budget
 from server.analysis import analyze, class_directions, consensus, pruned_per_layer, pruned_shares, robust_voters
 
@@ -286,15 +287,18 @@ class FinePruneStrategy(Strategy):
 
     def _make_prior(self, summaries, rows, record, server_round) -> None:
         """The next round's prior: per connection, the share of this round's non-outlier masks that
-        pruned it, over at least slim-min-clients of them; with fewer, none (the devices then work
-        as in a one-round run). An outlier's node gets none next round: its data are unlike the
+        pruned it, over at least slim-min-clients of them (randomized masks counted for what their
+        bits still tell, common.wire.privacy.effective_voters); with fewer, none (the devices then
+        work as in a one-round run). An outlier's node gets none next round: its data are unlike the
         others'."""
         self._prior, self._no_prior = None, set()
         bitmaps = {k: s.bitmap for k, s in summaries.items() if s.bitmap is not None}
         voters, outliers = robust_voters(bitmaps) if bitmaps else ({}, [])
         k = self.cfg["slim-min-clients"]
-        if len(voters) < k:
-            record["prior"] = {"skipped": f"{len(voters)} non-outlier masks, slim-min-clients is {k}"}
+        worth = effective_voters(len(voters), self.epsilon)
+        if worth < k:  # P11: randomized masks count for what their bits still tell
+            noisy = f" at epsilon {self.epsilon:g}, worth {worth:.1f} exact ones" if self.epsilon else ""
+            record["prior"] = {"skipped": f"{len(voters)} non-outlier masks{noisy}, slim-min-clients is {k}"}
             return
         shares = pruned_shares(voters, self.epsilon)
         self._prior = PW.to_records(shares, len(voters), server_round)

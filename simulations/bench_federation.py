@@ -153,6 +153,7 @@ def two_rounds(base, meta, users: list, cfg: dict, epsilon: float | None, tags: 
     from common.model.train import accuracy
     from common.wire import prior as PW
     from common.wire.federation import class_prior_enabled, model_bytes, prune_settings
+    from common.wire.privacy import effective_voters
     from common.wire.summary import build_summary, decode, encode
     from server.analysis import class_directions, pruned_shares, robust_voters
 
@@ -177,7 +178,7 @@ def two_rounds(base, meta, users: list, cfg: dict, epsilon: float | None, tags: 
         voters, outliers = robust_voters({k: v.bitmap for k, v in summaries.items()})
         shares = classes = None
         k = cfg["slim-min-clients"]
-        if len(voters) >= k:
+        if effective_voters(len(voters), epsilon) >= k:  # the server's release rule (P11)
             arrays, rec = PW.to_records(pruned_shares(voters, epsilon), len(voters), 1)
             shares = PW.from_records(arrays, rec, shapes, cfg["prior-samples"], epsilon=epsilon)
         if cshape is not None:

@@ -86,8 +86,16 @@ def test_the_prior_lifts_a_data_poor_user_that_personalizing_alone_hurts(federat
     assert _acc(base, xh, yh) == 1.0
     assert _acc(alone, xh, yh) < 0.8  # alone, class 0's connections went first
     assert _acc(helped, xh, yh) == 1.0  # the others used them: they stay
-    # and the device prunes more, what the others pruned, though not to the bound their evidence raised (P8)
-    assert r_prior.sparsity > r_alone.sparsity + 0.05
+    # nothing on this device adapts the model (no BatchNorm, the base's layer): the prior reorders
+    # what it prunes, but its evidence raises no bound (P12), so it prunes as much as alone
+    assert r_prior.adaptation["nothing_adapts"] and r_prior.sparsity == r_alone.sparsity
+    # a device whose model adapts (its layer blended with prototypes) prunes more, what the others
+    # pruned, though not to the bound their evidence raised (P8)
+    alone, helped = copy.deepcopy(base), copy.deepcopy(base)
+    r_alone = fine_prune(alone, xu, PruneConfig(head="blend"))
+    r_prior = fine_prune(helped, xu, PruneConfig(head="blend"), prior=prior)
+    assert _acc(alone, xh, yh) < 0.8 and _acc(helped, xh, yh) == 1.0
+    assert not r_prior.adaptation["nothing_adapts"] and r_prior.sparsity > r_alone.sparsity + 0.05
 
 
 def test_a_prior_worth_no_samples_gives_the_mask_of_personalizing_alone(federation):
@@ -183,6 +191,26 @@ def test_no_prior_is_released_over_fewer_than_k_devices(identity, tmp_path):
     strat, msgs2, _ = _round_one(tmp_path, n=4, k=5)
     assert "skipped" in strat.rounds[0]["prior"]
     assert not any("prior" in m.content.array_records for m in msgs2)
+
+
+@pytest.mark.security
+def test_a_private_prior_counts_its_randomized_masks_for_what_their_bits_still_tell(identity, tmp_path):
+    """P11: at epsilon 1 a randomized bit keeps at most tanh(1/2)^2 = 0.21 of the bit's information,
+    so 20 private masks are worth 4.3 exact ones: under k = 5 no prior leaves the server, and a
+    device refuses one that a server sends anyway; 40 are worth 8.5 and go."""
+    from common.wire.privacy import effective_voters
+
+    assert effective_voters(20, 1.0) < 5 < effective_voters(40, 1.0) and effective_voters(4, None) == 4
+    strat, msgs2, _ = _round_one(tmp_path / "a", n=20, k=5, epsilon=1.0)
+    assert "worth 4.3 exact ones" in strat.rounds[0]["prior"]["skipped"]
+    assert not any("prior" in m.content.array_records for m in msgs2)
+    strat, msgs2, _ = _round_one(tmp_path / "b", n=40, k=5, epsilon=1.0)
+    assert strat.rounds[0]["prior"]["voters"] == 40
+    assert all("prior" in m.content.array_records for m in msgs2)
+    shapes, arrays, meta = _good()  # five voters: exact, a prior; randomized at epsilon 1, worth 1.1
+    assert PW.from_records(arrays, meta, shapes, 32.0).voters == 5
+    with pytest.raises(PW.PriorError, match="worth 1.1 exact ones"):
+        PW.from_records(arrays, meta, shapes, 32.0, epsilon=1.0)
 
 
 def test_k_devices_give_every_non_outlier_the_share_that_pruned_each_connection(identity, tmp_path):

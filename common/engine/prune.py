@@ -151,7 +151,10 @@ def _prune(model, x, cfg, device, a: Adapted, pick, scorer, need_stats, links, c
         a.info["prior_ranking"] = not a.searching or opens_a_step(cfg, len(x), worth)
         if a.info["prior_ranking"]:
             scores = blend(scores, prior.pruned, w, scorer.structured)
-            extra = worth
+            # P12: where nothing on the device adapts the model (S35), pruning alone moves it: the
+            # prior reorders what it prunes, but steps past its own bound, judged on its own probe
+            # alone, would gain it nothing
+            extra = 0.0 if a.still else worth
     clock.lap("scores")
     probe = Probe(model, x, pick, cfg, device, need_stats, clock, a.recal, a.stats)
     clock.lap("mask apply")

@@ -13,7 +13,7 @@ import torch
 
 from common.engine import class_prior as CPR
 from common.engine.prior import Prior
-from common.wire.privacy import keep_probability
+from common.wire.privacy import effective_voters, keep_probability
 
 LEVELS = 255  # a share is sent as round(255 x share)
 NOISE_Z = 2.0  # a private prior's share counts only beyond this many standard errors of its noise
@@ -36,7 +36,8 @@ def from_records(arrays, meta_record, shapes: dict, samples: float, min_voters: 
                  epsilon: float | None = None) -> Prior:
     """The prior a device received, checked against its base's prunable layers (`shapes`: name ->
     weight shape): exactly those layers, each a uint8 array of the weight's shape, and at least
-    `min_voters` devices behind it. `samples`: what the device counts it as (prior-samples).
+    `min_voters` devices behind it (randomized masks counted for what their bits still tell, P11).
+    `samples`: what the device counts it as (prior-samples).
     `epsilon`: the run's privacy (the prior was built from randomized masks): see denoise."""
     try:
         meta = json.loads(meta_record["meta"])
@@ -45,6 +46,9 @@ def from_records(arrays, meta_record, shapes: dict, samples: float, min_voters: 
         raise PriorError("the prior's metadata is not JSON with a voter count") from None
     if not isinstance(voters, int) or isinstance(voters, bool) or voters < min_voters:
         raise PriorError(f"the prior aggregates {voters!r} devices, fewer than {min_voters}")
+    if epsilon and effective_voters(voters, epsilon) < min_voters:
+        raise PriorError(f"the prior aggregates {voters} randomized masks at epsilon {epsilon:g}, worth "
+                         f"{effective_voters(voters, epsilon):.1f} exact ones, fewer than {min_voters}")
     names = set(arrays.keys())
     if names != set(shapes):
         raise PriorError(f"the prior names {len(names)} layers, this model has {len(shapes)} prunable ones "

@@ -65,6 +65,20 @@ def permanent_randomize(mask: Mask, epsilon: float, key: bytes) -> Mask:
     return Mask(out)
 
 
+def information(epsilon: float | None) -> float:
+    """How much of a mask bit's information its randomized report keeps, at most: (2p - 1)^2 =
+    tanh(epsilon / 2)^2 (the Fisher information about a share of 1/2 that one report carries,
+    against the exact bit's; less at shares near 0 or 1). 0.21 at epsilon 1, 0.58 at 2; 1 without
+    privacy."""
+    return 1.0 if not epsilon else math.tanh(epsilon / 2) ** 2
+
+
+def effective_voters(voters: int, epsilon: float | None) -> float:
+    """How many exact masks the shares of `voters` randomized ones are worth, at most (P11): a
+    private prior counts as an aggregate of this many devices against slim-min-clients."""
+    return voters * information(epsilon)
+
+
 def debias(pruned_bits: np.ndarray, epsilon: float) -> np.ndarray:
     """Unbiased estimate of the true pruned indicator (0/1) of each reported bit:
     E[(b - (1 - p)) / (2p - 1)] = true bit, for randomized response with keep probability p."""
