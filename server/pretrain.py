@@ -51,10 +51,10 @@ def add_vendor_record(path, ds: D.Dataset, train_idx) -> bool:
     (common/engine/adapt.py), from the data it was trained on; False where it already has one."""
     import torch
 
-    from common.model.checkpoint import load_checkpoint
+    from common.model.checkpoint import VENDOR_META, load_checkpoint
 
     model, meta, mask = load_checkpoint(path)
-    if all(k in meta for k in ("class_spread", "class_moments", "input_profile", "hidden_record")):
+    if all(k in meta for k in VENDOR_META):  # the record's every field, as the device reads them
         return False
     idx = torch.as_tensor(train_idx)
     meta = dict(meta, **vendor_record(model, ds.x[idx], ds.y[idx]))

@@ -46,9 +46,10 @@ def from_records(arrays, meta_record, shapes: dict, samples: float, min_voters: 
         raise PriorError("the prior's metadata is not JSON with a voter count") from None
     if not isinstance(voters, int) or isinstance(voters, bool) or voters < min_voters:
         raise PriorError(f"the prior aggregates {voters!r} devices, fewer than {min_voters}")
-    if epsilon and effective_voters(voters, epsilon) < min_voters:
+    worth = effective_voters(voters, epsilon)
+    if worth < min_voters:  # randomized masks count for what their bits still tell (P11)
         raise PriorError(f"the prior aggregates {voters} randomized masks at epsilon {epsilon:g}, worth "
-                         f"{effective_voters(voters, epsilon):.1f} exact ones, fewer than {min_voters}")
+                         f"{worth:.1f} exact ones, fewer than {min_voters}")
     names = set(arrays.keys())
     if names != set(shapes):
         raise PriorError(f"the prior names {len(names)} layers, this model has {len(shapes)} prunable ones "
