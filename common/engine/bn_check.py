@@ -4,7 +4,8 @@ what the user's few samples move them by chance (S28), and it agrees with a reca
 cannot absorb a class mix; otherwise only the input side follows the user, where following it
 brings the other layers significantly closer to the base's statistics (S27, S28), else none does.
 Full recalibration of a user whose pseudo-labels hold few classes follows only what their class
-mix does not predict (class-mix, S43)."""
+mix does not predict (class-mix, S43); so does the input side, where it alone follows a user whose
+first layer's statistics a class mix of few classes explains (S47)."""
 from __future__ import annotations
 
 import torch
@@ -21,6 +22,11 @@ from common.engine.bn import (
     sampling_noise,
 )
 from common.engine.hidden_shift import NO_LABEL_SHIFT
+
+# S47: a class mix is taken for what moved the input side where it explains more of the move than
+# it leaves (set before the screen: of its users whose mix spreads over few classes, the styled
+# ones reach 0.43, one pale-ink user 0.52-0.53, the unstyled ones start at 0.56; docs/personalization.md)
+MIX_EXPLAINS = 0.5
 
 
 def check_full(model, x, pick, logits, prior, spread, cfg, device, meta=None):
@@ -46,7 +52,7 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device, meta=None):
     if shift is not None and shift < AD.DEEP_SHIFT:
         # no covariate shift past the input side to follow: nothing full recalibration could gain
         # there but the class mix, and no check pass to pay for
-        return "stem", stem_recal(model, prior, spread), check, 0
+        return "stem", stem_recal(model, prior, spread, full, meta, check), check, 0
     pick = pick[:AD.CHECK_SAMPLES]  # a class the user has shows in 64 samples; the check costs at most that
     xp = x[pick]
     with PerSampleSpread(bns[n_stem:]) as spread_a:  # the safe reference as the check's thresholds were set on
@@ -73,7 +79,7 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device, meta=None):
         return "full", {}, check, len(xp)
     # the input side follows only where that brings the layers keeping the base's statistics
     # closer to them than they are without it (S27); else no layer follows
-    stem, none = stem_recal(model, prior, spread), none_recal(prior)
+    stem, none = stem_recal(model, prior, spread, full, meta, check), none_recal(prior)
     if len(bns) <= n_stem:  # no layer past the input side that it could move away
         return "stem", stem, check, len(xp)
     kept = {k: _kept_weights(model, xp, r, device, prior, spread, n_stem) for k, r in (("stem", stem), ("none", none))}
@@ -132,11 +138,30 @@ def none_recal(prior) -> dict:
     return dict(profile=lambda _i, _layers: 0.0, prior=prior)
 
 
-def stem_recal(model, prior, spread) -> dict:
+def stem_recal(model, prior, spread, full=None, meta=None, check=None) -> dict:
     """recalibrate_bn's arguments for bn-adapt stem: the input side only, and there, where the
     checkpoint records the class spread, only the channels the class mix cannot explain (a first
-    layer of a network on feature vectors is class-specific itself)."""
+    layer of a network on feature vectors is class-specific itself). S47: KAPPA x the class spread
+    does not bound what a single class moves a channel by (a ResNet18 user holding one class:
+    1.00 -> 0.69). Where the checkpoint records each class's moments (`meta`) and a class mix
+    explains more than MIX_EXPLAINS of how the first BatchNorm layer's statistics of the pass
+    (`full`; its inputs owe nothing to any recalibration) moved from the vendor's, and that mix
+    spreads over less than NO_LABEL_SHIFT of the classes, every input-side channel follows only
+    what the mix does not predict (class_mix_stats), at no pass."""
     kw = dict(profile=AD.stem_profile(model), prior=prior)
+    # a one-channel first layer (the speech model's input normalization) tells no class mix
+    fits = full is not None and bn_layers(model)[0].num_features > 1
+    first = CM.moments_for(model, meta, first=1) if fits else None
+    if first is not None:
+        pi, explained = CM.fit_mix(*full[0], first[0], prior[0][1])
+        share = CM.spread(pi) / len(pi)
+        if check is not None:
+            check.update(stem_mix_explained=round(explained, 4), stem_mix_share=round(share, 4))
+        moments = CM.moments_for(model, meta) if explained > MIX_EXPLAINS and share < NO_LABEL_SHIFT else None
+        if moments is not None:  # every layer's record read only now, and only if it fits
+            if check is not None:
+                check["stem_class_mix"] = True
+            return dict(kw, classmix=CM.class_mix(moments, pi))
     return dict(kw, spread=spread, kappa=AD.KAPPA) if spread is not None else kw
 
 
