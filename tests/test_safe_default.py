@@ -433,7 +433,7 @@ def test_one_class_users_of_a_batchnorm_network_keep_their_base_where_the_input_
     """S47: a user holding one class of the base's own kind of images moves the input side's
     channels by more than KAPPA x their class spread lets through, so recalibrating it (the
     default before S47, emulated by a stem_recal that is not given the statistics pass's) costs
-    such users of the ResNet18 11-18 points; estimated from the first layer's own statistics
+    such users of the ResNet18 11-14 points; estimated from the first layer's own statistics
     against the vendor's per-class moments (no pass), their class mix keeps them at their base."""
     from common.engine import bn_check as BC
 
