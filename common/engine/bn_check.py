@@ -85,6 +85,7 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device, meta=None):
     kept = {k: _kept_weights(model, xp, r, device, prior, spread, n_stem) for k, r in (("stem", stem), ("none", none))}
     check.update({f"kept_shift_{k}": round(float(v.mean()), 4) for k, v in kept.items()})
     if not _closer(kept["stem"], kept["none"]):
+        check.pop("stem_class_mix", None)  # the input side is not kept: nor is its class mix
         return "none", none, check, 3 * len(xp)
     return "stem", stem, check, 3 * len(xp)
 
