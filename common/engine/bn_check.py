@@ -85,7 +85,6 @@ def check_full(model, x, pick, logits, prior, spread, cfg, device, meta=None):
     kept = {k: _kept_weights(model, xp, r, device, prior, spread, n_stem) for k, r in (("stem", stem), ("none", none))}
     check.update({f"kept_shift_{k}": round(float(v.mean()), 4) for k, v in kept.items()})
     if not _closer(kept["stem"], kept["none"]):
-        check.pop("stem_class_mix", None)  # the input side is not kept: nor is its class mix
         return "none", none, check, 3 * len(xp)
     return "stem", stem, check, 3 * len(xp)
 
@@ -160,8 +159,6 @@ def stem_recal(model, prior, spread, full=None, meta=None, check=None) -> dict:
             check.update(stem_mix_explained=round(explained, 4), stem_mix_share=round(share, 4))
         moments = CM.moments_for(model, meta) if explained > MIX_EXPLAINS and share < NO_LABEL_SHIFT else None
         if moments is not None:  # every layer's record read only now, and only if it fits
-            if check is not None:
-                check["stem_class_mix"] = True
             return dict(kw, classmix=CM.class_mix(moments, pi))
     return dict(kw, spread=spread, kappa=AD.KAPPA) if spread is not None else kw
 

@@ -111,6 +111,8 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
     if mode == "auto":
         mode, recal, check, extra = check_full(model, x, pick, logits, prior, spread, cfg, device, base_meta)
         info.update(check)
+        if mode == "stem" and "classmix" in recal:
+            info["stem_class_mix"] = True  # the input side follows only what its class mix does not predict (S47)
         if mode in ("stem", "none", "class-mix"):  # the statistics pass again, on the model as it is kept:
             # usage measured on the network whose class mix full recalibration absorbed ranks the wrong
             # connections
