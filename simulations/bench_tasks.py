@@ -109,29 +109,31 @@ def resnet_input(x: torch.Tensor, size: int = RESNET_SIZE) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def resnet_few_task(out: Path, seed: int, n_users: int = 8, epochs: int = 6, style: bool = False):
+def resnet_few_task(out: Path, seed: int, n_users: int = 8, epochs: int = 6, style: bool = False,
+                    arch: str = "resnet18"):
     """ResNet18 (BatchNorm after every convolution) trained by the vendor on white-on-black digits
     at 32x32, RGB; each user holds 2-3 classes (label shift), and every other user writes in a
     colour of their own (ink and paper drawn per user, never inverted: the covariate shift on top).
     The few-class users whose statistics full BatchNorm recalibration absorbs. `style`: other
     users (another draw), each also writing in a style of its own (thick strokes, blur, low
-    contrast, rotation: a font), the shift that lives past the input side."""
+    contrast, rotation: a font), the shift that lives past the input side. `arch`: another
+    torchvision ResNet (resnet50: bottleneck blocks) on the same protocol and the same users."""
     from common.engine.adapt import vendor_record
     from common.model.architectures import build_model
     from common.model.checkpoint import save_checkpoint
     from common.model.train import train_supervised
 
     ds = D.load_digits()
-    ck = out / "bases" / f"resnet18_digits{RESNET_SIZE}_s{seed}_e{epochs}.pt"
+    ck = out / "bases" / f"{arch}_digits{RESNET_SIZE}_s{seed}_e{epochs}.pt"
     vendor, pool = P.vendor_and_pool("digits", ds, seed)
     grey = lambda x: resnet_input(x).repeat(1, 3, 1, 1)  # noqa: E731
     if not ck.is_file():
         torch.manual_seed(seed)
         kw = {"num_classes": 10}
-        model = build_model("resnet18", **kw)
+        model = build_model(arch, **kw)
         train_supervised(model, grey(ds.x[vendor]), ds.y[vendor], epochs=epochs, lr=1e-3, seed=seed)
         model = model.cpu().eval()
-        meta = {"arch": "resnet18", "arch_kwargs": kw, "task": "digits-rgb32", "classes": ds.classes,
+        meta = {"arch": arch, "arch_kwargs": kw, "task": "digits-rgb32", "classes": ds.classes,
                 "features": {"kind": "image", "image_size": RESNET_SIZE, "channels": 3},
                 **vendor_record(model, grey(ds.x[vendor]), ds.y[vendor])}
         save_checkpoint(ck, model, meta)

@@ -177,6 +177,28 @@ def test_few_class_study_cuts_a_user_to_its_first_classes_and_refuses_what_it_ca
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.badinput
+def test_arch_study_counts_users_below_their_base_per_classes_held_and_refuses_what_it_cannot_run(tmp_path):
+    """The out-of-sample architecture study (ResNet50 on resnet-few): per number of classes held,
+    a user counts as below its base only past 2 points, and the worst user is the largest drop."""
+    from simulations import arch_study as AS
+
+    def row(k, base, default):
+        return {"classes held": k, "base": base, "sparsity": 0.3, **{m: base for m in AS.METHODS}, "default": default}
+
+    rows = [row("all", 0.80, 0.79), row("all", 0.60, 0.90), row(1, 1.00, 0.70), row(1, 0.50, 0.50)]
+    table = {s["cohort"]: s for s in AS.summary(rows)}
+    assert table["classes held: all"]["default below"] == 0  # -1 point is not past 2
+    assert round(table["classes held: all"]["default"], 3) == 0.845
+    assert table["classes held: 1"]["default below"] == 1
+    assert round(table["classes held: 1"]["default worst"], 3) == -0.30
+    assert table["classes held: 1"]["t3a below"] == 0
+    for argv in (["--epochs", "0"], ["--arch", "vgg11"]):
+        with pytest.raises(SystemExit):
+            AS.main([*argv, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
 def test_leave_one_cohort_out_keeps_to_the_sparsity_floor_and_counts_a_worst_user_past_two_points():
     """The cohort studies' choice (S22, S38): the arm the other cohorts score best, a worst user more
     than 2 points below its base counted against it, among the arms that keep their sparsity."""
