@@ -23,14 +23,15 @@ from pathlib import Path
 import torch
 
 from common.cli import first_sentence
+from simulations.bench_report import BACKPROP
 
-METHODS = ("default", "adabn", "t3a", "lame", "adabn+t3a", "backprop-5ep (labels)")
+METHODS = ("default", "adabn", "t3a", "lame", "adabn+t3a", BACKPROP)
 
 
 def measure(base, meta, user) -> dict:
     """One user's held-out accuracy per method, the default's sparsity and BatchNorm mode."""
     from common.engine.prune import fine_prune, personalized_model
-    from common.model.train import accuracy, train_supervised
+    from common.model.train import accuracy
     from common.settings import PruneConfig
     from simulations import baselines as BL
 
@@ -40,14 +41,13 @@ def measure(base, meta, user) -> dict:
            "base": accuracy(base, user.heldout_x, user.heldout_y),
            "default": accuracy(personalized_model(m, res), user.heldout_x, user.heldout_y),
            "sparsity": round(res.sparsity, 4), "bn": res.adaptation.get("bn"), "head": res.adaptation.get("head")}
-    runs = {"adabn": lambda: BL.adabn(base, user.x), "t3a": lambda: BL.t3a(base, user.x),
-            "lame": lambda: BL.lame(base, user.x), "adabn+t3a": lambda: BL.t3a(base, user.x, recalibrate=True)}
+    runs = BL.runs(base, user.x)
     with torch.no_grad():
-        for name, run in runs.items():
-            row[name] = float((run().predict(user.heldout_x).argmax(1) == user.heldout_y).float().mean())
+        for name in ("adabn", "t3a", "lame", "adabn+t3a"):
+            row[name] = float((runs[name]().predict(user.heldout_x).argmax(1) == user.heldout_y).float().mean())
     ceiling = copy.deepcopy(base)
-    train_supervised(ceiling, user.x, user.y, epochs=5, lr=5e-4, batch_size=32)
-    row["backprop-5ep (labels)"] = accuracy(ceiling, user.heldout_x, user.heldout_y)
+    BL.backprop_ceiling(ceiling, user.x, user.y)
+    row[BACKPROP] = accuracy(ceiling, user.heldout_x, user.heldout_y)
     return row
 
 
@@ -57,8 +57,8 @@ def summary(rows: list[dict]) -> list[dict]:
     out = []
     for k in dict.fromkeys(r["classes held"] for r in rows):
         sel = [r for r in rows if r["classes held"] == k]
-        s = {"cohort": f"classes held: {k}", "users": len(sel), "base": statistics.mean(r["base"] for r in sel),
-             "sparsity": statistics.mean(r["sparsity"] for r in sel)}
+        s = {"cohort": f"classes held: {k}", "classes held": k, "users": len(sel),
+             "base": statistics.mean(r["base"] for r in sel), "sparsity": statistics.mean(r["sparsity"] for r in sel)}
         for a in METHODS:
             s[a] = statistics.mean(r[a] for r in sel)
             s[f"{a} below"] = sum(r[a] - r["base"] < -0.02 for r in sel)
@@ -74,7 +74,7 @@ def markdown(title: str, table: list[dict]) -> str:
              "|---|---|---|" + "---|" * (len(METHODS) + 1)]
     for s in table:
         cells = [f"{s[a]:.3f} ({s[a + ' below']}; {s[a + ' worst']:+.3f})" for a in METHODS]
-        lines.append(f"| {s['cohort'].split(': ')[1]} | {s['users']} | {s['base']:.3f} | " + " | ".join(cells)
+        lines.append(f"| {s['classes held']} | {s['users']} | {s['base']:.3f} | " + " | ".join(cells)
                      + f" | {s['sparsity']:.2f} |")
     return "\n".join(lines) + "\n"
 

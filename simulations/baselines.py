@@ -146,3 +146,21 @@ def tent(base: nn.Module, x: torch.Tensor, epochs: int = 5, lr: float = 1e-3, ba
         p.requires_grad_(False)
     recalibrate_bn(model, x, 256)
     return Adapted(lambda z: batched_forward(model, z, 256), time.perf_counter() - t0, samples + len(x), samples)
+
+
+# ---------------------------------------------------------------- every baseline, and the ceiling
+def runs(base: nn.Module, x: torch.Tensor) -> dict:
+    """Each label-free baseline by its name in the bench's tables: a thunk that adapts `base` to
+    the user's unlabeled `x` when called."""
+    return {"adabn": lambda: adabn(base, x), "t3a": lambda: t3a(base, x),
+            "adabn+t3a": lambda: t3a(base, x, recalibrate=True),
+            "stem-bn+t3a": lambda: t3a(base, x, recalibrate="stem"), "lame": lambda: lame(base, x),
+            "tent (backprop, no labels)": lambda: tent(base, x)}
+
+
+def backprop_ceiling(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The ceiling no device reaches: `model` fine-tuned in place on the user's labels (5 epochs,
+    every weight). Returns train_supervised's cost."""
+    from common.model.train import train_supervised
+
+    return train_supervised(model, x, y, epochs=5, lr=5e-4, batch_size=32)

@@ -29,7 +29,7 @@ from common.io import atomic_write_csv, atomic_write_text
 from common.model.architectures import prunable_layers
 from common.model.checkpoint import fingerprint
 from common.model.compact import compact
-from common.model.train import accuracy, time_inference, train_supervised
+from common.model.train import accuracy, time_inference
 from common.settings import PruneConfig
 from common.wire.federation import model_bytes
 from common.wire.summary import build_summary, encode, usage_histograms
@@ -97,10 +97,7 @@ def plan() -> list[tuple[str, str, dict]]:
 
 def baseline_rows(common: dict, base, user: BenchUser) -> list[dict]:
     """The label-free adaptation baselines, scored like every method (no pruning, dense model)."""
-    runs = {"adabn": lambda: BL.adabn(base, user.x), "t3a": lambda: BL.t3a(base, user.x),
-            "adabn+t3a": lambda: BL.t3a(base, user.x, recalibrate=True),
-            "stem-bn+t3a": lambda: BL.t3a(base, user.x, recalibrate="stem"), "lame": lambda: BL.lame(base, user.x),
-            "tent (backprop, no labels)": lambda: BL.tent(base, user.x)}
+    runs = BL.runs(base, user.x)
     rows = []
     for name in BASELINES:
         a = runs[name]()
@@ -149,7 +146,7 @@ def run_user(task: str, base, user: BenchUser, measure_memory: bool, meta: dict 
     # the expensive baseline: backprop with the labels a device does not have; in a federation it
     # would upload its weights (or their update), the dense fp32 model
     model = copy.deepcopy(fast)
-    cost = train_supervised(model, user.x, user.y, epochs=5, lr=5e-4, batch_size=32)
+    cost = BL.backprop_ceiling(model, user.x, user.y)
     rows.append(dict(common, method=BACKPROP, level="-", accuracy=accuracy(model, user.heldout_x, user.heldout_y),
                      sparsity=0.0, stop_reason="", seconds=cost["seconds"],
                      forward_passes=cost["forward_samples"] / n, backward_passes=cost["backward_samples"] / n,
