@@ -28,3 +28,43 @@ def test_the_floor_is_a_setting_of_every_surface():
 
     assert PruneConfig().head_min_support == 4.0
     assert any(s.name == "head-min-support" for s in SETTINGS)
+
+
+def test_em_recovers_the_class_mix_behind_calibrated_posteriors():
+    """label_mix (S54): posteriors of a base trained on balanced classes, over a user's data drawn
+    in another mix, give that mix back (Saerens et al.'s EM), where their plain mean does not."""
+    from common.engine.heads import label_mix
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    y = torch.multinomial(mix, 4000, replacement=True, generator=g)
+    centres = torch.tensor([0.0, 1.5, 3.0, 4.5])
+    x = centres[y] + torch.randn(len(y), generator=g)
+    logits = -0.5 * (x[:, None] - centres[None]) ** 2  # the exact posteriors under a uniform prior
+    est = label_mix(logits)
+    assert (est - mix).abs().max() < 0.03, est
+    assert (torch.softmax(logits, 1).mean(0) - mix).abs().max() > 0.08  # what EM is for
+
+
+def test_the_label_shift_head_moves_only_the_bias_and_keeps_a_uniform_users_layer():
+    """write_label_shift keeps the base's rows; a user whose data spread evenly over the classes
+    keeps its predictions; a user holding one class gets the other classes pushed down, by the
+    power PRIOR_POWER of their estimated shares, floored."""
+    import math
+
+    from common.engine.heads import PRIOR_FLOOR, PRIOR_POWER, label_mix, write_label_shift
+
+    layer = torch.nn.Linear(6, 10)
+    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    write_label_shift(layer, torch.zeros(40, 6), _logits(40, 10))
+    assert torch.equal(layer.weight, w) and torch.allclose(layer.bias - b, (layer.bias - b)[0].expand(10), atol=1e-4)
+    layer.bias.data.copy_(b)
+    write_label_shift(layer, torch.zeros(30, 6), _logits(30, 1))
+    moved = layer.bias.detach() - b
+    assert torch.equal(layer.weight, w) and int(moved.argmax()) == 0
+    assert (moved[1:] < moved[0] - 1.0).all() and (moved[1:] >= math.log(PRIOR_FLOOR) - 1e-5).all(), moved
+    assert abs(float(moved[0]) - math.log(10) - PRIOR_POWER * math.log(float(label_mix(_logits(30, 1))[0]))) < 1e-4
+    bare = torch.nn.Linear(6, 10, bias=False)
+    before = bare.weight.detach().clone()
+    write_label_shift(bare, torch.zeros(30, 6), _logits(30, 1))  # no bias: nothing to move
+    assert torch.equal(bare.weight, before)

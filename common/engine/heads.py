@@ -1,6 +1,7 @@
 """Output heads a device can build from its own unlabeled data, forward only: T3A's prototype
-classifier (Iwasawa & Matsuo 2021), a blend of it with the base's own output layer, and writing
-either into a pruned model's output layer (one linear layer still: exports and compaction see
+classifier (Iwasawa & Matsuo 2021), a blend of it with the base's own output layer, the base's
+layer with its output prior moved to the user's class mix (EM, Saerens et al. 2002), and writing
+any of them into a pruned model's output layer (one linear layer still: exports and compaction see
 the same model). Which head a user gets is a registry entry (HEADS), chosen by name or by `auto`."""
 from __future__ import annotations
 
@@ -76,6 +77,44 @@ def write_blend(last: nn.Module, feats: torch.Tensor, logits: torch.Tensor) -> N
         last.bias.mul_(0.5)
 
 
+# S54: how far the label-shift head moves the base's output prior toward the class mix EM
+# estimates (a power of the mix; 1 is Bayes' answer for a calibrated base), chosen leave one
+# cohort out (docs/personalization.md), and the least a class's share counts for
+PRIOR_POWER = 0.25
+PRIOR_FLOOR = 1e-3
+
+
+def label_mix(logits: torch.Tensor, iters: int = 200, tol: float = 1e-6) -> torch.Tensor:
+    """The user's class mix by EM on the base's posteriors (Saerens, Latinne & Decaestecker 2002):
+    each sample's posterior re-weighted by the current mix over the vendor's (taken as uniform: the
+    record carries no class counts), the mix their mean, until it stops moving."""
+    p = F.softmax(logits.float(), 1)
+    k = p.shape[1]
+    pi, q = torch.full((k,), 1.0 / k), torch.empty_like(p)
+    for _ in range(iters):
+        torch.mul(p, pi * k, out=q)
+        new = q.div_(q.sum(1, keepdim=True).clamp_min_(1e-30)).mean(0)
+        done = float((new - pi).abs().max()) < tol
+        pi = new
+        if done:
+            break
+    return pi
+
+
+@torch.no_grad()
+def write_label_shift(last: nn.Module, feats: torch.Tensor, logits: torch.Tensor) -> None:
+    """The base's output layer, its bias moved by the log of the class mix EM estimates on the
+    user's data (to the power PRIOR_POWER, each class's share floored at PRIOR_FLOOR of uniform):
+    where the user's data differ from the vendor's by their class mix alone, the base's posteriors
+    re-weighted by that mix are what the mix adds, without the base's errors on it that prototypes
+    of its pseudo-labels learn. A layer without a bias keeps its rows (nothing to move)."""
+    if last.bias is None:
+        return
+    pi = label_mix(logits)
+    shift = torch.log((pi ** PRIOR_POWER * pi.numel()).clamp_min(PRIOR_FLOOR))
+    last.bias.add_(shift.to(last.bias))
+
+
 @dataclass(frozen=True)
 class Head:
     """An output head: how it writes the output layer from the user's features and logits (None:
@@ -86,7 +125,7 @@ class Head:
 
 
 HEADS = {"linear": Head(None), "prototypes": Head(write_prototypes, rebuild_at_target=True),
-         "blend": Head(write_blend)}
+         "blend": Head(write_blend), "label-shift": Head(write_label_shift)}
 # the federation's class directions (common/engine/class_prior.py): written with the prior the
 # device received, never chosen by name; a fixed target keeps it as written (it weighs the base's rows)
 HEAD_WITH_PRIOR = "class-prior"

@@ -168,6 +168,12 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
             if wider:
                 head = HEAD_WITH_PRIOR
                 write = partial(CPR.write_layer, layer=layer)
+    if (cfg.head == "auto" and head == "prototypes" and info.get("stem_class_mix") and last.bias is not None
+            and info.get("deep_shift", AD.DEEP_SHIFT) < AD.DEEP_SHIFT):
+        # S54: nothing moved past the input side, which a class mix it fitted explains: the user
+        # differs from the vendor by the mix alone (a label shift), where prototypes of the base's
+        # pseudo-labels learn its errors on that mix as well; the base's layer, its prior moved to it
+        head, write = "label-shift", HEADS["label-shift"].write
     info["head"], info["head_gated"] = head, gated
     # nothing on the device adapts the model: no statistics follow the user and the output layer is
     # the base's, so pruning alone moves it (confirm auto, S35)
