@@ -215,3 +215,25 @@ def test_leave_one_cohort_out_keeps_to_the_sparsity_floor_and_counts_a_worst_use
     assert {f["chosen"] for f in CS.loco(table, ["a", "b"])} == {"b"}
     assert CS.loco(table, ["a", "b"], floor=0.9)[0]["chosen"] == "b"  # no arm reaches it: all may be chosen
     assert round(CS.objective(table[0], "a"), 3) == -0.03  # 5 points gained, 8 counted against
+
+
+@pytest.mark.badinput
+def test_prior_head_study_sets_tau_for_an_arm_alone_and_refuses_an_unknown_arm(tmp_path):
+    """S54's study: an arm's tau reaches the label-shift head for that arm's run only (the setting
+    after it is the shipped one), and is not passed to PruneConfig; an unknown arm or cohort is one
+    line, and nothing is written."""
+    from common.engine import heads as H
+    from simulations import prior_head_study as PH
+
+    shipped = H.PRIOR_POWER
+    change = dict(PH.ARMS["tau 1"])
+    with PH.prior_power(change):
+        assert H.PRIOR_POWER == 1.0 and change == {}
+    assert H.PRIOR_POWER == shipped
+    change = dict(PH.ARMS["prototypes"])
+    with PH.prior_power(change):
+        assert H.PRIOR_POWER == shipped and change == {"head": "prototypes"}
+    for argv in (["--arms", "tau 2"], ["--cohorts", "imagenet"]):
+        with pytest.raises(SystemExit):
+            PH.main([*argv, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
