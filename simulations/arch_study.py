@@ -82,7 +82,7 @@ def markdown(title: str, table: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     from simulations import cohort_study as CS
     from simulations.bench_tasks import resnet_few_task
-    from simulations.few_class_study import cut
+    from simulations.few_class_study import held
 
     p = argparse.ArgumentParser(prog="python -m simulations.arch_study", description=first_sentence(__doc__))
     p.add_argument("--arch", default="resnet50", choices=("resnet50", "resnet18"), help="the vendor's network")
@@ -100,14 +100,12 @@ def main(argv=None) -> list[dict]:
     users = resnet_few_task(out, a.seed, epochs=a.epochs, style=a.style, arch=a.arch)
     rows = []
     for i, (base, meta, u) in enumerate(users):
-        for k in ("all", 1, 2):
-            v = u if k == "all" else cut(u, k)
-            if v is not None:
-                rows.append({"classes held": k, **measure(base, meta, v)})
-                r = rows[-1]
-                print(f"  [{i + 1}/{len(users)}] {r['user']} (n={r['samples']}): base {r['base']:.3f}, default "
-                      f"{r['default']:.3f} at {r['sparsity']:.2f} ({r['bn']}, {r['head']}), T3A {r['t3a']:.3f}",
-                      flush=True)
+        for k, v in held(u):
+            rows.append({"classes held": k, **measure(base, meta, v)})
+            r = rows[-1]
+            print(f"  [{i + 1}/{len(users)}] {r['user']} (n={r['samples']}): base {r['base']:.3f}, default "
+                  f"{r['default']:.3f} at {r['sparsity']:.2f} ({r['bn']}, {r['head']}), T3A {r['t3a']:.3f}",
+                  flush=True)
     table = summary(rows)
     setup = f"{a.arch} on the {'resnet-style' if a.style else 'resnet-few'} protocol, seed {a.seed}, {a.epochs} epochs"
     title = f"{setup}: the default against the label-free baselines"

@@ -35,6 +35,13 @@ def cut(u: BenchUser, k: int) -> BenchUser | None:
     return BenchUser(f"{u.user_id}|{k}", u.x[inside], u.y[inside], u.heldout_x[held], u.heldout_y[held])
 
 
+def held(u: BenchUser, ks=("all", 1, 2)) -> list[tuple]:
+    """(classes held, the user) for each of `ks`: the user whole ("all") or cut to its first k
+    classes, where the cut leaves enough samples (cut)."""
+    pairs = [(k, u if k == "all" else cut(u, k)) for k in ks]
+    return [(k, v) for k, v in pairs if v is not None]
+
+
 def measure(base, meta, u: BenchUser) -> dict:
     from common.engine.prune import fine_prune, personalized_model
     from common.model.train import accuracy
@@ -93,11 +100,9 @@ def main(argv=None) -> None:
     for c in cohorts:
         ds = D.load_fsdd(a.fsdd) if c.startswith("fsdd") else None
         for base, meta, u in cohort_users(c, out, a.seed, ds, log=lambda *x: None):
-            for k in (1, 2):
-                v = cut(u, k)
-                if v is not None:
-                    rows.append({"cohort": c, "k": k, **measure(base, meta, v)})
-                    print(json.dumps(rows[-1]), flush=True)
+            for k, v in held(u, (1, 2)):
+                rows.append({"cohort": c, "k": k, **measure(base, meta, v)})
+                print(json.dumps(rows[-1]), flush=True)
     atomic_write_text(out / "few_class.json", json.dumps(rows, indent=1))
     atomic_write_text(out / "few_class.md", table(rows))
     print(table(rows))

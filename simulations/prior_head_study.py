@@ -40,12 +40,9 @@ def prior_power(change: dict):
 
 def with_cuts(users) -> list:
     """Each user whole and cut to its first one and two classes (where that leaves enough)."""
-    from simulations.few_class_study import cut
+    from simulations.few_class_study import held
 
-    out = []
-    for base, meta, u in users:
-        out += [(base, meta, v) for v in (u, cut(u, 1), cut(u, 2)) if v is not None]
-    return out
+    return [(base, meta, v) for base, meta, u in users for _, v in held(u)]
 
 
 def main(argv=None) -> list[dict]:
