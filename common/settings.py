@@ -175,8 +175,9 @@ SETTINGS = [
       "data (forward passes only, no labels; chain models and the inside of ResNet blocks)", {RUN, CLIENT, PRUNE}),
     S("head", "auto", "the output layer: linear (the base's), prototypes (T3A prototypes of the user's "
       "pseudo-labelled features, forward only), blend (half each, in logits), label-shift (the base's, its "
-      "output prior moved toward the class mix EM estimates on the user's data), auto (the base's below "
-      "head-min-support samples per class, prototypes from prototype-min-support, else blend; label-shift "
+      "output prior moved from the vendor's class mix toward the one EM estimates on the user's data), "
+      "auto (the base's below head-min-support samples per class, prototypes from prototype-min-support, "
+      "else blend; label-shift "
       "instead of prototypes where only the user's class mix moved the model)", {RUN, CLIENT, PRUNE},
       choices=("linear", "prototypes", "blend", "label-shift", "auto")),
     S("head-min-support", 4.0, "head auto: samples per class (of the classes the user's data spreads over) "

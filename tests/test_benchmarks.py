@@ -237,3 +237,31 @@ def test_prior_head_study_sets_tau_for_an_arm_alone_and_refuses_an_unknown_arm(t
         with pytest.raises(SystemExit):
             PH.main([*argv, "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.badinput
+def test_vendor_prior_study_reads_no_counts_for_the_uniform_arm_alone_and_refuses_bad_input(tmp_path):
+    """S55's study: the uniform arm's run reads no vendor counts (the label-shift head of S54),
+    every other arm's does, and the arm's key is not passed to PruneConfig; a long-tailed vendor
+    keeps its most common class whole and its rarest at 1/imbalance; an unknown network or an
+    imbalance below 1 is one line, and nothing is written."""
+    import numpy as np
+
+    from common.engine import heads as H
+    from simulations import vendor_prior_study as VP
+
+    meta = {"class_counts": [3, 1]}
+    change = dict(VP.ARMS["uniform (S54)"])
+    with VP.uniform_vendor(change):
+        assert H.vendor_prior(meta, 2) is None and change == {}
+    assert H.vendor_prior(meta, 2) is not None
+    change = dict(VP.ARMS["prototypes"])
+    with VP.uniform_vendor(change):
+        assert H.vendor_prior(meta, 2) is not None and change == {"head": "prototypes"}
+    y = np.repeat(np.arange(4), 100)
+    kept = np.bincount(y[VP.long_tailed(y, np.arange(len(y)), 10.0, 0)], minlength=4)
+    assert sorted(kept.tolist()) == [10, 22, 46, 100]
+    for argv in (["--networks", "vgg"], ["--imbalance", "0.5"], ["--bench-cohorts", "fsdd-loso"]):
+        with pytest.raises(SystemExit):
+            VP.main([*argv, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

@@ -94,6 +94,37 @@ def test_users_whom_only_their_class_mix_sets_apart_get_the_bases_layer_moved_to
     assert accuracy(personalized_model(m, r), xh, yh) >= accuracy(base, xh, yh) - 0.02
 
 
+def test_users_of_a_vendor_trained_on_imbalanced_classes_are_moved_from_the_vendors_own_mix():
+    """S55: a vendor whose classes came 10:1 from the most common to the rarest records their
+    counts; a user holding rare classes, whom the base's prior holds down, gains from the
+    label-shift head over the vendor's mix where a head taking the vendor for uniform leaves the
+    vendor's prior in place (users of the rarest classes: at least 5 points more); no user falls
+    below its base."""
+    x, y, sample = gaussian_classes(apart=0.8)
+    keep = torch.rand(len(y), generator=torch.Generator().manual_seed(2)) < 10 ** (-torch.arange(K) / (K - 1))[y]
+    x, y = x[keep], y[keep]
+    torch.manual_seed(0)
+    base = _mlp()
+    train_supervised(base, x, y, epochs=15, lr=3e-3, batch_size=128)
+    base.eval()
+    meta = vendor_record(base, x, y)
+    assert meta["class_counts"] == torch.bincount(y, minlength=K).tolist()
+    uniform = {k: v for k, v in meta.items() if k != "class_counts"}
+    g = torch.Generator().manual_seed(1)
+    for cls in ([0, 3], [7], [5, 7]):
+        xu, _ = sample(cls, 64, g)
+        xh, yh = sample(cls, 300, g)
+        acc = {}
+        for name, m_meta in (("counts", meta), ("uniform", uniform)):
+            m = copy.deepcopy(base)
+            r = fine_prune(m, xu, PruneConfig(), base_meta=m_meta)
+            assert r.adaptation["head"] == "label-shift" and r.adaptation["vendor_prior"] == (name == "counts")
+            acc[name] = accuracy(personalized_model(m, r), xh, yh)
+        assert acc["counts"] >= accuracy(base, xh, yh) - 0.02, (cls, acc)
+        if 7 in cls:  # the rare classes
+            assert acc["counts"] >= acc["uniform"] + 0.05, (cls, acc)
+
+
 @pytest.fixture(scope="module")
 def digits_vendor(digits, digits_split, _digits_base):
     vend, _ = digits_split
@@ -231,6 +262,10 @@ def test_the_input_side_ends_at_the_first_layer_with_several_channels():
     ({"class_moments": [{"mean": [[0.0] * 1000] * 500, "square": [[1.0] * 1000] * 501}]}, "class_moments"),
     ({"class_moments": [{"mean": [[float("inf")]], "square": [[1.0]]}]}, "class_moments"),
     ({"class_moments": "everything"}, "class_moments"),
+    ({"class_counts": [10, -1, 3]}, "class_counts"),
+    ({"class_counts": [10, float("nan")]}, "class_counts"),
+    ({"class_counts": [1] * 10_001}, "class_counts"),
+    ({"class_counts": "many"}, "class_counts"),
 ])
 def test_a_malformed_vendor_record_from_the_other_side_is_refused(record, why):
     from common.model.checkpoint import CheckpointError, check_model_meta

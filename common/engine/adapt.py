@@ -76,7 +76,10 @@ def vendor_record(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     """What a base checkpoint carries for the device (model metadata, JSON-able and small)."""
     prof = input_profile(model, x)
     sums = class_sums(model, x, y)
-    return {"class_spread": [[round(float(v), 4) for v in eta_squared(s1, cnt, s2.sum(0))] for s1, s2, cnt in sums],
+    outputs = list(prunable_layers(model).values())[-1].weight.shape[0]
+    # each class's samples (S55): the vendor's class mix, which the label-shift head moves away from
+    return {"class_counts": torch.bincount(y.long(), minlength=outputs).tolist(),
+            "class_spread": [[round(float(v), 4) for v in eta_squared(s1, cnt, s2.sum(0))] for s1, s2, cnt in sums],
             "class_moments": CM.recorded_moments(sums),
             "input_profile": {"shape": list(prof.shape), "values": [round(float(v), 5) for v in prof.flatten()]},
             **hidden_record(model, x, y)}

@@ -82,17 +82,21 @@ def write_blend(last: nn.Module, feats: torch.Tensor, logits: torch.Tensor) -> N
 # cohort out (docs/personalization.md), and the least a class's share counts for
 PRIOR_POWER = 0.25
 PRIOR_FLOOR = 1e-3
+VENDOR_FLOOR = 0.01  # S55: the least share of uniform a class of the vendor's counts for
 
 
-def label_mix(logits: torch.Tensor, iters: int = 200, tol: float = 1e-6) -> torch.Tensor:
+def label_mix(logits: torch.Tensor, vendor: torch.Tensor | None = None, iters: int = 200,
+              tol: float = 1e-6) -> torch.Tensor:
     """The user's class mix by EM on the base's posteriors (Saerens, Latinne & Decaestecker 2002):
-    each sample's posterior re-weighted by the current mix over the vendor's (taken as uniform: the
-    record carries no class counts), the mix their mean, until it stops moving."""
+    each sample's posterior re-weighted by the current mix over the vendor's (`vendor`, the class
+    shares of the base's training data, vendor_prior; None: uniform), the mix their mean, until it
+    stops moving. EM starts from the vendor's mix, where a user holding it stays."""
     p = F.softmax(logits.float(), 1)
     k = p.shape[1]
-    pi, q = torch.full((k,), 1.0 / k), torch.empty_like(p)
+    pv = None if vendor is None else vendor.float()
+    pi, q = torch.full((k,), 1.0 / k) if pv is None else pv.clone(), torch.empty_like(p)
     for _ in range(iters):
-        torch.mul(p, pi * k, out=q)
+        torch.mul(p, pi * k if pv is None else pi / pv, out=q)
         new = q.div_(q.sum(1, keepdim=True).clamp_min_(1e-30)).mean(0)
         done = float((new - pi).abs().max()) < tol
         pi = new
@@ -101,17 +105,37 @@ def label_mix(logits: torch.Tensor, iters: int = 200, tol: float = 1e-6) -> torc
     return pi
 
 
+def vendor_prior(meta: dict | None, k: int) -> torch.Tensor | None:
+    """The class shares of the base's training data, from the vendor record's class_counts (S55),
+    where they name k classes and some samples; each share at least VENDOR_FLOOR of uniform (a
+    class the vendor barely saw divides no posterior by nearly zero). None: the record has none."""
+    counts = (meta or {}).get("class_counts")
+    if not isinstance(counts, list) or len(counts) != k:
+        return None
+    c = torch.tensor([float(v) for v in counts], dtype=torch.float64)
+    if not bool(torch.isfinite(c).all()) or bool((c < 0).any()) or float(c.sum()) <= 0:
+        return None
+    pv = (c / c.sum()).clamp_min(VENDOR_FLOOR / k)
+    return (pv / pv.sum()).float()
+
+
 @torch.no_grad()
-def write_label_shift(last: nn.Module, feats: torch.Tensor, logits: torch.Tensor) -> None:
+def write_label_shift(last: nn.Module, feats: torch.Tensor, logits: torch.Tensor,
+                      vendor: torch.Tensor | None = None) -> None:
     """The base's output layer, its bias moved by the log of the class mix EM estimates on the
-    user's data (to the power PRIOR_POWER, each class's share floored at PRIOR_FLOOR of uniform):
-    where the user's data differ from the vendor's by their class mix alone, the base's posteriors
-    re-weighted by that mix are what the mix adds, without the base's errors on it that prototypes
-    of its pseudo-labels learn. A layer without a bias keeps its rows (nothing to move)."""
+    user's data over the vendor's (`vendor`, vendor_prior; None: uniform), to the power
+    PRIOR_POWER, each class's ratio floored at PRIOR_FLOOR: where the user's data differ from the
+    vendor's by their class mix alone, the base's posteriors re-weighted by that mix are what the
+    mix adds, without the base's errors on it that prototypes of its pseudo-labels learn. A user
+    holding the vendor's own mix moves nothing. A layer without a bias keeps its rows (nothing to move)."""
     if last.bias is None:
         return
-    pi = label_mix(logits)
-    shift = torch.log((pi ** PRIOR_POWER * pi.numel()).clamp_min(PRIOR_FLOOR))
+    pi = label_mix(logits, vendor)
+    k = pi.numel()
+    # (pi / pv)^tau times k^(1 - tau), a constant over the classes (no posterior moves by it): the
+    # floor reads a class's ratio as it did with the uniform vendor of S54, pi^tau k
+    ratio = pi ** PRIOR_POWER * k if vendor is None else (pi / vendor.float()) ** PRIOR_POWER * k ** (1 - PRIOR_POWER)
+    shift = torch.log(ratio.clamp_min(PRIOR_FLOOR))
     last.bias.add_(shift.to(last.bias))
 
 

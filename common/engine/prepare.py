@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from common.engine import adapt as AD
 from common.engine import class_prior as CPR
 from common.engine import compensate as CP
+from common.engine import heads as HD
 from common.engine import hidden_shift as HS
 from common.engine import probe as PR
 from common.engine.bn import Chance, bn_layers, bn_prior, recalibrate_bn
@@ -173,7 +174,11 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
         # S54: nothing moved past the input side, which a class mix it fitted explains: the user
         # differs from the vendor by the mix alone (a label shift), where prototypes of the base's
         # pseudo-labels learn its errors on that mix as well; the base's layer, its prior moved to it
-        head, write = "label-shift", HEADS["label-shift"].write
+        head = "label-shift"
+    if head == "label-shift":  # over the vendor's own class mix where its record counts it (S55)
+        vendor = HD.vendor_prior(base_meta, logits.shape[1])
+        write = partial(HEADS[head].write, vendor=vendor)
+        info["vendor_prior"] = vendor is not None
     info["head"], info["head_gated"] = head, gated
     # nothing on the device adapts the model: no statistics follow the user and the output layer is
     # the base's, so pruning alone moves it (confirm auto, S35)

@@ -30,7 +30,7 @@ class CheckpointError(ValueError):
 # What a device needs to rebuild and feed a model: the one list of a checkpoint's model metadata
 MODEL_META = ("arch", "arch_kwargs", "task", "classes", "features")
 # What the vendor may record beside it for the device's adaptation checks (common/engine/adapt.py): optional
-VENDOR_META = ("class_spread", "class_moments", "input_profile", "hidden_record")
+VENDOR_META = ("class_counts", "class_spread", "class_moments", "input_profile", "hidden_record")
 VENDOR_LIMITS = {"spread_values": 200_000, "moment_values": 1_000_000, "profile_values": 65_536,
                  "hidden_values": 65_536}
 
@@ -118,6 +118,9 @@ def _numbers(vals, lo=-math.inf, hi=math.inf) -> bool:
 
 def _check_vendor_record(meta: dict) -> None:
     """The optional vendor record: well-typed and bounded (a device allocates what it says)."""
+    counts = meta.get("class_counts")
+    if counts is not None and not (_numbers(counts, 0.0) and 1 <= len(counts) <= LIMITS["num_classes"]):
+        raise CheckpointError("model metadata class_counts is not one non-negative number per class")
     spread = meta.get("class_spread")
     if spread is not None:
         if not (isinstance(spread, list) and sum(len(v) if isinstance(v, list) else 0 for v in spread)
