@@ -100,6 +100,30 @@ def vendor_users(network: str, out: Path, seed: int, imbalance: float, n_users: 
     return users
 
 
+BASELINES = ("adabn", "t3a", "lame", "adabn+t3a")
+CEILING = "backprop (labels)"
+
+
+def with_baselines(users, rows: list[dict]) -> None:
+    """Each user's row gains AdaBN, T3A, LAME and AdaBN+T3A on the frozen base and the labelled
+    ceiling (5 epochs of backprop), as the bench reports them beside the default (nothing pruned)."""
+    import copy
+
+    from common.model.train import accuracy
+    from simulations import baselines as BL
+
+    for (base, _meta, u), row in zip(users, rows):
+        runs = BL.runs(base, u.x)
+        with torch.no_grad():
+            for name in BASELINES:
+                row[name] = float((runs[name]().predict(u.heldout_x).argmax(1) == u.heldout_y).float().mean())
+        ceiling = copy.deepcopy(base)
+        BL.backprop_ceiling(ceiling, u.x, u.y)
+        row[CEILING] = accuracy(ceiling, u.heldout_x, u.heldout_y)
+        for name in (*BASELINES, CEILING):
+            row[f"{name} sparsity"], row[f"{name} bn"] = 0.0, None
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m simulations.vendor_prior_study", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder (bases cached under OUT/bases)")
@@ -107,6 +131,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated vendor seeds")
     p.add_argument("--imbalance", type=float, default=10.0, help="the most common class's samples over the rarest's")
     p.add_argument("--users", type=int, default=10, help="users per vendor, each also cut to 1 and 2 classes")
+    p.add_argument("--baselines", action="store_true", help="also AdaBN, T3A, LAME, AdaBN+T3A and the labelled "
+                   "ceiling per user")
     p.add_argument("--bench-cohorts", default="", help="the benchmark's cohorts instead (e.g. digits,resnet-few), "
                    "at each seed")
     CS.add_arms(p, ARMS)
@@ -132,16 +158,25 @@ def main(argv=None) -> list[dict]:
     for seed in seeds:
         for name in cohorts:
             users = with_cuts(cohort_users(name, out, seed))
-            rows += CS.run_arms(f"{name}-s{seed}", users, arms, setup=uniform_vendor)
+            rows += measured(f"{name}-s{seed}", users, arms, a.baselines)
         for net in [] if cohorts else networks:
             users = with_cuts(vendor_users(net, out, seed, a.imbalance, a.users))
-            rows += CS.run_arms(f"{net}-imb{a.imbalance:g}-s{seed}", users, arms, setup=uniform_vendor)
+            rows += measured(f"{net}-imb{a.imbalance:g}-s{seed}", users, arms, a.baselines)
+    arms = {**arms, **({k: None for k in (*BASELINES, CEILING)} if a.baselines else {})}
     table = CS.summarize(rows, arms)
     what = "the benchmark's cohorts (balanced vendors)" if cohorts else f"vendors imbalanced {a.imbalance:g}:1"
     lines = CS.arms_table(f"The label-shift head over the vendor's counts, {what}", table, arms)
     CS.write(out, "vendor_prior", rows, table, "\n".join(lines) + "\n")
     CS.bar_plot(table, ["base", *arms], "S55: the vendor's class counts", out / "vendor_prior.png",
                 figsize=(9, 4), fontsize=7)
+    return rows
+
+
+def measured(name: str, users, arms: dict, baselines: bool) -> list[dict]:
+    """The users' rows under every arm, and, with `baselines`, the bench's baselines beside them."""
+    rows = CS.run_arms(name, users, arms, setup=uniform_vendor)
+    if baselines:
+        with_baselines(users, rows)
     return rows
 
 

@@ -265,3 +265,19 @@ def test_vendor_prior_study_reads_no_counts_for_the_uniform_arm_alone_and_refuse
         with pytest.raises(SystemExit):
             VP.main([*argv, "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_vendor_prior_study_reports_the_baselines_beside_its_arms(tmp_path):
+    """--baselines: every user's row carries AdaBN, T3A, LAME, AdaBN+T3A and the labelled ceiling
+    (accuracies, nothing pruned), and the table gives each a column; without it, none."""
+    from simulations import vendor_prior_study as VP
+
+    rows = VP.main(["--networks", "digits", "--seeds", "0", "--users", "1", "--arms", "prototypes", "--baselines",
+                    "--out", str(tmp_path / "b")])
+    names = (*VP.BASELINES, VP.CEILING)
+    assert rows and all(0.0 <= r[n] <= 1.0 and r[f"{n} sparsity"] == 0.0 for r in rows for n in names)
+    table = (tmp_path / "b" / "vendor_prior.md").read_text()
+    assert all(f" {n} |" in table for n in names)
+    rows = VP.main(["--networks", "digits", "--seeds", "0", "--users", "1", "--arms", "prototypes",
+                    "--out", str(tmp_path / "a")])
+    assert not any(n in r for r in rows for n in names)
