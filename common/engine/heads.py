@@ -82,7 +82,7 @@ def write_blend(last: nn.Module, feats: torch.Tensor, logits: torch.Tensor) -> N
 # cohort out (docs/personalization.md), and the least a class's share counts for
 PRIOR_POWER = 0.25
 PRIOR_FLOOR = 1e-3
-VENDOR_FLOOR = 0.01  # S55: the least share of uniform a class of the vendor's counts for
+VENDOR_FLOOR = 0.01  # S55: a class's share of the vendor's counts is read as at least this share of uniform's
 
 
 def label_mix(logits: torch.Tensor, vendor: torch.Tensor | None = None, iters: int = 200,
