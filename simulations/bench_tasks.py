@@ -10,7 +10,7 @@ import torch
 from common.data import partition as PT
 from common.data import protocol as P
 from common.data import readers as D
-from common.model.checkpoint import load_checkpoint
+from common.model.checkpoint import VENDOR_META, load_checkpoint
 from server.pretrain import add_vendor_record, pretrain, training_split
 from simulations import cohorts as CO
 from simulations.cohorts import BenchUser
@@ -138,7 +138,7 @@ def resnet_few_task(out: Path, seed: int, n_users: int = 8, epochs: int = 6, sty
                 **vendor_record(model, grey(ds.x[vendor]), ds.y[vendor])}
         save_checkpoint(ck, model, meta)
     base, meta, _ = load_checkpoint(ck)
-    if "class_moments" not in meta:  # a base from before the per-class moments: its record again, same data
+    if not all(k in meta for k in VENDOR_META):  # a base from before a field of the record: it again, same data
         meta = dict(meta, **vendor_record(base, grey(ds.x[vendor]), ds.y[vendor]))
         save_checkpoint(ck, base, meta)
     sub = ds.subset(pool)
