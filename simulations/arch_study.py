@@ -41,14 +41,8 @@ def measure(base, meta, user) -> dict:
            "base": accuracy(base, user.heldout_x, user.heldout_y),
            "default": accuracy(personalized_model(m, res), user.heldout_x, user.heldout_y),
            "sparsity": round(res.sparsity, 4), "bn": res.adaptation.get("bn"), "head": res.adaptation.get("head")}
-    runs = BL.runs(base, user.x)
-    with torch.no_grad():
-        for name in ("adabn", "t3a", "lame", "adabn+t3a"):
-            row[name] = float((runs[name]().predict(user.heldout_x).argmax(1) == user.heldout_y).float().mean())
-    ceiling = copy.deepcopy(base)
-    BL.backprop_ceiling(ceiling, user.x, user.y)
-    row[BACKPROP] = accuracy(ceiling, user.heldout_x, user.heldout_y)
-    return row
+    label_free, ceiling = BL.beside(base, user)
+    return {**row, **label_free, BACKPROP: ceiling}
 
 
 def summary(rows: list[dict]) -> list[dict]:

@@ -158,6 +158,24 @@ def runs(base: nn.Module, x: torch.Tensor) -> dict:
             "tent (backprop, no labels)": lambda: tent(base, x)}
 
 
+LABEL_FREE = ("adabn", "t3a", "lame", "adabn+t3a")  # the label-free baselines every result stands beside
+
+
+def beside(base: nn.Module, user) -> tuple[dict, float]:
+    """A user's held-out accuracy under each of LABEL_FREE on the frozen `base`, adapted to its
+    unlabeled data, and under the labelled ceiling (backprop_ceiling on a copy): (name -> accuracy,
+    the ceiling's accuracy)."""
+    from common.model.train import accuracy
+
+    adapted = runs(base, user.x)
+    with torch.no_grad():
+        label_free = {name: float((adapted[name]().predict(user.heldout_x).argmax(1) == user.heldout_y).float().mean())
+                      for name in LABEL_FREE}
+    ceiling = copy.deepcopy(base)
+    backprop_ceiling(ceiling, user.x, user.y)
+    return label_free, accuracy(ceiling, user.heldout_x, user.heldout_y)
+
+
 def backprop_ceiling(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     """The ceiling no device reaches: `model` fine-tuned in place on the user's labels (5 epochs,
     every weight). Returns train_supervised's cost."""

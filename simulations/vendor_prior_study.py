@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from simulations import baselines as BL
 from simulations import cohort_study as CS
 
 ARMS = {"uniform (S54)": {"uniform": True}, "vendor counts (S55)": {}, "prototypes": {"head": "prototypes"}}
@@ -100,27 +101,16 @@ def vendor_users(network: str, out: Path, seed: int, imbalance: float, n_users: 
     return users
 
 
-BASELINES = ("adabn", "t3a", "lame", "adabn+t3a")
 CEILING = "backprop (labels)"
 
 
 def with_baselines(users, rows: list[dict]) -> None:
     """Each user's row gains AdaBN, T3A, LAME and AdaBN+T3A on the frozen base and the labelled
     ceiling (5 epochs of backprop), as the bench reports them beside the default (nothing pruned)."""
-    import copy
-
-    from common.model.train import accuracy
-    from simulations import baselines as BL
-
     for (base, _meta, u), row in zip(users, rows):
-        runs = BL.runs(base, u.x)
-        with torch.no_grad():
-            for name in BASELINES:
-                row[name] = float((runs[name]().predict(u.heldout_x).argmax(1) == u.heldout_y).float().mean())
-        ceiling = copy.deepcopy(base)
-        BL.backprop_ceiling(ceiling, u.x, u.y)
-        row[CEILING] = accuracy(ceiling, u.heldout_x, u.heldout_y)
-        for name in (*BASELINES, CEILING):
+        label_free, row[CEILING] = BL.beside(base, u)
+        row.update(label_free)
+        for name in (*label_free, CEILING):
             row[f"{name} sparsity"], row[f"{name} bn"] = 0.0, None
 
 
@@ -162,7 +152,7 @@ def main(argv=None) -> list[dict]:
         for net in [] if cohorts else networks:
             users = with_cuts(vendor_users(net, out, seed, a.imbalance, a.users))
             rows += measured(f"{net}-imb{a.imbalance:g}-s{seed}", users, arms, a.baselines)
-    arms = {**arms, **({k: None for k in (*BASELINES, CEILING)} if a.baselines else {})}
+    arms = {**arms, **({k: None for k in (*BL.LABEL_FREE, CEILING)} if a.baselines else {})}
     table = CS.summarize(rows, arms)
     what = "the benchmark's cohorts (balanced vendors)" if cohorts else f"vendors imbalanced {a.imbalance:g}:1"
     lines = CS.arms_table(f"The label-shift head over the vendor's counts, {what}", table, arms)

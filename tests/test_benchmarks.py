@@ -270,11 +270,12 @@ def test_vendor_prior_study_reads_no_counts_for_the_uniform_arm_alone_and_refuse
 def test_vendor_prior_study_reports_the_baselines_beside_its_arms(tmp_path):
     """--baselines: every user's row carries AdaBN, T3A, LAME, AdaBN+T3A and the labelled ceiling
     (accuracies, nothing pruned), and the table gives each a column; without it, none."""
+    from simulations import baselines as BL
     from simulations import vendor_prior_study as VP
 
     rows = VP.main(["--networks", "digits", "--seeds", "0", "--users", "1", "--arms", "prototypes", "--baselines",
                     "--out", str(tmp_path / "b")])
-    names = (*VP.BASELINES, VP.CEILING)
+    names = (*BL.LABEL_FREE, VP.CEILING)
     assert rows and all(0.0 <= r[n] <= 1.0 and r[f"{n} sparsity"] == 0.0 for r in rows for n in names)
     table = (tmp_path / "b" / "vendor_prior.md").read_text()
     assert all(f" {n} |" in table for n in names)
