@@ -46,12 +46,16 @@ def digits_task(out: Path, seed: int, n_users: int, epochs: int | None, style: b
         rng = np.random.default_rng([seed, 36])  # a stream of its own: no other cohort's draws move
         draws = [rng.choice(np.asarray(pool), 190, replace=False) for _ in range(n_users)]
         return [(base, meta, _user(f"user{i}", ds, d[40:], d[:40])) for i, d in enumerate(draws)]
-    sub = ds.subset(pool)
-    rng = np.random.default_rng(seed)
+    return [(base, meta, u) for u in few_class_users(ds.subset(pool), n_users, seed, np.random.default_rng(seed))]
+
+
+def few_class_users(sub: D.Dataset, n_users: int, partition_seed: int, rng) -> list[BenchUser]:
+    """n_users of `sub` holding 2-3 classes each (partition_class_subsets at `partition_seed`), 30%
+    of each user's samples held out (drawn from `rng`)."""
     users = []
-    for i, g in enumerate(PT.partition_class_subsets(sub.y.numpy(), n_users, (2, 3), seed)):
+    for i, g in enumerate(PT.partition_class_subsets(sub.y.numpy(), n_users, (2, 3), partition_seed)):
         pers, ev = PT.split_heldout(np.asarray(g), 0.3, rng)
-        users.append((base, meta, _user(f"user{i}", sub, pers, ev)))
+        users.append(_user(f"user{i}", sub, pers, ev))
     return users
 
 
@@ -119,24 +123,14 @@ def resnet_few_task(out: Path, seed: int, n_users: int = 8, epochs: int = 6, sty
     contrast, rotation: a font), the shift that lives past the input side. `arch`: another
     torchvision ResNet (resnet50: bottleneck blocks) on the same protocol and the same users."""
     from common.engine.adapt import vendor_record
-    from common.model.architectures import build_model
     from common.model.checkpoint import save_checkpoint
-    from common.model.train import train_supervised
 
     ds = D.load_digits()
     ck = out / "bases" / f"{arch}_digits{RESNET_SIZE}_s{seed}_e{epochs}.pt"
     vendor, pool = P.vendor_and_pool("digits", ds, seed)
     grey = lambda x: resnet_input(x).repeat(1, 3, 1, 1)  # noqa: E731
     if not ck.is_file():
-        torch.manual_seed(seed)
-        kw = {"num_classes": 10}
-        model = build_model(arch, **kw)
-        train_supervised(model, grey(ds.x[vendor]), ds.y[vendor], epochs=epochs, lr=1e-3, seed=seed)
-        model = model.cpu().eval()
-        meta = {"arch": arch, "arch_kwargs": kw, "task": "digits-rgb32", "classes": ds.classes,
-                "features": {"kind": "image", "image_size": RESNET_SIZE, "channels": 3},
-                **vendor_record(model, grey(ds.x[vendor]), ds.y[vendor])}
-        save_checkpoint(ck, model, meta)
+        train_resnet_vendor(ck, arch, grey(ds.x[vendor]), ds.y[vendor], ds.classes, seed, epochs)
     base, meta, _ = load_checkpoint(ck)
     if not all(k in meta for k in VENDOR_META):  # a base from before a field of the record: it again, same data
         meta = dict(meta, **vendor_record(base, grey(ds.x[vendor]), ds.y[vendor]))
@@ -160,6 +154,25 @@ def resnet_few_task(out: Path, seed: int, n_users: int = 8, epochs: int = 6, sty
         uid = f"user{i}:{CO._fmt(st)}" + uid[len(f"user{i}"):] if style else uid
         users.append((base, meta, BenchUser(uid, look(sub.x[p]), sub.y[p], look(sub.x[e]), sub.y[e])))
     return users
+
+
+def train_resnet_vendor(ck: Path, arch: str, x: torch.Tensor, y: torch.Tensor, classes: list, seed: int,
+                        epochs: int) -> None:
+    """A torchvision ResNet trained by the vendor on RGB digits at RESNET_SIZE (`x`, `y`), saved to
+    `ck` with its vendor record."""
+    from common.engine.adapt import vendor_record
+    from common.model.architectures import build_model
+    from common.model.checkpoint import save_checkpoint
+    from common.model.train import train_supervised
+
+    torch.manual_seed(seed)
+    kw = {"num_classes": 10}
+    model = build_model(arch, **kw)
+    train_supervised(model, x, y, epochs=epochs, lr=1e-3, seed=seed)
+    model = model.cpu().eval()
+    meta = {"arch": arch, "arch_kwargs": kw, "task": "digits-rgb32", "classes": classes,
+            "features": {"kind": "image", "image_size": RESNET_SIZE, "channels": 3}, **vendor_record(model, x, y)}
+    save_checkpoint(ck, model, meta)
 
 
 # the benchmark's cohorts, in the order it runs them; the speech ones need the FSDD dataset

@@ -58,15 +58,12 @@ def long_tailed(y: np.ndarray, idx: np.ndarray, imbalance: float, seed: int) -> 
 def vendor_users(network: str, out: Path, seed: int, imbalance: float, n_users: int = 10) -> list:
     """[(base, metadata, user)]: a vendor of `network` trained on its long-tailed data, with the
     users of the pool holding 2-3 classes."""
-    from common.data import partition as PT
     from common.data import protocol as P
     from common.data import readers as D
-    from common.engine.adapt import vendor_record
-    from common.model.architectures import build_model
-    from common.model.checkpoint import load_checkpoint, save_checkpoint
-    from common.model.train import train_supervised
+    from common.model.checkpoint import load_checkpoint
     from server.pretrain import pretrain
-    from simulations.bench_tasks import RESNET_SIZE, _user, resnet_input
+    from simulations.bench_tasks import few_class_users, resnet_input, train_resnet_vendor
+    from simulations.cohorts import BenchUser
 
     ds = D.load_digits()
     y = ds.y.numpy()
@@ -81,24 +78,11 @@ def vendor_users(network: str, out: Path, seed: int, imbalance: float, n_users: 
         look = lambda x: resnet_input(x).repeat(1, 3, 1, 1)  # noqa: E731
         if not ck.is_file():
             tr = long_tailed(y, np.asarray(vendor), imbalance, seed)
-            torch.manual_seed(seed)
-            model = build_model("resnet18", num_classes=10)
-            train_supervised(model, look(ds.x[tr]), ds.y[tr], epochs=6, lr=1e-3, seed=seed)
-            model = model.cpu().eval()
-            meta = {"arch": "resnet18", "arch_kwargs": {"num_classes": 10}, "task": "digits-rgb32",
-                    "classes": ds.classes, "features": {"kind": "image", "image_size": RESNET_SIZE, "channels": 3},
-                    **vendor_record(model, look(ds.x[tr]), ds.y[tr])}
-            save_checkpoint(ck, model, meta)
+            train_resnet_vendor(ck, "resnet18", look(ds.x[tr]), ds.y[tr], ds.classes, seed, epochs=6)
     base, meta, _ = load_checkpoint(ck)
     _, pool = P.vendor_and_pool("digits", ds, seed)
-    sub = ds.subset(pool)
-    rng = np.random.default_rng(seed)
-    users = []
-    for i, g in enumerate(PT.partition_class_subsets(sub.y.numpy(), n_users, (2, 3), seed + 55)):
-        pers, ev = PT.split_heldout(np.asarray(g), 0.3, rng)
-        u = _user(f"user{i}", sub, pers, ev)
-        users.append((base, meta, type(u)(u.user_id, look(u.x), u.y, look(u.heldout_x), u.heldout_y)))
-    return users
+    return [(base, meta, BenchUser(u.user_id, look(u.x), u.y, look(u.heldout_x), u.heldout_y))
+            for u in few_class_users(ds.subset(pool), n_users, seed + 55, np.random.default_rng(seed))]
 
 
 CEILING = "backprop (labels)"
