@@ -64,12 +64,20 @@ def _user(uid, ds: D.Dataset, pers, ev) -> BenchUser:
     return BenchUser(str(uid), ds.x[p], ds.y[p], ds.x[e], ds.y[e])
 
 
-def fsdd_loso_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log, few: bool = False):
-    """Leave one speaker out; `few`: that speaker has 24 clips of 4 digits (CO.few_data_user)."""
+def _nobn(batchnorm: bool) -> tuple[str, dict | None]:
+    """A base's file-name tag and pretrain's arch_kwargs: the network with or without BatchNorm."""
+    return ("", None) if batchnorm else ("_nobn", {"batchnorm": False})
+
+
+def fsdd_loso_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log, few: bool = False,
+                   batchnorm: bool = True):
+    """Leave one speaker out; `few`: that speaker has 24 clips of 4 digits (CO.few_data_user);
+    `batchnorm` False: the speech network without its BatchNorm layers."""
     users, rng = [], np.random.default_rng(seed)
+    tag, kw = _nobn(batchnorm)
     for spk in sorted(set(ds.groups.tolist())):
-        ck = out / "bases" / f"fsdd_without_{spk}_s{seed}_e{epochs or 0}.pt"
-        r = _cached_pretrain(ck, "fsdd", ck, seed=seed, exclude_speaker=spk, ds=ds, epochs=epochs)
+        ck = out / "bases" / f"fsdd{tag}_without_{spk}_s{seed}_e{epochs or 0}.pt"
+        r = _cached_pretrain(ck, "fsdd", ck, seed=seed, exclude_speaker=spk, ds=ds, epochs=epochs, arch_kwargs=kw)
         if r:
             log(f"  fsdd base without {spk}: seen-speaker test accuracy {r['test_accuracy']:.3f} "
                 f"({r['train_seconds']:.0f} s)")
@@ -78,11 +86,14 @@ def fsdd_loso_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log,
     return users
 
 
-def fsdd_seen_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log, conditions: bool = False):
+def fsdd_seen_task(out: Path, ds: D.Dataset, seed: int, epochs: int | None, log, conditions: bool = False,
+                   batchnorm: bool = True):
     """The vendor trains on takes 25-49 of every speaker; each speaker is then a user holding 3-4
     digits: takes 5-24 unlabeled, takes 0-4 held out (never seen by the vendor either)."""
-    ck = out / "bases" / f"fsdd_seen_s{seed}_e{epochs or 0}.pt"
-    r = _cached_pretrain(ck, "fsdd", ck, seed=seed, ds=ds, epochs=epochs, indices=P.seen_speaker_split(ds))
+    tag, kw = _nobn(batchnorm)
+    ck = out / "bases" / f"fsdd{tag}_seen_s{seed}_e{epochs or 0}.pt"
+    r = _cached_pretrain(ck, "fsdd", ck, seed=seed, ds=ds, epochs=epochs, indices=P.seen_speaker_split(ds),
+                         arch_kwargs=kw)
     if r:
         log(f"  fsdd base on takes 25-49: test accuracy {r['test_accuracy']:.3f} ({r['train_seconds']:.0f} s)")
     base, meta, _ = load_checkpoint(ck)
@@ -178,6 +189,8 @@ def train_resnet_vendor(ck: Path, arch: str, x: torch.Tensor, y: torch.Tensor, c
 # the benchmark's cohorts, in the order it runs them; the speech ones need the FSDD dataset
 COHORTS = ("digits", "digits-style", "resnet-few", "fsdd-loso", "fsdd-seen", "fsdd-cond", "fsdd-few",
            "digits-nobn", "digits-style-nobn", "resnet-style", "digits-all-nobn")
+# cohorts studies may name beside them (not run by the bench)
+STUDY_COHORTS = ("fsdd-loso-nobn", "fsdd-cond-nobn", "fsdd-seen-nobn")
 
 
 def cohort_users(name: str, out: Path, seed: int, ds: D.Dataset | None = None, digits_users: int = 10,
@@ -198,8 +211,13 @@ def cohort_users(name: str, out: Path, seed: int, ds: D.Dataset | None = None, d
         "digits-all-nobn": lambda: digits_task(out, seed, digits_users, digits_epochs, batchnorm=False,
                                                every_class=True),
     }
+    makers.update({  # studies' cohorts, not the bench's: the speech network without BatchNorm
+        "fsdd-loso-nobn": lambda: fsdd_loso_task(out, ds, seed, fsdd_epochs, log, batchnorm=False),
+        "fsdd-cond-nobn": lambda: fsdd_seen_task(out, ds, seed, fsdd_epochs, log, conditions=True, batchnorm=False),
+        "fsdd-seen-nobn": lambda: fsdd_seen_task(out, ds, seed, fsdd_epochs, log, batchnorm=False),
+    })
     if name not in makers:
-        raise ValueError(f"unknown cohort '{name}' (choose from: {', '.join(COHORTS)})")
+        raise ValueError(f"unknown cohort '{name}' (choose from: {', '.join(COHORTS + STUDY_COHORTS)})")
     if name.startswith("fsdd") and ds is None:
         raise ValueError(f"cohort {name} needs --fsdd DIR")
     return makers[name]()

@@ -3,9 +3,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 from common.data import partition as PT
 from common.data import readers as D
+from common.engine.adapt import vendor_record
 from common.model.architectures import build_model
 from common.model.train import train_supervised
 
@@ -102,3 +104,27 @@ class FakeGrid:
 
     def get_node_ids(self):
         return list(range(1, self.n + 1))
+
+
+@pytest.fixture(scope="session")
+def gaussian_nobn():
+    """Ten Gaussian classes in 16 dimensions and an MLP without BatchNorm trained on them (seconds)."""
+    from tests.test_safe_default import D as DIM
+    from tests.test_safe_default import K, gaussian_classes
+
+    x, y, sample = gaussian_classes()
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(DIM, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
+                         nn.Linear(48, K))
+    train_supervised(base, x, y, epochs=15, lr=3e-3, batch_size=128)
+    return base.eval(), vendor_record(base, x, y), sample
+
+
+@pytest.fixture(scope="session")
+def digits_nobn(digits, digits_split):
+    """The digits CNN without BatchNorm, trained on the vendor's half, with its record."""
+    vend, _ = digits_split
+    torch.manual_seed(0)
+    m = build_model("smallcnn", num_classes=10, batchnorm=False)
+    train_supervised(m, digits.x[vend], digits.y[vend], epochs=15, lr=3e-3)
+    return m.eval(), vendor_record(m, digits.x[vend], digits.y[vend])

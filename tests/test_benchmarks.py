@@ -282,3 +282,44 @@ def test_vendor_prior_study_reports_the_baselines_beside_its_arms(tmp_path):
     rows = VP.main(["--networks", "digits", "--seeds", "0", "--users", "1", "--arms", "prototypes",
                     "--out", str(tmp_path / "a")])
     assert not any(n in r for r in rows for n in names)
+
+
+def test_nobn_study_arms_move_check_and_weight_as_named_and_bad_input_is_refused(tmp_path):
+    """S57 and S58's study: "before S57" moves no first layer and keeps the base's layer wherever
+    S26 refuses the head, "S57" only the latter, "without its check" keeps a move that narrows the
+    predictions, the default does neither, --evidence weights the move, each only for its arm's run
+    and none passed to PruneConfig; an offset sensor gains under S57 and not before it; an unknown
+    cohort, speech without --fsdd, or bad --seeds / --evidence is one line, and nothing is written."""
+    import copy
+
+    import torch
+
+    from common.engine import heads as HD
+    from common.engine import input_shift as IS
+    from simulations import nobn_study as NB
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    meta = {"first_layer_means": {"layer": "0", "mean": [[0.0, 0.0, 0.0]] * 3}}
+    moved = IS.Move(torch.ones(3), before=3.0, info={}, samples=1)
+    narrower = torch.tensor([[9.0, 0.0, 0.0]])
+    feats, logits = torch.eye(3).repeat(4, 1), torch.tensor([[5.0, 0.0, 0.0]]).repeat(12, 1)  # all one class
+    for name, applies, keeps, head_kept in (("before S57", False, False, False), ("S57", True, False, False),
+                                            ("S57 without its check", True, True, False),
+                                            ("S57+S58 (default)", True, False, True)):
+        change = dict(NB.ARMS[name])
+        with NB.no_shift(change):
+            assert change == {} and IS.applies(model, meta) is applies and IS.EVIDENCE == 32
+            assert IS.keep(copy.deepcopy(model), moved, narrower) is keeps
+            assert HD.spreads_wider("prototypes", torch.nn.Linear(3, 3), feats, logits)[0] is head_kept
+    with NB.no_shift({"evidence": 0}):
+        assert IS.EVIDENCE == 0
+    assert IS.EVIDENCE == 32 and IS.applies(model, meta)
+    rows = NB.main(["--cohorts", "digits-nobn", "--seeds", "0", "--whole", "--sensors", "2", "--out", str(tmp_path / "r")])
+    offset = [r for r in rows if r["held"] == "offset"]
+    assert len(offset) == 2 and all(r["S57"] > r["before S57"] for r in offset)
+    assert (tmp_path / "r" / "nobn.png").is_file()
+    for argv in (["--cohorts", "digits-style"], ["--cohorts", "fsdd-cond-nobn"], ["--seeds", "a"],
+                 ["--evidence", "x"]):
+        with pytest.raises(SystemExit):
+            NB.main([*argv, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

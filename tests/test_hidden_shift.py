@@ -9,41 +9,21 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from common.data import partition as PT
 from common.engine.adapt import DEEP_SHIFT, vendor_record
 from common.engine.hidden_shift import NO_LABEL_SHIFT, hidden_layer, record_for
 from common.engine.prune import fine_prune
-from common.model.architectures import build_model
-from common.model.train import accuracy, train_supervised
+from common.model.train import accuracy
 from common.settings import PruneConfig
-from tests.test_safe_default import D, K, gaussian_classes
-
-
-@pytest.fixture(scope="module")
-def gaussian_nobn():
-    """Ten Gaussian classes in 16 dimensions and an MLP without BatchNorm trained on them (seconds)."""
-    x, y, sample = gaussian_classes()
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(D, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
-                         nn.Linear(48, K))
-    train_supervised(base, x, y, epochs=15, lr=3e-3, batch_size=128)
-    return base.eval(), vendor_record(base, x, y), sample
-
-
-@pytest.fixture(scope="module")
-def digits_nobn(digits, digits_split):
-    """The digits CNN without BatchNorm, trained on the vendor's half, with its record."""
-    vend, _ = digits_split
-    torch.manual_seed(0)
-    m = build_model("smallcnn", num_classes=10, batchnorm=False)
-    train_supervised(m, digits.x[vend], digits.y[vend], epochs=15, lr=3e-3)
-    return m.eval(), vendor_record(m, digits.x[vend], digits.y[vend])
+from tests.test_safe_default import D, K
 
 
 def test_covariate_shifted_users_of_a_batchnorm_free_network_keep_the_base_layer_where_prototypes_hurt(
         gaussian_nobn):
+    """S26, and S58: where the hidden layer moved beyond the class mix, prototypes only where they
+    spread the predictions wider on both halves of the user's data; no user falls below its base,
+    where prototypes forced on every user cost one more than 5 points."""
     base, meta, sample = gaussian_nobn
     hurt = []
     for seed in range(4):
@@ -54,12 +34,45 @@ def test_covariate_shifted_users_of_a_batchnorm_free_network_keep_the_base_layer
         base_acc = accuracy(base, xh, yh)
         model = copy.deepcopy(base)
         res = fine_prune(model, xu, PruneConfig(), base_meta=meta)
-        assert res.adaptation["head"] == "linear" and res.adaptation["hidden_shift"] >= DEEP_SHIFT
+        assert res.adaptation["hidden_shift"] >= DEEP_SHIFT
+        before, after = res.adaptation["head_spread"]
+        assert res.adaptation["head"] == "linear" or after > before
         assert accuracy(model, xh, yh) >= base_acc - 0.02
         forced = copy.deepcopy(base)  # what the check keeps these users from
         fine_prune(forced, xu, PruneConfig(head="prototypes"), base_meta=meta)
         hurt.append(accuracy(forced, xh, yh) - base_acc)
     assert min(hurt) < -0.05, hurt
+
+
+def test_a_sensor_that_collapses_the_predictions_gets_the_prototypes_that_spread_them_again(gaussian_nobn):
+    """S58: a sensor of low gain pulls every input toward one point, and the base's predictions
+    onto a few classes; the hidden layer moved beyond the class mix, so S26 alone keeps the base's
+    layer, but prototypes spread the predictions wider on both halves of the data: kept, they gain
+    where the base's layer does not, and no user falls below its base."""
+    from common.engine import heads as HD
+
+    base, meta, sample = gaussian_nobn
+    with_head, without = [], []
+    for seed in range(4):
+        g = torch.Generator().manual_seed(10 + seed)
+        (xu, _), (xh, yh) = sample(list(range(K)), 200, g), sample(list(range(K)), 100, g)
+        c = torch.randn(D, generator=g)
+        xu, xh = 0.4 * xu + c, 0.4 * xh + c
+        base_acc = accuracy(base, xh, yh)
+        model = copy.deepcopy(base)
+        res = fine_prune(model, xu, PruneConfig(), base_meta=meta)
+        before, after = res.adaptation["head_spread"]
+        assert res.adaptation["hidden_shift"] >= DEEP_SHIFT and res.adaptation["head"] == "prototypes" and after > before
+        with_head.append(accuracy(model, xh, yh) - base_acc)
+        refused, keep = copy.deepcopy(base), HD.spreads_wider
+        HD.spreads_wider = lambda *_a: (False, 0.0, 0.0)  # S26 alone
+        try:
+            r = fine_prune(refused, xu, PruneConfig(), base_meta=meta)
+        finally:
+            HD.spreads_wider = keep
+        assert r.adaptation["head"] == "linear"
+        without.append(accuracy(refused, xh, yh) - base_acc)
+    assert min(with_head) >= -0.02 and np.mean(with_head) >= np.mean(without) + 0.05, (with_head, without)
 
 
 def _few_class_user(digits, pool, classes, seed):

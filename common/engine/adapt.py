@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.engine import class_mix as CM
+from common.engine import input_shift as IS
 from common.engine.bn import bn_layers, explained_weight
 from common.engine.hidden_shift import hidden_record, over_labelled
 from common.engine.stats import eta_squared
@@ -82,7 +83,7 @@ def vendor_record(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
             "class_spread": [[round(float(v), 4) for v in eta_squared(s1, cnt, s2.sum(0))] for s1, s2, cnt in sums],
             "class_moments": CM.recorded_moments(sums),
             "input_profile": {"shape": list(prof.shape), "values": [round(float(v), 5) for v in prof.flatten()]},
-            **hidden_record(model, x, y)}
+            **hidden_record(model, x, y), **IS.first_layer_record(model, x, y)}
 
 
 # ---------------------------------------------------------------- device side

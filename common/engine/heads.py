@@ -5,6 +5,7 @@ any of them into a pruned model's output layer (one linear layer still: exports 
 the same model). Which head a user gets is a registry entry (HEADS), chosen by name or by `auto`."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -154,6 +155,22 @@ HEADS = {"linear": Head(None), "prototypes": Head(write_prototypes, rebuild_at_t
 # device received, never chosen by name; a fixed target keeps it as written (it weighs the base's rows)
 HEAD_WITH_PRIOR = "class-prior"
 HEADS[HEAD_WITH_PRIOR] = Head(None)
+
+
+@torch.no_grad()
+def spreads_wider(head: str, last: nn.Module, feats: torch.Tensor, logits: torch.Tensor) -> tuple[bool, float, float]:
+    """Whether `head`, written from the user's features, spreads the model's mean prediction over
+    the user's data over more classes than the layer it would replace, whose `logits` these are,
+    on each half of the data (alternate samples: a widening that one half of the data does not
+    show is the samples', not the head's); on a copy, `last` is not written: (wider, before,
+    after) over all of the data."""
+    trial = copy.deepcopy(last)
+    HEADS[head].write(trial, feats, logits)
+    new = F.linear(feats.float(), trial.weight.detach().float().cpu().flatten(1),
+                   None if trial.bias is None else trial.bias.detach().float().cpu())
+    halves = (slice(0, None, 2), slice(1, None, 2))
+    wider = len(logits) >= 2 and all(spread_classes(new[h]) > spread_classes(logits[h]) for h in halves)
+    return wider, spread_classes(logits), spread_classes(new)
 
 
 def choose_head(name: str, logits: torch.Tensor, min_support: float, floor: float = 0.0) -> str:

@@ -12,6 +12,11 @@ last hidden layer moved no further than the user's class mix explains (S26).
   it. Prototypes of a shifted network's pseudo-labels learn its errors (a BatchNorm-free digits
   CNN, styled users: T3A -6.8 points, one user -20), where on unshifted features they gain (users
   holding 2-3 classes: +1.5).
+- Where they moved, the head is kept still where it spreads the model's mean prediction over the
+  user's data over more classes than the base's layer (S58, heads.spreads_wider, at no pass): a
+  shift that collapsed the predictions onto a few classes is what prototypes undo (new voices on
+  the speech network without BatchNorm: T3A +9 points, every user's predictions wider), where
+  prototypes that learn a style's errors narrow them (styled digits: 1 user of 32 wider).
 - Where they did not move, prototypes can learn only the user's class mix: none where the
   pseudo-labels spread over nearly every class (NO_LABEL_SHIFT), and there the base's layer stays
   (S36: users holding every class, unshifted, whom prototypes cost; docs/personalization.md)."""

@@ -15,6 +15,7 @@ from common.engine import class_prior as CPR
 from common.engine import compensate as CP
 from common.engine import heads as HD
 from common.engine import hidden_shift as HS
+from common.engine import input_shift as IS
 from common.engine import probe as PR
 from common.engine.bn import Chance, bn_layers, bn_prior, recalibrate_bn
 from common.engine.bn_check import check_full, stem_recal
@@ -87,19 +88,38 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
     first_bn = [] if first is not None and len(first) <= cfg.batch_size else None
     # head auto on features that cannot follow the user: the last hidden layer's moments (S26)
     hidden_check = cfg.head == "auto" and not recalibrating
-    with capture_features(model) as cap, AD.FirstLayerInputs(model) as inputs, \
-            HS.HiddenMoments(model, hidden_check) as hidden:
-        if cfg.recalibrate_bn and not cfg.base_stats:
-            # under a domain shift the base's own activations mislead the ranking: usage is
-            # measured on the network the same pass adapts
-            chance = []
-            logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs, classes=need_classes,
-                                           first=first, means=means, first_bn=first_bn, chance_out=chance, **recal)
-            recal = _with_chance(recal, chance)
-        else:
-            stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs, classes=need_classes,
-                                          means=means)
-            first = first_bn = None
+    # a network without BatchNorm: its first layer's channel means follow the user instead (S57),
+    # before the statistics pass, so everything after it sees the model as it is kept
+    moved = None
+    if cfg.recalibrate_bn and not cfg.base_stats and IS.applies(model, base_meta):
+        moved = IS.move(model, x, base_meta, cfg.batch_size, device)
+        clock.lap("first layer's means")
+
+    def statistics_pass(first, first_bn, recal):
+        with capture_features(model) as cap, AD.FirstLayerInputs(model) as inputs, \
+                HS.HiddenMoments(model, hidden_check) as hidden:
+            if cfg.recalibrate_bn and not cfg.base_stats:
+                # under a domain shift the base's own activations mislead the ranking: usage is
+                # measured on the network the same pass adapts
+                chance = []
+                logits, stats = recalibrate_bn(model, x, cfg.batch_size, device, hooks=need_outputs,
+                                               classes=need_classes, first=first, means=means, first_bn=first_bn,
+                                               chance_out=chance, **recal)
+                recal = _with_chance(recal, chance)
+            else:
+                stats, logits = collect_stats(model, x, cfg.batch_size, device, outputs=need_outputs,
+                                              classes=need_classes, means=means)
+                first = first_bn = None
+        return cap, inputs, hidden, logits, stats, recal, first, first_bn
+
+    start = first, first_bn, recal
+    cap, inputs, hidden, logits, stats, recal, first, first_bn = statistics_pass(*start)
+    extra = 0 if moved is None else moved.samples
+    if moved is not None and not IS.keep(model, moved, logits):
+        # the move narrowed the model's predictions on the user's data: put back, the pass again
+        cap, inputs, hidden, logits, stats, recal, first, first_bn = statistics_pass(
+            start[0], None if start[1] is None else [], start[2])
+        extra += len(x)
     feats = cap.features(first)
     clock.lap("statistics pass")
     # inputs unlike anything the base was trained on get no irreversible cut: no pruning, no
@@ -107,10 +127,10 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
     corr = inputs.correlation(base_meta)
     unlike = corr is not None and corr < AD.UNLIKE_BELOW
     info = {"input_correlation": None if corr is None else round(corr, 4), "unlike_base": unlike,
-            "vendor_record": spread is not None}
-    extra = 0
+            "vendor_record": spread is not None, **({"first_layer_follows": False} if moved is None else moved.info)}
     if mode == "auto":
-        mode, recal, check, extra = check_full(model, x, pick, logits, prior, spread, cfg, device, base_meta)
+        mode, recal, check, checked = check_full(model, x, pick, logits, prior, spread, cfg, device, base_meta)
+        extra += checked
         info.update(check)
         if mode == "stem" and "classmix" in recal:
             info["stem_class_mix"] = True  # the input side follows only what its class mix does not predict (S47)
@@ -143,7 +163,15 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
         # bring them back, learn the base's errors; without the vendor's record nothing tells
         shift = hidden.shift(HS.record_for(model, base_meta), AD.KAPPA)
         info["hidden_shift"] = None if shift is None else round(shift, 4)
-        if shift is None or shift >= AD.DEEP_SHIFT:
+        if shift is not None and shift >= AD.DEEP_SHIFT:
+            # S58: unless the head spreads the predictions over more classes than the base's
+            # layer: a shift that collapsed them onto a few classes is what it undoes (a new
+            # voice), where one that learns the shift's errors narrows them (a style)
+            wider, before, after = HD.spreads_wider(head, list(prunable_layers(model).values())[-1], feats, logits)
+            info["head_spread"] = [round(before, 3), round(after, 3)]
+            if not wider:
+                head, gated = "linear", True
+        elif shift is None or shift >= AD.DEEP_SHIFT:
             head, gated = "linear", True
         else:
             # features that did not move, which nothing follows: a rebuilt layer can learn only the

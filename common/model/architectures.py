@@ -52,21 +52,23 @@ class LogMel(nn.Module):
 
 
 class KWSNet(nn.Module):
-    """Keyword-spotting CNN on log-mel features (speech digits / Speech Commands)."""
+    """Keyword-spotting CNN on log-mel features (speech digits / Speech Commands); `batchnorm=False`
+    builds it without its BatchNorm layers, the spectrogram's own included."""
 
     def __init__(self, num_classes: int = 10, widths: tuple = (16, 32, 64, 64), sample_rate: int = 8000,
-                 n_mels: int = 40, clip_samples: int = 8000):
+                 n_mels: int = 40, clip_samples: int = 8000, batchnorm: bool = True):
         super().__init__()
         c1, c2, c3, h = widths
+        norm = nn.BatchNorm2d if batchnorm else (lambda _c: nn.Identity())
         self.frontend = LogMel(sample_rate=sample_rate, n_mels=n_mels, hop_length=sample_rate // 100,
                                n_fft=2 ** math.ceil(math.log2(sample_rate * 0.032)))
-        self.norm = nn.BatchNorm2d(1)
+        self.norm = norm(1)
         self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(c1)
+        self.bn1 = norm(c1)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(c2)
+        self.bn2 = norm(c2)
         self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
-        self.bn3 = nn.BatchNorm2d(c3)
+        self.bn3 = norm(c3)
         self.pool = nn.MaxPool2d(2)
         # Keep a coarse 4x4 time-frequency layout: spoken digits differ in their temporal order.
         self.gap = nn.AdaptiveAvgPool2d(4)

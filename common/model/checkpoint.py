@@ -30,9 +30,10 @@ class CheckpointError(ValueError):
 # What a device needs to rebuild and feed a model: the one list of a checkpoint's model metadata
 MODEL_META = ("arch", "arch_kwargs", "task", "classes", "features")
 # What the vendor may record beside it for the device's adaptation checks (common/engine/adapt.py): optional
-VENDOR_META = ("class_counts", "class_spread", "class_moments", "input_profile", "hidden_record")
+VENDOR_META = ("class_counts", "class_spread", "class_moments", "input_profile", "hidden_record",
+               "first_layer_means")
 VENDOR_LIMITS = {"spread_values": 200_000, "moment_values": 1_000_000, "profile_values": 65_536,
-                 "hidden_values": 65_536}
+                 "hidden_values": 65_536, "first_values": 1_000_000}
 
 
 # What a device accepts from model metadata it did not make (a server's message, a downloaded
@@ -40,7 +41,7 @@ VENDOR_LIMITS = {"spread_values": 200_000, "moment_values": 1_000_000, "profile_
 LIMITS = {"widths": 4096, "num_classes": 10_000, "n_mels": 256, "image_size": 1024, "seconds": 30,
           "checkpoint_bytes": 1 << 30}
 ARCH_KEYS = {"smallcnn": {"num_classes", "widths", "in_channels", "image_size", "batchnorm"},
-             "kws": {"num_classes", "widths", "sample_rate", "n_mels", "clip_samples"},
+             "kws": {"num_classes", "widths", "sample_rate", "n_mels", "clip_samples", "batchnorm"},
              "resnet18": {"num_classes"}, "resnet50": {"num_classes"}}
 RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
 
@@ -148,6 +149,17 @@ def _check_vendor_record(meta: dict) -> None:
                 and _numbers(hid["var"], 0.0) and _numbers(hid["spread"], 0.0, 1.0)):
             raise CheckpointError("model metadata hidden_record is not a layer name and its channels' mean, "
                                   "variance and class spread")
+    first = meta.get("first_layer_means")
+    if first is not None:
+        rows = first.get("mean") if isinstance(first, dict) else None
+        ok = (isinstance(first, dict) and set(first) == {"layer", "mean"} and isinstance(first["layer"], str)
+              and len(first["layer"]) <= 200 and isinstance(rows, list) and 1 <= len(rows) <= LIMITS["num_classes"]
+              and all(isinstance(r, list) for r in rows) and len({len(r) for r in rows}) == 1
+              and 1 <= len(rows[0]) and len(rows) * len(rows[0]) <= VENDOR_LIMITS["first_values"]
+              and all(_numbers(r) for r in rows))
+        if not ok:
+            raise CheckpointError("model metadata first_layer_means is not a layer name and, per class, its "
+                                  "channels' means")
 
 
 def _moments_ok(moments) -> bool:
