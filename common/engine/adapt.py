@@ -75,8 +75,7 @@ def pooled_profile(mean: torch.Tensor) -> torch.Tensor:
 
 def vendor_record(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     """What a base checkpoint carries for the device (model metadata, JSON-able and small)."""
-    prof = input_profile(model, x)
-    sums = class_sums(model, x, y)
+    prof, sums = input_profile(model, x), class_sums(model, x, y)
     outputs = list(prunable_layers(model).values())[-1].weight.shape[0]
     # each class's samples (S55): the vendor's class mix, which the label-shift head moves away from
     return {"class_counts": torch.bincount(y.long(), minlength=outputs).tolist(),

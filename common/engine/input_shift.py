@@ -33,6 +33,7 @@ from common.engine.heads import spread_classes
 from common.engine.hidden_shift import over_labelled
 from common.model.architectures import prunable_layers
 from common.model.batches import BATCH_SIZE
+from common.model.checkpoint import VENDOR_LIMITS
 
 # the move is weighted n / (n + EVIDENCE) on n samples: a handful of samples moves the means by
 # their own content as much as by a style. A prior worth as many samples as the search bound's
@@ -55,7 +56,8 @@ def _channel_means(h: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def first_layer_record(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = BATCH_SIZE) -> dict:
     """The vendor's record: the first prunable layer's name and, per class, each output channel's
-    mean over the vendor's data in eval mode (a class it has no sample of: the overall mean)."""
+    mean over the vendor's data in eval mode (a class it has no sample of: the overall mean); None
+    where they would be more numbers than a device accepts."""
     name, layer = _first(model)
     n_cls = list(prunable_layers(model).values())[-1].weight.shape[0]
     acc = {}
@@ -70,6 +72,8 @@ def first_layer_record(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch
     sums, counts = acc["s"]
     overall = sums.sum(0) / counts.sum()
     means = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], overall)
+    if means.numel() > VENDOR_LIMITS["first_values"]:  # more than a device accepts: none, and no move
+        return {"first_layer_means": None}
     return {"first_layer_means": {"layer": name, "mean": [[round(float(v), 5) for v in row] for row in means]}}
 
 
