@@ -13,10 +13,10 @@ same classes gave it.
   taken out. The difference is added to the first layer's bias, so the model keeps its shape, its
   mask and its export; nothing else changes.
 - The move is kept only where it spreads the model's mean prediction over the user's data over
-  more classes than the base's (read on the statistics pass that follows it): a shift collapses predictions onto a few classes,
-  and a move that undoes it spreads them again; where it narrows them, the shift was not a move of
-  the means (a sensor that mixes its inputs), and the first layer is put back, the statistics pass
-  run again (as P10 checks the federation's blend).
+  more classes than the base's (read on the statistics pass that follows it): a shift collapses
+  predictions onto a few classes, and a move that undoes it spreads them again; where it narrows
+  them, the shift was not a move of the means (a sensor that mixes its inputs), and the first
+  layer is put back, the statistics pass run again (as P10 checks the federation's blend).
 - Means only, and weighted by how much data the user has: matching the vendor's variances as
   well, or moving a handful of samples' means in full, gains more on styled users but costs users
   holding one or two classes in a style a third of their held-out samples (docs/personalization.md,
@@ -135,7 +135,7 @@ def _pass(model, x, meta, batch_size, device):
 
 
 def _spread(p: torch.Tensor) -> float:
-    """Over how many classes a mean prediction spreads (as heads.spread_classes)."""
+    """Over how many classes a mean prediction `p` spreads (heads.spread_classes of a mean posterior)."""
     return float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
 
 
