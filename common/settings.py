@@ -151,7 +151,8 @@ SETTINGS = [
     S("probe-size", 0, "samples that judge the stop rule and recalibrate BatchNorm (0: a quarter, 32 to 128)",
       {RUN, CLIENT, PRUNE}, low=0),
     S("recalibrate-bn", True, "re-estimate BatchNorm statistics on the user's data (usage is then measured "
-      "on the adapted network)", {RUN, CLIENT, PRUNE}),
+      "on the adapted network); on a network without BatchNorm, move its first layer's channel means to the "
+      "user's instead", {RUN, CLIENT, PRUNE}),
     S("bn-adapt", "auto", "which BatchNorm statistics follow the user: full (every layer, AdaBN), stem (the input "
       "side only: safe under label shift), auto (full where it predicts no more classes than a recalibration "
       "of only the channels the class mix cannot explain, else stem; stem for a base without the vendor's "
