@@ -34,14 +34,20 @@ def run(a: argparse.Namespace, run_cohort) -> list[dict]:
     cohorts = [c.strip() for c in a.cohorts.split(",") if c.strip()]
     if bad := [c for c in cohorts if c not in COHORTS]:
         raise SystemExit(f"unknown cohort '{bad[0]}' (choose from: {', '.join(COHORTS)})")
-    torch.set_num_threads(1)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ds = D.load_fsdd(a.fsdd) if a.fsdd and any(c.startswith("fsdd") for c in cohorts) else None
+    out, ds = prepared(a, cohorts)
     rows = []
     for c in cohorts:
         rows += run_cohort(c, cohort_users(c, out, a.seed, ds))
     return rows
+
+
+def prepared(a: argparse.Namespace, cohorts: list[str]) -> tuple[Path, D.Dataset | None]:
+    """What a study's run needs once its input is checked: one thread, the output folder made, and
+    the FSDD dataset where a speech cohort is chosen (else None)."""
+    torch.set_num_threads(1)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, D.load_fsdd(a.fsdd) if a.fsdd and any(c.startswith("fsdd") for c in cohorts) else None
 
 
 def add_arms(p: argparse.ArgumentParser, arms: dict) -> None:

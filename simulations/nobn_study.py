@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import statistics
 from functools import partial
-from pathlib import Path
 
 import torch
 
@@ -165,36 +164,32 @@ def main(argv=None) -> list[dict]:
                              for v in a.evidence.split(",") if v.strip()})
     except ValueError:
         raise SystemExit(f"--evidence must be comma-separated integers, not '{a.evidence}'") from None
-    from common.data import readers as D
     from simulations.bench_tasks import cohort_users
 
-    torch.set_num_threads(1)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ds = D.load_fsdd(a.fsdd) if a.fsdd and any(c.startswith("fsdd") for c in cohorts) else None
+    def row(cohort, base, meta, user, seed, held):
+        """One user's row: every arm, and the baselines where asked."""
+        r = CS.run_arms(cohort, [(base, meta, user)], arms, setup=no_shift)[0]
+        r.update(seed=seed, held=held)
+        if a.baselines:
+            label_free, ceiling = BL.beside(base, user)
+            r.update(label_free, ceiling=ceiling)
+        return r
+
+    out, ds = CS.prepared(a, cohorts)
     rows = []
     for seed in seeds:
         for c in cohorts:
             users = cohort_users(c, out, seed, ds, log=print)
             users = [(b, m, u, "all") for b, m, u in users] if a.whole else held_users(users)
-            for b, m, u, k in users:
-                r = CS.run_arms(c, [(b, m, u)], arms, setup=no_shift)[0]
-                r.update(seed=seed, held=k)
-                if a.baselines:
-                    label_free, ceiling = BL.beside(b, u)
-                    r.update(label_free, ceiling=ceiling)
-                rows.append(r)
-    for b, m, u, sensor in sensor_users(a.sensors) if a.sensors > 0 else []:
-        r = CS.run_arms("gaussian-mlp-nobn", [(b, m, u)], arms, setup=no_shift)[0]
-        r.update(seed=0, held=sensor)
-        if a.baselines:
-            label_free, ceiling = BL.beside(b, u)
-            r.update(label_free, ceiling=ceiling)
-        rows.append(r)
+            rows += [row(c, b, m, u, seed, k) for b, m, u, k in users]
+    rows += [row("gaussian-mlp-nobn", b, m, u, 0, sensor)
+             for b, m, u, sensor in (sensor_users(a.sensors) if a.sensors > 0 else [])]
     table = summary(rows, arms, a.baselines)
     CS.write(out, "nobn", rows, table, markdown(table, arms, a.baselines, seeds))
     bars = [dict(t, cohort=f"{t['cohort'].replace('-nobn', '')}\n{t['held']}") for t in table]
-    CS.bar_plot(bars, ["base", *[k for k in arms if "evidence" not in k]], "S57, S58: the default on networks without BatchNorm", out / "nobn.png", figsize=(max(9, len(bars)), 4), fontsize=7)
+    CS.bar_plot(bars, ["base", *[k for k in arms if "evidence" not in k]],
+                "S57, S58: the default on networks without BatchNorm", out / "nobn.png",
+                figsize=(max(9, len(bars)), 4), fontsize=7)
     return rows
 
 

@@ -47,8 +47,18 @@ class T3AHead:
 def spread_classes(logits: torch.Tensor) -> float:
     """Over how many classes the user's data spreads: exp of the entropy of the mean predicted
     distribution (a user holding 3 classes evenly: 3)."""
-    p = F.softmax(logits.float(), 1).mean(0)
+    return spread_of(F.softmax(logits.float(), 1).mean(0))
+
+
+def spread_of(p: torch.Tensor) -> float:
+    """Over how many classes a mean predicted distribution `p` spreads: exp of its entropy."""
     return float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
+
+
+def layer_logits(last: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """The output layer `last` on the user's features (CPU, float)."""
+    return F.linear(feats, last.weight.detach().float().cpu().flatten(1),
+                    None if last.bias is None else last.bias.detach().float().cpu())
 
 
 def _prototype_weight(last: nn.Module, feats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -166,8 +176,7 @@ def spreads_wider(head: str, last: nn.Module, feats: torch.Tensor, logits: torch
     after) over all of the data."""
     trial = copy.deepcopy(last)
     HEADS[head].write(trial, feats, logits)
-    new = F.linear(feats.float(), trial.weight.detach().float().cpu().flatten(1),
-                   None if trial.bias is None else trial.bias.detach().float().cpu())
+    new = layer_logits(trial, feats)
     halves = (slice(0, None, 2), slice(1, None, 2))
     wider = len(logits) >= 2 and all(spread_classes(new[h]) > spread_classes(logits[h]) for h in halves)
     return wider, spread_classes(logits), spread_classes(new)

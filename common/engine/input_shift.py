@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from common.engine.bn import bn_layers
-from common.engine.heads import spread_classes
+from common.engine.heads import spread_classes, spread_of
 from common.engine.hidden_shift import over_labelled
 from common.model.architectures import prunable_layers
 from common.model.batches import BATCH_SIZE
@@ -131,12 +131,7 @@ def _pass(model, x, meta, batch_size, device):
     delta = (mix @ vendor - user) * (len(x) / (len(x) + EVIDENCE))
     spread = vendor.std(0).mean()  # how far the vendor's class means lie apart, per channel
     info = {"first_layer_shift": round(float(delta.abs().mean() / spread.clamp(min=1e-8)), 4)}
-    return delta, info, _spread(mix)
-
-
-def _spread(p: torch.Tensor) -> float:
-    """Over how many classes a mean prediction `p` spreads (heads.spread_classes of a mean posterior)."""
-    return float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
+    return delta, info, spread_of(mix)
 
 
 @torch.no_grad()

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from common.engine import adapt as AD
 from common.engine import class_prior as CPR
@@ -153,6 +152,7 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
     # the output layer from the user's features of the unpruned adapted model (the statistics
     # pass's: no pass of its own)
     head = choose_head(cfg.head, logits, cfg.prototype_min_support, cfg.head_min_support)
+    last = list(prunable_layers(model).values())[-1]
     gated = False  # a gate below refused pseudo-labels' features: nothing learns from them
     if (mode == "none" and cfg.head == "auto" and info.get("kept_shift_none") is not None
             and info.get("deep_shift_evident", 1.0) >= AD.DEEP_SHIFT):
@@ -167,11 +167,11 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
             # S58: unless the head spreads the predictions over more classes than the base's
             # layer: a shift that collapsed them onto a few classes is what it undoes (a new
             # voice), where one that learns the shift's errors narrows them (a style)
-            wider, before, after = HD.spreads_wider(head, list(prunable_layers(model).values())[-1], feats, logits)
+            wider, before, after = HD.spreads_wider(head, last, feats, logits)
             info["head_spread"] = [round(before, 3), round(after, 3)]
             if not wider:
                 head, gated = "linear", True
-        elif shift is None or shift >= AD.DEEP_SHIFT:
+        elif shift is None:
             head, gated = "linear", True
         else:
             # features that did not move, which nothing follows: a rebuilt layer can learn only the
@@ -181,7 +181,6 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
             info["label_spread"] = round(label_spread, 4)
             if label_spread >= HS.NO_LABEL_SHIFT:
                 head = "linear"
-    last = list(prunable_layers(model).values())[-1]
     write = HEADS[head].write
     mine = CPR.class_means(feats, logits)  # from the base's layer's pseudo-labels, before any rewrite
     if cfg.head == "auto" and head != "prototypes" and not gated and CPR.usable(last, class_prior):
@@ -214,8 +213,7 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
     info["nothing_adapts"] = still
     if write is not None:
         write(last, feats, logits)
-        logits = F.linear(feats, last.weight.detach().float().cpu().flatten(1),
-                          None if last.bias is None else last.bias.detach().float().cpu())
+        logits = HD.layer_logits(last, feats)
         clock.lap("head")
     return Adapted(logits, stats, feats, recal, fold, searching and not unlike, unlike, head, info, extra, first_bn,
                    mine, still)
