@@ -19,6 +19,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from common.engine import vendor_directions as VD
 from common.engine.class_prior import class_shape
 from common.model.architectures import prunable_shapes
 from common.model.checkpoint import fingerprint
@@ -180,7 +181,8 @@ class FinePruneStrategy(Strategy):
                                if self.cfg["summary-level"] != "bitmap" else "slim-base replaces the base instead"}
         if self.classes_shape is not None and server_round < self.cfg["num-rounds"]:
             outliers = record.get("prior", {}).get("outliers", [])  # the mask prior's, this round
-            classes, record["class_prior"] = class_directions(summaries, outliers, self.cfg["slim-min-clients"])
+            classes, record["class_prior"] = class_directions(summaries, outliers, self.cfg["slim-min-clients"],
+                                                              VD.vendor_prior(self.base, self.meta))
             self._classes = None if classes is None else PW.classes_to_records(classes, server_round)
         if self.on_round is not None:
             self.on_round(record)

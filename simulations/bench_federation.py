@@ -148,6 +148,7 @@ def two_rounds(base, meta, users: list, cfg: dict, epsilon: float | None, tags: 
     from client.personalize import personalize
     from common.engine.class_prior import class_shape
     from common.engine.prior import Prior
+    from common.engine.vendor_directions import vendor_prior
     from common.model.architectures import prunable_shapes
     from common.model.checkpoint import fingerprint, load_checkpoint
     from common.model.train import accuracy
@@ -174,6 +175,7 @@ def two_rounds(base, meta, users: list, cfg: dict, epsilon: float | None, tags: 
                          "heldout": len(u.heldout_y), "upload_bytes": len(data),
                          "base": accuracy(base, u.heldout_x, u.heldout_y),
                          "alone": accuracy(model, u.heldout_x, u.heldout_y), "sparsity_alone": info.sparsity,
+                         "head_alone": info.adaptation.get("head", "-"),
                          **baselines(base, u)})
         voters, outliers = robust_voters({k: v.bitmap for k, v in summaries.items()})
         shares = classes = None
@@ -182,7 +184,7 @@ def two_rounds(base, meta, users: list, cfg: dict, epsilon: float | None, tags: 
             arrays, rec = PW.to_records(pruned_shares(voters, epsilon), len(voters), 1)
             shares = PW.from_records(arrays, rec, shapes, cfg["prior-samples"], epsilon=epsilon)
         if cshape is not None:
-            pooled, _ = class_directions(summaries, outliers, k)
+            pooled, _ = class_directions(summaries, outliers, k, vendor_prior(base, meta))
             if pooled is not None:
                 classes = PW.classes_from_records(*PW.classes_to_records(pooled, 1), cshape)
         for pid, (u, row) in enumerate(zip(users, rows)):
@@ -193,11 +195,13 @@ def two_rounds(base, meta, users: list, cfg: dict, epsilon: float | None, tags: 
             row["with_prior"] = prior is not None
             if not row["with_prior"]:  # no prior: the device keeps round 1's personalization
                 row["prior"], row["sparsity_prior"], row["head_prior"] = row["alone"], row["sparsity_alone"], "-"
+                row["prior_source"] = "-"
                 continue
             _, info = personalize(base, meta, u.unlabeled, settings, Path(tmp) / f"{pid}b.pt", prior=prior)
             model = load_checkpoint(Path(tmp) / f"{pid}b.pt")[0]
             row["prior"], row["sparsity_prior"] = accuracy(model, u.heldout_x, u.heldout_y), info.sparsity
             row["head_prior"] = info.adaptation.get("head", "-")
+            row["prior_source"] = info.adaptation.get("class_prior", {}).get("source", "-")
     return rows
 
 
@@ -237,7 +241,9 @@ def summarize(rows: list[dict]) -> list[dict]:
         row = {"federation": key[0], "clients": key[1], "epsilon": key[2], "devices": len(sel),
                "draws": len({r["seed"] for r in sel}), "median_samples": statistics.median(r["samples"] for r in sel),
                "with_prior": sum(r["with_prior"] for r in sel),
-               "class_prior_used": sum(r.get("head_prior") == "class-prior" for r in sel),
+               "class_prior_used": sum(r.get("head_prior") == "class-prior" and r.get("prior_source") == "federation"
+                                       for r in sel),
+               "vendor_used_alone": sum(r.get("head_alone") == "class-prior" for r in sel),
                "upload_bytes": statistics.mean(r["upload_bytes"] for r in sel),
                "base": statistics.mean(r["base"] for r in sel)}
         for arm in ("alone", "prior"):
@@ -262,21 +268,21 @@ def summarize(rows: list[dict]) -> list[dict]:
 def to_markdown(table: list[dict]) -> str:
     lines = ["# The federation's prior: round 1 alone against round 2 with the prior", "",
              "Mean held-out accuracy over devices and draws; worst device against its base; devices more "
-             "than 2 points below their base; mean sparsity; how many devices blended the class directions into "
-             "their head; the mean upload. The label-free baselines ran on the same devices' unlabeled data; the "
+             "than 2 points below their base; mean sparsity; how many devices blended the federation's class "
+             "directions into their head in round 2, and the vendor's own alone in round 1 (S59); the mean upload. The label-free baselines ran on the same devices' unlabeled data; the "
              "backprop ceiling is not here (a simulated user keeps no labels for them). The speech and styled "
              "draws are nested: the first devices of each condition are the same at every size, and 'devices of "
              "every size' is the gain on them alone (their count in brackets), the same devices compared across "
              "sizes.", "",
              "| federation | devices per run | epsilon | devices (draws) | median samples | with prior | class prior "
-             "used | upload (bytes) | base | alone | alone worst | alone < -2 | alone sparsity | prior | prior worst | "
+             "used | vendor's directions alone | upload (bytes) | base | alone | alone worst | alone < -2 | alone sparsity | prior | prior worst | "
              "prior < -2 | prior sparsity | prior - alone | prior - alone, devices of every size | "
              "worst device, prior - alone | "
              + " | ".join(f"{arm} (worst)" for arm in BASELINES) + " |",
-             "|---" * 20 + "|" + "---|" * len(BASELINES)]
+             "|---" * 21 + "|" + "---|" * len(BASELINES)]
     for r in table:
         lines.append(f"| {r['federation']} | {r['clients']} | {r['epsilon'] or '-'} | {r['devices']} ({r['draws']}) | "
-                     f"{r['median_samples']:g} | {r['with_prior']} | {r['class_prior_used']} | "
+                     f"{r['median_samples']:g} | {r['with_prior']} | {r['class_prior_used']} | {r['vendor_used_alone']} | "
                      f"{r['upload_bytes']:.0f} | {r['base']:.4f} | {r['alone']:.4f} | "
                      f"{r['alone_worst']:+.3f} | {r['alone_below_2']} | {r['alone_sparsity']:.3f} | {r['prior']:.4f} | "
                      f"{r['prior_worst']:+.3f} | {r['prior_below_2']} | {r['prior_sparsity']:.3f} | "

@@ -293,8 +293,9 @@ def test_bench_federation_sends_styled_devices_the_class_directions_and_private_
     assert len(plain) == len(private) == 8 and all(r["samples"] == 20 for r in plain)
     assert all(r["with_prior"] for r in plain)  # every device gets the class directions
     # 20 images of ten classes: too few for prototypes of their own
-    assert sum(r["head_prior"] == "class-prior" for r in plain) >= 4
-    assert not any(r["head_prior"] == "class-prior" for r in private)  # a private run has none
+    assert sum(r["head_prior"] == "class-prior" and r["prior_source"] == "federation" for r in plain) >= 4
+    # a private run has none of the federation's: its devices blend the vendor's own, as alone (S59)
+    assert not any(r["prior_source"] == "federation" for r in private)
     table = BF.summarize(plain + private)
     assert [(t["federation"], t["epsilon"]) for t in table] == [("styled", 0), ("styled", 2.0)]
     assert table[0]["class_prior_used"] >= 4 and table[1]["class_prior_used"] == 0

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from common.engine import class_mix as CM
 from common.engine import input_shift as IS
+from common.engine import vendor_directions as VD
 from common.engine.bn import bn_layers, explained_weight
 from common.engine.hidden_shift import hidden_record, over_labelled
 from common.engine.stats import eta_squared
@@ -76,13 +77,12 @@ def pooled_profile(mean: torch.Tensor) -> torch.Tensor:
 def vendor_record(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     """What a base checkpoint carries for the device (model metadata, JSON-able and small)."""
     prof, sums = input_profile(model, x), class_sums(model, x, y)
-    outputs = list(prunable_layers(model).values())[-1].weight.shape[0]
     # each class's samples (S55): the vendor's class mix, which the label-shift head moves away from
-    return {"class_counts": torch.bincount(y.long(), minlength=outputs).tolist(),
+    return {"class_counts": torch.bincount(y.long(), minlength=VD.class_shape(model)[0]).tolist(),
             "class_spread": [[round(float(v), 4) for v in eta_squared(s1, cnt, s2.sum(0))] for s1, s2, cnt in sums],
             "class_moments": CM.recorded_moments(sums),
             "input_profile": {"shape": list(prof.shape), "values": [round(float(v), 5) for v in prof.flatten()]},
-            **hidden_record(model, x, y), **IS.first_layer_record(model, x, y)}
+            **hidden_record(model, x, y), **IS.first_layer_record(model, x, y), **VD.record(model, x, y)}
 
 
 # ---------------------------------------------------------------- device side

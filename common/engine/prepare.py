@@ -16,6 +16,7 @@ from common.engine import heads as HD
 from common.engine import hidden_shift as HS
 from common.engine import input_shift as IS
 from common.engine import probe as PR
+from common.engine import vendor_directions as VD
 from common.engine.bn import Chance, bn_layers, bn_prior, recalibrate_bn
 from common.engine.bn_check import check_full, stem_recal
 from common.engine.forward import capture_features
@@ -48,8 +49,8 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
     """The statistics pass (BatchNorm follows the user, usage is measured on the adapted network),
     the input check, bn-adapt auto's check and the head, written before pruning so the stop rule
     judges the model as kept. `class_prior`: the federation's class directions
-    (common/engine/class_prior.py); a device whose own samples are too few per class for prototypes
-    of its own blends them with the base's layer instead."""
+    (common/engine/class_prior.py), else the vendor's record of its own (S59); a device whose own
+    samples are too few per class for prototypes of its own blends them with the base's layer instead."""
     need_outputs, need_classes = "outputs" in scorer.needs or need_stats, "classes" in scorer.needs
     # the stop rule's search, unless the statistics pass finds inputs unlike the base's (below)
     searching = cfg.target_sparsity is None and cfg.stop_rule != "none"
@@ -154,6 +155,7 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
     head = choose_head(cfg.head, logits, cfg.prototype_min_support, cfg.head_min_support)
     last = list(prunable_layers(model).values())[-1]
     gated = False  # a gate below refused pseudo-labels' features: nothing learns from them
+    settled = False  # S36 found nothing to learn: the base's layer, and no class directions either
     if (mode == "none" and cfg.head == "auto" and info.get("kept_shift_none") is not None
             and info.get("deep_shift_evident", 1.0) >= AD.DEEP_SHIFT):
         # S27: the deep layers moved beyond the class mix (and chance, S28) and none follows (as S26)
@@ -180,15 +182,20 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
             label_spread = spread_classes(logits) / logits.shape[1]
             info["label_spread"] = round(label_spread, 4)
             if label_spread >= HS.NO_LABEL_SHIFT:
-                head = "linear"
+                # nor class directions (S59): with no shift and no class mix they add only errors
+                head, settled = "linear", True
     write = HEADS[head].write
     mine = CPR.class_means(feats, logits)  # from the base's layer's pseudo-labels, before any rewrite
-    if cfg.head == "auto" and head != "prototypes" and not gated and CPR.usable(last, class_prior):
+    # the federation's class directions, else the vendor's own (S59)
+    source, class_prior = ("federation", class_prior) if class_prior is not None else \
+        ("vendor", VD.vendor_prior(model, base_meta) if cfg.head == "auto" else None)
+    if cfg.head == "auto" and head != "prototypes" and not (gated or settled) and CPR.usable(last, class_prior):
         # too few samples per class for prototypes of its own, and no gate above refused
-        # pseudo-labels' features: the federation's class directions blended with the base's
-        # layer, where the device's data spreads over the classes as the pool's does
+        # pseudo-labels' features: the class directions blended with the base's layer, where the
+        # device's data spreads over the classes as the pool's (the vendor's) does
         fits, own, pooled = CPR.spread_fits(mine[1], class_prior)
-        info["class_prior"] = {"spread": round(own, 3), "pool_spread": round(pooled, 3), "used": fits}
+        info["class_prior"] = {"source": source, "spread": round(own, 3), "pool_spread": round(pooled, 3),
+                               "used": fits}
         if fits:  # P10: and only where the blend spreads the predictions wider than the layer it replaces
             layer = CPR.blend_layer(last, feats, logits, class_prior)
             wider, before, after = CPR.widens(layer, feats, logits)

@@ -31,9 +31,9 @@ class CheckpointError(ValueError):
 MODEL_META = ("arch", "arch_kwargs", "task", "classes", "features")
 # What the vendor may record beside it for the device's adaptation checks (common/engine/adapt.py): optional
 VENDOR_META = ("class_counts", "class_spread", "class_moments", "input_profile", "hidden_record",
-               "first_layer_means")
+               "first_layer_means", "class_directions")
 VENDOR_LIMITS = {"spread_values": 200_000, "moment_values": 1_000_000, "profile_values": 65_536,
-                 "hidden_values": 65_536, "first_values": 1_000_000}
+                 "hidden_values": 65_536, "first_values": 1_000_000, "direction_values": 1_000_000}
 
 
 # What a device accepts from model metadata it did not make (a server's message, a downloaded
@@ -149,17 +149,20 @@ def _check_vendor_record(meta: dict) -> None:
                 and _numbers(hid["var"], 0.0) and _numbers(hid["spread"], 0.0, 1.0)):
             raise CheckpointError("model metadata hidden_record is not a layer name and its channels' mean, "
                                   "variance and class spread")
-    first = meta.get("first_layer_means")
-    if first is not None:
-        rows = first.get("mean") if isinstance(first, dict) else None
-        ok = (isinstance(first, dict) and set(first) == {"layer", "mean"} and isinstance(first["layer"], str)
-              and len(first["layer"]) <= 200 and isinstance(rows, list) and 1 <= len(rows) <= LIMITS["num_classes"]
-              and all(isinstance(r, list) for r in rows) and len({len(r) for r in rows}) == 1
-              and 1 <= len(rows[0]) and len(rows) * len(rows[0]) <= VENDOR_LIMITS["first_values"]
-              and all(_numbers(r) for r in rows))
-        if not ok:
-            raise CheckpointError("model metadata first_layer_means is not a layer name and, per class, its "
-                                  "channels' means")
+    for key, limit, what in (("first_layer_means", "first_values", "channels' means"),
+                              ("class_directions", "direction_values", "mean centred features")):
+        if meta.get(key) is not None and not _rows_ok(meta[key], VENDOR_LIMITS[limit]):
+            raise CheckpointError(f"model metadata {key} is not a layer name and, per class, its {what}")
+
+
+def _rows_ok(rec, limit: int) -> bool:
+    """{"layer": a short name, "mean": one row of finite numbers per class, every row as long}, at
+    most `limit` numbers in all."""
+    rows = rec.get("mean") if isinstance(rec, dict) else None
+    return (isinstance(rec, dict) and set(rec) == {"layer", "mean"} and isinstance(rec["layer"], str)
+            and len(rec["layer"]) <= 200 and isinstance(rows, list) and 1 <= len(rows) <= LIMITS["num_classes"]
+            and all(isinstance(r, list) for r in rows) and len({len(r) for r in rows}) == 1
+            and 1 <= len(rows[0]) and len(rows) * len(rows[0]) <= limit and all(_numbers(r) for r in rows))
 
 
 def _moments_ok(moments) -> bool:
