@@ -323,3 +323,22 @@ def test_nobn_study_arms_move_check_and_weight_as_named_and_bad_input_is_refused
         with pytest.raises(SystemExit):
             NB.main([*argv, "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_vendor_directions_study_runs_both_arms_per_device_and_refuses_bad_input(tmp_path, digits_server_base):
+    """S59's study: every device runs the default with its base's record and without the vendor's
+    directions; data-poor styled devices blend them; an unknown cohort, speech without --fsdd or
+    bad --seeds is one line, and nothing is written."""
+    import shutil
+
+    from simulations import vendor_directions_study as VS
+
+    (tmp_path / "r" / "bases").mkdir(parents=True)
+    shutil.copy(digits_server_base, tmp_path / "r" / "bases" / "digits_s0_e0.pt")
+    table = VS.main(["--cohorts", "styled", "--seeds", "0", "--per", "1", "--out", str(tmp_path / "r")])
+    assert len(table) == 1 and table[0]["devices"] == 4 and table[0]["used"] >= 1
+    assert "| styled s0 | 4 |" in (tmp_path / "r" / "vendor_directions.md").read_text()
+    for argv in (["--cohorts", "digits"], ["--cohorts", "speech-20"], ["--seeds", "a"]):
+        with pytest.raises(SystemExit):
+            VS.main([*argv, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
