@@ -228,21 +228,14 @@ def pruned_shares(bitmaps: dict[str, Mask], epsilon: float | None = None) -> dic
     return out
 
 
-def class_directions(summaries: dict[str, Summary], outliers: list[str], min_clients: int,
-                     vendor: CPR.ClassPrior | None = None):
+def class_directions(summaries: dict[str, Summary], outliers: list[str], min_clients: int):
     """The class directions the next round gives back: the class means of every summary that
     carries them, outliers out, pooled (common/engine/class_prior.py: each device's mean of a class
-    counts once), over at least `min_clients` devices; where the base carries the vendor's own
-    (`vendor`, S59), shrunk toward them by how far the pool lies from them beyond its uncertainty
-    (class_prior.toward). Returns (ClassPrior or None, its record)."""
+    counts once), over at least `min_clients` devices. Returns (ClassPrior or None, its record)."""
     got = {k: s.classes for k, s in summaries.items() if s.classes is not None and k not in set(outliers)}
     if len(got) < min_clients:
         return None, {"skipped": f"{len(got)} devices sent class means (outliers out), slim-min-clients is "
                                  f"{min_clients}"}
     prior = CPR.pool(list(got.values()))
-    record = {"voters": len(got), "spread": round(CPR.spread(prior.freq), 3),
-              "classes_predicted": int((prior.means.norm(dim=1) > 0).sum())}
-    if vendor is not None and vendor.means.shape == prior.means.shape:
-        prior, weight = CPR.toward(prior, list(got.values()), vendor)
-        record["weight_on_pool"] = round(float(weight.mean()), 3)
-    return prior, record
+    return prior, {"voters": len(got), "spread": round(CPR.spread(prior.freq), 3),
+                   "classes_predicted": int((prior.means.norm(dim=1) > 0).sum())}

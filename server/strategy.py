@@ -19,7 +19,6 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.engine import vendor_directions as VD
 from common.engine.class_prior import class_shape
 from common.model.architectures import prunable_shapes
 from common.model.checkpoint import fingerprint
@@ -62,7 +61,7 @@ class FinePruneStrategy(Strategy):
                                          self.cfg["sketch-frac"])
         # the class means a reply may carry (class-sums): the output layer's classes x features, in
         # base64 float16 beside a count of up to 10 digits per class
-        self.classes_shape = class_shape(base) if class_prior_enabled(self.cfg) else None
+        self.classes_shape = class_shape(base) if class_prior_enabled(self.cfg, meta) else None
         if self.classes_shape is not None:
             c, d = self.classes_shape
             self.max_summary_bytes += 4 * math.ceil(2 * c * d / 3) + 12 * c
@@ -181,8 +180,7 @@ class FinePruneStrategy(Strategy):
                                if self.cfg["summary-level"] != "bitmap" else "slim-base replaces the base instead"}
         if self.classes_shape is not None and server_round < self.cfg["num-rounds"]:
             outliers = record.get("prior", {}).get("outliers", [])  # the mask prior's, this round
-            classes, record["class_prior"] = class_directions(summaries, outliers, self.cfg["slim-min-clients"],
-                                                              VD.vendor_prior(self.base, self.meta))
+            classes, record["class_prior"] = class_directions(summaries, outliers, self.cfg["slim-min-clients"])
             self._classes = None if classes is None else PW.classes_to_records(classes, server_round)
         if self.on_round is not None:
             self.on_round(record)

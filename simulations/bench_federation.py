@@ -148,7 +148,6 @@ def two_rounds(base, meta, users: list, cfg: dict, epsilon: float | None, tags: 
     from client.personalize import personalize
     from common.engine.class_prior import class_shape
     from common.engine.prior import Prior
-    from common.engine.vendor_directions import vendor_prior
     from common.model.architectures import prunable_shapes
     from common.model.checkpoint import fingerprint, load_checkpoint
     from common.model.train import accuracy
@@ -160,7 +159,7 @@ def two_rounds(base, meta, users: list, cfg: dict, epsilon: float | None, tags: 
 
     fp, size, settings = fingerprint(base), model_bytes(base), prune_settings(cfg)
     shapes = prunable_shapes(base)
-    cshape = class_shape(base) if class_prior_enabled(dict(cfg, **{"privacy-epsilon": epsilon or 0})) else None
+    cshape = class_shape(base) if class_prior_enabled(dict(cfg, **{"privacy-epsilon": epsilon or 0}), meta) else None
     rows, summaries = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for pid, u in enumerate(users):
@@ -184,7 +183,7 @@ def two_rounds(base, meta, users: list, cfg: dict, epsilon: float | None, tags: 
             arrays, rec = PW.to_records(pruned_shares(voters, epsilon), len(voters), 1)
             shares = PW.from_records(arrays, rec, shapes, cfg["prior-samples"], epsilon=epsilon)
         if cshape is not None:
-            pooled, _ = class_directions(summaries, outliers, k, vendor_prior(base, meta))
+            pooled, _ = class_directions(summaries, outliers, k)
             if pooled is not None:
                 classes = PW.classes_from_records(*PW.classes_to_records(pooled, 1), cshape)
         for pid, (u, row) in enumerate(zip(users, rows)):

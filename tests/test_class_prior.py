@@ -286,8 +286,17 @@ def test_bench_federation_sends_styled_devices_the_class_directions_and_private_
 
     from simulations import bench_federation as BF
 
+    from common.model.checkpoint import load_checkpoint, save_checkpoint
+
     (tmp_path / "bases").mkdir()
-    shutil.copy(digits_server_base, tmp_path / "bases" / "digits_s0_e0.pt")
+    path = tmp_path / "bases" / "digits_s0_e0.pt"
+    shutil.copy(digits_server_base, path)
+    # with the vendor's own directions, devices blend those alone and the federation pools none (P13)
+    kept = BF.styled_federation(2, 0, None, tmp_path, {"slim-min-clients": 3})
+    assert not any(r["prior_source"] == "federation" for r in kept)
+    assert sum(r["head_alone"] == "class-prior" for r in kept) >= 4
+    model, meta, mask = load_checkpoint(path)  # a base without them: P6's pool
+    save_checkpoint(path, model, dict(meta, class_directions=None), mask=mask)
     plain = BF.styled_federation(2, 0, None, tmp_path, {"slim-min-clients": 3})
     private = BF.styled_federation(2, 0, 2.0, tmp_path, {"slim-min-clients": 3})
     assert len(plain) == len(private) == 8 and all(r["samples"] == 20 for r in plain)

@@ -80,12 +80,13 @@ def test_restart_resumes_stored_personalizations(tmp_path, digits_server_base):
 
 def test_private_summaries_run_end_to_end_and_round_two_gets_a_prior_from_the_noisy_masks(tmp_path,
                                                                                           digits_server_base):
-    # three randomized masks at epsilon 3 are worth 2.5 exact ones, at least slim-min-clients (P11)
-    report = simulate({"num-clients": 3, "out-dir": str(tmp_path), "summary-level": "bitmap",
+    # four randomized masks at epsilon 3 are worth 3.3 exact ones, at least slim-min-clients (P11) with
+    # one of them an outlier
+    report = simulate({"num-clients": 4, "out-dir": str(tmp_path), "summary-level": "bitmap",
                        "privacy-epsilon": 3.0, "num-rounds": 2, "slim-min-clients": 2,
                        "base-checkpoint": str(digits_server_base)})
     a = report["analysis"]
-    assert len(report["clients"]) == 3 and not report["rejected"]
+    assert len(report["clients"]) == 4 and not report["rejected"]
     assert all(c["sparsity_estimated"] and 0.2 < c["sparsity"] < 1 for c in report["clients"])
     assert a["privacy_epsilon"] == 3.0 and a["similarity_method"].startswith("estimated (private bitmap")
     assert report["rounds"][0]["prior"]["debiased"] is True
@@ -120,14 +121,25 @@ def test_round_two_blends_the_federations_prior_and_the_report_compares_the_roun
 
 def test_sketch_summaries_carry_class_means_through_flower_and_round_two_sends_their_pool(tmp_path,
                                                                                           digits_server_base):
-    report = simulate({"num-clients": 4, "out-dir": str(tmp_path), "num-rounds": 2, "slim-min-clients": 3,
-                       "base-checkpoint": str(digits_server_base)})
+    """On a base without the vendor's own class directions (P6's path); a base with them gets no
+    pool, its devices blend the vendor's alone (S59, P13)."""
+    from common.model.checkpoint import load_checkpoint, save_checkpoint
+
+    model, meta, mask = load_checkpoint(digits_server_base)
+    assert meta.get("class_directions")
+    base = tmp_path / "base.pt"
+    save_checkpoint(base, model, dict(meta, class_directions=None), mask=mask)
+    report = simulate({"num-clients": 4, "out-dir": str(tmp_path / "p6"), "num-rounds": 2, "slim-min-clients": 3,
+                       "base-checkpoint": str(base)})
     assert not report["rejected"] and len(report["clients"]) == 4
     pooled = report["rounds"][0]["class_prior"]
     assert pooled["voters"] == 4 and pooled["classes_predicted"] >= 5
     assert "skipped" in report["rounds"][0]["prior"]  # sketches: no mask prior, the class directions only
     assert all(c["with_prior"] for c in report["clients"])
-    assert "class directions for the next round" in (tmp_path / "report.md").read_text()
+    assert "class directions for the next round" in (tmp_path / "p6" / "report.md").read_text()
+    kept = simulate({"num-clients": 4, "out-dir": str(tmp_path / "s59"), "num-rounds": 2, "slim-min-clients": 3,
+                     "base-checkpoint": str(digits_server_base)})
+    assert "class_prior" not in kept["rounds"][0] and not kept["rejected"]
 
 
 @pytest.mark.fault

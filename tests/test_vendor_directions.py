@@ -140,24 +140,3 @@ def test_a_malformed_class_directions_record_is_refused(bad):
     with pytest.raises(CheckpointError, match="class_directions"):
         check_model_meta(meta)
 
-
-def test_the_servers_pool_keeps_the_vendors_directions_where_it_lies_within_its_own_noise_of_them():
-    """class_prior.toward: devices whose class means scatter around the vendor's pool within their
-    own uncertainty give back the vendor's; devices that agree on a class structure of their own,
-    far beyond it, give back theirs; a class one device predicted keeps the vendor's."""
-    g = torch.Generator().manual_seed(59)
-    vendor = CPR.ClassPrior(0.3 * torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1),
-                            torch.full((5,), 0.2), 0)
-    counts = torch.tensor([4.0, 4, 4, 4, 4])
-    noisy = [(vendor.means + 0.3 * torch.randn(5, 8, generator=g), counts) for _ in range(6)]
-    got, weight = CPR.toward(CPR.pool(noisy), noisy, vendor)
-    assert float(weight.max()) < 0.5
-    assert (got.means - vendor.means).norm() < (CPR.pool(noisy).means - vendor.means).norm()
-    theirs = -vendor.means
-    agreeing = [(theirs + 0.01 * torch.randn(5, 8, generator=g), counts) for _ in range(6)]
-    got, weight = CPR.toward(CPR.pool(agreeing), agreeing, vendor)
-    assert float(weight.min()) > 0.99 and torch.allclose(got.means, CPR.pool(agreeing).means, atol=0.01)
-    one = [(theirs, torch.tensor([4.0, 0, 0, 0, 0]))] + [(theirs * torch.tensor([0.0, 1, 1, 1, 1])[:, None],
-                                                          torch.tensor([0.0, 4, 4, 4, 4])) for _ in range(5)]
-    got, weight = CPR.toward(CPR.pool(one), one, vendor)
-    assert float(weight[0]) == 0.0 and torch.allclose(got.means[0], vendor.means[0])

@@ -17,7 +17,7 @@ P10): the directions undo a shift that collapsed the predictions, and where they
 add the pool's errors (or a server's: directions that send every sample to one class are refused).
 
 The vendor's own directions (common/engine/vendor_directions.py, S59) stand in for the pool's where
-a device has none, and the server shrinks the pool toward them (`toward`, P13)."""
+a device has none; where its base carries them, the federation pools none (P13)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -96,25 +96,6 @@ def pool(contributions: list[tuple[torch.Tensor, torch.Tensor]], voters: int | N
     pooled = (means * have[..., None]).sum(0) / have.sum(0).clamp_min(1.0)[:, None]
     freq = (counts / counts.sum(1, keepdim=True).clamp_min(1.0)).mean(0)
     return ClassPrior(pooled, freq, len(contributions) if voters is None else voters)
-
-
-def toward(pooled: ClassPrior, contributions: list[tuple[torch.Tensor, torch.Tensor]],
-           anchor: ClassPrior) -> tuple[ClassPrior, torch.Tensor]:
-    """The pooled directions shrunk toward the vendor's (`anchor`, S59), per class by how far the
-    pool lies from them beyond its own uncertainty (James-Stein, positive part): the devices' means
-    of a class vary between devices, so their mean is uncertain by that variance over their count;
-    a class whose pool lies within it of the vendor's keeps the vendor's. Returns (the shrunk
-    directions, each class's weight on the pool's)."""
-    means = torch.stack([m.float() for m, _ in contributions])
-    have = (torch.stack([c.float() for _, c in contributions]) > 0).float()
-    n = have.sum(0)
-    spread = ((means - pooled.means.float()[None]) ** 2 * have[..., None]).sum((0, 2)) / (n - 1).clamp_min(1.0)
-    off = pooled.means.float() - anchor.means.float()
-    weight = (1 - spread / n.clamp_min(1.0) / off.pow(2).sum(1).clamp_min(1e-12)).clamp(0, 1)
-    weight = torch.where(n >= 2, weight, torch.zeros(()))  # one device tells no uncertainty: the vendor's
-    shrunk = anchor.means.float() + weight[:, None] * off
-    shrunk = shrunk * (MAX_NORM / shrunk.norm(dim=1, keepdim=True).clamp_min(MAX_NORM))
-    return ClassPrior(shrunk, pooled.freq, pooled.voters), weight
 
 
 def check_class_prior(prior: ClassPrior, classes: int, features: int) -> None:

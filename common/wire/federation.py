@@ -59,12 +59,14 @@ def prior_enabled(cfg: dict) -> bool:
                                     and not cfg["slim-base"])
 
 
-def class_prior_enabled(cfg: dict) -> bool:
+def class_prior_enabled(cfg: dict, meta: dict | None = None) -> bool:
     """Whether devices upload class means and the server gives back their pool in the rounds after
     the first (settings prior and class-sums): never in a private run (the means are exact), nor
-    with a slim base (its output layer reads other features)."""
+    with a slim base (its output layer reads other features), nor where the base's metadata (`meta`)
+    carries the vendor's own class directions, which its devices blend alone (S59): the pool's add
+    nothing to them (P13, docs/federation.md)."""
     return (cfg["prior"] != "off" and cfg["class-sums"] and cfg["num-rounds"] > 1 and not cfg["privacy-epsilon"]
-            and not cfg["slim-base"])
+            and not cfg["slim-base"] and not (meta or {}).get("class_directions"))
 
 
 def prune_settings(cfg: dict):
