@@ -284,9 +284,8 @@ def test_bench_federation_sends_styled_devices_the_class_directions_and_private_
                                                                                         digits_server_base):
     import shutil
 
-    from simulations import bench_federation as BF
-
     from common.model.checkpoint import load_checkpoint, save_checkpoint
+    from simulations import bench_federation as BF
 
     (tmp_path / "bases").mkdir()
     path = tmp_path / "bases" / "digits_s0_e0.pt"
