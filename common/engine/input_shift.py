@@ -33,7 +33,7 @@ from common.engine.heads import spread_classes, spread_of
 from common.engine.hidden_shift import over_labelled
 from common.model.architectures import prunable_layers
 from common.model.batches import BATCH_SIZE
-from common.model.checkpoint import VENDOR_LIMITS
+from common.model.checkpoint import VENDOR_LIMITS, recorded_rows
 
 # the move is weighted n / (n + EVIDENCE) on n samples: a handful of samples moves the means by
 # their own content as much as by a style. A prior worth as many samples as the search bound's
@@ -81,18 +81,9 @@ def first_layer_record(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch
 def record_for(model: nn.Module, meta: dict | None) -> torch.Tensor | None:
     """The record as a (classes, channels) tensor, if it names this model's first layer and fits
     its channels and outputs; else None."""
-    rec = (meta or {}).get("first_layer_means")
     name, layer = _first(model)
-    if not isinstance(rec, dict) or rec.get("layer") != name:
-        return None
-    try:
-        means = torch.tensor(rec["mean"], dtype=torch.float32)
-    except (KeyError, TypeError, ValueError):
-        return None
     outputs = list(prunable_layers(model).values())[-1].weight.shape[0]
-    if means.dim() != 2 or tuple(means.shape) != (outputs, layer.weight.shape[0]) or not torch.isfinite(means).all():
-        return None
-    return means
+    return recorded_rows(meta, "first_layer_means", name, (outputs, layer.weight.shape[0]))
 
 
 def applies(model: nn.Module, meta: dict | None) -> bool:

@@ -188,7 +188,7 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
     mine = CPR.class_means(feats, logits)  # from the base's layer's pseudo-labels, before any rewrite
     # the federation's class directions, else the vendor's own (S59)
     source, class_prior = ("federation", class_prior) if class_prior is not None else \
-        ("vendor", VD.vendor_prior(model, base_meta) if cfg.head == "auto" else None)
+        ("vendor", VD.vendor_prior(model, base_meta) if cfg.head == "auto" and head != "prototypes" else None)
     if cfg.head == "auto" and head != "prototypes" and not (gated or settled) and CPR.usable(last, class_prior):
         # too few samples per class for prototypes of its own, and no gate above refused
         # pseudo-labels' features: the class directions blended with the base's layer, where the

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from common.engine.class_prior import MAX_NORM, ClassPrior, class_shape
 from common.model.batches import BATCH_SIZE
+from common.model.checkpoint import VENDOR_LIMITS, recorded_rows
 
 
 def _last(model: nn.Module) -> tuple[str, nn.Module]:
@@ -29,7 +30,6 @@ def record(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int =
     has no sample of is zeros. None where they would be more numbers than a device accepts
     (checkpoint.VENDOR_LIMITS)."""
     from common.engine.hidden_shift import over_labelled
-    from common.model.checkpoint import VENDOR_LIMITS
 
     name, last = _last(model)
     n_cls, width = class_shape(model)
@@ -58,16 +58,8 @@ def vendor_prior(model: nn.Module, meta: dict | None) -> ClassPrior | None:
     """The vendor's class directions as a ClassPrior (its frequencies from the record's class
     counts, else even), where the record names this model's output layer and fits its shape; else
     None."""
-    rec = (meta or {}).get("class_directions")
-    name, _ = _last(model)
-    if not isinstance(rec, dict) or rec.get("layer") != name:
-        return None
-    try:
-        means = torch.tensor(rec["mean"], dtype=torch.float32)
-    except (KeyError, TypeError, ValueError):
-        return None
-    if tuple(means.shape) != class_shape(model) or not torch.isfinite(means).all() \
-            or (means.norm(dim=1) > MAX_NORM * (1 + 1e-3)).any():
+    means = recorded_rows(meta, "class_directions", _last(model)[0], class_shape(model))
+    if means is None or (means.norm(dim=1) > MAX_NORM * (1 + 1e-3)).any():
         return None
     counts = (meta or {}).get("class_counts")
     freq = torch.tensor(counts, dtype=torch.float32) if isinstance(counts, list) and len(counts) == len(means) \

@@ -155,6 +155,20 @@ def _check_vendor_record(meta: dict) -> None:
             raise CheckpointError(f"model metadata {key} is not a layer name and, per class, its {what}")
 
 
+def recorded_rows(meta: dict | None, key: str, layer: str, shape: tuple) -> torch.Tensor | None:
+    """A vendor record of one row per class for one layer (`first_layer_means`, `class_directions`)
+    as a float tensor, where it names `layer` and is exactly `shape` of finite numbers; else None
+    (a record for another layer or model is not read)."""
+    rec = (meta or {}).get(key)
+    if not isinstance(rec, dict) or rec.get("layer") != layer:
+        return None
+    try:
+        rows = torch.tensor(rec["mean"], dtype=torch.float32)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return rows if tuple(rows.shape) == tuple(shape) and torch.isfinite(rows).all() else None
+
+
 def _rows_ok(rec, limit: int) -> bool:
     """{"layer": a short name, "mean": one row of finite numbers per class, every row as long}, at
     most `limit` numbers in all."""
