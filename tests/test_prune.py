@@ -121,6 +121,23 @@ def test_bad_config_and_empty_data_are_clear_errors(digits_base):
         fine_prune(digits_base, torch.rand(0, 1, 8, 8), classic(recalibrate_bn=False, restrict_outputs=False))
 
 
+def test_non_finite_or_integer_data_are_clear_errors_and_float64_personalizes_as_float32(digits, digits_split,
+                                                                                         digits_base):
+    x = _user(digits, digits_split[1]).unlabeled[:40]
+    for bad, msg in [(torch.where(torch.arange(x.numel()).reshape(x.shape) == 7, torch.nan, x), "NaN or infinite"),
+                     (x.clone().index_fill_(0, torch.tensor([3]), float("inf")), "NaN or infinite"),
+                     ((x * 255).to(torch.uint8), "uint8, not floating point")]:
+        model = copy.deepcopy(digits_base)
+        before = copy.deepcopy(model.state_dict())
+        with pytest.raises(ValueError, match=msg):
+            fine_prune(model, bad, PruneConfig())
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing touched
+    a, b = copy.deepcopy(digits_base), copy.deepcopy(digits_base)
+    ra, rb = fine_prune(a, x, PruneConfig()), fine_prune(b, x.double(), PruneConfig())
+    assert all(torch.equal(ra.mask.layers[k], rb.mask.layers[k]) for k in ra.mask.layers)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
 def test_resnet_from_local_weights_file_prunes(tmp_path):
     ref = build_model("resnet18", num_classes=5)
     torch.save(ref.state_dict(), tmp_path / "r18.pth")

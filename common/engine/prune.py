@@ -61,6 +61,22 @@ def check_config(cfg):
     return cfg
 
 
+def usable_inputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The user's data as the engine takes them, or a ValueError that names what is wrong: no
+    samples, integers (raw pixels or PCM: their units are the caller's to convert), NaN or
+    infinite values (one of them would make every BatchNorm statistic and prototype NaN).
+    Floating point of another precision is converted to the model's (float64 from NumPy)."""
+    if len(x) == 0:
+        raise ValueError("no personalization data: the user's data set is empty")
+    if not x.is_floating_point():
+        raise ValueError(f"personalization data are {x.dtype}, not floating point: convert them to the units "
+                         f"the base was trained on (for example images in [0, 1], audio in [-1, 1])")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("personalization data contain NaN or infinite values")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", progress=None,
                base_meta: dict | None = None, prior: Prior | None = None) -> PruneResult:
     """Personalize `model` in place on unlabeled inputs `x`. Returns the mask and a report.
@@ -70,8 +86,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
     what the federation's last round pruned (common/engine/prior.py) and its class directions
     (common/engine/class_prior.py); None: the device alone."""
     check_config(cfg)
-    if len(x) == 0:
-        raise ValueError("no personalization data: the user's data set is empty")
+    x = usable_inputs(model, x)
     # checked before the statistics pass, not after it in refit_consumers
     links = require_reader_links(model, "refit") if cfg.refit else []
     t0 = time.perf_counter()
