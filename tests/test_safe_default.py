@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.engine.adapt import DEEP_SHIFT, classes_predicted, input_correlation, stem_count, vendor_record
+from common.engine.adapt import DEEP_SHIFT, classes_predicted, stem_count, vendor_record
 from common.engine.probe import probe_pick
 from common.engine.prune import fine_prune, personalized_model
+from common.engine.unlike import input_correlation
 from common.model.train import accuracy, train_supervised
 from common.settings import PruneConfig
 from simulations import baselines as BL

@@ -16,6 +16,7 @@ from common.engine import heads as HD
 from common.engine import hidden_shift as HS
 from common.engine import input_shift as IS
 from common.engine import probe as PR
+from common.engine import unlike as UL
 from common.engine import vendor_directions as VD
 from common.engine.bn import Chance, bn_layers, bn_prior, recalibrate_bn
 from common.engine.bn_check import check_full, stem_recal
@@ -96,7 +97,7 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
         clock.lap("first layer's means")
 
     def statistics_pass(first, first_bn, recal):
-        with capture_features(model) as cap, AD.FirstLayerInputs(model) as inputs, \
+        with capture_features(model) as cap, UL.FirstLayerInputs(model) as inputs, \
                 HS.HiddenMoments(model, hidden_check) as hidden:
             if cfg.recalibrate_bn and not cfg.base_stats:
                 # under a domain shift the base's own activations mislead the ranking: usage is
@@ -125,7 +126,7 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
     # inputs unlike anything the base was trained on get no irreversible cut: no pruning, no
     # restriction (their average, against the vendor's, from the statistics pass: no pass of its own)
     corr = inputs.correlation(base_meta)
-    unlike = corr is not None and corr < AD.UNLIKE_BELOW
+    unlike = corr is not None and corr < UL.UNLIKE_BELOW
     info = {"input_correlation": None if corr is None else round(corr, 4), "unlike_base": unlike,
             "vendor_record": spread is not None, **({"first_layer_follows": False} if moved is None else moved.info)}
     if mode == "auto":
