@@ -198,6 +198,21 @@ def _add_personalize(sub, name: str, text: str):
     pz.set_defaults(func=cmd_personalize)
 
 
+def unlike_reason(adaptation: dict) -> str:
+    """Why the engine took a user's inputs for unlike the base's, in words (common/engine/unlike.py)."""
+    from common.engine.unlike import LEVEL_BOUND, UNLIKE_BELOW, off_level
+
+    level, corr = adaptation.get("input_level"), adaptation.get("input_correlation")
+    said = []
+    if off_level(level):
+        said.append(f"their level is {level:.3g}x the vendor's, beyond {LEVEL_BOUND:g}x either way: other units, "
+                    f"e.g. pixels of 0-255 where the model saw 0-1, or audio in PCM units where it saw [-1, 1]")
+    if corr is not None and corr < UNLIKE_BELOW:
+        said.append(f"their average correlates {corr:+.2f} with the vendor's, e.g. dark ink on white where the "
+                    f"model saw white on black, other colours or another sample rate")
+    return "; ".join(said)
+
+
 def cmd_personalize(args) -> dict:
     import json
     import os
@@ -229,10 +244,9 @@ def cmd_personalize(args) -> dict:
 
         from common.model.checkpoint import describe_input
 
-        print(f"fineprune: warning: these inputs do not look like the ones the model was trained on (their average "
-              f"correlates {info.adaptation['input_correlation']:+.2f} with the vendor's, e.g. dark ink on white "
-              f"where the model saw white on black, other colours or another sample rate): nothing was pruned or "
-              f"restricted; check what the model expects ({describe_input(meta['features'])})", file=sys.stderr)
+        print(f"fineprune: warning: these inputs do not look like the ones the model was trained on "
+              f"({unlike_reason(info.adaptation)}): nothing was pruned or restricted; check what the model expects "
+              f"({describe_input(meta['features'])})", file=sys.stderr)
     report = {"out": str(args.out), **{k: v for k, v in asdict(info).items()
                                        if k not in ("hist", "settings", "restricted_classes")},
               "kept_classes": None if info.restricted_classes is None else  # names, as `info` shows them

@@ -206,6 +206,45 @@ def test_inputs_unlike_the_base_get_one_line_and_no_restriction_or_pruning(tmp_p
     assert load_checkpoint(tmp_path / "me2.pt")[1]["personalization"]["sparsity"] > 0
 
 
+def test_inputs_in_other_units_than_the_base_get_one_line_and_no_pruning(tmp_path, capsys, digits, digits_split,
+                                                                         digits_base, digits_vendor):
+    """S60: pixels of 0-255 on a model that saw 0-1 keep the average input's shape, which the
+    correlation cannot see; their level, against the vendor's, tells. Dimmer or bolder users of
+    the model's own units are not told anything."""
+    from common.cli import main
+    from common.model.checkpoint import load_checkpoint, save_checkpoint
+
+    features = {"kind": "image", "image_size": 8, "channels": 1}
+    base = tmp_path / "base.pt"
+    save_checkpoint(base, digits_base, {"arch": "smallcnn", "arch_kwargs": {"num_classes": 10}, "task": "digits",
+                                        "classes": digits.classes, "features": features, **digits_vendor})
+    x = digits.x[digits_split[1][:40]]
+    assert input_correlation(digits_base, digits_vendor, x * 255) > 0.8  # the shape as the model's
+    np.save(tmp_path / "raw.npy", (x * 255).numpy())
+    capsys.readouterr()
+    assert main(["personalize", "--model", str(base), "--data", str(tmp_path / "raw.npy"), "--out",
+                 str(tmp_path / "me.pt"), "--restrict-outputs"]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "do not look like" in ln]
+    assert len(err) == 1 and "level is 2" in err[0] and "0-255" in err[0] and "nothing was pruned" in err[0]
+    _, meta, mask = load_checkpoint(tmp_path / "me.pt")
+    assert meta["personalization"]["adaptation"]["input_level"] > 200
+    assert meta["restricted_classes"] is None and mask.sparsity() == 0
+    for gain in (0.4, 2.5):  # a pale or a bold user in the model's own units: pruned, nothing said
+        np.save(tmp_path / "mine.npy", (x * gain).clamp(0, 1).numpy())
+        assert main(["personalize", "--model", str(base), "--data", str(tmp_path / "mine.npy"), "--out",
+                     str(tmp_path / "me2.pt")]) == 0
+        assert "do not look like" not in capsys.readouterr().err
+        assert load_checkpoint(tmp_path / "me2.pt")[1]["personalization"]["sparsity"] > 0
+    # a base recorded before S60 (no input_rms): no level, and the user is personalized as before
+    old = {k: v for k, v in digits_vendor.items() if k != "input_rms"}
+    a, b = copy.deepcopy(digits_base), copy.deepcopy(digits_base)
+    ra, rb = fine_prune(a, x * 255, PruneConfig(), base_meta=old), fine_prune(b, x, PruneConfig(), base_meta=old)
+    assert "input_level" not in ra.adaptation and not ra.adaptation["unlike_base"] and ra.sparsity > 0
+    assert 0.5 < fine_prune(copy.deepcopy(digits_base), x, PruneConfig(),
+                            base_meta=digits_vendor).adaptation["input_level"] < 2
+    assert rb.adaptation["unlike_base"] is False
+
+
 def test_the_default_runs_no_backward_pass_and_takes_no_labels(gaussian_task):
     import inspect
 
@@ -267,6 +306,10 @@ def test_the_input_side_ends_at_the_first_layer_with_several_channels():
     ({"class_counts": [10, float("nan")]}, "class_counts"),
     ({"class_counts": [1] * 10_001}, "class_counts"),
     ({"class_counts": "many"}, "class_counts"),
+    ({"input_rms": -1.0}, "input_rms"),
+    ({"input_rms": float("nan")}, "input_rms"),
+    ({"input_rms": "loud"}, "input_rms"),
+    ({"input_rms": True}, "input_rms"),
 ])
 def test_a_malformed_vendor_record_from_the_other_side_is_refused(record, why):
     from common.model.checkpoint import CheckpointError, check_model_meta

@@ -64,6 +64,7 @@ def vendor_record(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
             "class_spread": [[round(float(v), 4) for v in eta_squared(s1, cnt, s2.sum(0))] for s1, s2, cnt in sums],
             "class_moments": CM.recorded_moments(sums),
             "input_profile": {"shape": list(prof.shape), "values": [round(float(v), 5) for v in prof.flatten()]},
+            **UL.level_record(x),
             **hidden_record(model, x, y), **IS.first_layer_record(model, x, y), **VD.record(model, x, y)}
 
 

@@ -125,9 +125,11 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
     clock.lap("statistics pass")
     # inputs unlike anything the base was trained on get no irreversible cut: no pruning, no
     # restriction (their average, against the vendor's, from the statistics pass: no pass of its own)
-    corr = inputs.correlation(base_meta)
-    unlike = corr is not None and corr < UL.UNLIKE_BELOW
+    corr, level = inputs.correlation(base_meta), UL.input_level(x, base_meta)
+    # or inputs in other units than the base's: their level beyond LEVEL_BOUND of the vendor's (S60)
+    unlike = (corr is not None and corr < UL.UNLIKE_BELOW) or UL.off_level(level)
     info = {"input_correlation": None if corr is None else round(corr, 4), "unlike_base": unlike,
+            **({} if level is None else {"input_level": float(f"{level:.4g}")}),
             "vendor_record": spread is not None, **({"first_layer_follows": False} if moved is None else moved.info)}
     if mode == "auto":
         mode, recal, check, checked = check_full(model, x, pick, logits, prior, spread, cfg, device, base_meta)

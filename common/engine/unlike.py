@@ -3,7 +3,16 @@ sample rate): the vendor records the average input its model's first layer saw (
 pooled to at most PROFILE_SIDE positions per side); the device compares the user's average, which
 its statistics pass gives for free (FirstLayerInputs), channel by channel (the lowest Pearson
 correlation). Below UNLIKE_BELOW the user is told so in one line, and nothing irreversible is done
-for them: no pruning, no restriction (common/engine/prepare.py)."""
+for them: no pruning, no restriction (common/engine/prepare.py).
+
+Inputs in other units than the base's (raw pixels of 0-255 where the model saw 0-1, audio in PCM
+units where it saw [-1, 1]) keep the shape of the average input, and a correlation cannot see
+them. So the vendor also records the level of its raw inputs (input_rms: their root mean square),
+and inputs whose level lies more than LEVEL_BOUND times above or below it are unlike the base's
+too (S60). The units errors it is for move the level 100x (percent) to 32768x (PCM); the
+benchmark's users and the federations' devices, whose voices, rooms and styles move it, lie
+between 0.075x and 2.1x (13x at most). The bound sits between the two, at their geometric middle,
+as every leave-one-cohort-out fold puts it (docs/personalization.md)."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +24,7 @@ from common.model.batches import BATCH_SIZE
 
 PROFILE_SIDE = 8  # an input profile is pooled to at most this many positions per side
 UNLIKE_BELOW = 0.3  # average input correlated below this with the vendor's: unlike the base's inputs
+LEVEL_BOUND = 36.0  # inputs whose level lies beyond this factor of the vendor's: unlike the base's (S60)
 
 
 def input_profile(model: nn.Module, x: torch.Tensor, batch_size: int = BATCH_SIZE, device: str = "cpu") -> torch.Tensor:
@@ -120,3 +130,27 @@ def _lowest_correlation(user: torch.Tensor, vendor: torch.Tensor) -> float | Non
     corrs = [float(torch.corrcoef(torch.stack([a, b]))[0, 1]) for a, b in zip(user.flatten(1), vendor.flatten(1))
              if b.numel() >= 4 and float(b.std()) > 1e-6 and float(a.std()) > 1e-6]
     return min(corrs) if corrs else None
+
+
+def rms(x: torch.Tensor) -> float:
+    """The root mean square of every value of x (in double precision; no copy of x)."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) / max(x.numel(), 1) ** 0.5
+
+
+def level_record(x: torch.Tensor) -> dict:
+    """The vendor record's input_rms: the level of the raw inputs the base was trained on."""
+    return {"input_rms": float(f"{rms(x):.6g}")}
+
+
+def input_level(x: torch.Tensor, meta: dict | None) -> float | None:
+    """The user's input level over the vendor's (input_rms); None where the checkpoint records
+    none (or a level of zero: inputs all zero say nothing of their units)."""
+    ref = (meta or {}).get("input_rms")
+    if not isinstance(ref, (int, float)) or isinstance(ref, bool) or not 0 < ref < float("inf"):
+        return None
+    return rms(x) / ref
+
+
+def off_level(level: float | None) -> bool:
+    """Whether a level (input_level) lies beyond LEVEL_BOUND times the vendor's either way."""
+    return level is not None and not 1 / LEVEL_BOUND <= level <= LEVEL_BOUND

@@ -30,7 +30,7 @@ class CheckpointError(ValueError):
 # What a device needs to rebuild and feed a model: the one list of a checkpoint's model metadata
 MODEL_META = ("arch", "arch_kwargs", "task", "classes", "features")
 # What the vendor may record beside it for the device's adaptation checks (common/engine/adapt.py): optional
-VENDOR_META = ("class_counts", "class_spread", "class_moments", "input_profile", "hidden_record",
+VENDOR_META = ("class_counts", "class_spread", "class_moments", "input_profile", "input_rms", "hidden_record",
                "first_layer_means", "class_directions")
 VENDOR_LIMITS = {"spread_values": 200_000, "moment_values": 1_000_000, "profile_values": 65_536,
                  "hidden_values": 65_536, "first_values": 1_000_000, "direction_values": 1_000_000}
@@ -139,6 +139,9 @@ def _check_vendor_record(meta: dict) -> None:
                       for d in shape) and math.prod(shape) <= VENDOR_LIMITS["profile_values"])
         if not (ok and _numbers(prof.get("values")) and len(prof["values"]) == math.prod(shape)):
             raise CheckpointError("model metadata input_profile is not a shape and its numbers")
+    level = meta.get("input_rms")
+    if level is not None and not _numbers([level], 0.0):
+        raise CheckpointError("model metadata input_rms is not a non-negative number")
     hid = meta.get("hidden_record")
     if hid is not None:
         keys = ("mean", "var", "spread")
