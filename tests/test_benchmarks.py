@@ -342,3 +342,26 @@ def test_vendor_directions_study_runs_both_arms_per_device_and_refuses_bad_input
         with pytest.raises(SystemExit):
             VS.main([*argv, "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_input_level_study_tells_every_mis_scaled_user_and_refuses_bad_input(tmp_path, digits_server_base):
+    """S60's study: the users' own levels lie within the bound every fold puts; their inputs
+    mis-scaled as a units error would are told unlike the base's and pruned nothing with the check,
+    and pruned without it; an unknown cohort or fsdd without --fsdd is one line, nothing written."""
+    import shutil
+
+    from simulations import input_level_study as IL
+
+    (tmp_path / "r" / "bases").mkdir(parents=True)
+    shutil.copy(digits_server_base, tmp_path / "r" / "bases" / "digits_s0_e0.pt")
+    got = IL.main(["--cohorts", "digits", "--users", "2", "--out", str(tmp_path / "r")])
+    assert [f["flagged"] for f in got["loco"]] == [False]
+    for t in got["table"]:
+        assert t["flagged"] == t["users"] == 2 and t["sparsity_with"] == 0
+    assert max(t["sparsity_without"] for t in got["table"]) > 0  # x255 was pruned before S60
+    assert "| digits | x255 | 2 | 2 |" in (tmp_path / "r" / "input_level.md").read_text()
+    assert (tmp_path / "r" / "input_level.png").stat().st_size > 0
+    for argv in (["--cohorts", "nope"], ["--cohorts", "fsdd-loso"]):
+        with pytest.raises(SystemExit):
+            IL.main([*argv, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
