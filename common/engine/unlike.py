@@ -11,8 +11,9 @@ them. So the vendor also records the level of its raw inputs (input_rms: their r
 and inputs whose level lies more than LEVEL_BOUND times above or below it are unlike the base's
 too (S60). The units errors it is for move the level 100x (percent) to 32768x (PCM); the
 benchmark's users and the federations' devices, whose voices, rooms and styles move it, lie
-between 0.075x and 2.1x (13x at most). The bound sits between the two, at their geometric middle,
-as every leave-one-cohort-out fold puts it (docs/personalization.md)."""
+between 0.075x and 2.1x (13x at most). The bound sits at the geometric middle of the two; each
+leave-one-cohort-out fold puts it at 30x-36x, and none flags a user of the cohort it held out
+(docs/input_level)."""
 from __future__ import annotations
 
 import torch
