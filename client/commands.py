@@ -198,21 +198,6 @@ def _add_personalize(sub, name: str, text: str):
     pz.set_defaults(func=cmd_personalize)
 
 
-def unlike_reason(adaptation: dict) -> str:
-    """Why the engine took a user's inputs for unlike the base's, in words (common/engine/unlike.py)."""
-    from common.engine.unlike import LEVEL_BOUND, UNLIKE_BELOW, off_level
-
-    level, corr = adaptation.get("input_level"), adaptation.get("input_correlation")
-    said = []
-    if off_level(level):
-        said.append(f"their level is {level:.3g}x the vendor's, beyond {LEVEL_BOUND:g}x either way: other units, "
-                    f"e.g. pixels of 0-255 where the model saw 0-1, or audio in PCM units where it saw [-1, 1]")
-    if corr is not None and corr < UNLIKE_BELOW:
-        said.append(f"their average correlates {corr:+.2f} with the vendor's, e.g. dark ink on white where the "
-                    f"model saw white on black, other colours or another sample rate")
-    return "; ".join(said)
-
-
 def cmd_personalize(args) -> dict:
     import json
     import os
@@ -242,10 +227,11 @@ def cmd_personalize(args) -> dict:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if info.adaptation.get("unlike_base"):
 
+        from common.engine.unlike import reason
         from common.model.checkpoint import describe_input
 
         print(f"fineprune: warning: these inputs do not look like the ones the model was trained on "
-              f"({unlike_reason(info.adaptation)}): nothing was pruned or restricted; check what the model expects "
+              f"({reason(info.adaptation)}): nothing was pruned or restricted; check what the model expects "
               f"({describe_input(meta['features'])})", file=sys.stderr)
     report = {"out": str(args.out), **{k: v for k, v in asdict(info).items()
                                        if k not in ("hist", "settings", "restricted_classes")},

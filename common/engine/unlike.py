@@ -155,3 +155,17 @@ def input_level(x: torch.Tensor, meta: dict | None) -> float | None:
 def off_level(level: float | None) -> bool:
     """Whether a level (input_level) lies beyond LEVEL_BOUND times the vendor's either way."""
     return level is not None and not 1 / LEVEL_BOUND <= level <= LEVEL_BOUND
+
+
+def reason(adaptation: dict) -> str:
+    """Why the engine took a user's inputs for unlike the base's, in words, from what its
+    adaptation report says (`input_level`, `input_correlation`)."""
+    level, corr = adaptation.get("input_level"), adaptation.get("input_correlation")
+    said = []
+    if off_level(level):
+        said.append(f"their level is {level:.3g}x the vendor's, beyond {LEVEL_BOUND:g}x either way: other units, "
+                    f"e.g. pixels of 0-255 where the model saw 0-1, or audio in PCM units where it saw [-1, 1]")
+    if corr is not None and corr < UNLIKE_BELOW:
+        said.append(f"their average correlates {corr:+.2f} with the vendor's, e.g. dark ink on white where the "
+                    f"model saw white on black, other colours or another sample rate")
+    return "; ".join(said)
