@@ -165,7 +165,7 @@ def _add_info(sub, name: str, text: str):
 def cmd_info(args) -> dict:
     import os
 
-    from common.model.checkpoint import fingerprint, load_checkpoint
+    from common.model.checkpoint import VENDOR_META, fingerprint, load_checkpoint
     from common.model.restricted import OutputRestricted
 
     model, meta, mask = load_checkpoint(args.checkpoint)
@@ -183,7 +183,10 @@ def cmd_info(args) -> dict:
             "kept_classes": None if not restricted else [meta["classes"][i] for i in restricted],
             "fingerprint": fingerprint(inner),
             "base_fingerprint": meta.get("base_fingerprint") or pers.get("base_fingerprint"),
-            "fineprune_version": meta.get("fineprune_version"), "format_version": meta.get("version")}
+            "fineprune_version": meta.get("fineprune_version"), "format_version": meta.get("version"),
+            # what the vendor recorded for the default's checks; a check whose record is missing
+            # takes its conservative side (a base from before S60 reads no input level)
+            "vendor_record": [k for k in VENDOR_META if meta.get(k) is not None]}
 
 
 def _add_personalize(sub, name: str, text: str):

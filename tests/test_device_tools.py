@@ -94,6 +94,7 @@ def test_info_says_what_a_checkpoint_holds(setup, capsys):
     assert main(["info", str(d / "base.pt")]) == 0
     base = json.loads(capsys.readouterr().out)
     assert base["sparsity"] is None and base["kept_classes"] is None
+    assert {"input_profile", "input_rms", "class_moments"} <= set(base["vendor_record"])  # pretrain records them
 
 
 @pytest.mark.badinput
