@@ -243,6 +243,11 @@ def test_inputs_in_other_units_than_the_base_get_one_line_and_no_pruning(tmp_pat
     assert 0.5 < fine_prune(copy.deepcopy(digits_base), x, PruneConfig(),
                             base_meta=digits_vendor).adaptation["input_level"] < 2
     assert rb.adaptation["unlike_base"] is False
+    # the one line always says why, even where the report's rounding puts a value on its bound
+    from common.engine.unlike import LEVEL_BOUND, UNLIKE_BELOW, reason
+    assert "level is 255x" in reason({"input_level": 255.0, "input_correlation": 0.9})
+    assert "correlates -0.80" in reason({"input_level": 1.0, "input_correlation": -0.8})
+    assert "one of them past its bound" in reason({"input_level": LEVEL_BOUND, "input_correlation": UNLIKE_BELOW})
 
 
 def test_the_default_runs_no_backward_pass_and_takes_no_labels(gaussian_task):

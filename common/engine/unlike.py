@@ -160,7 +160,8 @@ def off_level(level: float | None) -> bool:
 
 def reason(adaptation: dict) -> str:
     """Why the engine took a user's inputs for unlike the base's, in words, from what its
-    adaptation report says (`input_level`, `input_correlation`)."""
+    adaptation report says (`input_level`, `input_correlation`). The report rounds both to four
+    digits, so a value that crossed its bound by less reads as on it: then both are named."""
     level, corr = adaptation.get("input_level"), adaptation.get("input_correlation")
     said = []
     if off_level(level):
@@ -169,4 +170,7 @@ def reason(adaptation: dict) -> str:
     if corr is not None and corr < UNLIKE_BELOW:
         said.append(f"their average correlates {corr:+.2f} with the vendor's, e.g. dark ink on white where the "
                     f"model saw white on black, other colours or another sample rate")
+    if not said:
+        said.append(f"their level is {level}x the vendor's (bound {LEVEL_BOUND:g}x either way) and their average "
+                    f"correlates {corr} with the vendor's (bound {UNLIKE_BELOW:g}), one of them past its bound")
     return "; ".join(said)
