@@ -66,20 +66,24 @@ def _prototype_weight(last: nn.Module, feats: torch.Tensor, logits: torch.Tensor
 
 
 @torch.no_grad()
-def write_prototypes(last: nn.Module, feats: torch.Tensor, logits: torch.Tensor) -> None:
-    """The output layer becomes T3A's prototype classifier of the user's features (no bias)."""
-    last.weight.copy_(_prototype_weight(last, feats, logits).reshape(last.weight.shape).to(last.weight))
+def write_prototypes(last: nn.Module, feats: torch.Tensor, logits: torch.Tensor,
+                     labels: torch.Tensor | None = None) -> None:
+    """The output layer becomes T3A's prototype classifier of the user's features (no bias).
+    `labels`: logits whose argmax are the pseudo-labels instead of `logits`' (the user's groups', S68)."""
+    last.weight.copy_(_prototype_weight(last, feats, logits if labels is None else labels)
+                      .reshape(last.weight.shape).to(last.weight))
     if last.bias is not None:
         last.bias.zero_()
 
 
 @torch.no_grad()
-def write_blend(last: nn.Module, feats: torch.Tensor, logits: torch.Tensor) -> None:
+def write_blend(last: nn.Module, feats: torch.Tensor, logits: torch.Tensor,
+                labels: torch.Tensor | None = None) -> None:
     """The output layer becomes the mean of the base's logits and T3A's, the prototypes' scaled so
     both spread alike over the user's data: still one linear layer. Where the user gives too few
     samples per class for prototypes alone (7 per class on styled digits: T3A -4.4 points against
-    AdaBN alone), the base's rows hold them in place."""
-    p = _prototype_weight(last, feats, logits)
+    AdaBN alone), the base's rows hold them in place. `labels`: as write_prototypes'."""
+    p = _prototype_weight(last, feats, logits if labels is None else labels)
     proto_logits = feats.float() @ p.T
     scale = logits.float().std() / proto_logits.std().clamp_min(1e-12)
     w = (0.5 * last.weight.detach().float().cpu().reshape(p.shape) + 0.5 * scale * p)
@@ -168,27 +172,29 @@ HEADS[HEAD_WITH_PRIOR] = Head(None)
 
 
 @torch.no_grad()
-def spreads_wider(head: str, last: nn.Module, feats: torch.Tensor, logits: torch.Tensor) -> tuple[bool, float, float]:
+def spreads_wider(head: str, last: nn.Module, feats: torch.Tensor, logits: torch.Tensor,
+                  labels: torch.Tensor | None = None) -> tuple[bool, float, float]:
     """Whether `head`, written from the user's features, spreads the model's mean prediction over
     the user's data over more classes than the layer it would replace, whose `logits` these are,
     on each half of the data (alternate samples: a widening that one half of the data does not
     show is the samples', not the head's); on a copy, `last` is not written: (wider, before,
-    after) over all of the data."""
+    after) over all of the data. `labels`: the pseudo-labels the head would read (S68)."""
     trial = copy.deepcopy(last)
-    HEADS[head].write(trial, feats, logits)
+    HEADS[head].write(trial, feats, logits, **({} if labels is None else {"labels": labels}))
     new = layer_logits(trial, feats)
     halves = (slice(0, None, 2), slice(1, None, 2))
     wider = len(logits) >= 2 and all(spread_classes(new[h]) > spread_classes(logits[h]) for h in halves)
     return wider, spread_classes(logits), spread_classes(new)
 
 
-def choose_head(name: str, logits: torch.Tensor, min_support: float, floor: float = 0.0) -> str:
-    """`auto`: by the samples per class the user's data gives (over the classes it spreads over):
-    the base's output layer below `floor`, prototypes from `min_support`, the blend between; any
-    other name is itself."""
+def choose_head(name: str, logits: torch.Tensor, min_support: float, floor: float = 0.0,
+                classes: float | None = None) -> str:
+    """`auto`: by the samples per class the user's data gives (over the classes it spreads over, or
+    `classes`, the groups its features form: S68): the base's output layer below `floor`,
+    prototypes from `min_support`, the blend between; any other name is itself."""
     if name != "auto":
         return name
-    support = len(logits) / spread_classes(logits)
+    support = len(logits) / (spread_classes(logits) if classes is None else classes)
     if support < floor:
         return "linear"
     return "prototypes" if support >= min_support else "blend"

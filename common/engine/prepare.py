@@ -11,6 +11,7 @@ import torch
 
 from common.engine import adapt as AD
 from common.engine import class_prior as CPR
+from common.engine import clusters as CL
 from common.engine import compensate as CP
 from common.engine import heads as HD
 from common.engine import hidden_shift as HS
@@ -43,6 +44,7 @@ class Adapted:
     first_bn: list | None = None  # the BatchNorm statistics of the pass's first batch (the probe, fold)
     class_means: tuple | None = None  # what this device adds to the federation's class directions
     still: bool = False  # nothing here adapts the model: no statistics follow the user, the base's layer
+    labels: torch.Tensor | None = None  # the head's pseudo-labels where the user's groups gave them (S68)
 
 
 def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
@@ -155,7 +157,14 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
     info["bn"] = mode
     # the output layer from the user's features of the unpruned adapted model (the statistics
     # pass's: no pass of its own)
-    head = choose_head(cfg.head, logits, cfg.prototype_min_support, cfg.head_min_support)
+    # S68: the groups the user's features form, where fewer than the model's classes: their count is
+    # the user's classes, and each group's class its pseudo-label
+    groups, group_labels = None, None
+    if cfg.head == "auto":
+        groups, group_labels, seen = CL.group_labels(feats, logits)
+        info.update(seen)
+    head = choose_head(cfg.head, logits, cfg.prototype_min_support, cfg.head_min_support,
+                       None if groups is None else groups.count)
     last = list(prunable_layers(model).values())[-1]
     gated = False  # a gate below refused pseudo-labels' features: nothing learns from them
     settled = False  # S36 found nothing to learn: the base's layer, and no class directions either
@@ -172,7 +181,7 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
             # S58: unless the head spreads the predictions over more classes than the base's
             # layer: a shift that collapsed them onto a few classes is what it undoes (a new
             # voice), where one that learns the shift's errors narrows them (a style)
-            wider, before, after = HD.spreads_wider(head, last, feats, logits)
+            wider, before, after = HD.spreads_wider(head, last, feats, logits, group_labels)
             info["head_spread"] = [round(before, 3), round(after, 3)]
             if not wider:
                 head, gated = "linear", True
@@ -188,11 +197,17 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
                 # nor class directions (S59): with no shift and no class mix they add only errors
                 head, settled = "linear", True
     write = HEADS[head].write
+    grouped = group_labels is not None and write is not None and not (gated or settled)
+    if group_labels is not None:
+        info["head_groups"] = grouped
+    if grouped:
+        write = partial(write, labels=group_labels)
     mine = CPR.class_means(feats, logits)  # from the base's layer's pseudo-labels, before any rewrite
     # the federation's class directions, else the vendor's own (S59)
     source, class_prior = ("federation", class_prior) if class_prior is not None else \
         ("vendor", VD.vendor_prior(model, base_meta) if cfg.head == "auto" and head != "prototypes" else None)
-    if cfg.head == "auto" and head != "prototypes" and not (gated or settled) and CPR.usable(last, class_prior):
+    if (cfg.head == "auto" and head != "prototypes" and not (gated or settled or grouped)
+            and CPR.usable(last, class_prior)):
         # too few samples per class for prototypes of its own, and no gate above refused
         # pseudo-labels' features: the class directions blended with the base's layer, where the
         # device's data spreads over the classes as the pool's (the vendor's) does
@@ -206,7 +221,8 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
             if wider:
                 head = HEAD_WITH_PRIOR
                 write = partial(CPR.write_layer, layer=layer)
-    if (cfg.head == "auto" and head == "prototypes" and info.get("stem_class_mix") and last.bias is not None
+    if (cfg.head == "auto" and head == "prototypes" and not grouped and info.get("stem_class_mix")
+            and last.bias is not None
             and info.get("deep_shift", AD.DEEP_SHIFT) < AD.DEEP_SHIFT):
         # S54: nothing moved past the input side, which a class mix it fitted explains: the user
         # differs from the vendor by the mix alone (a label shift), where prototypes of the base's
@@ -226,7 +242,7 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
         logits = HD.layer_logits(last, feats)
         clock.lap("head")
     return Adapted(logits, stats, feats, recal, fold, searching and not unlike, unlike, head, info, extra, first_bn,
-                   mine, still)
+                   mine, still, group_labels if grouped else None)
 
 
 def _with_chance(recal: dict, chance: list) -> dict:

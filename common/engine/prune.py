@@ -113,7 +113,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, cfg, device: str = "cpu", prog
         # a fixed target never let a rule judge the head on the pruned features: rebuilt on them
         # (one more pass; a 70% target moves the features far from the unpruned model's)
         feats, logits2, last = features_and_logits(model, x, cfg.batch_size, device)
-        HEADS[a.head].write(last, feats, logits2)
+        HEADS[a.head].write(last, feats, logits2, **({} if a.labels is None else {"labels": a.labels}))
         with torch.no_grad():  # the restriction's rows stay pruned
             last.weight.mul_(mask.layers[list(prunable_layers(model))[-1]].to(last.weight))
         extra += len(x)
