@@ -54,6 +54,21 @@ def test_each_group_takes_one_class_and_no_two_groups_take_the_same():
     assert set(labels[y == 0].tolist()) == {0} and set(labels[y == 1].tolist()) == {1}
 
 
+def test_the_assignment_is_scipys_optimum_without_importing_scipy_on_the_device():
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(0)
+    for t in range(300):
+        n = int(rng.integers(1, 10))
+        m = int(rng.integers(n, 13))
+        gain = rng.normal(size=(n, m)) if t % 2 else rng.integers(0, 3, size=(n, m)).astype(float)  # ties too
+        got = CL.assignment(gain)
+        rows, cols = linear_sum_assignment(gain, maximize=True)
+        assert len(got) == n and len({c for _, c in got}) == n
+        assert abs(sum(gain[r, c] for r, c in got) - gain[rows, cols].sum()) < 1e-9
+
+
 def test_a_group_overturns_the_base_where_it_errs_on_a_few_of_its_samples():
     x, y = _groups_of([6] * 4)
     logits = _logits_for(y, right=3.0)

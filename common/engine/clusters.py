@@ -5,12 +5,13 @@ k-nearest-neighbour graph then has that many near-zero eigenvalues and a gap aft
 clustering's eigengap; von Luxburg 2007). A user of all the classes with a couple of samples each
 forms no such groups: its spectrum rises gradually. Where the gap shows fewer groups than the
 model has classes, each group takes one class, its samples' mean predicted probabilities deciding
-and no two groups taking one class (an assignment), and those are the head's pseudo-labels: one
+and no two groups taking one class (an assignment, the Hungarian method), and those are the head's pseudo-labels: one
 wrong prediction no longer takes a sample to another class, a group decides together (S68)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +44,7 @@ def group_labels(feats: torch.Tensor, logits: torch.Tensor, gap: float = GAP,
     for the classes a model's errors add: a user of every class whose features group by something
     else, a voice's noise or a style), or their classes overturn a prediction the model makes with
     at least `confident` probability (groups that merged classes the model tells apart)."""
+    feats, logits = feats.detach().float().cpu(), logits.detach().float().cpu()
     groups = user_groups(feats, logits.shape[1], gap)
     if groups is None:
         return None, None, {}
@@ -112,21 +114,55 @@ def user_groups(feats: torch.Tensor, n_classes: int, gap: float = GAP) -> Groups
     # spectral clustering's embedding (Ng, Jordan & Weiss 2001): the first eigenvectors, rows normalized
     z = vectors[:, :count]
     z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    labels = _kmeans(z, count) if count > 1 else torch.zeros(n, dtype=torch.long)
+    labels = _kmeans(z, count)
     return Groups(count, float(gaps[count - 1]), labels)
+
+
+def assignment(gain: np.ndarray) -> list[tuple[int, int]]:
+    """The rows-to-columns assignment (rows <= columns, no column twice) that maximizes the summed
+    gain: the shortest augmenting path form of the Hungarian method (Jonker & Volgenant), one row at
+    a time, vectorized over the columns. Written here, checked against SciPy's in a test: SciPy's
+    import alone costs a device more than the personalization of a small user (S47)."""
+    cost = -np.asarray(gain, dtype=np.float64)
+    n, m = cost.shape
+    u, v = np.zeros(n + 1), np.zeros(m + 1)
+    match = np.zeros(m + 1, dtype=np.int64)  # column j's row, 1-based; 0: free (column 0 is the root)
+    way = np.zeros(m + 1, dtype=np.int64)
+    for i in range(1, n + 1):
+        match[0], j0 = i, 0
+        best = np.full(m + 1, np.inf)
+        used = np.zeros(m + 1, dtype=bool)
+        while True:
+            used[j0] = True
+            i0 = match[j0]
+            reduced = cost[i0 - 1] - u[i0] - v[1:]
+            free = ~used[1:]
+            better = free & (reduced < best[1:])
+            best[1:][better] = reduced[better]
+            way[1:][better] = j0
+            j1 = int(np.argmin(np.where(free, best[1:], np.inf))) + 1
+            delta = best[j1]
+            u[match[used]] += delta
+            v[used] -= delta
+            best[~used] -= delta
+            j0 = j1
+            if match[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            match[j0] = match[j1]
+            j0 = j1
+    return sorted((int(match[j]) - 1, j - 1) for j in range(1, m + 1) if match[j])
 
 
 def group_logits(groups: Groups, logits: torch.Tensor) -> torch.Tensor:
     """Pseudo-labels by group: each group takes one class, no two the same, the assignment that
     maximizes the summed log of each group's mean predicted probability of its class; returned as
     logits (0 for a sample's group's class, -30 elsewhere) for a head to read."""
-    from scipy.optimize import linear_sum_assignment  # exact assignment (scipy comes with scikit-learn)
-
     p = F.softmax(logits.float(), 1)
     ids = groups.labels.unique()
     mean = torch.stack([p[groups.labels == j].mean(0) for j in ids])
-    rows, cols = linear_sum_assignment(torch.log(mean.clamp_min(1e-12)).numpy(), maximize=True)
     out = torch.full_like(p, -30.0)
-    for r, c in zip(rows, cols):
-        out[groups.labels == ids[r], int(c)] = 0.0
+    for r, c in assignment(torch.log(mean.clamp_min(1e-12)).double().numpy()):
+        out[groups.labels == ids[r], c] = 0.0
     return out

@@ -155,10 +155,9 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
             extra += len(x)
         clock.lap("adaptation check")
     info["bn"] = mode
-    # the output layer from the user's features of the unpruned adapted model (the statistics
-    # pass's: no pass of its own)
-    # S68: the groups the user's features form, where fewer than the model's classes: their count is
-    # the user's classes, and each group's class its pseudo-label
+    # the output layer from the user's features of the unpruned adapted model (the statistics pass's:
+    # no pass of its own); S68: the groups they form, where fewer than the classes, count the user's
+    # classes and label its samples
     groups, group_labels = None, None
     if cfg.head == "auto":
         groups, group_labels, seen = CL.group_labels(feats, logits)
