@@ -155,3 +155,57 @@ def test_a_head_written_from_group_labels_reads_them_not_the_models_own(head):
         c = copy.deepcopy(last)
         HEADS[head].write(c, x, onehot)
         assert torch.equal(a.weight, c.weight)
+
+
+def _few_class_base(seed: int, n_per: int):
+    """A network without BatchNorm whose features of four classes form tight groups, and whose
+    output layer nearly ties classes 0 and 1 with distractors 4 and 5 along a direction their
+    samples vary in (its pseudo-labels scatter over six classes), with the vendor's record."""
+    from common.engine.adapt import vendor_record
+
+    g = torch.Generator().manual_seed(seed)
+    dim = 16
+    centres = torch.randn(10, dim, generator=g)
+    centres = centres / centres.norm(dim=1, keepdim=True)
+    u = torch.randn(10, dim, generator=g)
+    u = u - (u * centres).sum(1, keepdim=True) * centres
+    u = u / u.norm(dim=1, keepdim=True)
+
+    def draw(classes, n):
+        ys = torch.tensor(classes).repeat_interleave(n)
+        return centres[ys] + 0.05 * torch.randn(len(ys), dim, generator=g), ys
+
+    w, b = 12 * centres.clone(), torch.zeros(10)
+    w[4:6] = 12 * centres[:2] + 24 * u[:2]
+    b[:2] = 0.6
+    model = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.Linear(dim, 10))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(dim))
+        model[0].bias.zero_()
+        model[1].weight.copy_(w)
+        model[1].bias.copy_(b)
+    xv, yv = draw(list(range(10)), 20)
+    x, _ = draw([0, 1, 2, 3], n_per)
+    return model, vendor_record(model, xv, yv), x
+
+
+def test_a_fixed_target_rebuilds_a_grouped_users_prototypes_from_the_groups_labels(monkeypatch):
+    """At a fixed target the prototypes are written again on the pruned features; a grouped user's
+    are read from its groups' labels then too, not from the pruned model's own predictions."""
+    from common.engine import heads as HD
+    from common.engine.prune import fine_prune
+    from common.settings import PruneConfig
+
+    model, meta, x = _few_class_base(1, 12)
+    calls = []
+    real = HD.HEADS["prototypes"]
+
+    def spy(last, feats, logits, labels=None):
+        calls.append(labels)
+        real.write(last, feats, logits, labels=labels)
+
+    monkeypatch.setitem(HD.HEADS, "prototypes", HD.Head(spy, rebuild_at_target=True))
+    r = fine_prune(copy.deepcopy(model), x, PruneConfig(target_sparsity=0.5), base_meta=meta)
+    assert r.adaptation["head"] == "prototypes" and r.adaptation["head_groups"] is True
+    assert len(calls) == 2 and all(c is not None for c in calls)  # before pruning and the rebuild
+    assert torch.equal(calls[0], calls[1])
