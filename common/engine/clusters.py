@@ -48,8 +48,9 @@ def group_labels(feats: torch.Tensor, logits: torch.Tensor, gap: float = GAP,
     groups = user_groups(feats, logits.shape[1], gap)
     if groups is None:
         return None, None, {}
-    labels = group_logits(groups, logits)
-    top, own = torch.softmax(logits.float(), 1).max(1)
+    p = F.softmax(logits, 1)
+    labels = group_logits(groups, p)
+    top, own = p.max(1)
     overturned = labels.argmax(1) != own
     predicted = AD.classes_predicted(logits)
     info = dict(groups.info(), classes_predicted=predicted,
@@ -155,11 +156,10 @@ def assignment(gain: np.ndarray) -> list[tuple[int, int]]:
     return sorted((int(match[j]) - 1, j - 1) for j in range(1, m + 1) if match[j])
 
 
-def group_logits(groups: Groups, logits: torch.Tensor) -> torch.Tensor:
+def group_logits(groups: Groups, p: torch.Tensor) -> torch.Tensor:
     """Pseudo-labels by group: each group takes one class, no two the same, the assignment that
-    maximizes the summed log of each group's mean predicted probability of its class; returned as
-    logits (0 for a sample's group's class, -30 elsewhere) for a head to read."""
-    p = F.softmax(logits.float(), 1)
+    maximizes the summed log of each group's mean predicted probability `p` of its class; returned
+    as logits (0 for a sample's group's class, -30 elsewhere) for a head to read."""
     ids = groups.labels.unique()
     mean = torch.stack([p[groups.labels == j].mean(0) for j in ids])
     out = torch.full_like(p, -30.0)
