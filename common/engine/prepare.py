@@ -1,7 +1,8 @@
 """Before pruning, the model adapted to the user: one statistics pass in which BatchNorm follows the
 user's data and usage is measured on the adapted network, the check that the inputs look like the
 base's at all, bn-adapt auto's check, and the output head, written before pruning so the stop rule
-judges the model as it is kept."""
+judges the model as it is kept. One function over 250 lines: each step reads what the statistics
+pass and the steps before it saw (its locals), in the order the device runs them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -231,7 +232,9 @@ def adapt(model, x, cfg, device, base_meta, pick, scorer, need_stats, clock,
         vendor = HD.vendor_prior(base_meta, logits.shape[1])
         write = partial(HEADS[head].write, vendor=vendor)
         info["vendor_prior"] = vendor is not None
+    # S71: the prototypes of a user holding nearly every class refined on its features (no pass)
     info["head"], info["head_gated"] = head, gated
+    info["head_refined"] = head == "prototypes" and HD.refines(logits, group_labels if grouped else None)
     # nothing on the device adapts the model: no statistics follow the user and the output layer is
     # the base's, so pruning alone moves it (confirm auto, S35)
     still = head == "linear" and (not recalibrating or mode == "none")
