@@ -175,7 +175,8 @@ SETTINGS = [
       "read a removed unit by least squares so it gives the unpruned adapted model's outputs on the user's "
       "data (forward passes only, no labels; chain models and the inside of ResNet blocks)", {RUN, CLIENT, PRUNE}),
     S("head", "auto", "the output layer: linear (the base's), prototypes (T3A prototypes of the user's "
-      "pseudo-labelled features, forward only), blend (half each, in logits), label-shift (the base's, its "
+      "pseudo-labelled features, forward only; refined on those features where the pseudo-labels spread over "
+      "most classes), blend (half each, in logits), label-shift (the base's, its "
       "output prior moved from the vendor's class mix toward the one EM estimates on the user's data), "
       "auto (the base's below head-min-support samples per class, prototypes from prototype-min-support, "
       "else blend; label-shift "
