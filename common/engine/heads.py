@@ -89,10 +89,12 @@ def refined_weight(first: torch.Tensor, feats: torch.Tensor, rounds: int = REFIN
     as much on average and loses up to twice as much on single users)."""
     f = feats.float()
     p = first.float()
-    labels = (f @ p.T).argmax(1)
+    logits = f @ p.T  # each round's: the assignment it judged, the next round's pseudo-labels
+    labels = logits.argmax(1)
     for _ in range(rounds):
-        p = T3AHead(p, None, f, f @ p.T).weight.T
-        moved = (f @ p.T).argmax(1)
+        p = T3AHead(p, None, f, logits).weight.T
+        logits = f @ p.T
+        moved = logits.argmax(1)
         if bool((moved == labels).all()):
             break
         labels = moved
